@@ -1,0 +1,159 @@
+"""Lazy, memory-mapped reading of Hugging Face safetensors folders.
+
+One `safe_open` handle per shard stays open for the life of a `Checkpoint`; tensors are read by name,
+one at a time, so merging many models keeps memory flat. Pickle formats are refused: loading them
+runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# safetensors dtype strings -> torch dtypes (only what models ship in).
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, malformed or in a refused format."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    shard: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Checkpoint:
+    """A Hugging Face model folder read lazily. Open with `open_checkpoint(path)`."""
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named '{name}'") from None
+
+    def get(self, name: str, device: str | torch.device | None = None) -> torch.Tensor:
+        """Read one tensor (memory-mapped on CPU; copied to `device` if given)."""
+        shard = self.info(name).shard
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = safe_open(str(self.path / shard), framework="pt", device="cpu")
+            self._handles[shard] = handle
+        tensor = handle.get_tensor(name)
+        return tensor if device is None else tensor.to(device)
+
+    @cached_property
+    def num_bytes(self) -> int:
+        return sum(t.numel * t.dtype.itemsize for t in self.tensors.values())
+
+    @cached_property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _shard_files(folder: Path) -> list[str]:
+    index = folder / INDEX_FILE
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: field 'weight_map' is missing or empty")
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise CheckpointError(
+                f"{index}: lists shards that are not in the folder: {', '.join(missing)}. "
+                "Copy the missing files or re-save the model."
+            )
+        return shards
+    if (folder / SINGLE_FILE).exists():
+        return [SINGLE_FILE]
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: holds only pickle weights ({', '.join(pickles[:3])}). evomerge loads safetensors "
+            "only, because unpickling can run arbitrary code. Convert once in a trusted environment, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)`."
+        )
+    raise CheckpointError(f"{folder}: no *.safetensors files found (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a model folder: read config.json and the safetensors headers, no tensor data."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such model folder")
+    if not folder.is_dir():
+        if folder.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{folder}: pickle checkpoints are refused; give a safetensors model folder")
+        raise CheckpointError(f"{folder}: expected a model folder (config.json + *.safetensors), got a file")
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{folder}: config.json is missing; a Hugging Face model folder needs one")
+    config = _read_json(config_path)
+
+    tensors: dict[str, TensorInfo] = {}
+    for shard in _shard_files(folder):
+        try:
+            with safe_open(str(folder / shard), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    dtype = _DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise CheckpointError(f"{folder / shard}: tensor '{name}' has unsupported dtype {sl.get_dtype()}")
+                    if name in tensors:
+                        raise CheckpointError(f"{folder}: tensor '{name}' appears in two shards")
+                    tensors[name] = TensorInfo(name, tuple(sl.get_shape()), dtype, shard)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{folder / shard}: cannot read safetensors header ({e})") from None
+    return Checkpoint(path=folder, config=config, tensors=tensors)
