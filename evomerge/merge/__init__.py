@@ -1,0 +1,1 @@
+"""Parameter-space merges: recipes, methods, planning, disk merges, in-memory materialisation, export."""

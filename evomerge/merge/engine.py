@@ -1,0 +1,69 @@
+"""Execute a merge plan tensor by tensor, reading inputs lazily, so memory stays flat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from tqdm import tqdm
+
+from evomerge.merge.export import DEFAULT_SHARD_BYTES, check_output, model_card, write_checkpoint
+from evomerge.merge.methods import METHODS, merge_tensor
+from evomerge.merge.plan import MergePlan, TensorJob, plan_merge
+from evomerge.merge.recipe import Recipe
+
+if TYPE_CHECKING:
+    from evomerge.merge.dataflow import DataflowRecipe
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def out_dtype(plan: MergePlan, job: TensorJob) -> torch.dtype:
+    name = plan.recipe.out_dtype or plan.recipe.dtype
+    if name:
+        return DTYPES[name]
+    ref = job.base or job.inputs[0]
+    return plan.checkpoints[ref.model].info(ref.name).dtype
+
+
+def merge_job(plan: MergePlan, job: TensorJob, device: str | torch.device = "cpu") -> torch.Tensor:
+    cks = plan.checkpoints
+    load = lambda r: cks[r.model].get(r.name, device=device).to(torch.float32)  # noqa: E731
+    base = load(job.base) if job.base is not None else None
+    tensors = [load(r) for r in job.inputs]
+    gen = torch.Generator(device=device).manual_seed(job.seed) if METHODS[plan.method].random else None
+    merged = merge_tensor(plan.method, base, tensors, list(job.model_params), dict(job.global_params), gen)
+    return merged.to(out_dtype(plan, job))
+
+
+def iter_merged(plan: MergePlan, device: str | torch.device = "cpu", progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor on CPU) in checkpoint order."""
+    jobs = tqdm(plan.jobs, desc="merging", unit="tensor", disable=not progress)
+    for job in jobs:
+        yield job.out_name, merge_job(plan, job, device).cpu()
+
+
+def merge_to_dict(recipe: Recipe, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The merged model's tensors in memory (small models and tests; the CLI streams to disk instead)."""
+    return dict(iter_merged(plan_merge(recipe), device))
+
+
+def merge_to_dir(
+    recipe: Recipe | DataflowRecipe,
+    out: Path,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> Path:
+    """`evomerge merge`: plan (all checks first), then stream merged tensors into a new checkpoint folder."""
+    from evomerge.merge.dataflow import DataflowRecipe, dataflow_to_dir
+
+    if isinstance(recipe, DataflowRecipe):
+        return dataflow_to_dir(recipe, out, force, max_shard_bytes, device, progress)
+    check_output(Path(out).expanduser().absolute(), force)
+    plan = plan_merge(recipe)
+    card = model_card(recipe.to_yaml(), recipe.base_model, title=recipe.name or "Merged model")
+    return write_checkpoint(out, iter_merged(plan, device, progress), plan.config, plan.tokenizer_dir, card,
+                            force=force, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,138 @@
+"""Write a merged model as a standard Hugging Face folder, atomically.
+
+Tensors stream into safetensors shards (at most one shard is held in memory); config, tokenizer files and
+a model card holding the recipe are added; the folder is built under a temporary name beside OUT and
+renamed into place only when complete, so a crash never leaves a half-written model at OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors.torch import save_file
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+class ExportError(ValueError):
+    """The output folder cannot be written as asked."""
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1048576' -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    try:
+        return int(float(t[:-1]) * mult[t[-1]]) if t and t[-1] in mult else int(t)
+    except ValueError:
+        raise ExportError(f"cannot read size {text!r}; write it like 500MB or 2GB") from None
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an existing OUT unless forced; call before any heavy work."""
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; choose another folder or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    if not out.parent.exists():
+        raise ExportError(f"{out.parent}: parent folder does not exist")
+
+
+def _write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> dict[str, Any]:
+    shard_names: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+    files: list[Path] = []
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            path = folder / f".shard-{len(files):05d}.safetensors"
+            save_file(current, str(path), metadata={"format": "pt"})
+            files.append(path)
+            shard_names.append(list(current))
+            current, size = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_bytes:
+            flush()
+        current[name] = tensor.contiguous()
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(files) == 1:
+        files[0].rename(folder / "model.safetensors")
+        return {}
+    weight_map = {}
+    for i, (path, names) in enumerate(zip(files, shard_names)):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        path.rename(folder / final)
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return index
+
+
+def write_checkpoint(
+    out: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    config: dict[str, Any],
+    tokenizer_dir: Path | None,
+    model_card: str,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    out = Path(out).expanduser().absolute()
+    check_output(out, force)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_shards(tmp, tensors, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).exists():
+                    shutil.copy2(tokenizer_dir / name, tmp / name)
+        (tmp / "README.md").write_text(model_card)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def model_card(recipe_yaml: str, base_model: str | None, title: str = "Merged model") -> str:
+    """A README with YAML front matter that model hubs read, and the recipe that reproduces the model."""
+    front = ["---", "library_name: transformers", "tags:", "- merge", "- evomerge"]
+    if base_model:
+        front += ["base_model:", f"- {json.dumps(base_model)}"]
+    front.append("---")
+    body = [
+        f"# {title}",
+        "",
+        "Made with evomerge. Reproduce it with `evomerge merge recipe.yaml -o OUT` using this recipe",
+        "(model paths as they were on the machine that made it):",
+        "",
+        "```yaml",
+        recipe_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(front + [""] + body)

@@ -1,0 +1,594 @@
+"""Parameter-space merge methods: one table, one generalized task-vector merge, a few others.
+
+Every task-vector method (task arithmetic, TIES, DARE, DELLA, Model Breadcrumbs) is the same
+computation, configured by two choices, as in mergekit:
+
+1. a sparsifier applied to each task vector (delta = model - base), see `sparsify.py`;
+2. a consensus rule deciding, per entry, which models may contribute:
+   - None: all of them;
+   - "sum": only models whose weighted delta has the sign of the sum of weighted deltas (TIES);
+   - "count": only models whose weighted delta has the sign most models have.
+
+merged delta = lambda * sum_i(w_i * s_i * m_i) / divisor, where s_i is the sparsified delta, m_i
+the consensus mask and, with `normalize`, divisor = sum_i(w_i * m_i) per entry (1 where that is
+0), or sum_i(w_i) without consensus (1 where that is ~0). Adding such a method is one row in
+`_TASK_VECTOR_ROWS`.
+
+Everything is computed in float32 (inputs of other dtypes are upcast) and returned in float32.
+`merge_task_vectors` is the search's hot path: deltas are precomputed once per worker, and the
+merge never stacks them (it accumulates model by model), so memory stays at a few tensors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from evomerge.merge.sparsify import SPARSIFIERS, check_epsilon
+
+ModelParams = Mapping[str, float]
+GlobalParams = Mapping[str, "float | bool"]
+# (base or None, tensors, per-model params with defaults, global params with defaults) -> merged
+Combine = Callable[[Tensor | None, Sequence[Tensor], list[dict], dict], Tensor]
+# Same on task vectors; returns None when the result cannot be written without the base.
+CombineDeltas = Callable[[Sequence[Tensor], list[dict], dict], "Tensor | None"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a merge method needs and how it is computed.
+
+    `model_params` / `global_params` map each accepted parameter to its default (None: required).
+    Task-vector methods (`uses_task_vectors`) are fully described by `sparsifier` and
+    `consensus`; the others carry their own `combine` (and `combine_deltas` where the result
+    can be written from task vectors alone).
+    """
+
+    name: str
+    model_params: Mapping[str, float | None]
+    global_params: Mapping[str, float | bool | None]
+    needs_base: bool
+    random: bool = False
+    # Takes a base when the recipe names one, even if it can do without (nuslerp then merges the
+    # task vectors). Methods with needs_base always do. Linear does not: there a base is just
+    # another weighted model.
+    accepts_base: bool = False
+    uses_task_vectors: bool = False
+    sparsifier: str | None = None  # key of sparsify.SPARSIFIERS
+    consensus: str | None = None  # None, "sum" or "count"
+    combine: Combine | None = None
+    combine_deltas: CombineDeltas | None = None
+    min_models: int = 1  # number of non-base models accepted
+    max_models: int | None = None
+    reference: str = ""
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generalized task-vector merge
+
+
+def _consensus_sign(contributions: Sequence[Tensor], rule: str) -> Tensor:
+    """+1 / -1 per entry: the sign a model's weighted delta must have to take part."""
+    vote = torch.zeros_like(contributions[0])
+    for c in contributions:
+        vote.add_(c if rule == "sum" else torch.sign(c))
+    # Ties (vote == 0) go to +1, as in mergekit.
+    return torch.where(vote >= 0, 1.0, -1.0)
+
+
+def _merge_deltas(
+    spec: MethodSpec,
+    deltas: Sequence[Tensor],
+    model_params: list[dict],
+    global_params: dict,
+    generator: torch.Generator | None,
+) -> Tensor:
+    normalize = bool(global_params["normalize"])
+    rescale = bool(global_params["rescale"])
+    lam = float(global_params["lambda"])
+    sparsify = SPARSIFIERS[spec.sparsifier] if spec.sparsifier else None
+
+    weights = [float(p["weight"]) for p in model_params]
+    contributions: list[Tensor] = []
+    for delta, params, weight in zip(deltas, model_params, weights):
+        delta = delta.float()
+        if sparsify is not None:
+            kwargs: dict = {"rescale": rescale}
+            if spec.sparsifier == "magnitude_outliers":
+                kwargs["gamma"] = float(params["gamma"])
+            elif spec.sparsifier == "rank_sampling":
+                kwargs["epsilon"] = float(params["epsilon"])
+            if spec.random:
+                kwargs["generator"] = generator
+            delta = sparsify(delta, float(params["density"]), **kwargs)
+        contributions.append(delta * weight)  # a new tensor: callers' deltas are never written
+
+    if spec.consensus is None:
+        mixed = contributions[0]
+        for c in contributions[1:]:
+            mixed.add_(c)
+        if normalize:
+            total = sum(weights)
+            if abs(total) >= 1e-8:
+                mixed.div_(total)
+    else:
+        sign = _consensus_sign(contributions, spec.consensus)
+        mixed = torch.zeros_like(contributions[0])
+        divisor = torch.zeros_like(mixed) if normalize else None
+        for c, weight in zip(contributions, weights):
+            # sign(c) == majority sign; entries with c == 0 never agree.
+            agree = (c * sign) > 0
+            mixed.add_(c * agree)
+            if divisor is not None:
+                divisor.add_(agree.float(), alpha=weight)
+        if divisor is not None:
+            divisor.masked_fill_(divisor == 0, 1.0)
+            mixed.div_(divisor)
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods outside the task-vector family
+
+
+def _linear(base, tensors, model_params, global_params) -> Tensor:
+    """Weighted average of the inputs (the base takes part only if listed among `tensors`)."""
+    weights = [float(p["weight"]) for p in model_params]
+    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for tensor, weight in zip(tensors, weights):
+        out.add_(tensor.float(), alpha=weight)
+    total = sum(weights)
+    # mergekit divides even by 0 (inf/nan); a sum of ~0 is left unnormalised instead.
+    if global_params["normalize"] and abs(total) >= 1e-8:
+        out.div_(total)
+    return out
+
+
+def _linear_deltas(deltas, model_params, global_params) -> Tensor | None:
+    weights = [float(p["weight"]) for p in model_params]
+    total = sum(weights)
+    if not global_params["normalize"] or abs(total) < 1e-8:
+        return None  # sum_i w_i * base does not cancel: the base is needed
+    out = torch.zeros_like(deltas[0], dtype=torch.float32)
+    for delta, weight in zip(deltas, weights):
+        out.add_(delta.float(), alpha=weight / total)
+    return out
+
+
+SLERP_DOT_THRESHOLD = 0.9995  # |cos| above this counts as colinear: interpolate linearly
+SLERP_NORM_EPS = 1e-8
+
+
+def slerp_coefficients(v0: Tensor, v1: Tensor, t: float) -> tuple[float, float]:
+    """(c0, c1) with slerp(t, v0, v1) = c0 * v0 + c1 * v1, over the flattened tensors.
+
+    The angle is that between v0 and v1 seen as single vectors. Nearly colinear (or opposite)
+    vectors fall back to linear interpolation, where the spherical formula divides by ~0.
+    """
+    a = v0.reshape(-1)
+    b = v1.reshape(-1)
+    norm_a = float(torch.linalg.vector_norm(a))
+    norm_b = float(torch.linalg.vector_norm(b))
+    dot = float(torch.dot(a, b))
+    # A (near-)zero vector is used unnormalised, as in mergekit.
+    dot /= (norm_a if norm_a > SLERP_NORM_EPS else 1.0) * (norm_b if norm_b > SLERP_NORM_EPS else 1.0)
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(dot)
+    sin_theta = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def _slerp(base, tensors, model_params, global_params) -> Tensor:
+    """Spherical interpolation from the base (t = 0) to the other model (t = 1)."""
+    v0 = base.float()
+    v1 = tensors[0].float()
+    c0, c1 = slerp_coefficients(v0, v1, float(global_params["t"]))
+    return torch.add(v0 * c0, v1, alpha=c1)
+
+
+def nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool = False, flatten: bool = True) -> Tensor:
+    """Slerp between v0 (t = 0) and v1 (t = 1), per vector.
+
+    With `flatten` the whole tensor is one vector; otherwise each row (the last dimension) is
+    one, or each column (dimension 0) with `row_wise`, mergekit's naming. Colinear vectors fall
+    back to linear interpolation.
+    """
+    shape = v0.shape
+    if flatten:
+        a, b = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
+    else:
+        a, b = v0, v1
+    a_unit = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+    b_unit = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (a_unit * b_unit).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0.0, cos))
+    sin_theta = torch.where(colinear, 1.0, torch.sin(theta))
+    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin_theta
+    out = torch.where(colinear, (1 - t) * a + t * b, spherical)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+def _nuslerp_t(model_params) -> float:
+    w0, w1 = (float(p["weight"]) for p in model_params)
+    return 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+
+
+def _nuslerp(base, tensors, model_params, global_params) -> Tensor:
+    """Slerp between two models at t = w1 / (w0 + w1); with a base, between their task vectors."""
+    t = _nuslerp_t(model_params)
+    row_wise = bool(global_params["nuslerp_row_wise"])
+    flatten = bool(global_params["nuslerp_flatten"])
+    a, b = tensors[0].float(), tensors[1].float()
+    if base is None:
+        return nuslerp(t, a, b, row_wise, flatten)
+    base = base.float()
+    return base + nuslerp(t, a - base, b - base, row_wise, flatten)
+
+
+def _nuslerp_deltas(deltas, model_params, global_params) -> Tensor:
+    return nuslerp(
+        _nuslerp_t(model_params),
+        deltas[0].float(),
+        deltas[1].float(),
+        bool(global_params["nuslerp_row_wise"]),
+        bool(global_params["nuslerp_flatten"]),
+    )
+
+
+def _model_stock_deltas(deltas, model_params, global_params) -> Tensor:
+    """Model Stock: move from the base towards the average by a ratio set by the deltas' angle.
+
+    t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the N task vectors (whole
+    tensor, or per row with `filter_wise`); t = 0 (keep the base) where the denominator is ~0.
+    """
+    shape = deltas[0].shape
+    if global_params["filter_wise"]:
+        flat = [d.float().reshape(1, -1) if d.dim() < 2 else d.float() for d in deltas]
+    else:
+        flat = [d.float().reshape(-1) for d in deltas]
+    norms = [torch.linalg.vector_norm(d, dim=-1) for d in flat]
+    cosines = [
+        ((flat[i] * flat[j]).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(len(flat))
+        for j in range(i + 1, len(flat))
+    ]
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(flat)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
+    mean = sum(flat) / n
+    return (t * mean).reshape(shape)
+
+
+def _model_stock(base, tensors, model_params, global_params) -> Tensor:
+    base = base.float()
+    deltas = [x.float() - base for x in tensors]
+    return base + _model_stock_deltas(deltas, model_params, global_params)
+
+
+def _passthrough(base, tensors, model_params, global_params) -> Tensor:
+    """The single input unchanged (optionally times `scale`); a copy, never an alias."""
+    scale = model_params[0].get("scale")
+    out = tensors[0].to(torch.float32, copy=True)
+    return out.mul_(float(scale)) if scale is not None else out
+
+
+def _passthrough_deltas(deltas, model_params, global_params) -> Tensor | None:
+    if model_params[0].get("scale") is not None:
+        return None
+    return deltas[0].to(torch.float32, copy=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+# name, sparsifier, consensus, default normalize, default rescale, reference
+_TASK_VECTOR_ROWS: list[tuple[str, str | None, str | None, bool, bool, str]] = [
+    ("task_arithmetic", None, None, False, False, "https://arxiv.org/abs/2212.04089"),
+    ("ties", "magnitude", "sum", True, False, "https://arxiv.org/abs/2306.01708"),
+    ("dare_ties", "random", "sum", False, True, "https://arxiv.org/abs/2311.03099"),
+    ("dare_linear", "random", None, False, True, "https://arxiv.org/abs/2311.03099"),
+    ("breadcrumbs", "magnitude_outliers", None, False, False, "https://arxiv.org/abs/2312.06795"),
+    ("breadcrumbs_ties", "magnitude_outliers", "sum", False, False, "https://arxiv.org/abs/2312.06795"),
+    ("della", "rank_sampling", "sum", True, True, "https://arxiv.org/abs/2406.11617"),
+    ("della_linear", "rank_sampling", None, False, True, "https://arxiv.org/abs/2406.11617"),
+]
+
+_RANDOM_SPARSIFIERS = {"random", "rank_sampling"}
+# Per-model parameter a sparsifier adds, with mergekit's default.
+_SPARSIFIER_PARAMS: dict[str, dict[str, float]] = {
+    "magnitude_outliers": {"gamma": 0.01},
+    "rank_sampling": {"epsilon": 0.15},
+}
+
+
+def _task_vector_method(name, sparsifier, consensus, normalize, rescale, reference) -> MethodSpec:
+    model_params: dict[str, float | None] = {"weight": None, "density": 1.0}
+    model_params.update(_SPARSIFIER_PARAMS.get(sparsifier or "", {}))
+    return MethodSpec(
+        name=name,
+        model_params=model_params,
+        # int8_mask is accepted for mergekit recipes; it only saves memory there.
+        global_params={"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
+        needs_base=True,
+        accepts_base=True,
+        random=sparsifier in _RANDOM_SPARSIFIERS,
+        uses_task_vectors=True,
+        sparsifier=sparsifier,
+        consensus=consensus,
+        reference=reference,
+    )
+
+
+METHODS: dict[str, MethodSpec] = {
+    row[0]: _task_vector_method(*row) for row in _TASK_VECTOR_ROWS
+}
+METHODS.update(
+    {
+        "linear": MethodSpec(
+            name="linear",
+            model_params={"weight": None},
+            global_params={"normalize": True},
+            needs_base=False,
+            combine=_linear,
+            combine_deltas=_linear_deltas,
+            reference="https://arxiv.org/abs/2203.05482",
+        ),
+        "slerp": MethodSpec(
+            name="slerp",
+            model_params={},
+            global_params={"t": None},
+            needs_base=True,
+            accepts_base=True,
+            combine=_slerp,
+            min_models=1,
+            max_models=1,
+            reference="https://en.wikipedia.org/wiki/Slerp",
+        ),
+        "nuslerp": MethodSpec(
+            name="nuslerp",
+            model_params={"weight": None},
+            global_params={"nuslerp_row_wise": False, "nuslerp_flatten": True},
+            needs_base=False,
+            accepts_base=True,  # with a base it interpolates the task vectors
+            combine=_nuslerp,
+            combine_deltas=_nuslerp_deltas,
+            min_models=2,
+            max_models=2,
+        ),
+        "model_stock": MethodSpec(
+            name="model_stock",
+            model_params={},
+            global_params={"filter_wise": False},
+            needs_base=True,
+            accepts_base=True,
+            combine=_model_stock,
+            combine_deltas=_model_stock_deltas,
+            min_models=2,
+            reference="https://arxiv.org/abs/2403.19522",
+        ),
+        "passthrough": MethodSpec(
+            name="passthrough",
+            model_params={"scale": None},  # optional: None means "no scaling"
+            global_params={},
+            needs_base=False,
+            combine=_passthrough,
+            combine_deltas=_passthrough_deltas,
+            min_models=1,
+            max_models=1,
+        ),
+    }
+)
+
+# Parameters whose default None means "not set" rather than "required".
+_OPTIONAL_NONE = {"scale"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _spec(method: str) -> MethodSpec:
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise ValueError(f"merge method: unknown method {method!r}{_suggest(method, METHODS)}") from None
+
+
+def _with_defaults(
+    spec: MethodSpec, model_params: Sequence[Mapping], global_params: Mapping
+) -> tuple[list[dict], dict]:
+    """Fill defaults. A model parameter given among the global ones applies to every model
+    that does not set it (mergekit's top-level `parameters:` fall-through)."""
+    shared = {k: v for k, v in global_params.items() if k in spec.model_params}
+    models = [{**spec.model_params, **shared, **p} for p in model_params]
+    globals_ = {**spec.global_params, **{k: v for k, v in global_params.items() if k in spec.global_params}}
+    return models, globals_
+
+
+def merge_tensor(
+    method: str,
+    base: Tensor | None,
+    tensors: list[Tensor],
+    model_params: list[dict[str, float]],
+    global_params: dict[str, float | bool],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Merge one tensor. `tensors` exclude the base; the result is float32 and never aliases an input."""
+    spec = _spec(method)
+    if tensors or not spec.uses_task_vectors:
+        check_model_count(method, len(tensors))
+    models, globals_ = _with_defaults(spec, model_params, global_params)
+    if spec.needs_base and base is None:
+        raise ValueError(f"{method}: needs a base model tensor")
+    if spec.uses_task_vectors:
+        base32 = base.float()
+        if not tensors:
+            return base32.clone() if base32 is base else base32
+        deltas = [x.float() - base32 for x in tensors]
+        return base32 + _merge_deltas(spec, deltas, models, globals_, generator)
+    return spec.combine(base, tensors, models, globals_)
+
+
+def merge_task_vectors(
+    method: str,
+    deltas: list[Tensor],
+    model_params: list[dict[str, float]],
+    global_params: dict,
+    generator: torch.Generator | None = None,
+    *,
+    base: Tensor | None = None,
+) -> Tensor:
+    """Merged task vector: base + result == merge_tensor(method, base, [base + d for d in deltas], ...).
+
+    The hot path of the search. `base` is only needed by methods whose result is not a function
+    of the deltas alone (slerp; linear without normalisation; passthrough with a scale).
+    """
+    spec = _spec(method)
+    if not deltas:
+        raise ValueError(f"{method}: no task vectors to merge")
+    models, globals_ = _with_defaults(spec, model_params, global_params)
+    if spec.uses_task_vectors:
+        return _merge_deltas(spec, deltas, models, globals_, generator)
+    if spec.combine_deltas is not None:
+        out = spec.combine_deltas(deltas, models, globals_)
+        if out is not None:
+            return out
+    if base is None:
+        raise ValueError(
+            f"{method}: this merge of task vectors depends on the base tensor itself; pass base="
+        )
+    base32 = base.float()
+    merged = spec.combine(base32, [base32 + d.float() for d in deltas], models, globals_)
+    return merged - base32
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass(frozen=True)
+class _Range:
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, x: float) -> bool:
+        above = x > self.lo if self.lo_open else x >= self.lo
+        below = x < self.hi if self.hi_open else x <= self.hi
+        return math.isfinite(x) and above and below
+
+    def __str__(self) -> str:
+        if math.isinf(self.lo) and math.isinf(self.hi):
+            return "any finite number"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+_ANY = _Range(-math.inf, math.inf)
+_RANGES: dict[str, _Range] = {
+    "weight": _ANY,
+    "density": _Range(0, 1),
+    "gamma": _Range(0, 1),
+    "epsilon": _Range(0, 1, hi_open=True),
+    "lambda": _ANY,
+    "t": _Range(0, 1),
+    "scale": _ANY,
+}
+_BOOLS = {"normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten", "filter_wise"}
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_value(name: str, value: object, where: str) -> None:
+    if name in _BOOLS:
+        if not isinstance(value, bool) and value not in (0, 1):
+            raise ValueError(f"{name}{where}: must be true or false, got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}{where}: must be a number in {_RANGES.get(name, _ANY)}, got {value!r}")
+    allowed = _RANGES.get(name, _ANY)
+    if not allowed.contains(float(value)):
+        raise ValueError(f"{name}{where}: must be in {allowed}, got {value!r}")
+
+
+def check_model_count(method: str, n_models: int) -> None:
+    """Raise ValueError unless `method` accepts `n_models` models besides the base."""
+    spec = _spec(method)
+    if n_models < spec.min_models or (spec.max_models is not None and n_models > spec.max_models):
+        if spec.max_models == spec.min_models:
+            want = f"exactly {spec.min_models}"
+        else:
+            want = f"at least {spec.min_models}"
+            if spec.max_models is not None:
+                want += f" and at most {spec.max_models}"
+        raise ValueError(f"{method}: takes {want} model(s) besides the base, got {n_models}")
+
+
+def validate_params(
+    method: str, model_params: Sequence[Mapping[str, float]], global_params: Mapping[str, float | bool]
+) -> None:
+    """Check a method's parameters before any tensor work; raise ValueError naming the problem.
+
+    `model_params` has one entry per non-base model (a subset is fine: the number of models is
+    checked separately by `check_model_count`). A model parameter may also appear in
+    `global_params`, as the default for every model (mergekit's top-level `parameters:`).
+    """
+    spec = _spec(method)
+    known_global = set(spec.global_params) | set(spec.model_params)
+    for name, value in global_params.items():
+        if name not in known_global:
+            raise ValueError(
+                f"{name}: not a parameter of {method}{_suggest(name, known_global)}; "
+                f"allowed: {', '.join(sorted(known_global)) or 'none'}"
+            )
+        _check_value(name, value, "")
+    for name, default in spec.global_params.items():
+        if default is None and name not in global_params:
+            raise ValueError(f"{name}: required by {method} (allowed range {_RANGES.get(name, _ANY)})")
+
+    for i, params in enumerate(model_params):
+        where = f" (model {i})"
+        for name, value in params.items():
+            if name not in spec.model_params:
+                allowed = ", ".join(sorted(spec.model_params)) or "none"
+                raise ValueError(
+                    f"{name}{where}: not a per-model parameter of {method}"
+                    f"{_suggest(name, spec.model_params)}; allowed: {allowed}"
+                )
+            if value is None and name in _OPTIONAL_NONE:
+                continue
+            _check_value(name, value, where)
+        resolved = {**spec.model_params, **{k: v for k, v in global_params.items() if k in spec.model_params}, **params}
+        for name, value in resolved.items():
+            if value is None and name not in _OPTIONAL_NONE:
+                raise ValueError(f"{name}{where}: required by {method} ({_RANGES.get(name, _ANY)})")
+        if spec.sparsifier == "rank_sampling":
+            try:
+                check_epsilon(float(resolved["density"]), float(resolved["epsilon"]))
+            except ValueError as err:
+                raise ValueError(f"{err}{where}") from None
+
+
+def required_model_params(method: str) -> list[str]:
+    """Per-model parameters a recipe must set for every non-base model of `method`."""
+    return [k for k, d in _spec(method).model_params.items() if d is None and k not in _OPTIONAL_NONE]

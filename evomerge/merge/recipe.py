@@ -1,0 +1,370 @@
+"""Recipes: mergekit-format YAML, parsed into dataclasses and validated before any tensor is read.
+
+A recipe names a merge method, an optional base model and either `models` (whole models) or `slices`
+(layer ranges). Parameter values are mergekit "settings": a scalar, a gradient list interpolated across
+layers, or a list of `{filter, value}` entries matched against tensor names (see settings.py).
+Relative model paths resolve against the recipe file's folder first, then the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import yaml
+
+from evomerge.merge.methods import METHODS, required_model_params, validate_params
+
+if TYPE_CHECKING:
+    from evomerge.merge.dataflow import DataflowRecipe
+
+Setting = Any  # float | int | bool | str | list[float] | list[{"filter": str, "value": ...}]
+
+TOP_LEVEL_KEYS = (
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "seed", "name",
+)
+UNSUPPORTED_KEYS = {
+    "modules": "multi-module merges are not supported; merge each module separately",
+    "tokenizer": "tokenizer surgery is not supported; models must share one tokenizer",
+    "chat_template": "chat templates are copied from the tokenizer source as they are",
+}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed. The message names the file and the field, and says what to do."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One model's contribution: a whole model (`layer_range` None) or a layer range of it."""
+
+    model: str
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Slice:
+    sources: tuple[Source, ...]
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+    base_model: str | None = None
+
+
+@dataclass
+class Recipe:
+    merge_method: str
+    base_model: str | None = None
+    models: tuple[Source, ...] | None = None
+    slices: tuple[Slice, ...] | None = None
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0  # evomerge extension: seeds the random sparsifiers (DARE, DELLA)
+    name: str | None = None
+    paths: dict[str, Path] = field(default_factory=dict)  # model label -> resolved folder
+    source_file: Path | None = None
+
+    def model_labels(self) -> list[str]:
+        """Every model the recipe names, base first, each once."""
+        labels: list[str] = [self.base_model] if self.base_model else []
+        for src in self.all_sources():
+            if src.model not in labels:
+                labels.append(src.model)
+        return labels
+
+    def all_sources(self) -> list[Source]:
+        if self.models is not None:
+            return list(self.models)
+        return [s for sl in self.slices or () for s in sl.sources]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The mergekit-format mapping (what `to_yaml` writes)."""
+        out: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.base_model:
+            out["base_model"] = self.base_model
+        if self.models is not None:
+            out["models"] = [_source_dict(s) for s in self.models]
+        if self.slices is not None:
+            out["slices"] = [
+                {"sources": [_source_dict(s) for s in sl.sources]}
+                | ({"parameters": _plain(sl.parameters)} if sl.parameters else {})
+                | ({"base_model": sl.base_model} if sl.base_model else {})
+                for sl in self.slices
+            ]
+        if self.parameters:
+            out["parameters"] = _plain(self.parameters)
+        for key in ("dtype", "out_dtype", "tokenizer_source"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
+
+    def to_yaml(self, mergekit_only: bool = False) -> str:
+        data = self.to_dict()
+        if not mergekit_only and self.seed:
+            data["seed"] = self.seed
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+def _plain(params: Mapping[str, Setting]) -> dict[str, Setting]:
+    return {k: v for k, v in params.items()}
+
+
+def _source_dict(s: Source) -> dict[str, Any]:
+    d: dict[str, Any] = {"model": s.model}
+    if s.layer_range is not None:
+        d["layer_range"] = list(s.layer_range)
+    if s.parameters:
+        d["parameters"] = _plain(s.parameters)
+    return d
+
+
+class _Where:
+    """Builds error messages that name the file and the field."""
+
+    def __init__(self, source_file: Path | None):
+        self.file = str(source_file) if source_file else "<recipe>"
+
+    def error(self, field_path: str, message: str) -> RecipeError:
+        return RecipeError(f"{self.file}: {field_path}: {message}")
+
+
+def _suggest(word: str, options: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(options)}."
+
+
+def _leaves(setting: Setting) -> list[Any]:
+    """Every scalar a setting can evaluate to (for range checks)."""
+    if isinstance(setting, list):
+        out: list[Any] = []
+        for e in setting:
+            out.extend(_leaves(e["value"]) if isinstance(e, dict) else [e])
+        return out
+    return [setting]
+
+
+def _check_setting(where: _Where, field_path: str, setting: Setting) -> None:
+    def scalar(v: Any) -> bool:
+        return isinstance(v, (int, float, bool, str))
+
+    if scalar(setting):
+        return
+    if isinstance(setting, list) and setting:
+        if all(scalar(e) for e in setting):
+            return
+        if all(isinstance(e, dict) for e in setting):
+            for i, e in enumerate(setting):
+                unknown = set(e) - {"filter", "value"}
+                if unknown or "value" not in e:
+                    raise where.error(
+                        f"{field_path}[{i}]",
+                        "a filtered setting is {filter: <substring of tensor names>, value: <number or list>}",
+                    )
+                _check_setting(where, f"{field_path}[{i}].value", e["value"])
+            return
+    raise where.error(
+        field_path,
+        f"got {setting!r}; a parameter is a number, a list of numbers (a gradient across layers), "
+        "or a list of {filter, value} entries",
+    )
+
+
+def _resolve_path(where: _Where, field_path: str, label: str, base_dir: Path | None) -> Path:
+    if not isinstance(label, str) or not label:
+        raise where.error(field_path, "must be a model folder path")
+    p = Path(label).expanduser()
+    candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir else []) + [Path.cwd() / p]
+    for c in candidates:
+        if (c / "config.json").exists():
+            return c.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    if "/" in label and not label.startswith((".", "/", "~")) and not any(c.exists() for c in candidates):
+        hint = " Hub ids are not downloaded; download the model and give its local folder."
+    else:
+        hint = ""
+    raise where.error(field_path, f"no model folder with a config.json at '{label}' (looked in {tried}).{hint}")
+
+
+def _parse_params(where: _Where, field_path: str, raw: Any, allowed: tuple[str, ...]) -> dict[str, Setting]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise where.error(field_path, "must be a mapping of parameter names to values")
+    for key, value in raw.items():
+        if key not in allowed:
+            raise where.error(f"{field_path}.{key}", "this merge method takes no such parameter." + _suggest(key, allowed))
+        _check_setting(where, f"{field_path}.{key}", value)
+    return dict(raw)
+
+
+def _parse_source(where: _Where, field_path: str, raw: Any, model_keys: tuple[str, ...], in_slice: bool) -> Source:
+    if isinstance(raw, str):
+        raw = {"model": raw}
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise where.error(field_path, "each entry needs a 'model' (a model folder path)")
+    allowed = ("model", "parameters", "layer_range") if in_slice else ("model", "parameters")
+    for key in raw:
+        if key not in allowed:
+            raise where.error(f"{field_path}.{key}", "unknown field." + _suggest(key, allowed))
+    layer_range = None
+    if in_slice:
+        lr = raw.get("layer_range")
+        if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr) and 0 <= lr[0] < lr[1]):
+            raise where.error(f"{field_path}.layer_range", f"must be [start, end) with 0 <= start < end, got {lr!r}")
+        layer_range = (lr[0], lr[1])
+    params = _parse_params(where, f"{field_path}.parameters", raw.get("parameters"), model_keys)
+    return Source(model=str(raw["model"]), parameters=params, layer_range=layer_range)
+
+
+def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool = True) -> Recipe:
+    """Validate a recipe mapping and return a Recipe. Raises RecipeError naming file and field."""
+    where = _Where(source_file)
+    if not isinstance(data, dict):
+        raise where.error("(top level)", "a recipe is a YAML mapping with at least 'merge_method' and 'models' or 'slices'")
+    for key in data:
+        if key in UNSUPPORTED_KEYS:
+            raise where.error(key, UNSUPPORTED_KEYS[key])
+        if key not in TOP_LEVEL_KEYS:
+            raise where.error(key, "unknown field." + _suggest(key, TOP_LEVEL_KEYS))
+    method = data.get("merge_method")
+    if method not in METHODS:
+        raise where.error("merge_method", f"unknown method {method!r}." + _suggest(str(method), sorted(METHODS)))
+    spec = METHODS[method]
+    model_keys = tuple(spec.model_params)
+    all_keys = tuple(dict.fromkeys((*spec.model_params, *spec.global_params)))
+
+    has_models, has_slices = data.get("models") is not None, data.get("slices") is not None
+    if has_models == has_slices:
+        raise where.error("models", "give exactly one of 'models' (whole models) or 'slices' (layer ranges)")
+    models = slices = None
+    if has_models:
+        if not isinstance(data["models"], list) or not data["models"]:
+            raise where.error("models", "must be a non-empty list of {model: PATH, parameters: {...}}")
+        models = tuple(_parse_source(where, f"models[{i}]", m, model_keys, False) for i, m in enumerate(data["models"]))
+    else:
+        if not isinstance(data["slices"], list) or not data["slices"]:
+            raise where.error("slices", "must be a non-empty list of {sources: [...]}")
+        parsed = []
+        for i, sl in enumerate(data["slices"]):
+            if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+                raise where.error(f"slices[{i}]", "each slice needs a non-empty 'sources' list")
+            for key in sl:
+                if key not in ("sources", "parameters", "base_model"):
+                    raise where.error(f"slices[{i}].{key}", "unknown field." + _suggest(key, ("sources", "parameters", "base_model")))
+            sources = tuple(
+                _parse_source(where, f"slices[{i}].sources[{j}]", s, model_keys, True) for j, s in enumerate(sl["sources"])
+            )
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}  # type: ignore[index]
+            if len(lengths) > 1:
+                raise where.error(f"slices[{i}].sources", f"every source of a slice must span the same number of layers, got {sorted(lengths)}")
+            params = _parse_params(where, f"slices[{i}].parameters", sl.get("parameters"), all_keys)
+            parsed.append(Slice(sources, params, sl.get("base_model")))
+        slices = tuple(parsed)
+
+    parameters = _parse_params(where, "parameters", data.get("parameters"), all_keys)
+    for key in ("dtype", "out_dtype"):
+        if data.get(key) is not None and data[key] not in DTYPES:
+            raise where.error(key, f"unknown dtype {data[key]!r}; use one of {', '.join(DTYPES)}")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise where.error("seed", f"must be a non-negative integer, got {seed!r}")
+
+    recipe = Recipe(
+        merge_method=method,
+        base_model=data.get("base_model"),
+        models=models,
+        slices=slices,
+        parameters=parameters,
+        dtype=data.get("dtype"),
+        out_dtype=data.get("out_dtype"),
+        tokenizer_source=data.get("tokenizer_source"),
+        seed=seed,
+        name=data.get("name"),
+        source_file=source_file,
+    )
+    if spec.needs_base and not recipe.base_model and not any(sl.base_model for sl in slices or ()):
+        raise where.error("base_model", f"method '{method}' needs a base model (the common ancestor of the models)")
+    _check_values(where, recipe)
+    if check_paths:
+        base_dir = source_file.parent if source_file else None
+        for label, field_path in _label_fields(recipe):
+            if label not in recipe.paths:
+                recipe.paths[label] = _resolve_path(where, field_path, label, base_dir)
+    return recipe
+
+
+def _label_fields(recipe: Recipe) -> list[tuple[str, str]]:
+    out = []
+    if recipe.base_model:
+        out.append((recipe.base_model, "base_model"))
+    if recipe.models is not None:
+        out += [(s.model, f"models[{i}].model") for i, s in enumerate(recipe.models)]
+    for i, sl in enumerate(recipe.slices or ()):
+        if sl.base_model:
+            out.append((sl.base_model, f"slices[{i}].base_model"))
+        out += [(s.model, f"slices[{i}].sources[{j}].model") for j, s in enumerate(sl.sources)]
+    if recipe.tokenizer_source and recipe.tokenizer_source not in ("base", "union"):
+        out.append((recipe.tokenizer_source, "tokenizer_source"))
+    return out
+
+
+def _check_values(where: _Where, recipe: Recipe) -> None:
+    """Run the method's own range checks on every value a setting can take, naming the field on failure."""
+    spec = METHODS[recipe.merge_method]
+    layers = [(f"slices[{i}]", sl.parameters, sl.sources) for i, sl in enumerate(recipe.slices or ())]
+    if recipe.models is not None:
+        layers = [("models", {}, recipe.models)]
+    base = recipe.base_model
+    global_keys = set(spec.global_params)
+    for g_key, g_val in recipe.parameters.items():
+        if g_key in global_keys:
+            for leaf in _leaves(g_val):
+                _validate_one(where, f"parameters.{g_key}", recipe.merge_method, {}, {g_key: leaf}, partial=True)
+    for prefix, slice_params, sources in layers:
+        for j, src in enumerate(sources):
+            if src.model == base or src.model in {sl.base_model for sl in recipe.slices or ()}:
+                continue
+            field_prefix = f"{prefix}[{j}]" if prefix == "models" else f"{prefix}.sources[{j}]"
+            merged = {**{k: v for k, v in recipe.parameters.items() if k in spec.model_params},
+                      **{k: v for k, v in slice_params.items() if k in spec.model_params},
+                      **src.parameters}
+            missing = [k for k in required_model_params(recipe.merge_method) if k not in merged]
+            if missing:
+                raise where.error(
+                    f"{field_prefix}.parameters",
+                    f"method '{recipe.merge_method}' needs {', '.join(repr(m) for m in missing)} for model '{src.model}'",
+                )
+            for key, setting in merged.items():
+                for leaf in _leaves(setting):
+                    _validate_one(where, f"{field_prefix}.parameters.{key}", recipe.merge_method, {key: leaf}, {}, partial=True)
+
+
+def _validate_one(where: _Where, field_path: str, method: str, model_params: dict, global_params: dict, partial: bool) -> None:
+    spec = METHODS[method]
+    full_model = {k: (d if d is not None else 1.0) for k, d in spec.model_params.items()} | model_params
+    full_global = {k: d for k, d in spec.global_params.items() if d is not None} | global_params
+    try:
+        validate_params(method, [full_model], full_global)
+    except ValueError as e:
+        raise where.error(field_path, str(e)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe | DataflowRecipe:
+    """Read and validate a recipe file: a parameter-space Recipe, or a DataflowRecipe when it has `dataflow:`."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise RecipeError(f"{p}: no such recipe file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: not valid YAML ({e})") from None
+    if isinstance(data, dict) and "dataflow" in data:
+        from evomerge.merge.dataflow import parse_dataflow
+
+        return parse_dataflow(data, source_file=p.resolve())
+    return parse_recipe(data, source_file=p.resolve())

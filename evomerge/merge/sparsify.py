@@ -1,0 +1,209 @@
+"""Sparsifiers: pure tensor functions that zero out part of a task vector.
+
+Each function takes one task vector (fine-tuned minus base) and returns a tensor of the same
+shape in which only a `density` fraction of the entries survives. They differ in *which*
+entries survive:
+
+- `magnitude`: the largest |x| (TIES).
+- `random`: a uniform random subset (DARE).
+- `magnitude_outliers`: the largest |x| after dropping a `gamma` fraction of the very largest
+  (Model Breadcrumbs).
+- `rank_sampling`: a random subset where larger |x| survives more often (DELLA's MagPrune).
+
+With `rescale=True` the survivors are scaled so the L1 norm of the vector is unchanged. That is
+mergekit's convention (it matches norms rather than dividing by the keep probability), kept so
+recipes written for mergekit give the same models here.
+
+Selection by rank uses `torch.kthvalue` thresholds instead of a full sort: one selection pass
+and a few elementwise passes. Equal magnitudes at a threshold are broken by position (earlier
+entries rank lower), so exactly the requested number of entries is kept and results are
+deterministic; mergekit leaves that choice to an unstable sort.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+# Norms below this are treated as zero: rescaling would divide by (almost) nothing.
+RESCALE_EPS = 1e-7
+
+
+def rescale_l1(original: Tensor, kept: Tensor) -> Tensor:
+    """Scale `kept` so its L1 norm equals that of `original` (unchanged if either is ~0)."""
+    before = original.abs().sum()
+    after = kept.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return kept
+    return kept * (before / after)
+
+
+def _apply(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
+    kept = torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    return rescale_l1(delta, kept) if rescale else kept
+
+
+# Above this many entries, order statistics are found by sampling first (see `kth_smallest`).
+_SAMPLED_SELECTION_MIN = 1 << 20
+_SAMPLE_SIZE = 1 << 17
+
+
+def kth_smallest(flat: Tensor, rank: int) -> Tensor:
+    """Value of 0-based ascending `rank` in a 1-D tensor (as a 0-d tensor).
+
+    Large tensors: bracket the answer with order statistics of a strided sample, then select
+    exactly among the few entries inside the bracket (about 3x faster than `kthvalue` on 16M
+    entries). The bracket is verified by counting, with plain `kthvalue` as the fallback, so the
+    result is always exact.
+    """
+    n = flat.numel()
+    if n < _SAMPLED_SELECTION_MIN:
+        return torch.kthvalue(flat, rank + 1).values
+    step = max(1, n // _SAMPLE_SIZE) | 1
+    while math.gcd(step, 4096 * 3 * 5 * 7) != 1:  # avoid striding over the same columns
+        step += 2
+    sample = flat[::step]
+    s = sample.numel()
+    margin = int(4 * math.sqrt(s)) + 8
+    centre = rank * s // n
+    lo = torch.kthvalue(sample, max(1, centre - margin)).values
+    hi = torch.kthvalue(sample, min(s, centre + margin + 1)).values
+    n_below = int(torch.count_nonzero(flat < lo))
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    if n_below <= rank < n_below + inside.numel():
+        return torch.kthvalue(inside, rank - n_below + 1).values
+    return torch.kthvalue(flat, rank + 1).values
+
+
+def rank_window_mask(magnitudes: Tensor, lo: int, hi: int) -> Tensor:
+    """Mask of the entries whose ascending rank r satisfies lo <= r < hi.
+
+    Ranks count from 0 at the smallest value; ties are ranked by position. Costs one or two
+    order-statistic selections plus elementwise passes, and a cumulative sum only when a tie
+    straddles a boundary (rare for float32 data, common for low-precision deltas).
+    """
+    flat = magnitudes.reshape(-1)
+    n = flat.numel()
+    lo, hi = max(lo, 0), min(hi, n)
+    if lo >= hi:
+        return torch.zeros(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
+    if lo == 0 and hi == n:
+        return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
+    mask: Tensor | None = None
+    if lo > 0:
+        # Drop the `lo` smallest entries: keep those >= v, minus surplus ties equal to v.
+        v = kth_smallest(flat, lo)
+        mask = flat >= v
+        surplus = int(torch.count_nonzero(mask)) - (n - lo)
+        if surplus > 0:
+            eq = flat == v
+            mask &= ~(eq & (eq.cumsum(0) <= surplus))
+    if hi < n:
+        # Keep the `hi` smallest entries: those <= v, minus surplus ties equal to v.
+        v = kth_smallest(flat, hi - 1)
+        upper = flat <= v
+        surplus = int(torch.count_nonzero(upper)) - hi
+        if surplus > 0:
+            eq = flat == v
+            upper &= ~(eq & (eq.cumsum(0) > int(torch.count_nonzero(eq)) - surplus))
+        mask = upper if mask is None else mask & upper
+    assert mask is not None
+    return mask.reshape(magnitudes.shape)
+
+
+def magnitude(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
+    """Keep the `density` fraction of entries with the largest |x| (at least one if density > 0)."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * n))
+    mask = rank_window_mask(delta.abs(), n - k, n)
+    return _apply(delta, mask, rescale)
+
+
+def random(
+    delta: Tensor, density: float, rescale: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
+    """Keep each entry independently with probability `density` (DARE's drop-and-rescale)."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device)
+    return _apply(delta, keep < density, rescale)
+
+
+def magnitude_outliers(
+    delta: Tensor, density: float, gamma: float = 0.01, rescale: bool = False
+) -> Tensor:
+    """Drop the `gamma` fraction of largest |x| as outliers, then the smallest, keeping `density`.
+
+    Counts are int(density * n) kept and int(gamma * n) outliers. When the two fractions add up
+    to more than 1 the outlier count shrinks so that the kept count is still met.
+    """
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    n_keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - n_keep - n_top)
+    mask = rank_window_mask(delta.abs(), n_bottom, n_bottom + n_keep)
+    return _apply(delta, mask, rescale)
+
+
+def check_epsilon(density: float, epsilon: float) -> None:
+    """DELLA keep probabilities span density +/- epsilon, which must stay inside (0, 1)."""
+    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise ValueError(
+            f"epsilon: density - epsilon and density + epsilon must lie in (0, 1), "
+            f"got density={density}, epsilon={epsilon}"
+        )
+
+
+def rank_sampling(
+    delta: Tensor,
+    density: float,
+    epsilon: float = 0.15,
+    rescale: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Keep entries at random, with probability rising linearly with their magnitude rank.
+
+    Ranks are taken along dim 1 (rows of a matrix; a vector counts as one row). The smallest
+    entry of a row is kept with probability density - epsilon, the largest with
+    density + epsilon, so the expected density is `density` (DELLA's MagPrune).
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    check_epsilon(density, epsilon)
+    work = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    order = torch.argsort(work.abs(), dim=1)
+    length = work.shape[1]
+    positions = torch.arange(length, dtype=torch.float32, device=delta.device)
+    shape = [1] * work.dim()
+    shape[1] = length
+    ranks = torch.empty(work.shape, dtype=torch.float32, device=delta.device)
+    ranks.scatter_(1, order, positions.view(shape).expand(work.shape))
+    # A row of one entry has no spread: give it the middle probability.
+    rank_norm = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
+    probs = (density - epsilon) + rank_norm * (2 * epsilon)
+    keep = torch.rand(work.shape, generator=generator, dtype=torch.float32, device=delta.device)
+    return _apply(delta, (keep < probs).reshape(delta.shape), rescale)
+
+
+Sparsifier = Callable[..., Tensor]
+
+# Name used in the method table -> function. Random sparsifiers accept `generator`.
+SPARSIFIERS: dict[str, Sparsifier] = {
+    "magnitude": magnitude,
+    "random": random,
+    "magnitude_outliers": magnitude_outliers,
+    "rank_sampling": rank_sampling,
+}
