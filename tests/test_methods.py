@@ -270,16 +270,41 @@ def test_magnitude_rescale_matches_l1():
     close(out, T(0, 0, 0, 0, 0, 0, 0, -0.8, 0.9, -1.0) * (5.5 / 2.7))
 
 
-def test_rank_window_mask_matches_stable_ranking():
+def _mergekit_window(x: torch.Tensor, lo: int, hi: int, tie_order: str) -> torch.Tensor:
+    """The entries mergekit keeps for ascending ranks [lo, hi), from the sort call it makes."""
+    n = x.numel()
+    idx = torch.argsort(x, descending=True)[n - hi : n - lo] if tie_order == "descending" else torch.sort(x).indices[lo:hi]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx] = True
+    return mask
+
+
+@pytest.mark.parametrize("tie_order", ["ascending", "descending"])
+def test_rank_window_mask_selects_like_mergekit(tie_order):
     gen = torch.Generator().manual_seed(0)
     for trial in range(200):
         n = int(torch.randint(1, 40, (1,), generator=gen))
+        # odd trials: many equal values, so ties straddle the window's edges
         x = torch.randint(0, 4, (n,), generator=gen).float() if trial % 2 else torch.rand(n, generator=gen)
         lo, hi = sorted(int(v) for v in torch.randint(0, n + 1, (2,), generator=gen))
-        order = torch.argsort(x, stable=True)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(n)
-        assert torch.equal(S.rank_window_mask(x, lo, hi), (rank >= lo) & (rank < hi))
+        mask = S.rank_window_mask(x, lo, hi, tie_order=tie_order)
+        assert int(mask.sum()) == hi - lo
+        assert torch.equal(mask, _mergekit_window(x, lo, hi, tie_order))
+
+
+def test_magnitude_ties_at_the_cut_on_a_large_tensor_follow_mergekit():
+    """Large tensors take the sampled selection path; a tie straddling the cut must still match."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3_000_000, generator=gen)
+    k = int(0.31 * x.numel())
+    cut = torch.kthvalue(x.abs(), x.numel() - k + 1).values
+    x[::1000] = cut  # 3000 equal magnitudes exactly at the cut
+    assert int((x.abs() > cut).sum()) < k < int((x.abs() >= cut).sum())  # the tie straddles it
+    kept = S.magnitude(x, 0.31) != 0
+    assert int(kept.sum()) == k
+    expected = torch.zeros(x.numel(), dtype=torch.bool)
+    expected[torch.argsort(x.abs(), descending=True)[:k]] = True
+    assert torch.equal(kept, expected)
 
 
 # --- validation ------------------------------------------------------------------------------

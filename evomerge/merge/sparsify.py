@@ -15,9 +15,9 @@ mergekit's convention (it matches norms rather than dividing by the keep probabi
 recipes written for mergekit give the same models here.
 
 Selection by rank uses `torch.kthvalue` thresholds instead of a full sort: one selection pass
-and a few elementwise passes. Equal magnitudes at a threshold are broken by position (earlier
-entries rank lower), so exactly the requested number of entries is kept and results are
-deterministic; mergekit leaves that choice to an unstable sort.
+and a few elementwise passes. When equal magnitudes straddle a threshold (rare in float32, but it
+happens in large tensors), which of them survive is decided by the same sort call mergekit makes,
+so recipes give the same tensors in both tools; that case alone pays for a full sort.
 """
 
 from __future__ import annotations
@@ -78,12 +78,12 @@ def kth_smallest(flat: Tensor, rank: int) -> Tensor:
     return torch.kthvalue(flat, rank + 1).values
 
 
-def rank_window_mask(magnitudes: Tensor, lo: int, hi: int) -> Tensor:
+def rank_window_mask(magnitudes: Tensor, lo: int, hi: int, tie_order: str = "ascending") -> Tensor:
     """Mask of the entries whose ascending rank r satisfies lo <= r < hi.
 
-    Ranks count from 0 at the smallest value; ties are ranked by position. Costs one or two
-    order-statistic selections plus elementwise passes, and a cumulative sum only when a tie
-    straddles a boundary (rare for float32 data, common for low-precision deltas).
+    Costs one or two order-statistic selections plus elementwise passes. When equal values straddle
+    a boundary, ranks come from a full sort as mergekit computes them: `tie_order="descending"` is
+    `argsort(descending=True)` (mergekit's top-k), "ascending" is `sort().indices` (its outlier window).
     """
     flat = magnitudes.reshape(-1)
     n = flat.numel()
@@ -94,24 +94,30 @@ def rank_window_mask(magnitudes: Tensor, lo: int, hi: int) -> Tensor:
         return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
     mask: Tensor | None = None
     if lo > 0:
-        # Drop the `lo` smallest entries: keep those >= v, minus surplus ties equal to v.
-        v = kth_smallest(flat, lo)
-        mask = flat >= v
-        surplus = int(torch.count_nonzero(mask)) - (n - lo)
-        if surplus > 0:
-            eq = flat == v
-            mask &= ~(eq & (eq.cumsum(0) <= surplus))
+        # Drop the `lo` smallest entries: keep those >= v, unless ties at v make that too many.
+        mask = flat >= kth_smallest(flat, lo)
+        if int(torch.count_nonzero(mask)) != n - lo:
+            return _sorted_window(flat, lo, hi, tie_order).reshape(magnitudes.shape)
     if hi < n:
-        # Keep the `hi` smallest entries: those <= v, minus surplus ties equal to v.
-        v = kth_smallest(flat, hi - 1)
-        upper = flat <= v
-        surplus = int(torch.count_nonzero(upper)) - hi
-        if surplus > 0:
-            eq = flat == v
-            upper &= ~(eq & (eq.cumsum(0) > int(torch.count_nonzero(eq)) - surplus))
+        # Keep the `hi` smallest entries: those <= v, unless ties at v make that too many.
+        upper = flat <= kth_smallest(flat, hi - 1)
+        if int(torch.count_nonzero(upper)) != hi:
+            return _sorted_window(flat, lo, hi, tie_order).reshape(magnitudes.shape)
         mask = upper if mask is None else mask & upper
     assert mask is not None
     return mask.reshape(magnitudes.shape)
+
+
+def _sorted_window(flat: Tensor, lo: int, hi: int, tie_order: str) -> Tensor:
+    """The rank window from a full sort, made exactly as mergekit makes it (ties included)."""
+    n = flat.numel()
+    if tie_order == "descending":
+        chosen = torch.argsort(flat, descending=True)[n - hi : n - lo]
+    else:
+        chosen = torch.sort(flat, descending=False).indices[lo:hi]
+    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    mask[chosen] = True
+    return mask
 
 
 def magnitude(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
@@ -122,7 +128,7 @@ def magnitude(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    mask = rank_window_mask(delta.abs(), n - k, n)
+    mask = rank_window_mask(delta.abs(), n - k, n, tie_order="descending")
     return _apply(delta, mask, rescale)
 
 
