@@ -97,7 +97,7 @@ def _merge_deltas(
     weights = [float(p["weight"]) for p in model_params]
     contributions: list[Tensor] = []
     for delta, params, weight in zip(deltas, model_params, weights):
-        delta = delta.float()
+        delta = original = delta.float()
         if sparsify is not None:
             kwargs: dict = {"rescale": rescale}
             if spec.sparsifier == "magnitude_outliers":
@@ -107,7 +107,8 @@ def _merge_deltas(
             if spec.random:
                 kwargs["generator"] = generator
             delta = sparsify(delta, float(params["density"]), **kwargs)
-        contributions.append(delta * weight)  # a new tensor: callers' deltas are never written
+        # Callers' deltas are never written: scale in place only a tensor the sparsifier made.
+        contributions.append(delta * weight if delta is original else delta.mul_(weight))
 
     if spec.consensus is None:
         mixed = contributions[0]
@@ -124,7 +125,7 @@ def _merge_deltas(
         for c, weight in zip(contributions, weights):
             # sign(c) == majority sign; entries with c == 0 never agree.
             agree = (c * sign) > 0
-            mixed.add_(c * agree)
+            mixed.add_(c.mul_(agree))  # c is ours (made above): mask it in place
             if divisor is not None:
                 divisor.add_(agree.float(), alpha=weight)
         if divisor is not None:
