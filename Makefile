@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv zoo demo test test-fast bench clean
+.PHONY: venv venv-mergekit zoo demo test test-fast bench clean
 
 venv: $(VENV)/.installed
 
@@ -19,6 +19,15 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+# mergekit, the peer we compare with, in a venv of its own (never imported by evomerge itself).
+venv-mergekit: .venv-mergekit/.installed
+
+.venv-mergekit/.installed:
+	test -x .venv-mergekit/bin/python || $(PYTHON) -m venv .venv-mergekit
+	.venv-mergekit/bin/python -c "import torch" 2>/dev/null || .venv-mergekit/bin/pip install -q torch==2.13.0
+	.venv-mergekit/bin/pip install -q mergekit==0.1.5
 	touch $@
 
 zoo: venv
@@ -33,8 +42,8 @@ test: zoo
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
-bench: zoo
-	$(PY) bench/merge_speed.py --zoo $(ZOO)
+bench: venv venv-mergekit
+	$(PY) bench/merge_speed.py
 
 clean:
 	rm -rf out build .pytest_cache

@@ -1,0 +1,3 @@
+from evomerge.service.cli import main
+
+raise SystemExit(main())
