@@ -92,7 +92,9 @@ def write_checkpoint(
     model_card: str,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
+    """Write the folder atomically; `extra_files` (name -> text) are added before the rename."""
     out = Path(out).expanduser().absolute()
     check_output(out, force)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -105,6 +107,8 @@ def write_checkpoint(
                 if (tokenizer_dir / name).exists():
                     shutil.copy2(tokenizer_dir / name, tmp / name)
         (tmp / "README.md").write_text(model_card)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)

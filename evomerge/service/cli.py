@@ -45,12 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "merge",
         help="merge models as a recipe says and write a Hugging Face checkpoint",
-        description="Merge the models of a mergekit-format recipe (linear, task_arithmetic, ties, dare_ties, "
-        "dare_linear, della, breadcrumbs, slerp, ...) and write a checkpoint that transformers loads: "
-        "sharded safetensors, config, tokenizer and a model card holding the recipe. The folder is written "
-        "under a temporary name and renamed when complete.",
+        description="Merge models as a recipe says and write a checkpoint that transformers and vLLM load with no "
+        "custom code: sharded safetensors, config, tokenizer and a model card holding the recipe. A recipe is "
+        "either mergekit-format (merge_method: linear, task_arithmetic, ties, dare_ties, dare_linear, della, "
+        "breadcrumbs, slerp, ...) or a data-flow path (`dataflow:` with hops of model, layer and scale; scales "
+        "are folded into the weights). The folder is written under a temporary name and renamed when complete.",
     )
-    p.add_argument("recipe", help="recipe YAML (mergekit format; relative model paths resolve against its folder)")
+    p.add_argument("recipe", help="recipe YAML (relative model paths resolve against its folder, then the working directory)")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--shard-size", default=f"{DEFAULT_SHARD_BYTES // 1024**3}GB", help="largest safetensors shard (default 2GB)")
