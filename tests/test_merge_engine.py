@@ -143,6 +143,8 @@ def test_random_methods_are_seeded(tiny_llamas, tmp_path):
     (lambda d: d["models"][0].update(model="no/such/model"), r"models\[0\].model: no model folder .*Hub ids are not downloaded"),
     (lambda d: d["models"][0]["parameters"].pop("weight"), r"models\[0\].parameters: method 'ties' needs 'weight'"),
     (lambda d: d.update(dtype="float8"), r"dtype: unknown dtype 'float8'"),
+    (lambda d: d.update(parameters={"density": 2.0}), r"recipe.yaml: parameters.density: .*density"),
+    (lambda d: d.update(parameters={"lambda": "x"}), r"recipe.yaml: parameters.lambda"),
     (lambda d: d.pop("base_model"), r"base_model: method 'ties' needs a base model"),
     (lambda d: d.update(slices=[]), r"give exactly one of 'models'"),
 ])

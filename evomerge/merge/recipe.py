@@ -314,37 +314,42 @@ def _label_fields(recipe: Recipe) -> list[tuple[str, str]]:
 
 
 def _check_values(where: _Where, recipe: Recipe) -> None:
-    """Run the method's own range checks on every value a setting can take, naming the field on failure."""
+    """Run the method's own range checks on every value a setting can take, naming the field where the value
+    is written, and check that every non-base model gets each required parameter from somewhere."""
     spec = METHODS[recipe.merge_method]
-    layers = [(f"slices[{i}]", sl.parameters, sl.sources) for i, sl in enumerate(recipe.slices or ())]
+
+    def check(field_prefix: str, params: Mapping[str, Setting]) -> None:
+        for key, setting in params.items():
+            per_model = key in spec.model_params
+            for leaf in _leaves(setting):
+                _validate_one(where, f"{field_prefix}.{key}", recipe.merge_method,
+                              {key: leaf} if per_model else {}, {} if per_model else {key: leaf})
+
+    check("parameters", recipe.parameters)
     if recipe.models is not None:
-        layers = [("models", {}, recipe.models)]
-    base = recipe.base_model
-    global_keys = set(spec.global_params)
-    for g_key, g_val in recipe.parameters.items():
-        if g_key in global_keys:
-            for leaf in _leaves(g_val):
-                _validate_one(where, f"parameters.{g_key}", recipe.merge_method, {}, {g_key: leaf}, partial=True)
-    for prefix, slice_params, sources in layers:
+        groups = [("models", {}, recipe.models)]
+    else:
+        groups = [(f"slices[{i}]", sl.parameters, sl.sources) for i, sl in enumerate(recipe.slices or ())]
+    bases = {recipe.base_model} | {sl.base_model for sl in recipe.slices or ()}
+    for prefix, slice_params, sources in groups:
+        if prefix != "models":
+            check(f"{prefix}.parameters", slice_params)
         for j, src in enumerate(sources):
-            if src.model == base or src.model in {sl.base_model for sl in recipe.slices or ()}:
-                continue
             field_prefix = f"{prefix}[{j}]" if prefix == "models" else f"{prefix}.sources[{j}]"
-            merged = {**{k: v for k, v in recipe.parameters.items() if k in spec.model_params},
-                      **{k: v for k, v in slice_params.items() if k in spec.model_params},
-                      **src.parameters}
-            missing = [k for k in required_model_params(recipe.merge_method) if k not in merged]
+            check(f"{field_prefix}.parameters", src.parameters)
+            if src.model in bases:
+                continue
+            given = set(recipe.parameters) | set(slice_params) | set(src.parameters)
+            missing = [k for k in required_model_params(recipe.merge_method) if k not in given]
             if missing:
                 raise where.error(
                     f"{field_prefix}.parameters",
                     f"method '{recipe.merge_method}' needs {', '.join(repr(m) for m in missing)} for model '{src.model}'",
                 )
-            for key, setting in merged.items():
-                for leaf in _leaves(setting):
-                    _validate_one(where, f"{field_prefix}.parameters.{key}", recipe.merge_method, {key: leaf}, {}, partial=True)
 
 
-def _validate_one(where: _Where, field_path: str, method: str, model_params: dict, global_params: dict, partial: bool) -> None:
+def _validate_one(where: _Where, field_path: str, method: str, model_params: dict, global_params: dict) -> None:
+    """Check one value with the method's own validator, the other parameters at their defaults."""
     spec = METHODS[method]
     full_model = {k: (d if d is not None else 1.0) for k, d in spec.model_params.items()} | model_params
     full_global = {k: d for k, d in spec.global_params.items() if d is not None} | global_params
