@@ -1,0 +1,178 @@
+"""Tiny model zoo: acceptance constraints, offline loading, determinism, cache, committed data, lm-eval.
+
+The built zoo is read from $EVOMERGE_ZOO (default: .cache/zoo under the repo root) and built there
+(about 5 minutes on 2 CPU cores) when missing or stale. Tests that need it are marked slow.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.zoo import tasks as ztasks
+from evomerge.zoo import tokenizer as ztok
+from evomerge.zoo import train as ztrain
+from evomerge.zoo.build import ZooSpec, build_zoo, is_built, model_names
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = Path(os.environ.get("EVOMERGE_ZOO", ROOT / ".cache" / "zoo"))
+if not ZOO.is_absolute():
+    ZOO = ROOT / ZOO
+
+OWN_SKILL = {"arith": "arith", "cipher": "cipher", "reverse": "reverse"}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+
+
+@pytest.fixture(scope="session")
+def zoo() -> Path:
+    if not is_built(ZOO):
+        build_zoo(ZOO)
+    return ZOO
+
+
+@pytest.fixture(scope="session")
+def test_scores(zoo) -> dict[str, dict[str, float]]:
+    """Accuracy of every zoo model on every eval task's test split, scored here (not read from the manifest)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    data = {t: ztasks.read_jsonl(zoo / "data" / t / "test.jsonl") for t in ztasks.EVAL_TASKS}
+    out = {}
+    for name in model_names(ZooSpec()):
+        model = AutoModelForCausalLM.from_pretrained(zoo / name, dtype=torch.float32)
+        out[name] = {t: ztrain.score(model, items) for t, items in data.items()}
+    return out
+
+
+# ---- fast tests -------------------------------------------------------------------------------------
+
+
+def test_splits_are_disjoint_and_large():
+    data = ztasks.generate_all()
+    for task, splits in data.items():
+        keys = {s: {r["prompt"] for r in rows} for s, rows in splits.items()}
+        assert len(splits["fitness"]) >= 500 and len(splits["test"]) >= 500, task
+        assert not keys["fitness"] & keys["test"], task
+        assert not (keys["fitness"] | keys["test"]) & keys["train"], task
+    # arith and composed share one operand-pair partition; cipher holds digit strings out in both directions
+    digits = lambda rows: {r["prompt"][1:-1] if r["prompt"][0] == ">" else r["answer"] for r in rows}  # noqa: E731
+    spec = ztasks.TaskSpec()
+    assert ztasks.decipher(ztasks.encipher("0123456789", spec), spec) == "0123456789"
+    assert not (digits(data["cipher"]["fitness"]) | digits(data["cipher"]["test"])) & digits(data["cipher"]["train"])
+
+
+def test_committed_fitness_data_equals_regenerated(tmp_path):
+    ztasks.write_fitness_data(tmp_path)
+    for task in ztasks.EVAL_TASKS:
+        for split in ("fitness", "test"):
+            committed = ROOT / "fitness" / "data" / task / f"{split}.jsonl"
+            assert filecmp.cmp(committed, tmp_path / task / f"{split}.jsonl", shallow=False), committed
+        assert (ROOT / "fitness" / f"zoo_{task}.yaml").exists()
+
+
+def test_tokenizer_and_model_load_offline_through_auto_classes(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = ztrain.ModelSpec(family="qwen2", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+    model = ztrain.make_model(spec, seed=0)
+    ztrain.save_model(model, tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok("93+34=")["input_ids"] == [ztok.BOS_ID] + ztok.encode("93+34=")
+    assert tok.decode(ztok.encode("<gfb=") + [ztok.EOS_ID], skip_special_tokens=True) == "<gfb="
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (ztok.BOS_ID, ztok.EOS_ID, ztok.PAD_ID)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(again).__name__ == "Qwen2ForCausalLM"
+    x = torch.tensor([[ztok.BOS_ID] + ztok.encode("12+34=")])
+    assert torch.allclose(model(x).logits, again(x).logits, atol=1e-5)  # eager vs sdpa attention
+
+
+def test_training_is_bitwise_deterministic():
+    data = {t: d["train"] for t, d in ztasks.generate_all().items()}
+    spec = ztrain.ModelSpec(hidden_size=64, intermediate_size=128)
+    tspec = ztrain.TrainSpec(steps=15, batch_size=16, warmup=5, seed=3, task_weights={"arith": 1, "cipher": 1})
+    ztrain.set_deterministic(1)
+    runs = []
+    for _ in range(2):
+        m = ztrain.make_model(spec, seed=7)
+        ztrain.train_model(m, data, tspec)
+        runs.append(m.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not torch.equal(runs[0]["model.embed_tokens.weight"], ztrain.make_model(spec, seed=7).state_dict()["model.embed_tokens.weight"])
+
+
+# ---- tests on the built zoo -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_zoo_layout_and_cache_hit(zoo):
+    for name in model_names(ZooSpec()):
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            assert (zoo / name / f).exists(), (name, f)
+    t = time.time()
+    manifest = build_zoo(zoo, progress=False)
+    assert time.time() - t < 2.0
+    assert set(manifest["models"]) == set(model_names(ZooSpec()))
+    # the zoo's data is the committed fitness data (plus train splits)
+    for task in ztasks.EVAL_TASKS:
+        for split in ("fitness", "test"):
+            assert filecmp.cmp(zoo / "data" / task / f"{split}.jsonl", ROOT / "fitness" / "data" / task / f"{split}.jsonl", shallow=False)
+
+
+@pytest.mark.slow
+def test_no_split_shares_items_in_built_zoo(zoo):
+    for task in ztasks.ALL_TASKS:
+        p = {s: {r["prompt"] for r in ztasks.read_jsonl(zoo / "data" / task / f"{s}.jsonl")} for s in ("train", "fitness", "test")}
+        assert not p["fitness"] & p["test"] and not p["train"] & (p["fitness"] | p["test"]), task
+
+
+@pytest.mark.slow
+def test_experts_master_their_skill(test_scores):
+    for fam, fs in ZooSpec().families.items():
+        for skill in fs.skills:
+            assert test_scores[f"{fam}/{skill}"][skill] >= 0.9, (fam, skill, test_scores[f"{fam}/{skill}"])
+
+
+@pytest.mark.slow
+def test_no_parent_solves_the_mix_target(test_scores):
+    for name, acc in test_scores.items():
+        assert acc["mix"] <= 0.75, (name, acc)
+
+
+@pytest.mark.slow
+def test_manifest_matches_own_scores(zoo, test_scores):
+    man = build_zoo(zoo, progress=False)
+    for name, acc in test_scores.items():
+        for task, a in acc.items():
+            assert man["models"][name]["accuracy"]["test"][task] == pytest.approx(a, abs=0.01), (name, task)
+
+
+@pytest.mark.slow
+def test_lm_eval_agrees_with_own_scorer(zoo, monkeypatch):
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.chdir(ROOT)  # data_files in the YAMLs are relative to the repo root
+    name = "llama/cipher"
+    model = AutoModelForCausalLM.from_pretrained(zoo / name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(zoo / name)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=64, device="cpu")
+    tm = TaskManager(include_path=str(ROOT / "fitness"), include_defaults=False)
+    res = simple_evaluate(model=lm, tasks=["zoo_mix"], task_manager=tm, bootstrap_iters=0, log_samples=False)
+    got = res["results"]["zoo_mix"]["exact_match,none"]
+    own = ztrain.score(model, ztasks.read_jsonl(ROOT / "fitness" / "data" / "mix" / "fitness.jsonl"))
+    assert got == pytest.approx(own)
+    assert 0.3 < own < 0.75  # a parent: about half of mix (its own skill), not all of it
