@@ -1,0 +1,5 @@
+"""The search: job specs, drivers (ask/tell), the evaluation loop, the runtime interface, reports.
+
+Follow one candidate: `loop.Search.step` asks the driver for a genome, the space decodes it to a recipe, the
+runtime's scorer evaluates it (`runtime.run_one`), the store records it, the driver is told its losses.
+"""

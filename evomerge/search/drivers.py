@@ -1,0 +1,243 @@
+"""Drivers: optimisers behind one ask/tell shape, so the caller owns the evaluation loop (and its workers).
+
+Every driver works in the unit cube [0, 1]^n (the loop maps it onto the space's bounds) and minimises losses
+(the loop turns "maximise accuracy" into "minimise -accuracy"). A generation is `X = ask()`, evaluate every row,
+`tell(X, F)`. A driver pickles whole (`state()` / `restore()`): resuming from a pickle continues the very same
+trajectory, which is what makes an interrupted-then-resumed search equal an uninterrupted one.
+
+- `random`: uniform samples, the baseline.
+- `cmaes`: pycma's CMA-ES (one objective), bounded to the cube, seeded.
+- `nsga2`, `nsga3`, `smsemoa`: pymoo's multi-objective algorithms (also fine for one objective). (AGE-MOEA
+  needs numba, which evomerge does not install.)
+
+Seeds (parents, plain averages) go into the first population; the rest of it is random.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+from typing import Any, Iterator
+
+import numpy as np
+
+DRIVERS = ("random", "cmaes", "nsga2", "nsga3", "smsemoa")
+SINGLE_OBJECTIVE = ("cmaes",)
+
+
+class DriverError(ValueError):
+    """A driver cannot be built as configured (unknown name, wrong number of objectives, bad option)."""
+
+
+@contextlib.contextmanager
+def _numpy_global_state(holder: Any) -> Iterator[None]:
+    """pycma draws from numpy's global RNG: give the driver its own, swapped in only during its calls, so
+    nothing else in the process (or its order) can change the trajectory."""
+    outer = np.random.get_state()
+    np.random.set_state(holder._np_state)
+    try:
+        yield
+    finally:
+        holder._np_state = np.random.get_state()
+        np.random.set_state(outer)
+
+
+def _first_population(n: int, n_var: int, seeds: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    seeds = np.zeros((0, n_var)) if seeds is None else np.clip(np.asarray(seeds, dtype=float).reshape(-1, n_var), 0, 1)
+    fill = rng.random((max(n - len(seeds), 0), n_var))
+    return np.concatenate([seeds[:n], fill])
+
+
+class Driver:
+    """Base: `ask()` -> (k, n_var) points in [0, 1]; `tell(X, F)` with F the (k, n_obj) losses of exactly X."""
+
+    name = "driver"
+
+    def __init__(self, n_var: int, n_obj: int, pop_size: int, seed: int, seeds: np.ndarray | None = None):
+        if n_var < 1 or n_obj < 1 or pop_size < 1:
+            raise DriverError(f"{self.name}: needs at least one gene, one objective and a population of 1 or more")
+        self.n_var, self.n_obj, self.pop_size, self.seed = n_var, n_obj, pop_size, seed
+        self.generation = 0  # generations told so far
+
+    def ask(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def state(self) -> bytes:
+        return pickle.dumps(self)
+
+    @staticmethod
+    def restore(state: bytes) -> "Driver":
+        return pickle.loads(state)
+
+    def _check(self, X: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X, F = np.asarray(X, dtype=float), np.asarray(F, dtype=float).reshape(len(X), -1)
+        if F.shape[1] != self.n_obj:
+            raise ValueError(f"{self.name}: told {F.shape[1]} objectives, expected {self.n_obj}")
+        return X, F
+
+
+class RandomSearch(Driver):
+    name = "random"
+
+    def __init__(self, n_var: int, n_obj: int, pop_size: int, seed: int, seeds: np.ndarray | None = None):
+        super().__init__(n_var, n_obj, pop_size, seed, seeds)
+        self.rng = np.random.default_rng(seed)
+        self._seeds = seeds
+
+    def ask(self) -> np.ndarray:
+        if self.generation == 0:
+            return _first_population(self.pop_size, self.n_var, self._seeds, self.rng)
+        return self.rng.random((self.pop_size, self.n_var))
+
+    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+        self._check(X, F)
+        self.generation += 1
+
+
+# pycma's bound transform bends points near a bound inwards, which would move seeds that sit on a bound (a
+# parent is weight 0 or 1). Its box is widened by this margin, so [0, 1] lies in the transform's identity region;
+# the loop clips what lies outside [0, 1] when it decodes.
+CMA_MARGIN = 0.1
+
+
+class CMAES(Driver):
+    name = "cmaes"
+
+    def __init__(self, n_var: int, n_obj: int, pop_size: int, seed: int, seeds: np.ndarray | None = None,
+                 sigma0: float = 0.3):
+        super().__init__(n_var, n_obj, pop_size, seed, seeds)
+        if n_obj != 1:
+            raise DriverError(f"cmaes optimises one objective, the job has {n_obj}: use nsga2, nsga3 or smsemoa"
+                              ", or keep one objective")
+        if n_var < 2:
+            raise DriverError("cmaes needs at least 2 genes (pycma does not do 1-D); use random or nsga2")
+        import cma
+
+        self._np_state = np.random.RandomState(seed).get_state()
+        # pycma samples with opts["randn"]: give it a generator of its own. (Its default, the global RandomState's
+        # bound method, pickles as a detached copy of whatever the global state was at pickling time.)
+        self.rs = np.random.RandomState(seed + 1)
+        x0 = np.full(n_var, 0.5)
+        with _numpy_global_state(self):
+            self.es = cma.CMAEvolutionStrategy(
+                x0, sigma0, {"bounds": [-CMA_MARGIN, 1.0 + CMA_MARGIN], "randn": self.rs.randn, "seed": float("nan"),
+                             "popsize": pop_size, "verbose": -9, "verb_log": 0, "verb_disp": 0})
+            if seeds is not None and len(seeds):
+                self.es.inject([np.clip(s, 0, 1) for s in np.asarray(seeds, dtype=float)], force=True)
+        self._asked: list[np.ndarray] | None = None
+
+    def ask(self) -> np.ndarray:
+        with _numpy_global_state(self):
+            self._asked = self.es.ask()
+        return np.array(self._asked)
+
+    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+        X, F = self._check(X, F)
+        if self._asked is None or len(X) != len(self._asked):
+            raise ValueError("cmaes: tell() must get exactly the points of the last ask()")
+        with _numpy_global_state(self):
+            self.es.tell(self._asked, [float(f) for f in F[:, 0]])
+        self._asked = None
+        self.generation += 1
+
+
+class PymooDriver(Driver):
+    """pymoo's ask/tell: the algorithm never sees the problem's `_evaluate`; losses arrive through tell."""
+
+    def __init__(self, name: str, n_var: int, n_obj: int, pop_size: int, seed: int, seeds: np.ndarray | None = None,
+                 **options: Any):
+        self.name = name
+        super().__init__(n_var, n_obj, pop_size, seed, seeds)
+        init = _first_population(pop_size, n_var, seeds, np.random.default_rng(seed))
+        self.algo = _pymoo_algorithm(name, n_obj, pop_size, init, options)
+        self.problem = UnitProblem(n_var, n_obj)
+        from pymoo.termination import get_termination
+
+        self.algo.setup(self.problem, seed=seed, termination=get_termination("n_gen", 10**9), verbose=False)
+        self._pop = None
+
+    def ask(self) -> np.ndarray:
+        self._pop = self.algo.ask()
+        return np.array(self._pop.get("X"), dtype=float)
+
+    def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+        from pymoo.problems.static import StaticProblem
+
+        X, F = self._check(X, F)
+        if self._pop is None or len(self._pop) != len(X):
+            raise ValueError(f"{self.name}: tell() must get exactly the points of the last ask()")
+        self.algo.evaluator.eval(StaticProblem(self.problem, F=F), self._pop)
+        self.algo.tell(infills=self._pop)
+        self._pop = None
+        self.generation += 1
+
+
+def _pymoo_algorithm(name: str, n_obj: int, pop_size: int, init: np.ndarray, options: dict[str, Any]):
+    common = dict(pop_size=pop_size, sampling=init, eliminate_duplicates=True, **options)
+    if name == "nsga2":
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+
+        return NSGA2(**common)
+    if name == "smsemoa":
+        from pymoo.algorithms.moo.sms import SMSEMOA
+
+        from pymoo.operators.selection.tournament import TournamentSelection
+
+        selection = TournamentSelection(func_comp=_ByName("pymoo.algorithms.moo.sms", "cv_and_dom_tournament"))
+        return SMSEMOA(**{"n_offsprings": pop_size, "selection": selection, **common})
+    if name == "nsga3":
+        from pymoo.algorithms.moo.nsga3 import NSGA3
+        from pymoo.util.ref_dirs import get_reference_directions
+
+        partitions = 1
+        while _das_dennis_count(n_obj, partitions + 1) <= pop_size:
+            partitions += 1
+        from pymoo.operators.selection.tournament import TournamentSelection
+
+        ref_dirs = get_reference_directions("das-dennis", n_obj, n_partitions=partitions)
+        return NSGA3(ref_dirs=ref_dirs, selection=TournamentSelection(func_comp=_ByName("pymoo.algorithms.moo.nsga3", "comp_by_cv_then_random")), **common)
+    raise DriverError(f"unknown driver algorithm '{name}'; choose one of {', '.join(DRIVERS)}")
+
+
+class _ByName:
+    """A module-level function referred to by its import path. pymoo wraps its tournament functions in a
+    decorator that pickle cannot reach; a driver must pickle whole, so it holds them by name instead."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
+
+
+def _das_dennis_count(n_obj: int, partitions: int) -> int:
+    from math import comb
+
+    return comb(partitions + n_obj - 1, n_obj - 1)
+
+
+def UnitProblem(n_var: int, n_obj: int):
+    """A pymoo Problem over [0, 1]^n_var that pymoo never evaluates itself (ask/tell)."""
+    from pymoo.core.problem import Problem
+
+    return Problem(n_var=n_var, n_obj=n_obj, xl=0.0, xu=1.0)
+
+
+def make_driver(name: str, n_var: int, n_obj: int, pop_size: int, seed: int, seeds: np.ndarray | None = None,
+                **options: Any) -> Driver:
+    if name == "random":
+        return RandomSearch(n_var, n_obj, pop_size, seed, seeds)
+    if name == "cmaes":
+        return CMAES(n_var, n_obj, pop_size, seed, seeds, **options)
+    if name in DRIVERS:
+        return PymooDriver(name, n_var, n_obj, pop_size, seed, seeds, **options)
+    import difflib
+
+    close = difflib.get_close_matches(name, DRIVERS, n=1)
+    raise DriverError(f"unknown algorithm '{name}'." + (f" Did you mean '{close[0]}'?" if close else "")
+                      + f" Choose one of {', '.join(DRIVERS)}")

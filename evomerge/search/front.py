@@ -1,0 +1,41 @@
+"""The Pareto front and its hypervolume, on losses (every objective minimised)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pareto_mask(F: np.ndarray) -> np.ndarray:
+    """True for rows no other row dominates (<= everywhere, < somewhere). Equal rows are all kept."""
+    F = np.asarray(F, dtype=float)
+    n = len(F)
+    keep = np.ones(n, dtype=bool)
+    for i in range(n):
+        if not keep[i]:
+            continue
+        dominated = np.all(F <= F[i], axis=1) & np.any(F < F[i], axis=1)
+        if dominated.any():
+            keep[i] = False
+    return keep
+
+
+def hypervolume(F: np.ndarray, ref: np.ndarray) -> float:
+    """Volume dominated by the points of F and bounded by `ref` (points not better than ref count for nothing)."""
+    F = np.asarray(F, dtype=float).reshape(-1, len(ref))
+    F = F[np.all(F < ref, axis=1)]
+    if not len(F):
+        return 0.0
+    if F.shape[1] == 1:
+        return float(ref[0] - F[:, 0].min())
+    if F.shape[1] == 2:  # exact sweep, no dependency
+        F = F[pareto_mask(F)]
+        F = F[np.argsort(F[:, 0])]
+        volume, prev_y = 0.0, float(ref[1])
+        for x, y in F:
+            if y < prev_y:
+                volume += (ref[0] - x) * (prev_y - y)
+                prev_y = y
+        return float(volume)
+    from pymoo.indicators.hv import HV
+
+    return float(HV(ref_point=np.asarray(ref, dtype=float))(F))

@@ -1,0 +1,105 @@
+"""`evomerge run` and `evomerge resume` as library calls: check, build the runtime, search, report.
+
+Order matters for "a job that cannot start never spends compute": the spec is checked whole, then the runtime
+is built (models resident, tasks loaded: their errors surface here), and only then is the job recorded and the
+first candidate evaluated.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from evomerge.search.loop import Progress, Search
+from evomerge.search.report import build_report, front_table, write_report
+from evomerge.search.runtime import LocalRuntime, Runtime
+from evomerge.search.spec import JobSpec, JobSpecError, load_job
+from evomerge.store import Store, StoreError
+
+
+@dataclass
+class JobResult:
+    name: str
+    store: Path
+    report: dict[str, Any]
+    json_path: Path
+    html_path: Path
+
+
+def make_runtime(spec: JobSpec) -> Runtime:
+    """The Ray runtime when it is there (next issue); for now, in-process evaluation."""
+    return LocalRuntime(spec)
+
+
+def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | None = None) -> JobResult:
+    spec = load_job(path)
+    store = Store(spec.store)
+    try:
+        if store.job(spec.name) is not None:
+            raise StoreError(f"{spec.store}: a job named '{spec.name}' exists already; `evomerge resume {path}` continues "
+                             "it, or give the new job another name")
+        runtime = make_runtime(spec)
+        try:
+            store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
+            spec = JobSpec.from_dict(store.job(spec.name)["spec"])  # run from the stored spec, as resume does
+            return _search_and_report(spec, store, runtime, out, progress)
+        finally:
+            runtime.close()
+    finally:
+        store.close()
+
+
+def find_job(target: str | Path, name: str | None = None) -> tuple[Store, JobSpec]:
+    """A job from its spec file (its store and name) or from a store file (`name` needed if it holds several)."""
+    p = Path(target)
+    if p.suffix in (".yaml", ".yml"):
+        spec = load_job(p)
+        store_path, name = spec.store, name or spec.name
+    else:
+        store_path = p
+    if not Path(store_path).is_file():
+        raise StoreError(f"{store_path}: no store there (has the job been started? `evomerge run JOB.yaml` starts it)")
+    store = Store(store_path)
+    names = store.jobs()
+    if name is None:
+        if len(names) != 1:
+            store.close()
+            raise StoreError(f"{store_path}: holds {len(names)} jobs ({', '.join(names) or 'none'}); name one with --job")
+        name = names[0]
+    job = store.job(name)
+    if job is None:
+        store.close()
+        raise StoreError(f"{store_path}: no job named '{name}' (jobs: {', '.join(names) or 'none'})")
+    return store, JobSpec.from_dict(job["spec"])
+
+
+def resume_job(target: str | Path, name: str | None = None, out: TextIO | None = None,
+               progress: Progress | None = None) -> JobResult:
+    store, spec = find_job(target, name)
+    try:
+        runtime = make_runtime(spec)
+        try:
+            return _search_and_report(spec, store, runtime, out, progress)
+        finally:
+            runtime.close()
+    finally:
+        store.close()
+
+
+def _search_and_report(spec: JobSpec, store: Store, runtime: Runtime, out: TextIO | None,
+                       progress: Progress | None) -> JobResult:
+    out = out or sys.stdout
+    search = Search(spec, store, runtime, progress)
+    search.run()
+    report = build_report(search)
+    json_path, html_path = write_report(report, Path(spec.report))
+    store.set_status(spec.name, "done")
+    out.write(f"\nPareto front of job '{spec.name}' ({len(report['front'])} recipes), beside the parents:\n")
+    out.write(front_table(report) + "\n")
+    out.write(f"\nreport: {html_path}\n        {json_path}\n")
+    return JobResult(spec.name, spec.store, report, json_path, html_path)
+
+
+__all__ = ["JobResult", "JobSpecError", "find_job", "resume_job", "run_job"]

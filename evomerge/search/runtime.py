@@ -1,0 +1,127 @@
+"""Where candidates are evaluated: a small interface the loop talks to, and its in-process implementation.
+
+The loop only calls `submit(cid, recipe, split)` and iterates `as_completed()`; the Ray runtime implements the
+same three methods with actors (one `Scorer` each). `LocalRuntime` evaluates in this process, one candidate at a
+time, in submission order (deterministic), when `as_completed()` is iterated.
+
+A worker's scorer is built once (models resident, tasks loaded) by a factory `make_scorer(spec, split)`:
+`evomerge.search.evaluate.default_scorer` (the fitness Evaluator), or `runtime.evaluator: "module:factory"`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+
+if TYPE_CHECKING:
+    from evomerge.fitness.objectives import ObjectiveSet
+    from evomerge.search.spec import JobSpec
+
+
+@dataclass
+class Outcome:
+    """What came back for one submitted candidate: values (as measured) or a failure reason."""
+
+    cid: int
+    split: str | None
+    values: dict[str, float] | None = None
+    items: dict[str, dict[str, float]] = field(default_factory=dict)
+    reason: str | None = None
+    worker: str = "local"
+    seconds: float = 0.0
+    estimated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+class Scorer(Protocol):
+    """Per-worker state: scores one recipe (parameter-space or data-flow) on its split."""
+
+    objectives: "ObjectiveSet"
+
+    def evaluate(self, recipe: Any) -> Any: ...  # returns an object with .values and .items (a FitnessResult)
+
+
+class Runtime(Protocol):
+    objectives: "ObjectiveSet"  # with directions resolved
+
+    def submit(self, cid: int, recipe: Any, split: str | None = None) -> None: ...
+    def as_completed(self) -> Iterator[Outcome]: ...
+    def close(self) -> None: ...
+
+
+def load_factory(ref: str) -> Callable[..., Scorer]:
+    module, _, name = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"runtime.evaluator: cannot import '{ref}' ({e})") from None
+
+
+def scorer_factory(spec: "JobSpec") -> Callable[["JobSpec", str | None], Scorer]:
+    if spec.runtime.evaluator:
+        return load_factory(spec.runtime.evaluator)
+    from evomerge.search.evaluate import default_scorer
+
+    return default_scorer
+
+
+def run_one(scorer: Scorer, cid: int, recipe: Any, split: str | None, worker: str) -> Outcome:
+    """Evaluate one candidate, turning every failure into a recorded reason (the search goes on)."""
+    from evomerge.fitness.objectives import CandidateFailed
+
+    start = time.perf_counter()
+    try:
+        result = scorer.evaluate(recipe)
+    except CandidateFailed as e:
+        return Outcome(cid, split, reason=e.reason, worker=worker, seconds=time.perf_counter() - start)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken candidate must not stop the search
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        reason = f"{type(e).__name__}: {e} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
+        return Outcome(cid, split, reason=reason, worker=worker, seconds=time.perf_counter() - start)
+    values = {k: float(v) for k, v in result.values.items()}
+    items = {k: {i: float(x) for i, x in d.items()} for k, d in (getattr(result, "items", None) or {}).items()}
+    return Outcome(cid, split, values=values, items=items, worker=worker, seconds=time.perf_counter() - start,
+                   estimated=bool(getattr(result, "estimated", False)))
+
+
+class LocalRuntime:
+    """In-process evaluation: one scorer per split, built on first use (the fitness one at once)."""
+
+    def __init__(self, spec: "JobSpec", worker: str = "local"):
+        import torch
+
+        torch.set_num_threads(spec.runtime.threads)
+        self.spec = spec
+        self.worker = worker
+        self._factory = scorer_factory(spec)
+        self._scorers: dict[str | None, Scorer] = {None: self._factory(spec, None)}
+        self.objectives = self._scorers[None].objectives
+        self._queue: list[tuple[int, Any, str | None]] = []
+
+    def scorer(self, split: str | None) -> Scorer:
+        if split not in self._scorers:
+            self._scorers[split] = self._factory(self.spec, split)
+        return self._scorers[split]
+
+    def submit(self, cid: int, recipe: Any, split: str | None = None) -> None:
+        self._queue.append((cid, recipe, split))
+
+    def as_completed(self) -> Iterator[Outcome]:
+        while self._queue:
+            cid, recipe, split = self._queue.pop(0)
+            yield run_one(self.scorer(split), cid, recipe, split, self.worker)
+
+    def close(self) -> None:
+        for s in self._scorers.values():
+            close = getattr(s, "close", None)
+            if close:
+                close()
+        self._scorers.clear()

@@ -1,0 +1,288 @@
+"""The job spec: one YAML file saying what to merge, how to search, where to run and where to keep results.
+
+    name: zoo-mix                    # the job's name in the store (unique there)
+    models:
+      base: ../../.cache/zoo/llama/base        # relative paths: this file's folder, then the working directory
+      sources: {arith: ..., cipher: ...}       # name -> model folder
+    search_space: sakana_ps          # a preset of search_spaces/, a YAML file, or an inline mapping (kind: ps|dfs|hybrid)
+    objectives:                      # a fitness objectives file, or the same mapping inline
+      include: [../../fitness]
+      objectives: [{task: zoo_mix, limit: 200}]
+    report_split: test               # the final report scores the front here (never the fitness split)
+    driver:
+      algorithm: nsga2               # random | cmaes | nsga2 | nsga3 | smsemoa
+      population: 12
+      budget: {evaluations: 120, seconds: null}   # stop after either (at a generation's end)
+      seed: 0
+      options: {}                    # passed to the algorithm (cmaes: sigma0)
+      max_failures_in_a_row: 10      # then the job stops with a diagnosis
+    runtime:
+      workers: 1                     # in-process now; the Ray runtime runs this many workers
+      threads: 1                     # torch threads per worker
+      device: cpu
+      backend: hf                    # hf | vllm | auto
+      batch_size: 64
+      evaluator: null                # "package.module:factory" for a custom evaluator (plug-ins, tests)
+      evaluator_options: {}          # handed to that factory (spec.runtime.evaluator_options)
+    store: ../../out/zoo-mix/store.sqlite
+    report: ../../out/zoo-mix        # report.html and report.json go here (default: the store's folder)
+
+`load_job` checks all of it before anything runs (models' headers, the space, the objectives file, the
+driver) and raises `JobSpecError` naming the file, the field and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE
+
+TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "driver", "runtime", "store", "report")
+DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row")
+RUNTIME_KEYS = ("workers", "threads", "device", "backend", "batch_size", "evaluator", "evaluator_options")
+
+
+class JobSpecError(ValueError):
+    """A job spec is invalid: `FILE: field: what is wrong. What to do.`"""
+
+
+class SearchStopped(RuntimeError):
+    """A job stopped itself (too many candidates failed in a row); the message is the diagnosis."""
+
+
+@dataclass
+class DriverSpec:
+    algorithm: str = "nsga2"
+    population: int = 12
+    max_evaluations: int | None = None
+    max_seconds: float | None = None
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    max_failures_in_a_row: int = 10
+
+
+@dataclass
+class RuntimeSpec:
+    workers: int = 1
+    threads: int = 1
+    device: str = "cpu"
+    backend: str = "hf"
+    batch_size: int = 64
+    evaluator: str | None = None
+    evaluator_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobSpec:
+    name: str
+    base: str  # the base model's name
+    models: dict[str, Path]  # name -> folder, base first
+    search_space: dict[str, Any]
+    objectives: dict[str, Any] | None  # the objectives mapping (file content or inline); None with a custom evaluator
+    objectives_dir: Path  # where relative paths inside the objectives resolve
+    driver: DriverSpec
+    runtime: RuntimeSpec
+    store: Path
+    report: Path
+    report_split: str = "test"
+    source: str = "<job>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain mapping (stored with the job, so `resume` needs only the store)."""
+        out = asdict(self)
+        out["models"] = {k: str(v) for k, v in self.models.items()}
+        for key in ("objectives_dir", "store", "report"):
+            out[key] = str(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "JobSpec":
+        d = dict(d)
+        return cls(name=d["name"], base=d["base"], models={k: Path(v) for k, v in d["models"].items()},
+                   search_space=d["search_space"], objectives=d["objectives"], objectives_dir=Path(d["objectives_dir"]),
+                   driver=DriverSpec(**d["driver"]), runtime=RuntimeSpec(**d["runtime"]), store=Path(d["store"]),
+                   report=Path(d["report"]), report_split=d["report_split"], source=d["source"])
+
+
+class _Where:
+    def __init__(self, source: str):
+        self.source = source
+
+    def error(self, field_path: str, message: str) -> JobSpecError:
+        return JobSpecError(f"{self.source}: {field_path}: {message}")
+
+    def unknown(self, raw: Mapping[str, Any], allowed: tuple[str, ...], prefix: str) -> None:
+        for key in raw:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else f" Known fields: {', '.join(allowed)}."
+                raise self.error(f"{prefix}{key}", "unknown field." + hint)
+
+
+def _resolve(base_dir: Path, value: Any) -> Path:
+    p = Path(str(value)).expanduser()
+    if p.is_absolute():
+        return p
+    here = (base_dir / p)
+    return here if here.exists() or not (Path.cwd() / p).exists() else Path.cwd() / p
+
+
+def _int(where: _Where, field_path: str, value: Any, low: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise where.error(field_path, f"must be a whole number >= {low}, got {value!r}")
+    return value
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read and check a job spec file; every relative path resolves against the file's folder."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise JobSpecError(f"{p}: no such job spec file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise JobSpecError(f"{p}: not valid YAML ({e})") from None
+    return parse_job(data, source=str(p), base_dir=p.resolve().parent)
+
+
+def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> JobSpec:
+    base_dir = Path(base_dir).resolve()
+    where = _Where(source)
+    if not isinstance(data, dict):
+        raise where.error("(top level)", "a job spec is a YAML mapping with name, models, search_space, objectives, driver, store")
+    where.unknown(data, TOP_KEYS, "")
+    for key in ("name", "models", "search_space", "store"):
+        if data.get(key) in (None, ""):
+            raise where.error(key, "required." + {"name": " Give the job a name (unique in its store).",
+                                                   "models": " Give `base:` and `sources:` (name -> model folder).",
+                                                   "search_space": " Name a preset (sakana_ps, layerwise_ps, dfs, "
+                                                                   "ps_then_dfs) or give a mapping.",
+                                                   "store": " Give the path of the SQLite store file."}[key])
+    name = str(data["name"])
+
+    # models
+    raw = data["models"]
+    if not isinstance(raw, dict) or "base" not in raw or not isinstance(raw.get("sources"), dict) or not raw["sources"]:
+        raise where.error("models", "give `base: FOLDER` and `sources: {name: FOLDER, ...}` (at least one source)")
+    where.unknown(raw, ("base", "base_name", "sources"), "models.")
+    base = str(raw.get("base_name", "base"))
+    models: dict[str, Path] = {base: _resolve(base_dir, raw["base"])}
+    for k, v in raw["sources"].items():
+        if str(k) in models:
+            raise where.error(f"models.sources.{k}", f"the name '{k}' is taken (the base is '{base}'); rename it")
+        models[str(k)] = _resolve(base_dir, v)
+    for label, folder in models.items():
+        field_path = "models.base" if label == base else f"models.sources.{label}"
+        if not (folder / "config.json").is_file():
+            raise where.error(field_path, f"no model folder with a config.json at {folder}. Give a local model folder "
+                              "(Hub ids are not downloaded); relative paths resolve against the job file's folder")
+    from evomerge.checkpoints import CheckpointError, IncompatibleModelsError, check_compatible, open_checkpoint
+
+    try:
+        check_compatible({k: open_checkpoint(v) for k, v in models.items()})
+    except (CheckpointError, IncompatibleModelsError) as e:
+        raise where.error("models", f"{e}") from None
+
+    # search space (built once here so that its errors surface now)
+    from evomerge.spaces.presets import build_space, load_space_config
+    from evomerge.spaces.ps import SpaceError
+
+    try:
+        space_cfg = load_space_config(data["search_space"], base_dir)
+        space = build_space(space_cfg, models, base)
+        for _, genome in space.seeds()[:1]:
+            space.decode(genome)
+    except (SpaceError, ValueError) as e:
+        raise where.error("search_space", str(e)) from None
+
+    # runtime
+    rt = data.get("runtime") or {}
+    if not isinstance(rt, dict):
+        raise where.error("runtime", "must be a mapping (workers, threads, device, backend, batch_size, evaluator)")
+    where.unknown(rt, RUNTIME_KEYS, "runtime.")
+    runtime = RuntimeSpec(
+        workers=_int(where, "runtime.workers", rt.get("workers", 1)), threads=_int(where, "runtime.threads", rt.get("threads", 1)),
+        device=str(rt.get("device", "cpu")), backend=str(rt.get("backend", "hf")),
+        batch_size=_int(where, "runtime.batch_size", rt.get("batch_size", 64)), evaluator=rt.get("evaluator"),
+        evaluator_options=dict(rt.get("evaluator_options") or {}))
+    if runtime.backend not in ("hf", "vllm", "auto"):
+        raise where.error("runtime.backend", f"must be hf, vllm or auto, got {runtime.backend!r}")
+    if runtime.evaluator is not None and (not isinstance(runtime.evaluator, str) or ":" not in runtime.evaluator):
+        raise where.error("runtime.evaluator", f"must be 'package.module:factory', got {runtime.evaluator!r}")
+
+    # objectives
+    objectives, objectives_dir = None, base_dir
+    obj = data.get("objectives")
+    if obj is None and runtime.evaluator is None:
+        raise where.error("objectives", "required: an objectives file (see fitness/README.md) or an inline mapping "
+                          "{include: [...], objectives: [{task: ...}]}")
+    if obj is not None:
+        from evomerge.fitness.objectives import FitnessConfigError, parse_objectives
+
+        if isinstance(obj, str):
+            f = _resolve(base_dir, obj)
+            if not f.is_file():
+                raise where.error("objectives", f"no objectives file at {f}")
+            objectives, objectives_dir = yaml.safe_load(f.read_text()), f.resolve().parent
+            obj_source = str(f)
+        else:
+            objectives, obj_source = obj, f"{source}: objectives"
+        try:
+            parsed = parse_objectives(objectives, source=obj_source, base_dir=objectives_dir)
+        except FitnessConfigError as e:
+            raise where.error("objectives", str(e)) from None
+        n_obj = len(parsed.objectives)
+    else:
+        n_obj = None
+
+    # driver
+    dr = data.get("driver") or {}
+    if not isinstance(dr, dict):
+        raise where.error("driver", "must be a mapping (algorithm, population, budget, seed, options)")
+    where.unknown(dr, DRIVER_KEYS, "driver.")
+    algorithm = str(dr.get("algorithm", "nsga2"))
+    if algorithm not in DRIVERS:
+        close = difflib.get_close_matches(algorithm, DRIVERS, n=1)
+        raise where.error("driver.algorithm", f"unknown algorithm '{algorithm}'."
+                          + (f" Did you mean '{close[0]}'?" if close else "") + f" Choose one of {', '.join(DRIVERS)}")
+    if algorithm in SINGLE_OBJECTIVE and n_obj is not None and n_obj != 1:
+        raise where.error("driver.algorithm", f"{algorithm} optimises one objective and the job has {n_obj}; use nsga2, "
+                          "nsga3 or smsemoa, or keep one objective")
+    budget = dr.get("budget") or {}
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        budget = {"evaluations": budget}
+    if not isinstance(budget, dict) or set(budget) - {"evaluations", "seconds"}:
+        raise where.error("driver.budget", "must be {evaluations: N} and/or {seconds: S}")
+    evals, secs = budget.get("evaluations"), budget.get("seconds")
+    if evals is None and secs is None:
+        raise where.error("driver.budget", "give a budget: {evaluations: N} and/or {seconds: S}, or the search never ends")
+    if evals is not None:
+        _int(where, "driver.budget.evaluations", evals)
+    if secs is not None and (isinstance(secs, bool) or not isinstance(secs, (int, float)) or secs <= 0):
+        raise where.error("driver.budget.seconds", f"must be a number of seconds > 0, got {secs!r}")
+    options = dr.get("options") or {}
+    if not isinstance(options, dict):
+        raise where.error("driver.options", "must be a mapping of algorithm options")
+    seed = dr.get("seed", 0)
+    driver = DriverSpec(algorithm=algorithm, population=_int(where, "driver.population", dr.get("population", 12), 2),
+                        max_evaluations=evals, max_seconds=None if secs is None else float(secs),
+                        seed=_int(where, "driver.seed", seed, 0), options=dict(options),
+                        max_failures_in_a_row=_int(where, "driver.max_failures_in_a_row", dr.get("max_failures_in_a_row", 10)))
+    if algorithm == "cmaes" and space.num_genes < 2:
+        raise where.error("driver.algorithm", "cmaes needs a space of at least 2 genes; use random or nsga2")
+
+    store = _resolve(base_dir, data["store"])
+    if store.exists() and store.is_dir():
+        raise where.error("store", f"{store} is a folder; give the path of a file (e.g. {store}/store.sqlite)")
+    report = _resolve(base_dir, data["report"]) if data.get("report") else store.parent
+    split = str(data.get("report_split", "test"))
+    if objectives is not None and split == str(objectives.get("split", "fitness")):
+        raise where.error("report_split", f"the report must score a held-out split, not the fitness split '{split}'")
+    return JobSpec(name=name, base=base, models=models, search_space=space_cfg, objectives=objectives,
+                   objectives_dir=objectives_dir, driver=driver, runtime=runtime, store=store, report=report,
+                   report_split=split, source=source)

@@ -1,0 +1,135 @@
+"""Search spaces from YAML: a preset file in `search_spaces/` or an inline mapping in a job spec.
+
+    kind: ps | dfs | hybrid
+    # ps: method (a name or a list: a `method` gene), layer_groups, modules, weight, density, parameters, seed
+    # dfs: sources (model names, default all), repeats, min_layers, max_layers, pin_first, pin_last,
+    #      embed, head, scales (transition | none), scale_bounds
+    # hybrid: ps: {...ps keys}, dfs: {...dfs keys}; the DFS sources get one more, `merge` (the PS merge)
+
+Every space has `gene_names`, `num_genes`, `bounds`, `decode(genome, name)`, `seeds()` and `describe()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Union
+
+import numpy as np
+import yaml
+
+from evomerge.merge.dataflow import DataflowRecipe
+from evomerge.merge.recipe import Recipe
+from evomerge.spaces.dataflow import DataflowSpace, source_sizes
+from evomerge.spaces.hybrid import MERGE, HybridSpace
+from evomerge.spaces.ps import ParameterSpace, SpaceError
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+PS_KEYS = ("kind", "method", "layer_groups", "modules", "weight", "density", "parameters", "seed")
+DFS_KEYS = ("kind", "sources", "repeats", "min_layers", "max_layers", "pin_first", "pin_last", "embed", "head",
+            "scales", "scale_bounds")
+AnyRecipe = Union[Recipe, DataflowRecipe]
+
+
+class Space(Protocol):
+    gene_names: list[str]
+    num_genes: int
+    bounds: tuple[np.ndarray, np.ndarray]
+
+    def decode(self, genome: np.ndarray, name: str | None = None) -> AnyRecipe: ...
+    def seeds(self) -> list[tuple[str, np.ndarray]]: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_space_config(value: str | Mapping[str, Any], base_dir: Path | None = None) -> dict[str, Any]:
+    """A preset name (`sakana_ps`), a YAML path, or an inline mapping -> the space mapping."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if not isinstance(value, str) or not value:
+        raise SpaceError(f"search_space: give a preset name ({', '.join(preset_names())}), a YAML file or a mapping")
+    candidates = [PRESET_DIR / f"{value}.yaml", Path(value)] + ([base_dir / value] if base_dir else [])
+    for p in candidates:
+        if p.is_file():
+            data = yaml.safe_load(p.read_text())
+            if not isinstance(data, dict):
+                raise SpaceError(f"{p}: a search space is a YAML mapping with 'kind: ps | dfs | hybrid'")
+            return data
+    raise SpaceError(f"search_space: no preset or file '{value}'; presets: {', '.join(preset_names())}")
+
+
+def _check_keys(cfg: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    import difflib
+
+    for key in cfg:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(allowed)}."
+            raise SpaceError(f"{where}.{key}: unknown field.{hint}")
+
+
+def _ps(cfg: Mapping[str, Any], models: Mapping[str, Path], base: str, where: str) -> ParameterSpace:
+    _check_keys(cfg, PS_KEYS, where)
+    method = cfg.get("method", "ties")
+    try:
+        return ParameterSpace(
+            models=models, base=base, methods=[method] if isinstance(method, str) else list(method),
+            layer_groups=int(cfg.get("layer_groups", 1)), modules=list(cfg.get("modules", ["*"])),
+            weight_bounds=cfg.get("weight", (0.0, 1.0)), density_bounds=cfg.get("density", (0.1, 1.0)),
+            parameters=dict(cfg.get("parameters") or {}), seed=int(cfg.get("seed", 0)))
+    except SpaceError as e:
+        raise SpaceError(f"{where}.{e}") from None
+
+
+def _dfs(cfg: Mapping[str, Any], models: Mapping[str, Path], where: str, extra: Mapping[str, Path] | None = None) -> DataflowSpace:
+    _check_keys(cfg, DFS_KEYS, where)
+    names = cfg.get("sources") or list(models)
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        raise SpaceError(f"{where}.sources: {unknown} are not models of the job ({', '.join(models)})")
+    sources: dict[str, Path] = {**{n: Path(models[n]) for n in names}, **dict(extra or {})}
+    sizes = {n: source_sizes(n, p) for n, p in sources.items()}
+    options = {k: cfg[k] for k in ("repeats", "min_layers", "max_layers", "pin_first", "pin_last", "embed", "head", "scales")
+               if k in cfg}
+    if "scale_bounds" in cfg:
+        options["scale_bounds"] = tuple(cfg["scale_bounds"])
+    try:
+        return DataflowSpace(sources, sizes, **options)
+    except (ValueError, TypeError) as e:
+        raise SpaceError(f"{where}: {e}") from None
+
+
+class DataflowSeeds:
+    """A DataflowSpace with the search's `seeds()`: the identity path of each source (its own layers in order)."""
+
+    def __init__(self, space: DataflowSpace):
+        self.space = space
+        self.gene_names, self.num_genes, self.bounds = space.gene_names, space.num_genes, space.bounds
+
+    def decode(self, genome: np.ndarray, name: str | None = None) -> DataflowRecipe:
+        return self.space.decode(genome, name)
+
+    def seeds(self) -> list[tuple[str, np.ndarray]]:
+        """The embed source's own path is that parent; other sources' paths keep the embed source's embeddings."""
+        return [(f"{'parent' if n == self.space.embed else 'path'}:{n}", self.space.identity_genome(n))
+                for n in self.space.sources]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "dfs", "sources": list(self.space.sources), "repeats": self.space.repeats, "num_genes": self.num_genes}
+
+
+def build_space(cfg: Mapping[str, Any], models: Mapping[str, Path], base: str, where: str = "search_space") -> Space:
+    """The space a mapping describes, over the job's models (name -> folder; `base` names the base model)."""
+    kind = cfg.get("kind")
+    if kind == "ps":
+        return _ps(cfg, models, base, where)
+    if kind == "dfs":
+        return DataflowSeeds(_dfs(cfg, models, where))
+    if kind == "hybrid":
+        _check_keys(cfg, ("kind", "ps", "dfs"), where)
+        ps = _ps({"kind": "ps", **(cfg.get("ps") or {})}, models, base, f"{where}.ps")
+        dfs = _dfs({"kind": "dfs", **(cfg.get("dfs") or {})}, models, f"{where}.dfs", extra={MERGE: Path(models[base])})
+        return HybridSpace(ps, dfs)
+    raise SpaceError(f"{where}.kind: must be ps, dfs or hybrid, got {kind!r}")

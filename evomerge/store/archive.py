@@ -1,0 +1,296 @@
+"""The archive: one SQLite file (WAL mode) holding jobs, every candidate, the front and optimiser checkpoints.
+
+Why SQLite in WAL mode: one writer (the search loop) and any number of readers (a progress view, a dashboard,
+`evomerge status`) at the same time, in one file a user can copy, with transactions that make a checkpoint and
+the candidates it covers appear together.
+
+Tables (schema version in `meta`):
+- `jobs`: name, spec (JSON), status (running | done | stopped | interrupted), reason, seed, timestamps.
+- `candidates`: one row per genome asked for, keyed (job, number). Genome, recipe (YAML) and its hash, origin
+  (seed:parent:X, seed:average, driver), generation and index in it, parent lineage, status (pending | running |
+  done | failed | cached), failure reason, objective values (as measured) and losses (what the driver saw),
+  `estimated` (0: measured on every item, 1: estimated from a subset), worker, timings, cached_from.
+- `items`: per-item results of a candidate, one JSON object per (candidate, objective).
+- `front`: the candidates on the current Pareto front, rewritten after every generation.
+- `checkpoints`: the driver's pickled state after each generation (the last few kept).
+- `scores`: extra evaluations on other splits (the report's test split) for candidates and parents.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+SCHEMA_VERSION = 1
+KEEP_CHECKPOINTS = 3
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or used as asked: says why and what to do."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, status TEXT NOT NULL, reason TEXT, seed INTEGER,
+    created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates (
+    job TEXT NOT NULL, id INTEGER NOT NULL, generation INTEGER NOT NULL, idx INTEGER NOT NULL,
+    genome TEXT NOT NULL, recipe TEXT NOT NULL, recipe_hash TEXT NOT NULL, origin TEXT NOT NULL,
+    parents TEXT, status TEXT NOT NULL, reason TEXT, "values" TEXT, losses TEXT, estimated INTEGER DEFAULT 0,
+    worker TEXT, submitted REAL, started REAL, finished REAL, eval_seconds REAL, cached_from INTEGER,
+    PRIMARY KEY (job, id));
+CREATE INDEX IF NOT EXISTS candidates_hash ON candidates (job, recipe_hash);
+CREATE INDEX IF NOT EXISTS candidates_gen ON candidates (job, generation);
+CREATE TABLE IF NOT EXISTS items (
+    job TEXT NOT NULL, candidate INTEGER NOT NULL, objective TEXT NOT NULL, "values" TEXT NOT NULL,
+    PRIMARY KEY (job, candidate, objective));
+CREATE TABLE IF NOT EXISTS front (job TEXT NOT NULL, candidate INTEGER NOT NULL, PRIMARY KEY (job, candidate));
+CREATE TABLE IF NOT EXISTS checkpoints (
+    job TEXT NOT NULL, generation INTEGER NOT NULL, created REAL NOT NULL, state BLOB NOT NULL,
+    PRIMARY KEY (job, generation));
+CREATE TABLE IF NOT EXISTS scores (
+    job TEXT NOT NULL, subject TEXT NOT NULL, split TEXT NOT NULL, "values" TEXT, items TEXT, reason TEXT,
+    PRIMARY KEY (job, subject, split));
+"""
+
+# version -> function upgrading a store of that version to version + 1 (none yet: version 1 is the first)
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+
+@dataclass
+class CandidateRow:
+    """One candidate as the store holds it (JSON columns decoded)."""
+
+    id: int
+    generation: int
+    idx: int
+    genome: list[float]
+    recipe: str
+    recipe_hash: str
+    origin: str
+    status: str
+    parents: list[int] = field(default_factory=list)
+    reason: str | None = None
+    values: dict[str, float] | None = None
+    losses: list[float] | None = None
+    estimated: bool = False
+    worker: str | None = None
+    eval_seconds: float | None = None
+    cached_from: int | None = None
+
+    def identity(self) -> tuple:
+        """What must match between an interrupted-and-resumed run and an uninterrupted one."""
+        return (self.id, self.generation, self.idx, tuple(self.genome), self.recipe_hash, self.origin, self.status,
+                self.reason, tuple(sorted((self.values or {}).items())), self.cached_from)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class Store:
+    """Open (or create) a store. `readonly=True` for viewers: they never block the writer."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
+        self.path = Path(path)
+        self.readonly = readonly
+        try:
+            if readonly:
+                if not self.path.is_file():
+                    raise StoreError(f"{self.path}: no such store")
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                          check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not an evomerge store (SQLite says: {e}); give another store path") from None
+        self._check_version()
+
+    # ------------------------------------------------------------ schema
+
+    def _check_version(self) -> None:
+        try:
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not an evomerge store (SQLite says: {e})") from None
+        if not tables:
+            if self.readonly:
+                raise StoreError(f"{self.path}: empty store")
+            with self.transaction():
+                for stmt in _SCHEMA.strip().split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            return
+        if "meta" not in tables:
+            raise StoreError(f"{self.path}: an SQLite file but not an evomerge store (no 'meta' table); "
+                             "give another --store path")
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: written by a newer evomerge (store schema {version}, this version reads up "
+                             f"to {SCHEMA_VERSION}); upgrade evomerge to open it")
+        if version < SCHEMA_VERSION:
+            if self.readonly:
+                raise StoreError(f"{self.path}: store schema {version} is older than {SCHEMA_VERSION}; open it once "
+                                 "for writing (e.g. `evomerge resume`) to upgrade it")
+            missing = [v for v in range(version, SCHEMA_VERSION) if v not in MIGRATIONS]
+            if missing:
+                raise StoreError(f"{self.path}: store schema {version} is older than {SCHEMA_VERSION} and cannot be "
+                                 f"upgraded (no migration from version {missing[0]}); re-run the job into a new store")
+            for v in range(version, SCHEMA_VERSION):
+                with self.transaction():
+                    MIGRATIONS[v](self.db)
+                    self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v + 1),))
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+    def transaction(self):
+        store = self
+
+        class _Tx:
+            def __enter__(self):
+                store.db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, exc_type, exc, tb):
+                store.db.execute("ROLLBACK" if exc_type else "COMMIT")
+                return False
+
+        return _Tx()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------ jobs
+
+    def create_job(self, name: str, spec: dict[str, Any], seed: int) -> None:
+        now = time.time()
+        try:
+            self.db.execute("INSERT INTO jobs VALUES (?, ?, 'running', NULL, ?, ?, ?)",
+                            (name, json.dumps(spec), seed, now, now))  # insertion order kept: gene order
+        except sqlite3.IntegrityError:
+            raise StoreError(f"{self.path}: a job named '{name}' exists already; `evomerge resume` continues it, "
+                             "or give the new job another name") from None
+
+    def job(self, name: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT name, spec, status, reason, seed, created, updated FROM jobs WHERE name=?",
+                              (name,)).fetchone()
+        if row is None:
+            return None
+        return {"name": row[0], "spec": json.loads(row[1]), "status": row[2], "reason": row[3], "seed": row[4],
+                "created": row[5], "updated": row[6]}
+
+    def jobs(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM jobs ORDER BY created")]
+
+    def set_status(self, name: str, status: str, reason: str | None = None) -> None:
+        self.db.execute("UPDATE jobs SET status=?, reason=?, updated=? WHERE name=?", (status, reason, time.time(), name))
+
+    # ------------------------------------------------------------ candidates
+
+    _COLS = ("id, generation, idx, genome, recipe, recipe_hash, origin, status, parents, reason, \"values\", losses, "
+             "estimated, worker, eval_seconds, cached_from")
+
+    def add_candidates(self, job: str, rows: Iterable[CandidateRow]) -> None:
+        """Insert new candidates (pending); rows already present (a resumed generation) are kept as they are."""
+        now = time.time()
+        with self.transaction():
+            self.db.executemany(
+                "INSERT OR IGNORE INTO candidates (job, id, generation, idx, genome, recipe, recipe_hash, origin, parents, "
+                "status, submitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(job, r.id, r.generation, r.idx, json.dumps(r.genome), r.recipe, r.recipe_hash, r.origin,
+                  json.dumps(r.parents), r.status, now) for r in rows])
+
+    def mark_running(self, job: str, cid: int, worker: str | None = None) -> None:
+        self.db.execute("UPDATE candidates SET status='running', worker=?, started=? WHERE job=? AND id=?",
+                        (worker, time.time(), job, cid))
+
+    def finish(self, job: str, cid: int, status: str, values: dict[str, float] | None = None,
+               losses: list[float] | None = None, items: dict[str, dict[str, float]] | None = None,
+               reason: str | None = None, worker: str | None = None, eval_seconds: float | None = None,
+               estimated: bool = False, cached_from: int | None = None) -> None:
+        """Record a candidate's outcome (and its per-item results) in one transaction."""
+        with self.transaction():
+            self.db.execute(
+                "UPDATE candidates SET status=?, \"values\"=?, losses=?, reason=?, worker=COALESCE(?, worker), "
+                "eval_seconds=?, estimated=?, cached_from=?, finished=? WHERE job=? AND id=?",
+                (status, None if values is None else json.dumps(values), None if losses is None else json.dumps(losses),
+                 reason, worker, eval_seconds, int(estimated), cached_from, time.time(), job, cid))
+            for objective, vals in (items or {}).items():
+                self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)", (job, cid, objective, json.dumps(vals)))
+
+    def _row(self, r: tuple) -> CandidateRow:
+        return CandidateRow(id=r[0], generation=r[1], idx=r[2], genome=json.loads(r[3]), recipe=r[4], recipe_hash=r[5],
+                            origin=r[6], status=r[7], parents=_loads(r[8]) or [], reason=r[9], values=_loads(r[10]),
+                            losses=_loads(r[11]), estimated=bool(r[12]), worker=r[13], eval_seconds=r[14], cached_from=r[15])
+
+    def candidates(self, job: str, generation: int | None = None, status: str | None = None) -> list[CandidateRow]:
+        sql, args = f"SELECT {self._COLS} FROM candidates WHERE job=?", [job]
+        if generation is not None:
+            sql, args = sql + " AND generation=?", args + [generation]
+        if status is not None:
+            sql, args = sql + " AND status=?", args + [status]
+        return [self._row(r) for r in self.db.execute(sql + " ORDER BY id", args)]
+
+    def candidate(self, job: str, cid: int) -> CandidateRow | None:
+        r = self.db.execute(f"SELECT {self._COLS} FROM candidates WHERE job=? AND id=?", (job, cid)).fetchone()
+        return None if r is None else self._row(r)
+
+    def by_hash(self, job: str, recipe_hash: str) -> CandidateRow | None:
+        """The first evaluated (done or failed) candidate with this recipe: the cache."""
+        r = self.db.execute(f"SELECT {self._COLS} FROM candidates WHERE job=? AND recipe_hash=? AND status IN "
+                            "('done', 'failed') ORDER BY id LIMIT 1", (job, recipe_hash)).fetchone()
+        return None if r is None else self._row(r)
+
+    def items(self, job: str, cid: int) -> dict[str, dict[str, float]]:
+        return {o: json.loads(v) for o, v in
+                self.db.execute("SELECT objective, \"values\" FROM items WHERE job=? AND candidate=?", (job, cid))}
+
+    def counts(self, job: str) -> dict[str, int]:
+        return {s: n for s, n in self.db.execute("SELECT status, COUNT(*) FROM candidates WHERE job=? GROUP BY status", (job,))}
+
+    # ------------------------------------------------------------ front, checkpoints, scores
+
+    def set_front(self, job: str, ids: Iterable[int]) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM front WHERE job=?", (job,))
+            self.db.executemany("INSERT INTO front VALUES (?, ?)", [(job, i) for i in ids])
+
+    def front(self, job: str) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT candidate FROM front WHERE job=? ORDER BY candidate", (job,))]
+
+    def save_checkpoint(self, job: str, generation: int, state: bytes, front: Iterable[int] | None = None) -> None:
+        """The driver's state after `generation` (and the front then), in one transaction; older ones pruned."""
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)", (job, generation, time.time(), state))
+            self.db.execute("DELETE FROM checkpoints WHERE job=? AND generation <= ?", (job, generation - KEEP_CHECKPOINTS))
+            if front is not None:
+                self.db.execute("DELETE FROM front WHERE job=?", (job,))
+                self.db.executemany("INSERT INTO front VALUES (?, ?)", [(job, i) for i in front])
+            self.db.execute("UPDATE jobs SET updated=? WHERE name=?", (time.time(), job))
+
+    def last_checkpoint(self, job: str) -> tuple[int, bytes] | None:
+        r = self.db.execute("SELECT generation, state FROM checkpoints WHERE job=? ORDER BY generation DESC LIMIT 1",
+                            (job,)).fetchone()
+        return None if r is None else (int(r[0]), bytes(r[1]))
+
+    def save_score(self, job: str, subject: str, split: str, values: dict[str, float] | None,
+                   items: dict[str, dict[str, float]] | None = None, reason: str | None = None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)",
+                        (job, subject, split, None if values is None else json.dumps(values),
+                         None if items is None else json.dumps(items), reason))
+
+    def scores(self, job: str, split: str) -> dict[str, dict[str, Any]]:
+        return {s: {"values": _loads(v), "reason": r} for s, v, r in
+                self.db.execute("SELECT subject, \"values\", reason FROM scores WHERE job=? AND split=?", (job, split))}

@@ -1,0 +1,179 @@
+"""The search loop with the synthetic scorer: specs fail fast, candidates are cached, failures are isolated,
+Ctrl-C leaves a resumable job, and the report scores the front on the test split."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.search import toy
+from evomerge.search.jobs import resume_job, run_job
+from evomerge.search.loop import Progress
+from evomerge.search.spec import JobSpecError, SearchStopped, load_job
+from evomerge.service.cli import main
+from evomerge.store import Store, StoreError
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
+
+
+def write_job(tmp_path: Path, name: str = "toy", **overrides) -> Path:
+    spec = {
+        "name": name,
+        "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
+        "search_space": "sakana_ps",
+        "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 24}, "seed": 1},
+        "runtime": {"evaluator": "evomerge.search.toy:scorer"},
+        "store": "out/store.sqlite",
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        elif value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def quiet() -> dict:
+    return {"out": io.StringIO(), "progress": Progress(io.StringIO(), live=False)}
+
+
+def test_a_job_runs_and_reports_the_front_on_the_test_split(tmp_path):
+    result = run_job(write_job(tmp_path), **quiet())
+    store = Store(result.store)
+    rows = store.candidates("toy")
+    assert len(rows) == 24 and {r.generation for r in rows} == {0, 1, 2, 3}
+    assert {r.origin for r in rows if r.generation == 0} >= {"parent:base", "parent:a", "parent:b", "average"}
+    assert any(r.parents for r in rows if r.generation > 0)  # lineage: the population they were bred from
+    assert store.job("toy")["status"] == "done"
+    assert store.last_checkpoint("toy")[0] == 4
+    report = json.loads(result.json_path.read_text())
+    assert report["split"] == "test" and report["front"]
+    for c in report["front"]:  # test-split values: the toy's test split is 0.01 below its fitness split
+        assert c["test"]["fit"] == pytest.approx(c["fitness"]["fit"] - 0.01)
+    assert {p["name"] for p in report["parents"]} == {"base", "a", "b"} and all(p["test"] for p in report["parents"])
+    assert "<svg" in result.html_path.read_text()
+    assert (result.json_path.parent / "front" / f"candidate-{report['front'][0]['id']}.yaml").is_file()
+
+
+def test_identical_recipes_are_evaluated_once(tmp_path):
+    space = {"kind": "ps", "method": "ties", "weight": [0.5, 0.5], "density": [1.0, 1.0]}  # one recipe only
+    result = run_job(write_job(tmp_path, search_space=space, driver={"algorithm": "random"}), **quiet())
+    counts = Store(result.store).counts("toy")
+    assert counts == {"done": 1, "cached": 23}
+
+
+def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path):
+    path = write_job(tmp_path, runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": {"fail_above": 0.5}})
+    result = run_job(path, **quiet())
+    store = Store(result.store)
+    failed = store.candidates("toy", status="failed")
+    assert failed and all("fail_above" in r.reason for r in failed)
+    assert all(r.losses == [1e9, 1e9] for r in failed)
+    assert store.candidates("toy", status="done") and store.job("toy")["status"] == "done"
+
+
+def test_too_many_failures_in_a_row_stop_the_job_with_a_diagnosis(tmp_path):
+    path = write_job(tmp_path, runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": {"fail_all": True}},
+                     driver={"max_failures_in_a_row": 4})
+    with pytest.raises(SearchStopped, match="4 candidates failed in a row.*fail_all.*evomerge resume"):
+        run_job(path, **quiet())
+    store = Store(tmp_path / "out" / "store.sqlite")
+    assert store.job("toy")["status"] == "stopped" and store.counts("toy")["failed"] == 4
+
+
+class InterruptingScorer(toy.ToyScorer):
+    calls = 0
+
+    def evaluate(self, recipe):
+        InterruptingScorer.calls += 1
+        if InterruptingScorer.calls == 9:
+            raise KeyboardInterrupt
+        return super().evaluate(recipe)
+
+
+def interrupting(spec, split=None):
+    return InterruptingScorer(dict(spec.runtime.evaluator_options), split)
+
+
+def test_ctrl_c_leaves_a_resumable_job_that_ends_like_an_uninterrupted_one(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = run_job(write_job(tmp_path / "a"), **quiet())
+    path = write_job(tmp_path / "b", runtime={"evaluator": f"{__name__}:interrupting"})
+    with pytest.raises(KeyboardInterrupt):
+        run_job(path, **quiet())
+    store = Store(tmp_path / "b" / "out" / "store.sqlite")
+    assert store.job("toy")["status"] == "interrupted"
+    assert store.last_checkpoint("toy")[0] == 1  # generation 0 done, generation 1 under way
+    resume_job(path, **quiet())
+    a = [r.identity() for r in Store(straight.store).candidates("toy")]
+    b = [r.identity() for r in store.candidates("toy")]
+    assert a == b
+
+
+@pytest.mark.parametrize("algorithm, space", [("cmaes", "layerwise_ps"), ("nsga3", "dfs"), ("smsemoa", "ps_then_dfs")])
+def test_each_driver_and_space_runs_a_job(tmp_path, algorithm, space):
+    options = {"objectives": 1} if algorithm == "cmaes" else {}
+    path = write_job(tmp_path, search_space=space, driver={"algorithm": algorithm, "budget": {"evaluations": 12}},
+                     runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": options})
+    result = run_job(path, **quiet())
+    assert Store(result.store).counts("toy").get("done", 0) >= 1 and result.report["front"]
+
+
+def test_a_time_budget_ends_the_search(tmp_path):
+    path = write_job(tmp_path, driver={"budget": {"seconds": 0.3}},
+                     runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": {"delay": 0.05}})
+    result = run_job(path, **quiet())
+    assert 1 <= Store(result.store).last_checkpoint("toy")[0] <= 3
+
+
+# ---------------------------------------------------------------- bad specs fail fast
+
+
+@pytest.mark.parametrize("overrides, field, hint", [
+    ({"name": None}, "name", "Give the job a name"),
+    ({"models": {"base": "nowhere", "sources": {"a": str(GOLDEN / "a")}}}, "models.base", "config.json"),
+    ({"search_space": "nope"}, "search_space", "presets: dfs"),
+    ({"search_space": {"kind": "ps", "method": "slerp"}}, "search_space", "task-vector method"),
+    ({"driver": {"algorithm": "nsga22"}}, "driver.algorithm", "Did you mean 'nsga2'"),
+    ({"driver": {"budget": {}}}, "driver.budget", "never ends"),
+    ({"driver": {"populaton": 4}}, "driver.populaton", "Did you mean 'population'"),
+    ({"runtime": {"evaluator": None}}, "objectives", "objectives file"),
+    ({"objectives": {"objectives": [{"task": "zoo_mix"}, {"builtin": "params"}]}, "driver": {"algorithm": "cmaes"}},
+     "driver.algorithm", "one objective"),
+    ({"objectives": {"objectives": [{"tsk": "zoo_mix"}]}}, "objectives", "task"),
+    ({"objectives": {"split": "test", "objectives": [{"task": "zoo_mix"}]}}, "report_split", "held-out"),
+])
+def test_invalid_specs_name_file_field_and_hint(tmp_path, overrides, field, hint):
+    path = write_job(tmp_path, **overrides)
+    with pytest.raises(JobSpecError) as e:
+        load_job(path)
+    assert str(e.value).startswith(f"{path}: {field}") and hint in str(e.value)
+
+
+def test_a_job_that_cannot_start_records_nothing(tmp_path, capsys):
+    path = write_job(tmp_path, runtime={"evaluator": "no_such_module:scorer"})
+    with pytest.raises(ValueError, match="cannot import"):
+        run_job(path, **quiet())
+    assert Store(tmp_path / "out" / "store.sqlite").jobs() == []
+    assert main(["run", str(write_job(tmp_path, driver={"algorithm": "nope"}))]) == 2
+    assert "error: " in capsys.readouterr().err
+
+
+def test_run_twice_and_resume_a_missing_job_say_what_to_do(tmp_path, capsys):
+    path = write_job(tmp_path)
+    run_job(path, **quiet())
+    with pytest.raises(StoreError, match="exists already.*evomerge resume"):
+        run_job(path, **quiet())
+    with pytest.raises(StoreError, match="no job named 'other'"):
+        resume_job(tmp_path / "out" / "store.sqlite", "other", **quiet())
+    assert main(["resume", str(tmp_path / "nowhere.sqlite")]) == 2
+    assert "no store there" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""Resume identity: `evomerge run` killed with SIGKILL mid-generation, then `evomerge resume`, ends with the same
+archive (candidates, genomes, recipes, values, statuses) as an uninterrupted run with the same seed."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.search.jobs import run_job
+from evomerge.search.loop import Progress
+from evomerge.store import Store, StoreError
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def job(folder: Path, algorithm: str, space: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "name": "killme",
+        "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
+        "search_space": space,
+        "driver": {"algorithm": algorithm, "population": 6, "budget": {"evaluations": 48}, "seed": 7},
+        "runtime": {"evaluator": "evomerge.search.toy:scorer",
+                    "evaluator_options": {"delay": 0.04, "objectives": 1 if algorithm == "cmaes" else 2,
+                                          "fail_above": 0.9}},
+        "store": "store.sqlite",
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "evomerge", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("algorithm, space", [("nsga2", "sakana_ps"), ("cmaes", "layerwise_ps")])
+def test_kill_9_mid_search_then_resume_gives_the_same_archive(tmp_path, algorithm, space):
+    straight = run_job(job(tmp_path / "straight", algorithm, space), out=io.StringIO(),
+                       progress=Progress(io.StringIO(), live=False))
+
+    path = job(tmp_path / "killed", algorithm, space)
+    store_path = path.parent / "store.sqlite"
+    proc = subprocess.Popen(cli("run", str(path)), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        if store_path.is_file():
+            try:
+                reader = Store(store_path, readonly=True)
+            except StoreError:  # the file exists, its schema not yet
+                continue
+            last = reader.last_checkpoint("killme") if reader.jobs() else None
+            if last and last[0] >= 3:
+                done = [r for r in reader.candidates("killme", generation=last[0]) if r.status in ("done", "failed")]
+                if 1 <= len(done) < 6:  # part of a generation evaluated: the hard case
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_at = (last[0], len(done))
+            reader.close()
+            if killed_at:
+                break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    assert killed_at is not None, f"never caught the run mid-generation: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+
+    store = Store(store_path, readonly=True)
+    assert store.job("killme")["status"] == "running"  # as a crash leaves it
+    store.close()
+    resumed = subprocess.run(cli("resume", str(path)), env=env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Pareto front" in resumed.stdout
+
+    a = [r.identity() for r in Store(straight.store, readonly=True).candidates("killme")]
+    b = [r.identity() for r in Store(store_path, readonly=True).candidates("killme")]
+    assert len(a) == 48 and a == b
+    assert Store(store_path, readonly=True).front("killme") == Store(straight.store, readonly=True).front("killme")

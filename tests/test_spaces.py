@@ -1,0 +1,123 @@
+"""Search spaces: every genome decodes to a valid recipe, deterministically; seeds decode to the parents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evomerge.merge.dataflow import DataflowRecipe, parse_dataflow, plan_dataflow
+from evomerge.merge.plan import plan_merge
+from evomerge.merge.recipe import parse_recipe
+from evomerge.spaces.presets import build_space, load_space_config, preset_names
+from evomerge.spaces.ps import ParameterSpace, SpaceError
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
+MODELS = {"base": GOLDEN / "base", "a": GOLDEN / "a", "b": GOLDEN / "b"}
+SPACES = {name: build_space(load_space_config(name), MODELS, "base") for name in ("sakana_ps", "layerwise_ps", "dfs", "ps_then_dfs")}
+
+
+def test_presets_are_shipped():
+    assert {"sakana_ps", "layerwise_ps", "dfs", "ps_then_dfs"} <= set(preset_names())
+
+
+@pytest.mark.parametrize("name", sorted(SPACES))
+def test_genes_are_named_and_bounded(name):
+    space = SPACES[name]
+    lower, upper = space.bounds
+    assert len(space.gene_names) == len(set(space.gene_names)) == space.num_genes == len(lower) == len(upper)
+    assert np.all(lower <= upper)
+
+
+def _check_valid(recipe) -> None:
+    """Valid = it re-parses from its own YAML and plans against the models' headers (every check a merge runs)."""
+    data = yaml.safe_load(recipe.to_yaml())
+    if isinstance(recipe, DataflowRecipe):
+        plan_dataflow(recipe)
+        parse_dataflow(data, check_paths=False)
+    else:
+        plan_merge(recipe)
+        parse_recipe(data, check_paths=True)
+
+
+genome_values = st.floats(min_value=-3.0, max_value=3.0, allow_nan=False)
+
+
+@pytest.mark.parametrize("name", sorted(SPACES))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_genome_decodes_to_a_valid_recipe_deterministically(name, data):
+    space = SPACES[name]
+    genome = np.array(data.draw(st.lists(genome_values, min_size=space.num_genes, max_size=space.num_genes)))
+    first = space.decode(genome)
+    _check_valid(first)
+    assert space.decode(genome.copy()).to_yaml() == first.to_yaml()
+
+
+@pytest.mark.parametrize("name", sorted(SPACES))
+def test_bound_corners_and_nan_decode(name):
+    space = SPACES[name]
+    lower, upper = space.bounds
+    for genome in (lower, upper, (lower + upper) / 2, np.full(space.num_genes, np.nan)):
+        if name in ("dfs", "ps_then_dfs") and np.isnan(genome).any():
+            continue  # the DFS space clips; NaN genomes never come from a driver (they work in [0, 1])
+        _check_valid(space.decode(genome))
+
+
+def test_sakana_seeds_are_the_parents_and_the_average():
+    space = SPACES["sakana_ps"]
+    seeds = dict(space.seeds())
+    assert set(seeds) == {"parent:base", "parent:a", "parent:b", "average"}
+    a = space.decode(seeds["parent:a"])
+    params = {Path(s.model).name: dict(s.parameters) for s in a.models}
+    assert params == {"a": {"weight": 1.0, "density": 1.0}, "b": {"weight": 0.0, "density": 1.0}}
+    avg = space.decode(seeds["average"])
+    assert {s.parameters["weight"] for s in avg.models} == {0.5}
+
+
+def test_layerwise_space_uses_slices_filters_and_a_method_gene():
+    space = SPACES["layerwise_ps"]
+    assert space.gene_names[0] == "method" and "weight.g1.mlp.b" in space.gene_names
+    lower, upper = space.bounds
+    seen = set()
+    for m in np.linspace(0, 1, 9):
+        genome = (lower + upper) / 2
+        genome[0] = m
+        recipe = space.decode(genome)
+        seen.add(recipe.merge_method)
+        assert [sl.sources[0].layer_range for sl in recipe.slices] == [(0, 2), (2, 4)]
+        weight = recipe.slices[0].sources[1].parameters["weight"]
+        assert [e.get("filter") for e in weight] == ["self_attn", "mlp", None]
+    assert seen == {"ties", "dare_ties", "task_arithmetic", "della"}
+
+
+def test_random_methods_get_a_fixed_seed():
+    space = ParameterSpace(MODELS, "base", methods=["dare_ties"], seed=7)
+    genome = (space.bounds[0] + space.bounds[1]) / 2
+    assert space.decode(genome).seed == 7
+
+
+def test_hybrid_offers_the_merge_as_a_layer_source():
+    space = SPACES["ps_then_dfs"]
+    label, genome = space.seeds()[-1]
+    recipe = space.decode(genome)
+    assert label == "average" and "merge" in recipe.sources and recipe.embed == "merge"
+    assert [h.model for h in recipe.path] == ["merge"] * 4
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"kind": "ps", "method": "slerp"}, "cannot be searched"),
+    ({"kind": "ps", "methd": "ties"}, "Did you mean 'method'"),
+    ({"kind": "ps", "layer_groups": 9}, "layer_groups"),
+    ({"kind": "ps", "density": [0.5, 2]}, "density"),
+    ({"kind": "dfs", "sources": ["nope"]}, "not models of the job"),
+    ({"kind": "dfs", "repeats": 0}, "repeats"),
+    ({"kind": "tree"}, "ps, dfs or hybrid"),
+])
+def test_bad_space_configs_say_which_field(cfg, match):
+    with pytest.raises(SpaceError, match=match):
+        build_space(cfg, MODELS, "base")

@@ -1,0 +1,137 @@
+"""The store: schema and its version, candidates and checkpoints, and a reader while a writer writes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from evomerge.store import SCHEMA_VERSION, CandidateRow, Store, StoreError
+from evomerge.store import archive
+
+
+def _row(cid: int, gen: int = 0, h: str | None = None) -> CandidateRow:
+    return CandidateRow(id=cid, generation=gen, idx=cid, genome=[0.1 * cid, 0.5], recipe=f"merge_method: ties  # {cid}",
+                        recipe_hash=h or f"h{cid}", origin="driver", status="pending", parents=[0])
+
+
+def test_new_store_is_wal_and_versioned(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    assert store.schema_version == SCHEMA_VERSION
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"meta", "jobs", "candidates", "items", "front", "checkpoints", "scores"} <= tables
+
+
+def test_candidates_round_trip_with_items_and_failures(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    store.create_job("j", {"a": 1}, seed=3)
+    with pytest.raises(StoreError, match="exists already"):
+        store.create_job("j", {}, seed=0)
+    store.add_candidates("j", [_row(0), _row(1), _row(2, h="h0")])
+    store.add_candidates("j", [_row(0)])  # a resumed generation re-adds: kept as is
+    store.mark_running("j", 0, worker="w1")
+    store.finish("j", 0, "done", values={"acc": 0.5}, losses=[-0.5], items={"acc": {"x1": 1.0, "x2": 0.0}},
+                 worker="w1", eval_seconds=1.5)
+    store.finish("j", 1, "failed", losses=[1e9], reason="NaN logits")
+    assert store.by_hash("j", "h0").id == 0
+    store.finish("j", 2, "cached", values={"acc": 0.5}, losses=[-0.5], cached_from=0)
+    rows = {r.id: r for r in store.candidates("j")}
+    assert rows[0].values == {"acc": 0.5} and rows[0].worker == "w1" and rows[0].parents == [0]
+    assert rows[1].status == "failed" and rows[1].reason == "NaN logits"
+    assert rows[2].cached_from == 0
+    assert store.items("j", 0) == {"acc": {"x1": 1.0, "x2": 0.0}}
+    assert store.counts("j") == {"done": 1, "failed": 1, "cached": 1}
+    assert store.job("j")["spec"] == {"a": 1}
+
+
+def test_checkpoints_keep_the_last_few_and_the_front(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    store.create_job("j", {}, seed=0)
+    for g in range(1, 7):
+        store.save_checkpoint("j", g, f"state{g}".encode(), front=[g, g + 1])
+    assert store.last_checkpoint("j") == (6, b"state6")
+    n = store.db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
+    assert n == archive.KEEP_CHECKPOINTS
+    assert store.front("j") == [6, 7]
+
+
+def test_newer_store_is_refused_with_a_reason(tmp_path):
+    path = tmp_path / "s.sqlite"
+    Store(path).db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match="newer evomerge.*upgrade"):
+        Store(path)
+
+
+def test_older_store_without_migration_says_why(tmp_path):
+    path = tmp_path / "s.sqlite"
+    Store(path).db.execute("UPDATE meta SET value='0' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match="older than .* cannot be upgraded"):
+        Store(path)
+    with pytest.raises(StoreError, match="open it once for writing"):
+        Store(path, readonly=True)
+
+
+def test_older_store_is_migrated(tmp_path, monkeypatch):
+    path = tmp_path / "s.sqlite"
+    Store(path).db.execute("UPDATE meta SET value='0' WHERE key='schema_version'")
+    monkeypatch.setitem(archive.MIGRATIONS, 0, lambda db: db.execute("CREATE TABLE added_in_v1 (x INTEGER)"))
+    store = Store(path)
+    assert store.schema_version == SCHEMA_VERSION
+    assert store.db.execute("SELECT COUNT(*) FROM added_in_v1").fetchone()[0] == 0
+
+
+def test_foreign_files_are_refused(tmp_path):
+    other = tmp_path / "other.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)")
+    with pytest.raises(StoreError, match="not an evomerge store"):
+        Store(other)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(StoreError, match="not an evomerge store"):
+        Store(junk)
+
+
+def _reader(path: str, stop_after: float, out) -> None:
+    """Another process polling the store read-only while the writer works, until it has seen all 200 rows."""
+    seen, errors = [], []
+    store = Store(path, readonly=True)
+    out.put("ready")
+    end = time.time() + stop_after
+    while time.time() < end and (not seen or seen[-1] < 200):
+        try:
+            seen.append(sum(store.counts("j").values()))
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+        time.sleep(0.002)
+    out.put((seen, errors))
+
+
+def test_a_reader_in_another_process_while_the_writer_writes(tmp_path):
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    store.create_job("j", {}, seed=0)
+    q = mp.get_context("spawn").Queue()
+    reader = mp.get_context("spawn").Process(target=_reader, args=(str(path), 60.0, q))
+    reader.start()
+    assert q.get(timeout=60) == "ready"
+
+    def write():
+        for g in range(40):
+            store.add_candidates("j", [_row(g * 5 + k, g) for k in range(5)])
+            for k in range(5):
+                store.finish("j", g * 5 + k, "done", values={"acc": 0.1}, losses=[-0.1], items={"acc": {"i": 1.0}})
+            store.save_checkpoint("j", g + 1, b"x" * 10_000, front=[g])
+            time.sleep(0.01)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join()
+    seen, errors = q.get(timeout=60)
+    reader.join(timeout=30)
+    assert errors == []
+    assert seen == sorted(seen) and seen[-1] == 200  # counts only grow: every read saw a committed state
+    assert len(set(seen)) >= 3  # and it read while the writer was writing
