@@ -292,6 +292,18 @@ def test_rank_window_mask_selects_like_mergekit(tie_order):
         assert torch.equal(mask, _mergekit_window(x, lo, hi, tie_order))
 
 
+@pytest.mark.parametrize("n", [31, 5000, 600_000])
+def test_rank_cache_gives_identical_masks(n):
+    """With cached sorted magnitudes, every window equals the uncached one, ties straddling or not."""
+    gen = torch.Generator().manual_seed(n)
+    for delta in (torch.randn(n, generator=gen), torch.randint(-3, 4, (n,), generator=gen).float()):  # floats; heavy ties
+        rank = S.RankCache(delta)
+        for density in (0.05, 0.3, 0.5, 0.77, 0.99):
+            assert torch.equal(S.magnitude(delta, density, rank=rank), S.magnitude(delta, density))
+            assert torch.equal(S.magnitude_outliers(delta, density, gamma=0.02, rank=rank),
+                               S.magnitude_outliers(delta, density, gamma=0.02))
+
+
 def test_magnitude_ties_at_the_cut_on_a_large_tensor_follow_mergekit():
     """Large tensors take the sampled selection path; a tie straddling the cut must still match."""
     gen = torch.Generator().manual_seed(1)

@@ -18,12 +18,17 @@ from evomerge.checkpoints import Checkpoint, check_compatible, open_checkpoint
 from evomerge.merge.methods import METHODS, merge_task_vectors, merge_tensor
 from evomerge.merge.plan import MergePlan, TensorRef, plan_merge
 from evomerge.merge.recipe import Recipe, RecipeError
+from evomerge.merge.sparsify import RANKED, RankCache
 
 
 class Materialiser:
-    def __init__(self, paths: Mapping[str, str | Path], anchor: str, device: str | torch.device = "cpu"):
+    def __init__(self, paths: Mapping[str, str | Path], anchor: str, device: str | torch.device = "cpu",
+                 rank_cache: bool = True):
         """`paths`: label -> model folder for every source a candidate may use; `anchor`: the label whose
-        tensors are kept whole (normally the base model); the others are kept as task vectors."""
+        tensors are kept whole (normally the base model); the others are kept as task vectors.
+        `rank_cache`: keep each task vector's sorted magnitudes (built on first use by a magnitude method:
+        TIES, breadcrumbs), so later candidates find their thresholds by look-up. Costs one more float32
+        copy of each such task vector; turn it off where device memory is short. Results are identical."""
         if anchor not in paths:
             raise ValueError(f"anchor '{anchor}' is not one of the models: {', '.join(paths)}")
         self.device = torch.device(device)
@@ -36,6 +41,8 @@ class Materialiser:
             n: anchor_ck.get(n, self.device).to(torch.float32) for n in anchor_ck.names()
         }
         self.deltas: dict[tuple[str, str], torch.Tensor] = {}
+        self.rank_cache = rank_cache
+        self.ranks: dict[tuple[str, str], RankCache] = {}
         for label, ck in self.checkpoints.items():
             if label != anchor:
                 for n in ck.names():
@@ -96,6 +103,17 @@ class Materialiser:
             return self.deltas[(label, ref.name)] if label != self.anchor else torch.zeros_like(self.base[ref.name])
         return self._full(recipe, ref) - self._full(recipe, base)
 
+    def _rank(self, recipe: Recipe, ref: TensorRef, base: TensorRef) -> RankCache | None:
+        """The cached ranks of a resident task vector (None for deltas made on the fly)."""
+        label = self._label_of[recipe.paths[ref.model].resolve()]
+        base_label = self._label_of[recipe.paths[base.model].resolve()]
+        if not self.rank_cache or label == self.anchor or base_label != self.anchor or ref.name != base.name:
+            return None
+        key = (label, ref.name)
+        if key not in self.ranks:
+            self.ranks[key] = RankCache(self.deltas[key])
+        return self.ranks[key]
+
     @torch.no_grad()
     def apply(self, recipe: Recipe, module: nn.Module, targets: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write the recipe's merged tensors into `module` in place."""
@@ -110,7 +128,9 @@ class Materialiser:
             if spec.uses_task_vectors:
                 assert job.base is not None
                 deltas = [self._delta(recipe, r, job.base) for r in job.inputs]
-                merged = merge_task_vectors(plan.method, deltas, list(job.model_params), dict(job.global_params), gen)
+                ranks = [self._rank(recipe, r, job.base) for r in job.inputs] if spec.sparsifier in RANKED else None
+                merged = merge_task_vectors(plan.method, deltas, list(job.model_params), dict(job.global_params), gen,
+                                            ranks=ranks)
                 target.copy_(self._full(recipe, job.base))
                 target.add_(merged.to(target.dtype))
             else:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from evomerge.merge.sparsify import SPARSIFIERS, check_epsilon
+from evomerge.merge.sparsify import RANKED, SPARSIFIERS, RankCache, check_epsilon
 
 ModelParams = Mapping[str, float]
 GlobalParams = Mapping[str, "float | bool"]
@@ -88,6 +88,7 @@ def _merge_deltas(
     model_params: list[dict],
     global_params: dict,
     generator: torch.Generator | None,
+    ranks: Sequence[RankCache | None] | None = None,
 ) -> Tensor:
     normalize = bool(global_params["normalize"])
     rescale = bool(global_params["rescale"])
@@ -96,7 +97,7 @@ def _merge_deltas(
 
     weights = [float(p["weight"]) for p in model_params]
     contributions: list[Tensor] = []
-    for delta, params, weight in zip(deltas, model_params, weights):
+    for i, (delta, params, weight) in enumerate(zip(deltas, model_params, weights)):
         delta = original = delta.float()
         if sparsify is not None:
             kwargs: dict = {"rescale": rescale}
@@ -106,6 +107,8 @@ def _merge_deltas(
                 kwargs["epsilon"] = float(params["epsilon"])
             if spec.random:
                 kwargs["generator"] = generator
+            if ranks is not None and spec.sparsifier in RANKED:
+                kwargs["rank"] = ranks[i]
             delta = sparsify(delta, float(params["density"]), **kwargs)
         # Callers' deltas are never written: scale in place only a tensor the sparsifier made.
         contributions.append(delta * weight if delta is original else delta.mul_(weight))
@@ -455,18 +458,20 @@ def merge_task_vectors(
     generator: torch.Generator | None = None,
     *,
     base: Tensor | None = None,
+    ranks: Sequence[RankCache | None] | None = None,
 ) -> Tensor:
     """Merged task vector: base + result == merge_tensor(method, base, [base + d for d in deltas], ...).
 
     The hot path of the search. `base` is only needed by methods whose result is not a function
-    of the deltas alone (slerp; linear without normalisation; passthrough with a scale).
+    of the deltas alone (slerp; linear without normalisation; passthrough with a scale). `ranks`
+    (one RankCache or None per delta) makes magnitude selection a look-up; results are identical.
     """
     spec = _spec(method)
     if not deltas:
         raise ValueError(f"{method}: no task vectors to merge")
     models, globals_ = _with_defaults(spec, model_params, global_params)
     if spec.uses_task_vectors:
-        return _merge_deltas(spec, deltas, models, globals_, generator)
+        return _merge_deltas(spec, deltas, models, globals_, generator, ranks)
     if spec.combine_deltas is not None:
         out = spec.combine_deltas(deltas, models, globals_)
         if out is not None:

@@ -78,12 +78,53 @@ def kth_smallest(flat: Tensor, rank: int) -> Tensor:
     return torch.kthvalue(flat, rank + 1).values
 
 
-def rank_window_mask(magnitudes: Tensor, lo: int, hi: int, tie_order: str = "ascending") -> Tensor:
+class RankCache:
+    """Sorted magnitudes of one fixed task vector, computed once and reused by every candidate.
+
+    A search worker keeps its task vectors resident and only the densities change between candidates, so
+    the thresholds of every later call are look-ups instead of selections. The sort order mergekit would use
+    to break ties is computed only for a tensor where a tie straddles a threshold, and then kept too.
+    Costs one float32 copy of the tensor (plus an int64 order where ties straddle).
+    """
+
+    def __init__(self, delta: Tensor):
+        self.descending = torch.sort(delta.float().abs().reshape(-1), descending=True).values
+        self._orders: dict[str, Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.descending, *self._orders.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def order(self, flat: Tensor, tie_order: str) -> Tensor:
+        if tie_order not in self._orders:
+            self._orders[tie_order] = _mergekit_order(flat, tie_order)
+        return self._orders[tie_order]
+
+
+def _cached_window(flat: Tensor, lo: int, hi: int, tie_order: str, rank: RankCache) -> Tensor:
+    """rank_window_mask from cached sorted values: ascending rank r is descending index n - 1 - r."""
+    n, desc = flat.numel(), rank.descending
+    straddles = (lo > 0 and bool(desc[n - lo] == desc[n - 1 - lo])) or (hi < n and bool(desc[n - 1 - hi] == desc[n - hi]))
+    if straddles:
+        return _window_from_order(rank.order(flat, tie_order), n, lo, hi, tie_order)
+    mask = flat >= desc[n - 1 - lo] if lo > 0 else None
+    if hi < n:
+        upper = flat <= desc[n - hi]
+        mask = upper if mask is None else mask.logical_and_(upper)
+    assert mask is not None
+    return mask
+
+
+def rank_window_mask(
+    magnitudes: Tensor, lo: int, hi: int, tie_order: str = "ascending", rank: RankCache | None = None
+) -> Tensor:
     """Mask of the entries whose ascending rank r satisfies lo <= r < hi.
 
-    Costs one or two order-statistic selections plus elementwise passes. When equal values straddle
-    a boundary, ranks come from a full sort as mergekit computes them: `tie_order="descending"` is
-    `argsort(descending=True)` (mergekit's top-k), "ascending" is `sort().indices` (its outlier window).
+    Costs one or two order-statistic selections plus elementwise passes (with `rank`, look-ups plus one or
+    two passes). When equal values straddle a boundary, ranks come from a full sort as mergekit computes
+    them: `tie_order="descending"` is `argsort(descending=True)` (mergekit's top-k), "ascending" is
+    `sort().indices` (its outlier window).
     """
     flat = magnitudes.reshape(-1)
     n = flat.numel()
@@ -92,6 +133,8 @@ def rank_window_mask(magnitudes: Tensor, lo: int, hi: int, tie_order: str = "asc
         return torch.zeros(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
     if lo == 0 and hi == n:
         return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
+    if rank is not None:
+        return _cached_window(flat, lo, hi, tie_order, rank).reshape(magnitudes.shape)
     mask: Tensor | None = None
     if lo > 0:
         # Drop the `lo` smallest entries: keep those >= v, unless ties at v make that too many.
@@ -108,19 +151,26 @@ def rank_window_mask(magnitudes: Tensor, lo: int, hi: int, tie_order: str = "asc
     return mask.reshape(magnitudes.shape)
 
 
-def _sorted_window(flat: Tensor, lo: int, hi: int, tie_order: str) -> Tensor:
-    """The rank window from a full sort, made exactly as mergekit makes it (ties included)."""
-    n = flat.numel()
+def _mergekit_order(flat: Tensor, tie_order: str) -> Tensor:
+    """The sort call mergekit makes (its CPU sort is not stable, so ties need the very same call)."""
     if tie_order == "descending":
-        chosen = torch.argsort(flat, descending=True)[n - hi : n - lo]
-    else:
-        chosen = torch.sort(flat, descending=False).indices[lo:hi]
-    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        return torch.argsort(flat, descending=True)
+    return torch.sort(flat, descending=False).indices
+
+
+def _window_from_order(order: Tensor, n: int, lo: int, hi: int, tie_order: str) -> Tensor:
+    chosen = order[n - hi : n - lo] if tie_order == "descending" else order[lo:hi]
+    mask = torch.zeros(n, dtype=torch.bool, device=order.device)
     mask[chosen] = True
     return mask
 
 
-def magnitude(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
+def _sorted_window(flat: Tensor, lo: int, hi: int, tie_order: str) -> Tensor:
+    """The rank window from a full sort, made exactly as mergekit makes it (ties included)."""
+    return _window_from_order(_mergekit_order(flat, tie_order), flat.numel(), lo, hi, tie_order)
+
+
+def magnitude(delta: Tensor, density: float, rescale: bool = False, rank: RankCache | None = None) -> Tensor:
     """Keep the `density` fraction of entries with the largest |x| (at least one if density > 0)."""
     if density >= 1:
         return delta
@@ -128,7 +178,7 @@ def magnitude(delta: Tensor, density: float, rescale: bool = False) -> Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    mask = rank_window_mask(delta.abs(), n - k, n, tie_order="descending")
+    mask = rank_window_mask(delta.abs(), n - k, n, tie_order="descending", rank=rank)
     return _apply(delta, mask, rescale)
 
 
@@ -145,7 +195,7 @@ def random(
 
 
 def magnitude_outliers(
-    delta: Tensor, density: float, gamma: float = 0.01, rescale: bool = False
+    delta: Tensor, density: float, gamma: float = 0.01, rescale: bool = False, rank: RankCache | None = None
 ) -> Tensor:
     """Drop the `gamma` fraction of largest |x| as outliers, then the smallest, keeping `density`.
 
@@ -158,7 +208,7 @@ def magnitude_outliers(
     n_keep = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - n_keep - n_top)
-    mask = rank_window_mask(delta.abs(), n_bottom, n_bottom + n_keep)
+    mask = rank_window_mask(delta.abs(), n_bottom, n_bottom + n_keep, rank=rank)
     return _apply(delta, mask, rescale)
 
 
@@ -205,6 +255,9 @@ def rank_sampling(
 
 
 Sparsifier = Callable[..., Tensor]
+
+# Sparsifiers that select by magnitude rank and accept a RankCache (`rank=`).
+RANKED = ("magnitude", "magnitude_outliers")
 
 # Name used in the method table -> function. Random sparsifiers accept `generator`.
 SPARSIFIERS: dict[str, Sparsifier] = {
