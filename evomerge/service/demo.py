@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     from evomerge.merge.engine import merge_to_dir
     from evomerge.merge.recipe import load_recipe
@@ -51,18 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     merged = merge_to_dir(load_recipe(recipe_path), out / "merged", force=True)
     merge_s = time.perf_counter() - t0
 
-    items = read_jsonl(zoo / "data" / "mix" / "test.jsonl")
+    tasks = ("arith", "cipher", "mix")
+    items = {t: read_jsonl(zoo / "data" / t / "test.jsonl") for t in tasks}
     rows = []
     for label, folder in [("base", zoo / "llama/base"), ("arith expert", zoo / "llama/arith"),
                           ("cipher expert", zoo / "llama/cipher"), ("merged (TIES)", merged)]:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        rows.append((label, score(model, items)))
-    best_parent = max(acc for label, acc in rows[:-1])
-    print(f"\nTarget task 'mix' (test split, {len(items)} items, greedy exact match):")
+        rows.append((label, {t: score(model, items[t]) for t in tasks}))
+    print(f"\nTest split, greedy exact match ({len(items['mix'])} items per task); the target is 'mix' "
+          "(half arithmetic, half cipher items):")
+    print(f"  {'model':<16}" + "".join(f"{t:>9}" for t in tasks))
     for label, acc in rows:
-        print(f"  {label:<16} {acc:6.1%}")
-    gain = rows[-1][1] - best_parent
-    print(f"\nThe merge {'beats' if gain > 0 else 'does not beat'} the best parent by {gain * 100:+.1f} points.")
+        print(f"  {label:<16}" + "".join(f"{acc[t]:9.1%}" for t in tasks))
+    best_parent = max(acc["mix"] for _, acc in rows[:-1])
+    gain = (rows[-1][1]["mix"] - best_parent) * 100
+    verdict = f"beats the best parent by {gain:.1f} points" if gain > 0 else f"is {-gain:.1f} points below the best parent"
+    print(f"\nOn 'mix' the merge {verdict}.")
     print(f"Recipe: {recipe_path}\nMerged model ({merge_s:.1f} s): {merged}")
     print(f"Reproduce: evomerge merge {recipe_path} -o OUT")
     return 0
