@@ -19,7 +19,6 @@ seeds x 3 runs x population x generations evaluations (about 1-3 s each on one C
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys

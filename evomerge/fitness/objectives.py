@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
+from evomerge.yamlfile import read_yaml
 
 BUILTINS = ("perplexity", "params", "layers", "latency")
 _DIRECTIONS = {
@@ -114,14 +114,8 @@ class ObjectiveSet:
 
 def load_objectives(path: str | Path, split: str | None = None) -> ObjectiveSet:
     """Read an objectives YAML file (see the module docstring). `split` overrides every task's split."""
-    path = Path(path)
-    if not path.is_file():
-        raise FitnessConfigError(f"{path}: objectives file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise FitnessConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_objectives(data, source=str(path), base_dir=path.resolve().parent).with_split(split)
+    data, p = read_yaml(path, FitnessConfigError, "objectives")
+    return parse_objectives(data, source=str(path), base_dir=p.parent).with_split(split)
 
 
 def parse_objectives(data: Any, source: str = "<dict>", base_dir: str | Path = ".") -> ObjectiveSet:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import yaml
 
 from evomerge.merge.methods import METHODS, required_model_params, validate_params
+from evomerge.yamlfile import read_yaml
 
 if TYPE_CHECKING:
     from evomerge.merge.dataflow import DataflowRecipe
@@ -361,15 +362,9 @@ def _validate_one(where: _Where, field_path: str, method: str, model_params: dic
 
 def load_recipe(path: str | Path) -> Recipe | DataflowRecipe:
     """Read and validate a recipe file: a parameter-space Recipe, or a DataflowRecipe when it has `dataflow:`."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise RecipeError(f"{p}: no such recipe file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{p}: not valid YAML ({e})") from None
+    data, p = read_yaml(path, RecipeError, "recipe")
     if isinstance(data, dict) and "dataflow" in data:
         from evomerge.merge.dataflow import parse_dataflow
 
-        return parse_dataflow(data, source_file=p.resolve())
-    return parse_recipe(data, source_file=p.resolve())
+        return parse_dataflow(data, source_file=p)
+    return parse_recipe(data, source_file=p)

@@ -38,9 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE
+from evomerge.yamlfile import read_yaml
 
 TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "driver", "runtime", "store", "report")
 DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row")
@@ -140,14 +139,8 @@ def _int(where: _Where, field_path: str, value: Any, low: int = 1) -> int:
 
 def load_job(path: str | Path) -> JobSpec:
     """Read and check a job spec file; every relative path resolves against the file's folder."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise JobSpecError(f"{p}: no such job spec file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise JobSpecError(f"{p}: not valid YAML ({e})") from None
-    return parse_job(data, source=str(p), base_dir=p.resolve().parent)
+    data, p = read_yaml(path, JobSpecError, "job spec")
+    return parse_job(data, source=str(path), base_dir=p.parent)
 
 
 def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> JobSpec:
@@ -225,11 +218,11 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> J
         from evomerge.fitness.objectives import FitnessConfigError, parse_objectives
 
         if isinstance(obj, str):
-            f = _resolve(base_dir, obj)
-            if not f.is_file():
-                raise where.error("objectives", f"no objectives file at {f}")
-            objectives, objectives_dir = yaml.safe_load(f.read_text()), f.resolve().parent
-            obj_source = str(f)
+            try:  # a syntax error in the objectives file is reported too, not only a missing one
+                objectives, f = read_yaml(_resolve(base_dir, obj), FitnessConfigError, "objectives")
+            except FitnessConfigError as e:
+                raise where.error("objectives", str(e)) from None
+            objectives_dir, obj_source = f.parent, str(f)
         else:
             objectives, obj_source = obj, f"{source}: objectives"
         try:
