@@ -22,7 +22,8 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def job(folder: Path, algorithm: str, space: str) -> Path:
+def job(folder: Path, algorithm: str, space: str, zoo: Path | None = None) -> Path:
+    """A job on the synthetic landscape, or, with `zoo`, on the zoo's models with real lm-eval fitness."""
     folder.mkdir(parents=True, exist_ok=True)
     spec = {
         "name": "killme",
@@ -34,6 +35,14 @@ def job(folder: Path, algorithm: str, space: str) -> Path:
                                           "fail_above": 0.9}},
         "store": "store.sqlite",
     }
+    if zoo is not None:
+        llama = zoo / "llama"
+        spec["models"] = {"base": str(llama / "base"), "sources": {"arith": str(llama / "arith"), "cipher": str(llama / "cipher")}}
+        spec["driver"].update(population=4, budget={"evaluations": 16})
+        spec["runtime"] = {"threads": 1, "backend": "hf"}
+        spec["objectives"] = {"include": [str(REPO / "fitness")], "objectives": [
+            {"task": "zoo_mix", "metric": "exact_match", "direction": "maximise", "limit": 24},
+            {"builtin": "params", "direction": "minimise"}]}
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -49,13 +58,24 @@ def env() -> dict[str, str]:
 
 @pytest.mark.parametrize("algorithm, space", [("nsga2", "sakana_ps"), ("cmaes", "layerwise_ps")])
 def test_kill_9_mid_search_then_resume_gives_the_same_archive(tmp_path, algorithm, space):
-    straight = run_job(job(tmp_path / "straight", algorithm, space), out=io.StringIO(),
+    kill_and_resume(tmp_path, algorithm, space, zoo=None, population=6, total=48, min_generation=3)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_with_real_models_and_lm_eval_fitness(tmp_path, zoo_dir):
+    """The same identity with the real pipeline: zoo models merged in memory, scored by lm-eval on zoo_mix."""
+    kill_and_resume(tmp_path, "nsga2", "sakana_ps", zoo=zoo_dir, population=4, total=16, min_generation=1)
+
+
+def kill_and_resume(tmp_path: Path, algorithm: str, space: str, zoo: Path | None, population: int, total: int,
+                    min_generation: int) -> None:
+    straight = run_job(job(tmp_path / "straight", algorithm, space, zoo), out=io.StringIO(),
                        progress=Progress(io.StringIO(), live=False))
 
-    path = job(tmp_path / "killed", algorithm, space)
+    path = job(tmp_path / "killed", algorithm, space, zoo)
     store_path = path.parent / "store.sqlite"
     proc = subprocess.Popen(cli("run", str(path)), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
         if store_path.is_file():
@@ -64,9 +84,9 @@ def test_kill_9_mid_search_then_resume_gives_the_same_archive(tmp_path, algorith
             except StoreError:  # the file exists, its schema not yet
                 continue
             last = reader.last_checkpoint("killme") if reader.jobs() else None
-            if last and last[0] >= 3:
+            if last and last[0] >= min_generation:
                 done = [r for r in reader.candidates("killme", generation=last[0]) if r.status in ("done", "failed")]
-                if 1 <= len(done) < 6:  # part of a generation evaluated: the hard case
+                if 1 <= len(done) < population:  # part of a generation evaluated: the hard case
                     os.kill(proc.pid, signal.SIGKILL)
                     killed_at = (last[0], len(done))
             reader.close()
@@ -86,5 +106,5 @@ def test_kill_9_mid_search_then_resume_gives_the_same_archive(tmp_path, algorith
 
     a = [r.identity() for r in Store(straight.store, readonly=True).candidates("killme")]
     b = [r.identity() for r in Store(store_path, readonly=True).candidates("killme")]
-    assert len(a) == 48 and a == b
+    assert len(a) == total and a == b
     assert Store(store_path, readonly=True).front("killme") == Store(straight.store, readonly=True).front("killme")
