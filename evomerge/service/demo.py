@@ -1,7 +1,7 @@
 """`make demo`: build the zoo, merge the arithmetic and cipher experts, and compare the merge with its
 parents on the target task (`mix`: half arithmetic items, half cipher items; neither expert solves it).
 
-This is the foundation's demo: one hand-written TIES recipe. The search (later) finds such recipes itself.
+This is the foundation's demo: one hand-written task-arithmetic recipe. The search (later) finds such recipes itself.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import torch
 import yaml
 
 DEMO_RECIPE = {
-    "name": "zoo arithmetic + cipher (TIES)",
-    "merge_method": "ties",
+    "name": "zoo arithmetic + cipher (task arithmetic)",
+    "merge_method": "task_arithmetic",
     "base_model": "{zoo}/llama/base",
     "models": [
-        {"model": "{zoo}/llama/arith", "parameters": {"weight": 0.75, "density": 0.6}},
-        {"model": "{zoo}/llama/cipher", "parameters": {"weight": 0.25, "density": 0.6}},
+        {"model": "{zoo}/llama/arith", "parameters": {"weight": 0.7}},
+        {"model": "{zoo}/llama/cipher", "parameters": {"weight": 0.25}},
     ],
-    "parameters": {"normalize": False, "lambda": 1.0},
+    "parameters": {"normalize": False},
     "dtype": "float32",
 }
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     items = {t: read_jsonl(zoo / "data" / t / "test.jsonl") for t in tasks}
     rows = []
     for label, folder in [("base", zoo / "llama/base"), ("arith expert", zoo / "llama/arith"),
-                          ("cipher expert", zoo / "llama/cipher"), ("merged (TIES)", merged)]:
+                          ("cipher expert", zoo / "llama/cipher"), ("merged", merged)]:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         rows.append((label, {t: score(model, items[t]) for t in tasks}))
     print(f"\nTest split, greedy exact match ({len(items['mix'])} items per task); the target is 'mix' "
