@@ -76,10 +76,14 @@ def _search_env() -> None:
     import os
     import signal
 
-    # lm-eval and datasets draw their own bars per task load; the search's progress line is the one to read.
-    # tqdm (>= 4.66) reads TQDM_DISABLE as the default of every bar.
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import functools
+
+    import tqdm
+
+    # lm-eval and datasets draw their own bars per task load; the search's progress line is the one to read.
+    tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)  # type: ignore[method-assign]
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
