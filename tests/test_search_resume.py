@@ -103,6 +103,7 @@ def kill_and_resume(tmp_path: Path, algorithm: str, space: str, zoo: Path | None
     resumed = subprocess.run(cli("resume", str(path)), env=env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Pareto front" in resumed.stdout
+    assert "it/s]" not in resumed.stderr, "third-party progress bars leak into the search's output"
 
     a = [r.identity() for r in Store(straight.store, readonly=True).candidates("killme")]
     b = [r.identity() for r in Store(store_path, readonly=True).candidates("killme")]

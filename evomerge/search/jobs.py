@@ -98,7 +98,7 @@ def _search_and_report(spec: JobSpec, store: Store, runtime: Runtime, out: TextI
     store.set_status(spec.name, "done")
     out.write(f"\nPareto front of job '{spec.name}' ({len(report['front'])} recipes), beside the parents:\n")
     out.write(front_table(report) + "\n")
-    out.write(f"\nreport: {html_path}\n        {json_path}\n")
+    out.write(f"\nreport: {html_path.resolve()}\n        {json_path.resolve()}\n")
     return JobResult(spec.name, spec.store, report, json_path, html_path)
 
 

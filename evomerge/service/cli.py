@@ -83,6 +83,7 @@ def _search_env() -> None:
     import tqdm
 
     # lm-eval and datasets draw their own bars per task load; the search's progress line is the one to read.
+    # TQDM_DISABLE alone is not enough: tqdm reads TQDM_* variables once, when it is imported.
     tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)  # type: ignore[method-assign]
 
     def interrupt(signum, frame):
