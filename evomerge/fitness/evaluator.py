@@ -97,6 +97,7 @@ class Evaluator:
         self.suite = TaskSuite(objectives)
         self.objectives = self._resolve_directions(objectives)
         self.backend_name = backend
+        self.batch_size = batch_size
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         if backend == "hf":
             from evomerge.fitness.hf import HFBackend
@@ -128,44 +129,53 @@ class Evaluator:
             objs.append(o)
         return replace(objectives, objectives=tuple(objs))
 
-    @property
-    def lm(self):
-        return self.backend.lm
-
     # ---------------------------------------------------------------- one candidate
     def evaluate(self, candidate: Any = None, items: Mapping[str, Iterable[str]] | None = None,
                  objectives: Iterable[str] | None = None) -> FitnessResult:
         """Score `candidate` (None: the weights already loaded; a Recipe; a {tensor name: tensor} mapping;
-        a checkpoint folder). `items`: {task or objective name: [item ids]} scores only those items.
+        a checkpoint folder; an `nn.Module` scored as it is, e.g. a data-flow path model of another depth,
+        hf backend only). `items`: {task or objective name: [item ids]} scores only those items.
         `objectives`: names to score (default all). Raises `CandidateFailed` for NaN candidates."""
         start = time.perf_counter()
-        fwd0 = self.backend.forward_seconds
-        self._load(candidate)
+        backend = self._backend_for(candidate)
+        fwd0 = backend.forward_seconds
         loaded = time.perf_counter()
-        self.backend.probe()
+        backend.probe()
         objs = self._select(objectives)
         values: dict[str, float] = {}
         per_item: dict[str, dict[str, float]] = {}
         task_objs = [o for o in objs if o.kind == "task"]
         if task_objs:
-            for name, (value, its) in self.suite.run(self.lm, task_objs, items).items():
+            for name, (value, its) in self.suite.run(backend.lm, task_objs, items).items():
                 values[name], per_item[name] = value, its
         for o in objs:
             if o.kind == "perplexity":
                 docs = self._texts.setdefault(o.file, TextDocs(o.file, o.limit))
-                values[o.name], per_item[o.name] = perplexity(self.lm, docs)
+                values[o.name], per_item[o.name] = perplexity(backend.lm, docs)
             elif o.kind == "params":
-                values[o.name] = float(self.backend.param_count())
+                values[o.name] = float(backend.param_count())
             elif o.kind == "layers":
-                values[o.name] = float(self.backend.layer_count())
+                values[o.name] = float(backend.layer_count())
             elif o.kind == "latency":
-                values[o.name] = latency(self.lm, o)
+                values[o.name] = latency(backend.lm, o)
         for name, v in values.items():
             if v is None or not math.isfinite(v):
                 raise CandidateFailed(f"objective '{name}' is {v}: the candidate's outputs are NaN or inf")
         end = time.perf_counter()
         return FitnessResult(values={o.name: values[o.name] for o in objs}, items=per_item, seconds=end - start,
-                             load_seconds=loaded - start, forward_seconds=self.backend.forward_seconds - fwd0)
+                             load_seconds=loaded - start, forward_seconds=backend.forward_seconds - fwd0)
+
+    def _backend_for(self, candidate: Any):
+        """The worker's backend with the candidate loaded into it, or, for a module, a backend around that module
+        (its shape may differ from the worker's model, so nothing is copied)."""
+        if not isinstance(candidate, torch.nn.Module):
+            self._load(candidate)
+            return self.backend
+        if self.backend_name != "hf":
+            raise FitnessConfigError("a module candidate (e.g. a data-flow path model) is scored with the hf backend only")
+        from evomerge.fitness.hf import HFBackend
+
+        return HFBackend(candidate, self.backend.tokenizer, batch_size=self.batch_size)
 
     def _select(self, names: Iterable[str] | None) -> list[Objective]:
         if names is None:

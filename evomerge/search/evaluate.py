@@ -4,8 +4,7 @@ A parameter-space recipe goes straight to `Evaluator.evaluate(recipe)` (the Mate
 the worker's one module in place). A data-flow recipe needs a model of another depth: its source modules are
 loaded once (a PS source, as in the hybrid space, is re-materialised into its own module per candidate), the
 path model shares their tensors (`build_path_model`), and the Evaluator scores it through a backend built for
-it. That last step is a thin adapter here: the fitness Evaluator takes one backend per worker, so the scorer
-swaps a path model's backend in for the call and back afterwards.
+it (`Evaluator.evaluate(module)`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ class RecipeScorer:
         self.evaluator = Evaluator(objectives, materialiser=self.materialiser, split=split, backend=spec.runtime.backend,
                                    batch_size=spec.runtime.batch_size, device=spec.runtime.device)
         self.objectives = self.evaluator.objectives
-        self.batch_size = spec.runtime.batch_size
         self._modules: dict[str, Any] = {}
         self._merge_module = None
 
@@ -57,21 +55,10 @@ class RecipeScorer:
         return self._modules[key]
 
     def _evaluate_path(self, recipe: Any):
-        from evomerge.fitness.hf import HFBackend
         from evomerge.merge.pathmodel import build_path_model
 
-        if self.evaluator.backend_name != "hf":
-            from evomerge.fitness.objectives import FitnessConfigError
-
-            raise FitnessConfigError("data-flow candidates are scored with the hf backend only (runtime.backend: hf)")
         modules = {n: self._source_module(n, s) for n, s in recipe.sources.items()}
-        model = build_path_model(recipe, modules)
-        saved = self.evaluator.backend
-        self.evaluator.backend = HFBackend(model, saved.tokenizer, batch_size=self.batch_size)
-        try:
-            return self.evaluator.evaluate(None)
-        finally:
-            self.evaluator.backend = saved
+        return self.evaluator.evaluate(build_path_model(recipe, modules))
 
     def close(self) -> None:
         self.evaluator.close()
