@@ -54,7 +54,6 @@ DATAFLOW_KEYS = ("embed", "head", "path")
 HOP_KEYS = ("model", "layer", "scale")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 MERGEKIT_CONFIG = "mergekit_config.yml"
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -352,7 +351,7 @@ def plan_dataflow(recipe: DataflowRecipe, readers: Mapping[str, SourceReader] | 
 
 def iter_dataflow(plan: DataflowPlan, device: str | torch.device = "cpu", progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor on CPU) of the exported checkpoint, scales folded in."""
-    dtype = _TORCH_DTYPES.get(plan.recipe.dtype or "")
+    dtype = DTYPES.get(plan.recipe.dtype or "")
     seen: set[tuple[str, str]] = set()
     for job in tqdm(plan.tensors, desc="exporting path", unit="tensor", disable=not progress):
         tensor = plan.readers[job.source].get(job.name, device)

@@ -11,12 +11,11 @@ from tqdm import tqdm
 from evomerge.merge.export import DEFAULT_SHARD_BYTES, check_output, model_card, write_checkpoint
 from evomerge.merge.methods import METHODS, merge_tensor
 from evomerge.merge.plan import MergePlan, TensorJob, plan_merge
-from evomerge.merge.recipe import Recipe
+from evomerge.merge.recipe import DTYPES, Recipe
 
 if TYPE_CHECKING:
     from evomerge.merge.dataflow import DataflowRecipe
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def out_dtype(plan: MergePlan, job: TensorJob) -> torch.dtype:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+import torch
 import yaml
 
 from evomerge.merge.methods import METHODS, required_model_params, validate_params
@@ -32,7 +33,7 @@ UNSUPPORTED_KEYS = {
     "tokenizer": "tokenizer surgery is not supported; models must share one tokenizer",
     "chat_template": "chat templates are copied from the tokenizer source as they are",
 }
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # recipe `dtype` values
 
 
 class RecipeError(ValueError):
