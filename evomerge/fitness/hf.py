@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from evomerge.fitness.objectives import CandidateFailed
+from evomerge.merge.materialise import checkpoint_targets
 
 
 def _quiet_generation_config(module: nn.Module) -> None:
@@ -42,21 +43,6 @@ def memoise_tok_encode(lm, max_entries: int = 1_000_000) -> None:
         return list(hit)
 
     lm.tok_encode = tok_encode
-
-
-def checkpoint_targets(module: nn.Module, names) -> dict[str, torch.Tensor]:
-    """Checkpoint tensor name -> the module's parameter or buffer (same rule as `Materialiser.targets`)."""
-    own = dict(module.state_dict(keep_vars=True))
-    out = {}
-    for name in names:
-        if name in own:
-            out[name] = own[name]
-            continue
-        matches = [k for k in own if k.endswith("." + name)]
-        if len(matches) != 1:
-            raise ValueError(f"cannot find the module parameter for checkpoint tensor '{name}'")
-        out[name] = own[matches[0]]
-    return out
 
 
 class HFBackend:

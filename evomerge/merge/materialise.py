@@ -9,7 +9,7 @@ parameter with `copy_`, one tensor at a time, so peak extra memory is a few tens
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +19,22 @@ from evomerge.merge.methods import METHODS, merge_task_vectors, merge_tensor
 from evomerge.merge.plan import MergePlan, TensorRef, plan_merge
 from evomerge.merge.recipe import Recipe, RecipeError
 from evomerge.merge.sparsify import RANKED, RankCache
+
+
+def checkpoint_targets(module: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensor name -> the module's parameter or buffer of that name (or the one name ending in it:
+    GPT-2 hub checkpoints lack the module's 'transformer.' prefix)."""
+    own = dict(module.state_dict(keep_vars=True))
+    out = {}
+    for name in names:
+        if name in own:
+            out[name] = own[name]
+            continue
+        matches = [k for k in own if k.endswith("." + name)]
+        if len(matches) != 1:
+            raise ValueError(f"cannot find the module parameter for checkpoint tensor '{name}'")
+        out[name] = own[matches[0]]
+    return out
 
 
 class Materialiser:
@@ -68,17 +84,7 @@ class Materialiser:
 
     def targets(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """Checkpoint tensor name -> the module's parameter or buffer it loads into."""
-        own = dict(module.state_dict(keep_vars=True))
-        out = {}
-        for name in self.base:
-            if name in own:
-                out[name] = own[name]
-                continue
-            matches = [k for k in own if k.endswith("." + name)]  # e.g. GPT-2 hub names lack 'transformer.'
-            if len(matches) != 1:
-                raise ValueError(f"cannot find the module parameter for checkpoint tensor '{name}'")
-            out[name] = own[matches[0]]
-        return out
+        return checkpoint_targets(module, self.base)
 
     def plan(self, recipe: Recipe) -> MergePlan:
         cks = {}
