@@ -86,33 +86,36 @@ class Materialiser:
         """Checkpoint tensor name -> the module's parameter or buffer it loads into."""
         return checkpoint_targets(module, self.base)
 
-    def plan(self, recipe: Recipe) -> MergePlan:
-        cks = {}
+    def worker_labels(self, recipe: Recipe) -> dict[str, str]:
+        """Recipe model label -> this worker's label for the same folder (resolved once per candidate)."""
+        out = {}
         for label in recipe.model_labels():
             path = recipe.paths[label].resolve()
             if path not in self._label_of:
                 raise RecipeError(f"recipe model '{label}' ({path}) is not loaded in this worker")
-            cks[label] = self.checkpoints[self._label_of[path]]
-        return plan_merge(recipe, cks, check=False)
+            out[label] = self._label_of[path]
+        return out
 
-    def _full(self, recipe: Recipe, ref: TensorRef) -> torch.Tensor:
-        label = self._label_of[recipe.paths[ref.model].resolve()]
+    def plan(self, recipe: Recipe, labels: Mapping[str, str] | None = None) -> MergePlan:
+        labels = labels if labels is not None else self.worker_labels(recipe)
+        return plan_merge(recipe, {k: self.checkpoints[v] for k, v in labels.items()}, check=False)
+
+    def _full(self, labels: Mapping[str, str], ref: TensorRef) -> torch.Tensor:
+        label = labels[ref.model]
         if label == self.anchor:
             return self.base[ref.name]
         return self.base[ref.name] + self.deltas[(label, ref.name)]
 
-    def _delta(self, recipe: Recipe, ref: TensorRef, base: TensorRef) -> torch.Tensor:
+    def _delta(self, labels: Mapping[str, str], ref: TensorRef, base: TensorRef) -> torch.Tensor:
         """ref - base, from the resident task vectors (no subtraction when base is the anchor)."""
-        label = self._label_of[recipe.paths[ref.model].resolve()]
-        base_label = self._label_of[recipe.paths[base.model].resolve()]
+        label, base_label = labels[ref.model], labels[base.model]
         if base_label == self.anchor and ref.name == base.name:
             return self.deltas[(label, ref.name)] if label != self.anchor else torch.zeros_like(self.base[ref.name])
-        return self._full(recipe, ref) - self._full(recipe, base)
+        return self._full(labels, ref) - self._full(labels, base)
 
-    def _rank(self, recipe: Recipe, ref: TensorRef, base: TensorRef) -> RankCache | None:
+    def _rank(self, labels: Mapping[str, str], ref: TensorRef, base: TensorRef) -> RankCache | None:
         """The cached ranks of a resident task vector (None for deltas made on the fly)."""
-        label = self._label_of[recipe.paths[ref.model].resolve()]
-        base_label = self._label_of[recipe.paths[base.model].resolve()]
+        label, base_label = labels[ref.model], labels[base.model]
         if not self.rank_cache or label == self.anchor or base_label != self.anchor or ref.name != base.name:
             return None
         key = (label, ref.name)
@@ -123,7 +126,8 @@ class Materialiser:
     @torch.no_grad()
     def apply(self, recipe: Recipe, module: nn.Module, targets: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write the recipe's merged tensors into `module` in place."""
-        plan = self.plan(recipe)
+        labels = self.worker_labels(recipe)
+        plan = self.plan(recipe, labels)
         spec = METHODS[plan.method]
         targets = targets if targets is not None else self.targets(module)
         for job in plan.jobs:
@@ -133,13 +137,13 @@ class Materialiser:
             gen = torch.Generator(device=self.device).manual_seed(job.seed) if spec.random else None
             if spec.uses_task_vectors:
                 assert job.base is not None
-                deltas = [self._delta(recipe, r, job.base) for r in job.inputs]
-                ranks = [self._rank(recipe, r, job.base) for r in job.inputs] if spec.sparsifier in RANKED else None
+                deltas = [self._delta(labels, r, job.base) for r in job.inputs]
+                ranks = [self._rank(labels, r, job.base) for r in job.inputs] if spec.sparsifier in RANKED else None
                 merged = merge_task_vectors(plan.method, deltas, list(job.model_params), dict(job.global_params), gen,
                                             ranks=ranks)
-                target.copy_(self._full(recipe, job.base))
+                target.copy_(self._full(labels, job.base))
                 target.add_(merged.to(target.dtype))
             else:
-                base = self._full(recipe, job.base) if job.base is not None else None
-                tensors = [self._full(recipe, r) for r in job.inputs]
+                base = self._full(labels, job.base) if job.base is not None else None
+                tensors = [self._full(labels, r) for r in job.inputs]
                 target.copy_(merge_tensor(plan.method, base, tensors, list(job.model_params), dict(job.global_params), gen))
