@@ -31,12 +31,12 @@ class RecipeScorer:
         self._modules: dict[str, Any] = {}
         self._merge_module = None
 
-    def evaluate(self, recipe: Any):
+    def evaluate(self, recipe: Any, items: dict[str, list[str]] | None = None):
         from evomerge.merge.dataflow import DataflowRecipe
 
         if isinstance(recipe, DataflowRecipe):
-            return self._evaluate_path(recipe)
-        return self.evaluator.evaluate(recipe)
+            return self._evaluate_path(recipe, items)
+        return self.evaluator.evaluate(recipe, items=items)
 
     def _source_module(self, name: str, spec: Any):
         import torch
@@ -54,11 +54,11 @@ class RecipeScorer:
             self._modules[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
         return self._modules[key]
 
-    def _evaluate_path(self, recipe: Any):
+    def _evaluate_path(self, recipe: Any, items: dict[str, list[str]] | None = None):
         from evomerge.merge.pathmodel import build_path_model
 
         modules = {n: self._source_module(n, s) for n, s in recipe.sources.items()}
-        return self.evaluator.evaluate(build_path_model(recipe, modules))
+        return self.evaluator.evaluate(build_path_model(recipe, modules), items=items)
 
     def close(self) -> None:
         self.evaluator.close()

@@ -1,6 +1,6 @@
 """Where candidates are evaluated: a small interface the loop talks to, and its in-process implementation.
 
-The loop only calls `submit(cid, recipe, split)` and iterates `as_completed()`; the Ray runtime implements the
+The loop only calls `submit(cid, recipe, split, items)` and iterates `as_completed()`; the Ray runtime implements the
 same three methods with actors (one `Scorer` each). `LocalRuntime` evaluates in this process, one candidate at a
 time, in submission order (deterministic), when `as_completed()` is iterated.
 
@@ -44,13 +44,16 @@ class Scorer(Protocol):
 
     objectives: "ObjectiveSet"
 
-    def evaluate(self, recipe: Any) -> Any: ...  # returns an object with .values and .items (a FitnessResult)
+    # returns an object with .values and .items (a FitnessResult); `items`: {objective: [item ids]} scores only
+    # those items (IRT anchors), None scores the whole split
+    def evaluate(self, recipe: Any, items: dict[str, list[str]] | None = None) -> Any: ...
 
 
 class Runtime(Protocol):
     objectives: "ObjectiveSet"  # with directions resolved
 
-    def submit(self, cid: int, recipe: Any, split: str | None = None) -> None: ...
+    def submit(self, cid: int, recipe: Any, split: str | None = None,
+               items: dict[str, list[str]] | None = None) -> None: ...
     def as_completed(self) -> Iterator[Outcome]: ...
     def close(self) -> None: ...
 
@@ -71,13 +74,14 @@ def scorer_factory(spec: "JobSpec") -> Callable[["JobSpec", str | None], Scorer]
     return default_scorer
 
 
-def run_one(scorer: Scorer, cid: int, recipe: Any, split: str | None, worker: str) -> Outcome:
+def run_one(scorer: Scorer, cid: int, recipe: Any, split: str | None, worker: str,
+            items: dict[str, list[str]] | None = None) -> Outcome:
     """Evaluate one candidate, turning every failure into a recorded reason (the search goes on)."""
     from evomerge.fitness.objectives import CandidateFailed
 
     start = time.perf_counter()
     try:
-        result = scorer.evaluate(recipe)
+        result = scorer.evaluate(recipe, items) if items is not None else scorer.evaluate(recipe)
     except CandidateFailed as e:
         return Outcome(cid, split, reason=e.reason, worker=worker, seconds=time.perf_counter() - start)
     except KeyboardInterrupt:
@@ -104,20 +108,21 @@ class LocalRuntime:
         self._factory = scorer_factory(spec)
         self._scorers: dict[str | None, Scorer] = {None: self._factory(spec, None)}
         self.objectives = self._scorers[None].objectives
-        self._queue: list[tuple[int, Any, str | None]] = []
+        self._queue: list[tuple[int, Any, str | None, dict[str, list[str]] | None]] = []
 
     def scorer(self, split: str | None) -> Scorer:
         if split not in self._scorers:
             self._scorers[split] = self._factory(self.spec, split)
         return self._scorers[split]
 
-    def submit(self, cid: int, recipe: Any, split: str | None = None) -> None:
-        self._queue.append((cid, recipe, split))
+    def submit(self, cid: int, recipe: Any, split: str | None = None,
+               items: dict[str, list[str]] | None = None) -> None:
+        self._queue.append((cid, recipe, split, items))
 
     def as_completed(self) -> Iterator[Outcome]:
         while self._queue:
-            cid, recipe, split = self._queue.pop(0)
-            yield run_one(self.scorer(split), cid, recipe, split, self.worker)
+            cid, recipe, split, items = self._queue.pop(0)
+            yield run_one(self.scorer(split), cid, recipe, split, self.worker, items)
 
     def close(self) -> None:
         for s in self._scorers.values():
