@@ -31,7 +31,7 @@ def merge_job(plan: MergePlan, job: TensorJob, device: str | torch.device = "cpu
     load = lambda r: cks[r.model].get(r.name, device=device).to(torch.float32)  # noqa: E731
     base = load(job.base) if job.base is not None else None
     tensors = [load(r) for r in job.inputs]
-    gen = torch.Generator(device=device).manual_seed(job.seed) if METHODS[plan.method].random else None
+    gen = torch.Generator().manual_seed(job.seed) if METHODS[plan.method].random else None
     merged = merge_tensor(plan.method, base, tensors, list(job.model_params), dict(job.global_params), gen)
     return merged.to(out_dtype(plan, job))
 

@@ -134,7 +134,7 @@ class Materialiser:
             target = targets.get(job.out_name)
             if target is None:
                 raise RecipeError(f"the merged tensor '{job.out_name}' has no place in this worker's model (data-flow recipes need their own module)")
-            gen = torch.Generator(device=self.device).manual_seed(job.seed) if spec.random else None
+            gen = torch.Generator().manual_seed(job.seed) if spec.random else None
             if spec.uses_task_vectors:
                 assert job.base is not None
                 deltas = [self._delta(labels, r, job.base) for r in job.inputs]

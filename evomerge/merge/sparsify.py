@@ -182,6 +182,13 @@ def magnitude(delta: Tensor, density: float, rescale: bool = False, rank: RankCa
     return _apply(delta, mask, rescale)
 
 
+def uniform(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Uniform draws made on the generator's device, then moved: a CPU generator gives the same mask whether
+    the merge runs on CPU or GPU, so a recipe scored on a GPU worker is the model a CPU export writes."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, dtype=torch.float32, device=where).to(device)
+
+
 def random(
     delta: Tensor, density: float, rescale: bool = True, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -190,7 +197,7 @@ def random(
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device)
+    keep = uniform(delta.shape, generator, delta.device)
     return _apply(delta, keep < density, rescale)
 
 
@@ -250,7 +257,7 @@ def rank_sampling(
     # A row of one entry has no spread: give it the middle probability.
     rank_norm = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)
-    keep = torch.rand(work.shape, generator=generator, dtype=torch.float32, device=delta.device)
+    keep = uniform(work.shape, generator, delta.device)
     return _apply(delta, (keep < probs).reshape(delta.shape), rescale)
 
 
