@@ -9,6 +9,10 @@ An objectives file:
         metric: exact_match # default: the task's first metric
         direction: maximise # maximise | minimise (default: the task's higher_is_better)
         limit: 200          # score only the first 200 items (optional)
+        estimator: irt      # full (default) | irt: score new candidates on `anchors` items, estimate the rest
+        anchors: 30         # IRT settings (see evomerge/search/irt_policy.py): anchors, anchor_method
+                            # (irt | correct | random), seed_candidates, calibrate_every, calibrate_count,
+                            # irt_estimator (auto | pirt | gpirt | merge3 | anchor), anchor_seed
       - builtin: perplexity # built-ins: perplexity (on `file`), params, layers, latency
         file: data/text.txt
       - builtin: params
@@ -31,7 +35,13 @@ _DIRECTIONS = {
     "minimise": "minimise", "minimize": "minimise", "min": "minimise", "lower": "minimise",
 }
 _BUILTIN_DIRECTION = {"perplexity": "minimise", "params": "minimise", "layers": "minimise", "latency": "minimise"}
-_TASK_KEYS = {"name", "task", "metric", "direction", "split", "limit"}
+_IRT_KEYS = {"estimator", "anchors", "anchor_method", "seed_candidates", "calibrate_every", "calibrate_count",
+             "irt_estimator", "anchor_seed"}
+_TASK_KEYS = {"name", "task", "metric", "direction", "split", "limit"} | _IRT_KEYS
+ESTIMATOR_CHOICES = ("full", "irt")
+ANCHOR_METHODS = ("irt", "correct", "random")  # the same as evomerge.fitness.irt (kept free of numpy imports here)
+IRT_ESTIMATORS = ("auto", "pirt", "gpirt", "merge3", "anchor")
+MIN_SEED_CANDIDATES = 8  # evomerge.fitness.irt.MIN_FIT
 _BUILTIN_KEYS = {
     "perplexity": {"name", "builtin", "direction", "file", "limit"},
     "params": {"name", "builtin", "direction"},
@@ -67,6 +77,15 @@ class Objective:
     prompt: str = "Hello"  # latency
     max_new_tokens: int = 16  # latency
     repeats: int = 3  # latency: median of this many timed generations
+    # IRT-reduced fitness (task objectives): see evomerge/search/irt_policy.py
+    estimator: str = "full"  # "full": every item; "irt": anchors only once the IRT model is fitted
+    anchors: int = 30  # items each new candidate is scored on
+    anchor_method: str = "irt"  # irt (cluster item parameters) | correct (cluster correctness) | random (stratified)
+    seed_candidates: int = 32  # candidates scored in full (parents first) before the first fit
+    calibrate_every: int = 2  # refit every this many generations, ...
+    calibrate_count: int = 2  # ... from this many candidates per period also scored in full
+    irt_estimator: str = "auto"  # auto: the least cross-validated error among pirt, gpirt, merge3
+    anchor_seed: int = 0
 
     @property
     def maximise(self) -> bool:
@@ -171,7 +190,7 @@ def _parse_one(raw: Any, where: str, base_dir: Path) -> Objective:
         metric = raw.get("metric")
         name = raw.get("name") or (Path(task).stem if task.endswith((".yaml", ".yml")) else task)
         return Objective(name=str(name), kind="task", task=task, metric=None if metric is None else str(metric),
-                         direction=direction, split=raw.get("split"), limit=limit)
+                         direction=direction, split=raw.get("split"), limit=limit, **_parse_irt(raw, where, limit))
     kind = str(raw["builtin"])
     if kind not in BUILTINS:
         raise FitnessConfigError(f"{where}.builtin: unknown built-in '{kind}'; choose one of {', '.join(BUILTINS)}")
@@ -193,6 +212,40 @@ def _parse_one(raw: Any, where: str, base_dir: Path) -> Objective:
         if "prompt" in raw:
             kw["prompt"] = str(raw["prompt"])
     return Objective(name=str(raw.get("name") or kind), kind=kind, direction=direction or _BUILTIN_DIRECTION[kind], **kw)
+
+
+def _parse_irt(raw: dict, where: str, limit: int | None) -> dict[str, Any]:
+    """The IRT settings of a task objective, checked (they are ignored, but still checked, with `estimator: full`)."""
+    kw: dict[str, Any] = {}
+    est = str(raw.get("estimator", "full")).lower()
+    if est not in ESTIMATOR_CHOICES:
+        raise FitnessConfigError(f"{where}.estimator: '{raw['estimator']}' is not one of {', '.join(ESTIMATOR_CHOICES)} "
+                                 "(full scores every item; irt scores anchors and estimates the rest)")
+    kw["estimator"] = est
+    lows = {"anchors": 1, "seed_candidates": MIN_SEED_CANDIDATES, "calibrate_every": 1, "calibrate_count": 0,
+            "anchor_seed": 0}
+    for key, low in lows.items():
+        if key in raw:
+            v = raw[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                hint = (f"; an IRT model cannot be fitted on fewer than {MIN_SEED_CANDIDATES} fully scored candidates "
+                        "(the parents count): raise it, or use `estimator: full`" if key == "seed_candidates" else "")
+                raise FitnessConfigError(f"{where}.{key}: expected a whole number >= {low}, got {v!r}{hint}")
+            kw[key] = v
+    for key, choices in (("anchor_method", ANCHOR_METHODS), ("irt_estimator", IRT_ESTIMATORS)):
+        if key in raw:
+            if str(raw[key]) not in choices:
+                raise FitnessConfigError(f"{where}.{key}: '{raw[key]}' is not one of {', '.join(choices)}")
+            kw[key] = str(raw[key])
+    if est == "full":
+        given = sorted(set(raw) & (_IRT_KEYS - {"estimator"}))
+        if given:
+            raise FitnessConfigError(f"{where}: {', '.join(given)} only apply with `estimator: irt`; add it, or remove them")
+    n = kw.get("anchors", 30)
+    if est == "irt" and limit is not None and limit <= n:
+        raise FitnessConfigError(f"{where}.anchors: {n} anchors but `limit: {limit}` items: IRT would score as many items "
+                                 "as full scoring; lower anchors (about a tenth of the items) or use `estimator: full`")
+    return kw
 
 
 def _check_keys(raw: dict, allowed: set[str], where: str) -> None:

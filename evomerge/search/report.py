@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.search.irt_policy import irt_summary
 from evomerge.search.loop import Search
 from evomerge.spaces.ps import parent_recipe
 
@@ -62,6 +63,8 @@ def build_report(search: Search) -> dict[str, Any]:
         recipe = search.space.decode(np.array(row.genome))
         front.append({"id": cid, "generation": row.generation, "origin": row.origin, "recipe": describe_recipe(recipe),
                       "recipe_yaml": row.recipe, "fitness": row.values,
+                      "estimated": row.estimated,  # IRT: fitness estimated from anchor items (test split: measured)
+                      "items_scored": {o: len(v) for o, v in store.items(job, row.cached_from or cid).items()},
                       split: (scores.get(f"candidate:{cid}") or {}).get("values"),
                       "failed_on_" + split: (scores.get(f"candidate:{cid}") or {}).get("reason")})
     parents = [{"name": name, split: (scores.get(f"parent:{name}") or {}).get("values"),
@@ -70,7 +73,8 @@ def build_report(search: Search) -> dict[str, Any]:
     counts = store.counts(job)
     all_done = [{"id": r.id, "generation": r.generation, "values": r.values} for r in store.candidates(job, status="done")]
     return {"job": job, "store": str(store.path), "split": split, "objectives": objectives, "counts": counts,
-            "front": front, "parents": parents, "candidates": all_done, "spec": spec.to_dict()}
+            "front": front, "parents": parents, "candidates": all_done, "spec": spec.to_dict(),
+            "irt": irt_summary(store, job)}
 
 
 def front_table(report: dict[str, Any]) -> str:
@@ -82,11 +86,22 @@ def front_table(report: dict[str, Any]) -> str:
         rows.append([f"parent {p['name']}", "-"] + [_fmt((p["fitness"] or {}).get(n)) for n in names]
                     + [_fmt((p[split] or {}).get(n)) for n in names])
     for c in report["front"]:
-        rows.append([f"#{c['id']} (gen {c['generation']})", c["recipe"][:48]] + [_fmt((c["fitness"] or {}).get(n)) for n in names]
+        mark = lambda n: "~" if _is_estimate(report, c, n) else ""  # noqa: E731
+        rows.append([f"#{c['id']} (gen {c['generation']})", c["recipe"][:48]]
+                    + [mark(n) + _fmt((c["fitness"] or {}).get(n)) for n in names]
                     + [_fmt((c[split] or {}).get(n)) if c[split] else "failed" for n in names])
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    if any(c.get("estimated") for c in report["front"]):
+        out.append("~ estimated from anchor items (IRT); every other value, and every test-split value, is measured")
+    return "\n".join(out + irt_lines(report))
+
+
+def _is_estimate(report: dict[str, Any], c: dict[str, Any], name: str) -> bool:
+    """An IRT objective's value is an estimate when the candidate was scored on fewer items than a full split."""
+    full = (report.get("irt") or {}).get(name, {}).get("items_per_candidate")
+    return bool(full) and c.get("items_scored", {}).get(name, full) < full
 
 
 def _fmt(v: Any) -> str:
@@ -127,6 +142,21 @@ def _svg(report: dict[str, Any]) -> str:
             f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" text-anchor="middle">{html.escape(yl)} '
             f'({y0:.3g} .. {y1:.3g})</text>')
     return f'<svg width="{W}" height="{H}" xmlns="http://www.w3.org/2000/svg">{axes}{"".join(dots)}</svg>'
+
+
+def irt_lines(report: dict[str, Any]) -> list[str]:
+    """One line per IRT objective: how much was estimated, at what measured error, for what share of the items."""
+    out = []
+    for name, e in (report.get("irt") or {}).items():
+        fit = next((f for f in reversed(e["fits"]) if "estimator" in f), None)
+        how = (f"estimator {fit['estimator']}, {fit['anchors']} anchors ({fit['anchor_method']}), cross-validated MAE "
+               f"{fit['cv_mae'][fit['estimator']]:.3f}" if fit else "never fitted")
+        mae = f"{e['measured_mae']:.3f} on {e['calibration_checks']}" if e["measured_mae"] is not None else "- on 0"
+        frac = f"{100 * e['items_fraction']:.0f}%" if e["items_fraction"] is not None else "-"
+        out.append(f"IRT {name}: {e['estimated']} candidates estimated ({how}); error measured against full "
+                   f"scoring: {mae} calibration candidates; items scored: {frac} of full scoring"
+                   + (f"; now scored in full: {e['fallback']}" if e.get("fallback") else ""))
+    return out
 
 
 def write_report(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:

@@ -14,6 +14,11 @@ Tables (schema version in `meta`):
 - `front`: the candidates on the current Pareto front, rewritten after every generation.
 - `checkpoints`: the driver's pickled state after each generation (the last few kept).
 - `scores`: extra evaluations on other splits (the report's test split) for candidates and parents.
+- `irt` (schema 2): per job, objective and generation, the IRT calibration fitted then (item parameters, anchors,
+  estimator, cross-validated error) or the reason IRT could not help (then the objective was scored in full).
+- `estimates` (schema 2): per candidate and objective scored on anchors, the estimate, its uncertainty, the
+  estimator, the anchors' plain mean and how many items were scored; for candidates scored in full while IRT was
+  on (calibration), what the estimator would have said beside the measured value (the published error).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KEEP_CHECKPOINTS = 3
 
 
@@ -57,9 +62,27 @@ CREATE TABLE IF NOT EXISTS scores (
     job TEXT NOT NULL, subject TEXT NOT NULL, split TEXT NOT NULL, "values" TEXT, items TEXT, reason TEXT,
     PRIMARY KEY (job, subject, split));
 """
+_IRT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS irt (
+    job TEXT NOT NULL, objective TEXT NOT NULL, generation INTEGER NOT NULL, data TEXT, note TEXT,
+    PRIMARY KEY (job, objective, generation));
+CREATE TABLE IF NOT EXISTS estimates (
+    job TEXT NOT NULL, candidate INTEGER NOT NULL, objective TEXT NOT NULL, value REAL NOT NULL, sd REAL,
+    estimator TEXT NOT NULL, anchor_mean REAL, measured REAL, scored INTEGER, total INTEGER, fit_generation INTEGER,
+    PRIMARY KEY (job, candidate, objective));
+"""
+_SCHEMA += _IRT_SCHEMA
 
-# version -> function upgrading a store of that version to version + 1 (none yet: version 1 is the first)
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+def _add_irt_tables(db: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: the IRT tables (IRT-reduced fitness); nothing else changes."""
+    for stmt in _IRT_SCHEMA.strip().split(";"):
+        if stmt.strip():
+            db.execute(stmt)
+
+
+# version -> function upgrading a store of that version to version + 1
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_irt_tables}
 
 
 @dataclass
@@ -294,3 +317,37 @@ class Store:
     def scores(self, job: str, split: str) -> dict[str, dict[str, Any]]:
         return {s: {"values": _loads(v), "reason": r} for s, v, r in
                 self.db.execute("SELECT subject, \"values\", reason FROM scores WHERE job=? AND split=?", (job, split))}
+
+    # ------------------------------------------------------------ IRT-reduced fitness (schema 2)
+
+    def items_of(self, job: str, objective: str) -> dict[int, dict[str, float]]:
+        """Per-item results of every candidate for one objective, in one query (candidate id -> {item: value})."""
+        return {int(c): json.loads(v) for c, v in self.db.execute(
+            "SELECT candidate, \"values\" FROM items WHERE job=? AND objective=? ORDER BY candidate", (job, objective))}
+
+    def save_irt(self, job: str, objective: str, generation: int, data: dict[str, Any] | None,
+                 note: str | None = None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO irt VALUES (?, ?, ?, ?, ?)",
+                        (job, objective, generation, None if data is None else json.dumps(data), note))
+
+    def irt(self, job: str, objective: str, generation: int) -> tuple[dict[str, Any] | None, str | None] | None:
+        """(calibration, note) fitted for `generation`, or None when none was recorded."""
+        r = self.db.execute("SELECT data, note FROM irt WHERE job=? AND objective=? AND generation=?",
+                            (job, objective, generation)).fetchone()
+        return None if r is None else (_loads(r[0]), r[1])
+
+    def irt_history(self, job: str) -> list[dict[str, Any]]:
+        return [{"objective": o, "generation": g, "data": _loads(d), "note": n} for o, g, d, n in self.db.execute(
+            "SELECT objective, generation, data, note FROM irt WHERE job=? ORDER BY objective, generation", (job,))]
+
+    def save_estimate(self, job: str, cid: int, objective: str, value: float, sd: float, estimator: str,
+                      anchor_mean: float, scored: int, total: int, fit_generation: int,
+                      measured: float | None = None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO estimates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (job, cid, objective, value, sd, estimator, anchor_mean, measured, scored, total, fit_generation))
+
+    def estimates(self, job: str) -> list[dict[str, Any]]:
+        cols = ("candidate", "objective", "value", "sd", "estimator", "anchor_mean", "measured", "scored", "total",
+                "fit_generation")
+        return [dict(zip(cols, r)) for r in self.db.execute(
+            f"SELECT {', '.join(cols)} FROM estimates WHERE job=? ORDER BY candidate, objective", (job,))]

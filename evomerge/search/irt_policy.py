@@ -1,0 +1,219 @@
+"""IRT-reduced fitness in the search loop: which candidates are scored in full, when the IRT model is (re)fitted,
+and how an anchor-only outcome becomes an estimated value. The math is in `evomerge.fitness.irt`.
+
+For each objective with `estimator: irt`, generation by generation:
+1. seed phase: every candidate is scored in full until `seed_candidates` candidates (the parents and the first
+   population's random genomes first) are; generation g0 is the first after that;
+2. at g0, and every `calibrate_every` generations after it, a calibration is fitted (`irt.calibrate`) on every
+   candidate of earlier generations scored in full, and recorded in the store (`irt` table). A resumed search
+   loads it from there (and would refit identically: fits are seeded, float64, one thread);
+3. other generations' candidates are scored on the anchors only; their value is the estimate (`estimated`,
+   with its uncertainty and estimator in the `estimates` table). In the generation before each refit,
+   `calibrate_count` candidates (seeded choice) are scored in full: they feed the refit and measure the
+   estimator's error on candidates no fit has seen (the `measured` column beside the estimate).
+Where IRT cannot help (too few informative items, items not 0/1, the objective not their mean, a failed fit),
+the objective is scored in full until the next refit, and the progress output says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from evomerge.fitness import irt
+from evomerge.search.runtime import Outcome
+
+if TYPE_CHECKING:
+    from evomerge.fitness.objectives import Objective
+    from evomerge.search.loop import Search
+    from evomerge.store import CandidateRow, Store
+
+
+@dataclass
+class _InForce:
+    """The calibration an objective uses in this generation."""
+
+    cal: irt.Calibration
+    fit_generation: int
+    item_ids: list[str]
+    anchor_ids: list[str]
+
+
+class IRTPolicy:
+    def __init__(self, store: "Store", job: str, objectives: list["Objective"], say=print):
+        self.store, self.job, self.objectives, self.say = store, job, objectives, say
+        self.anchored: dict[int, dict[str, list[str]]] = {}  # candidate -> {objective: anchor item ids}
+        self.current: dict[str, _InForce | None] = {}
+        self._said: set[str] = set()
+
+    @classmethod
+    def for_search(cls, search: "Search") -> "IRTPolicy | None":
+        objs = [o for o in search.objectives.objectives if getattr(o, "estimator", "full") == "irt"]
+        return cls(search.store, search.job, objs, search.progress.line) if objs else None
+
+    # ------------------------------------------------------------ before a generation
+
+    def plan(self, generation: int, rows: list["CandidateRow"]) -> None:
+        """Decide, for every candidate of `generation`, which objectives are scored on anchors only."""
+        self.anchored, self.current = {}, {}
+        for o in self.objectives:
+            force = self._in_force(o, generation)
+            self.current[o.name] = force
+            if force is None:
+                continue
+            full = self._calibration_rows(o, generation, rows)
+            for r in rows:
+                if r.id not in full:
+                    self.anchored.setdefault(r.id, {})[o.name] = force.anchor_ids
+
+    def items_for(self, cid: int) -> dict[str, list[str]] | None:
+        """The item subset to score this candidate on (None: every item)."""
+        return self.anchored.get(cid)
+
+    def _full_rows(self, o: "Objective", before: int) -> tuple[list["CandidateRow"], list[dict[str, float]]]:
+        """Candidates of generations < `before` scored on every item of `o` (in id order), with those items."""
+        items = self.store.items_of(self.job, o.name)
+        total = max((len(v) for v in items.values()), default=0)
+        rows, its = [], []
+        for r in self.store.candidates(self.job, status="done"):
+            if r.generation < before and len(items.get(r.id, {})) == total > 0:
+                rows.append(r)
+                its.append(items[r.id])
+        return rows, its
+
+    def _first_generation(self, o: "Objective", generation: int) -> int | None:
+        """g0: the first generation with `seed_candidates` fully scored candidates before it (None: not yet)."""
+        rows, _ = self._full_rows(o, generation)
+        per_gen = np.bincount([r.generation for r in rows], minlength=generation) if rows else np.zeros(generation)
+        reached = np.flatnonzero(np.cumsum(per_gen) >= o.seed_candidates)
+        if len(reached) == 0:
+            self._once(f"{o.name}:seed", f"IRT for {o.name}: scoring in full until {o.seed_candidates} candidates are "
+                       f"(seed_candidates; {len(rows)} so far), then {o.anchors} anchors per candidate")
+            return None
+        return int(reached[0]) + 1
+
+    def _in_force(self, o: "Objective", generation: int) -> _InForce | None:
+        g0 = self._first_generation(o, generation)
+        if g0 is None:
+            return None
+        period = o.calibrate_every if o.calibrate_count > 0 else 10 ** 9  # nothing new to refit on: never
+        fit_gen = g0 + period * ((generation - g0) // period)
+        stored = self.store.irt(self.job, o.name, fit_gen)
+        if stored is None:
+            stored = self._fit(o, fit_gen)
+        data, note = stored
+        if data is None:
+            self._once(f"{o.name}:{fit_gen}", f"IRT for {o.name} (fit of generation {fit_gen}): {note}; scoring "
+                       f"{o.name} in full" + (" until the next refit" if period < 10 ** 9 else ""))
+            return None
+        cal = irt.Calibration.from_dict(data["calibration"])
+        return _InForce(cal, fit_gen, data["item_ids"], [data["item_ids"][i] for i in cal.anchors.items])
+
+    def _fit(self, o: "Objective", fit_gen: int) -> tuple[dict[str, Any] | None, str | None]:
+        rows, its = self._full_rows(o, fit_gen)
+        ids = list(its[0]) if its else []
+        try:
+            Y = np.array([[it[i] for i in ids] for it in its], dtype=float)
+            if Y.size and not np.isin(Y, (0.0, 1.0)).all():
+                raise irt.IRTUnavailable(f"its per-item values are not 0/1 (metric {o.metric or 'default'}); IRT "
+                                         "models right/wrong answers only")
+            for r, y in zip(rows, Y):
+                if abs(float((r.values or {}).get(o.name, np.nan)) - float(y.mean())) > 1e-6:
+                    raise irt.IRTUnavailable("its value is not the mean of its per-item results (the metric's "
+                                             "aggregation is not a mean), so it cannot be estimated from items")
+            parents = [k for k, r in enumerate(rows) if r.origin.startswith("parent:")]
+            estimators = ("pirt", "gpirt", "merge3") if o.irt_estimator == "auto" else (o.irt_estimator,)
+            cal = irt.calibrate(Y, o.anchors, o.anchor_method, o.anchor_seed, parents, estimators)
+        except irt.IRTUnavailable as e:
+            self.store.save_irt(self.job, o.name, fit_gen, None, str(e))
+            return None, str(e)
+        data = {"calibration": cal.to_dict(), "item_ids": ids, "fitted_on": [r.id for r in rows]}
+        self.store.save_irt(self.job, o.name, fit_gen, data)
+        self.say(f"IRT for {o.name} (generation {fit_gen}): fitted on {len(rows)} fully scored candidates, "
+                 f"{cal.model.dims} dimension(s), {len(cal.anchors.items)} anchors of {len(ids)} items "
+                 f"({o.anchor_method}), estimator {cal.estimator} (cross-validated MAE {cal.cv_mae[cal.estimator]:.3f})")
+        return data, None
+
+    def _calibration_rows(self, o: "Objective", generation: int, rows: list["CandidateRow"]) -> set[int]:
+        """Candidates of this generation scored in full to calibrate: `calibrate_count` of them (seeded), in the
+        generation before each refit."""
+        g0 = self._first_generation(o, generation)
+        if g0 is None or o.calibrate_count == 0 or (generation - g0) % o.calibrate_every != o.calibrate_every - 1:
+            return set()
+        rng = np.random.default_rng([o.anchor_seed, generation, 17])
+        k = min(o.calibrate_count, len(rows))
+        return {rows[i].id for i in sorted(rng.choice(len(rows), size=k, replace=False))}
+
+    def _once(self, key: str, text: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.say(text)
+
+    # ------------------------------------------------------------ after a candidate
+
+    def finish(self, out: Outcome) -> Outcome:
+        """Anchor-only objectives get their estimate as value (`estimated`); a fully scored candidate while a
+        calibration is in force records what the estimator would have said (the measured error)."""
+        if not out.ok:
+            return out
+        planned = self.anchored.get(out.cid, {})
+        values, estimated = dict(out.values or {}), out.estimated
+        for o in self.objectives:
+            force = self.current.get(o.name)
+            if force is None:
+                continue
+            its = out.items.get(o.name, {})
+            missing = [i for i in force.anchor_ids if i not in its]
+            if missing:
+                return replace(out, values=None, reason=f"IRT: objective '{o.name}' has no result for anchor item(s) "
+                               f"{missing[:3]}: the scorer did not score the items it was asked for")
+            y = np.array([its[i] for i in force.anchor_ids], dtype=float)
+            est = force.cal.estimate(y)
+            measured = None if o.name in planned else values[o.name]
+            if o.name in planned:
+                values[o.name], estimated = float(est.value), True
+            self.store.save_estimate(self.job, out.cid, o.name, float(est.value), float(est.sd), est.estimator,
+                                     float(y.mean()), len(its), len(force.item_ids), force.fit_generation, measured)
+        return replace(out, values=values, estimated=estimated)
+
+
+def irt_summary(store: "Store", job: str) -> dict[str, Any]:
+    """For reports: per IRT objective, the last calibration, how many candidates were estimated, the error measured
+    on calibration candidates, and the share of items scored."""
+    out: dict[str, Any] = {}
+    history = store.irt_history(job)
+    if not history:
+        return out
+    ests = store.estimates(job)
+    done = {r.id for r in store.candidates(job, status="done")}
+    for name in sorted({h["objective"] for h in history}):
+        fits = [h for h in history if h["objective"] == name]
+        last = fits[-1]
+        mine = [e for e in ests if e["objective"] == name]
+        checks = [e for e in mine if e["measured"] is not None]
+        items = store.items_of(job, name)
+        total = max((len(v) for v in items.values()), default=0)
+        scored = sum(len(v) for c, v in items.items() if c in done)
+        entry: dict[str, Any] = {
+            "fits": [_fit_summary(h) for h in fits],
+            "estimated": sum(1 for e in mine if e["measured"] is None),
+            "calibration_checks": len(checks),
+            "measured_mae": float(np.mean([abs(e["value"] - e["measured"]) for e in checks])) if checks else None,
+            "items_per_candidate": total, "items_scored": scored, "items_full": total * len(done),
+            "items_fraction": scored / (total * len(done)) if total and done else None,
+        }
+        if last["data"] is None:
+            entry["fallback"] = last["note"]
+        out[name] = entry
+    return out
+
+
+def _fit_summary(h: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"generation": h["generation"], "note": h["note"]}
+    if h["data"]:
+        cal = irt.Calibration.from_dict(h["data"]["calibration"])
+        out.update(estimator=cal.estimator, cv_mae=cal.cv_mae, dims=cal.model.dims, anchors=len(cal.anchors.items),
+                   anchor_method=cal.anchors.method, fitted_on=len(h["data"]["fitted_on"]))
+    return out

@@ -1,0 +1,368 @@
+"""IRT-reduced fitness: the math on synthetic 2PL data (parameter recovery, deterministic anchors, estimator error on
+held-out candidates), bad input, and the search policy (anchors only after calibration, estimates stored as such,
+resume identity), on a synthetic task and on the zoo."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.fitness import irt
+from evomerge.fitness.objectives import FitnessConfigError, Objective, ObjectiveSet, parse_objectives
+from evomerge.search import toy
+from evomerge.search.jobs import resume_job, run_job
+from evomerge.search.loop import Progress
+from evomerge.store import Store
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def synthetic(m: int, n: int, dims: int = 1, seed: int = 0, a_mu: float = 0.3):
+    """Responses of m candidates to n items; with dims > 1 each item mostly measures one skill (as arithmetic and
+    cipher items do)."""
+    rng = np.random.default_rng(seed)
+    theta = rng.normal(size=(m, dims))
+    a = rng.lognormal(a_mu, 0.3, size=(n, dims))
+    if dims > 1:
+        a *= np.where(np.arange(dims)[None, :] == (np.arange(n) % dims)[:, None], 1.0, 0.15)
+    b = rng.normal(size=n)
+    P = 1 / (1 + np.exp(-(theta @ a.T - b)))
+    return (rng.random((m, n)) < P).astype(float), theta, a, b
+
+
+# ------------------------------------------------------------------------------------------------ the math
+
+def test_fit_recovers_known_2pl_parameters():
+    Y, theta, a, b = synthetic(300, 80, seed=1)
+    model = irt.fit_mirt(Y, 1, seed=0)
+    assert np.corrcoef(model.a[:, 0], a[:, 0])[0, 1] > 0.8
+    assert np.corrcoef(model.b, b)[0, 1] > 0.95
+    assert np.corrcoef(model.theta[:, 0], theta[:, 0])[0, 1] > 0.9
+    assert np.isnan(model.fixed).all()
+
+
+def test_fit_recovers_two_dimensional_probabilities():
+    """With two dimensions the parameters are identified only up to a rotation; the probabilities are not."""
+    Y, theta, a, b = synthetic(250, 60, dims=2, seed=2)
+    model = irt.fit_mirt(Y, 2, seed=0)
+    P_true = 1 / (1 + np.exp(-(theta @ a.T - b)))
+    P_fit = np.array([model.prob(t) for t in model.theta])
+    assert np.corrcoef(P_true.ravel(), P_fit.ravel())[0, 1] > 0.93
+    assert irt.choose_dims(Y, (1, 2), seed=0)[0] == 2
+    Y1, *_ = synthetic(250, 60, dims=1, seed=3)
+    assert irt.choose_dims(Y1, (1, 2, 3), seed=0)[0] == 1
+
+
+def test_fits_are_deterministic():
+    Y, *_ = synthetic(60, 50, seed=4)
+    m1, m2 = irt.fit_mirt(Y, 2, seed=3), irt.fit_mirt(Y, 2, seed=3)
+    assert np.array_equal(m1.a, m2.a) and np.array_equal(m1.b, m2.b) and np.array_equal(m1.theta, m2.theta)
+    d = irt.IRTModel.from_dict(m1.to_dict())
+    assert np.array_equal(d.a, m1.a) and np.array_equal(d.theta, m1.theta)
+
+
+@pytest.mark.parametrize("method", irt.ANCHOR_METHODS)
+def test_anchor_selection_is_deterministic_and_seeded(method):
+    Y, *_ = synthetic(60, 200, dims=2, seed=5)
+    model = irt.fit_mirt(Y, 2, seed=0)
+    a1 = irt.choose_anchors(model, 20, method, seed=1, responses=Y)
+    a2 = irt.choose_anchors(model, 20, method, seed=1, responses=Y)
+    a3 = irt.choose_anchors(model, 20, method, seed=2, responses=Y)
+    assert np.array_equal(a1.items, a2.items) and np.array_equal(a1.weights, a2.weights)
+    assert not np.array_equal(a1.items, a3.items)
+    assert len(set(a1.items.tolist())) == len(a1.items) >= 18  # k-means may leave a cluster empty, rarely
+    assert a1.weights.sum() == pytest.approx(1.0) and (a1.weights > 0).all()
+    assert np.array_equal(irt.Anchors.from_dict(a1.to_dict()).items, a1.items)
+
+
+def test_estimators_on_held_out_candidates_stay_within_bounds():
+    """60 candidates fitted, 150 held out (never in a fit), 40 anchors of 400 items, one skill. On such data (every
+    answer an independent coin flip) no estimator can beat a random subset by much: the bound is the point."""
+    Y, *_ = synthetic(210, 400, dims=1, seed=6, a_mu=1.0)
+    cal = irt.calibrate(Y[:60], 40, "irt", seed=0, parents=[0, 1, 2], dims=(1, 2))
+    truth = Y[60:].mean(1)
+    maes, covered = {}, {}
+    for e in irt.ESTIMATORS:
+        est = [cal.estimate(Y[j, cal.anchors.items], e) for j in range(60, 210)]
+        err = np.abs(np.array([x.value for x in est]) - truth)
+        maes[e] = err.mean()
+        covered[e] = np.mean(err <= 2 * np.array([x.sd for x in est]))
+    assert maes["pirt"] < 0.05 and maes["gpirt"] < 0.05 and maes["merge3"] < 0.05 and maes["anchor"] < 0.06, maes
+    assert maes[cal.estimator] <= min(maes.values()) + 0.005, (cal.estimator, maes)  # cross-validation chose well
+    assert all(c > 0.85 for c in covered.values()), covered  # uncertainties mean something (2 sd: 95% if exact)
+    assert set(cal.cv_mae) == {"anchor", "pirt", "gpirt", "merge3"} and cal.estimator in ("pirt", "gpirt", "merge3")
+    assert 0.0 <= cal.lam <= 1.0 and cal.model.dims == 1
+
+
+def test_irt_beats_a_random_subset_when_skills_are_many_and_merges_mix_two_parents():
+    """Five skills, items each measuring one, merged candidates whose abilities lie on the line through their two
+    parents' (as merges of two experts do): 10 anchors of 300 items."""
+    rng = np.random.default_rng(7)
+    n, dims = 300, 5
+    a = rng.lognormal(0.6, 0.3, (n, dims)) * np.where(np.arange(dims)[None, :] == (np.arange(n) % dims)[:, None], 1, 0.1)
+    b = rng.normal(0, 1, n)
+    parents = rng.normal(0, 1.5, (2, dims))
+    w = rng.uniform(-0.2, 1.2, size=(120, 1))
+    theta = np.vstack([parents, np.hstack([w, 1 - w]) @ parents])
+    Y = (rng.random((122, n)) < 1 / (1 + np.exp(-(theta @ a.T - b)))).astype(float)
+    cal = irt.calibrate(Y[:42], 10, "irt", seed=0, parents=[0, 1], dims=5)
+    held = range(42, 122)
+    err = {e: np.mean([abs(cal.estimate(Y[j, cal.anchors.items], e).value - Y[j].mean()) for j in held])
+           for e in ("pirt", "gpirt", "merge3")}
+    random_mae = np.mean([abs(Y[j, rng.choice(n, 10, replace=False)].mean() - Y[j].mean()) for j in held])
+    assert random_mae > 0.1, random_mae
+    assert err["merge3"] < 0.045 and err["pirt"] < 0.05 and err["gpirt"] < 0.05, err
+    assert max(err.values()) < 0.45 * random_mae, (err, random_mae)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def test_bad_input_says_what_to_do():
+    Y, *_ = synthetic(20, 50, seed=8)
+    with pytest.raises(irt.IRTUnavailable, match="at least 8"):
+        irt.calibrate(Y[:5], 10)
+    with pytest.raises(irt.IRTUnavailable, match="50 items and anchors is 60"):
+        irt.calibrate(Y, 60)
+    const = Y.copy()
+    const[:, :45] = 1.0  # every candidate gets 45 items right: only 5 informative items
+    with pytest.raises(irt.IRTUnavailable, match="only 5 of the task's 50 items"):
+        irt.calibrate(const, 10)
+    model = irt.fit_mirt(const, 1)
+    assert (model.fixed[:45] == 1).all() and np.isnan(model.fixed[45:]).all()
+    assert model.prob(np.zeros(1))[:45].tolist() == [1.0] * 45
+    with pytest.raises(irt.IRTUnavailable, match="only 0 informative items"):
+        irt.choose_anchors(irt.fit_mirt(np.ones((10, 20)), 1), 5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"estimator": "irt", "seed_candidates": 3}, r"seed_candidates: expected a whole number >= 8.*raise it"),
+    ({"estimator": "irt", "anchors": 30, "limit": 20}, r"anchors: 30 anchors but `limit: 20`"),
+    ({"anchors": 30}, r"anchors only apply with `estimator: irt`"),
+    ({"estimator": "cheap"}, r"estimator: 'cheap' is not one of full, irt"),
+    ({"estimator": "irt", "anchor_method": "kmeans"}, r"anchor_method: 'kmeans' is not one of irt, correct, random"),
+    ({"estimator": "irt", "anchors": 0}, r"anchors: expected a whole number >= 1"),
+])
+def test_bad_irt_settings_name_file_field_and_fix(extra, message):
+    with pytest.raises(FitnessConfigError, match=message) as e:
+        parse_objectives({"objectives": [{"task": "zoo_mix", **extra}]}, source="obj.yaml")
+    assert str(e.value).startswith("obj.yaml: objectives[0]")
+
+
+def test_irt_settings_parse():
+    s = parse_objectives({"objectives": [{"task": "zoo_mix", "estimator": "irt", "anchors": 25, "anchor_method": "random",
+                                          "calibrate_every": 3, "seed_candidates": 16}, {"task": "zoo_arith"}]})
+    o, full = s.objectives
+    assert (o.estimator, o.anchors, o.anchor_method, o.calibrate_every, o.seed_candidates) == ("irt", 25, "random", 3, 16)
+    assert full.estimator == "full"
+
+
+# ------------------------------------------------------------------------------------------------ the search
+
+ITEMS = 200
+
+
+class QuizScorer:
+    """A stand-in for an lm-eval task: 200 right/wrong items from a two-dimensional 2PL model; a candidate's ability
+    comes from its recipe's numbers, its answers from a generator seeded by them (same recipe, same answers)."""
+
+    calls = 0
+    interrupt_at: int | None = None
+
+    def __init__(self, options: dict, split: str | None = None):
+        rng = np.random.default_rng(5)
+        self.a = rng.lognormal(0.6, 0.3, (ITEMS, 2)) * np.where(np.arange(2)[None, :] == np.arange(ITEMS)[:, None] % 2, 1, 0.1)
+        self.b = rng.normal(0, 1, ITEMS)
+        self.ids = [f"q{i:03d}" for i in range(ITEMS)]
+        self.options = options
+        quiz = Objective("quiz", kind="task", task="quiz", direction="maximise", **options.get("irt", {}))
+        self.objectives = ObjectiveSet((quiz, Objective("size", kind="task", task="toy", direction="minimise")),
+                                       split=split or "fitness", source="<quiz>")
+
+    def answers(self, recipe) -> np.ndarray:
+        xs = np.round(toy.numbers(recipe), 6)
+        theta = np.array([3 * (xs[0] - 0.5) + (xs[2] - 0.5), 3 * (xs[1] - 0.5) - (xs[3] - 0.5)])
+        p = 1 / (1 + np.exp(-(self.a @ theta - self.b)))
+        y = (np.random.default_rng(zlib.crc32(xs.tobytes())).random(ITEMS) < p).astype(float)
+        return np.ones(ITEMS) if self.options.get("constant") else y
+
+    def evaluate(self, recipe, items=None):
+        QuizScorer.calls += 1
+        if QuizScorer.interrupt_at is not None and QuizScorer.calls == QuizScorer.interrupt_at:
+            raise KeyboardInterrupt
+        y = self.answers(recipe)
+        keep = [self.ids.index(i) for i in items["quiz"]] if items and "quiz" in items else list(range(ITEMS))
+        xs = toy.numbers(recipe)
+        return toy.ToyResult({"quiz": float(y[keep].mean()), "size": sum(xs) / len(xs)},
+                             {"quiz": {self.ids[i]: float(y[i]) for i in keep}})
+
+
+def quiz_scorer(spec, split=None):
+    return QuizScorer(dict(spec.runtime.evaluator_options), split)
+
+
+def quiz_job(folder: Path, **options) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2}
+    spec = {"name": "quiz", "search_space": "sakana_ps",
+            "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
+            "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 48}, "seed": 2},
+            "runtime": {"evaluator": f"{__name__}:quiz_scorer", "evaluator_options": {"irt": settings, **options}},
+            "store": "store.sqlite"}
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def quiet(stream: io.StringIO | None = None) -> dict:
+    return {"out": io.StringIO(), "progress": Progress(stream or io.StringIO(), live=False)}
+
+
+def test_search_scores_anchors_only_after_calibration_and_stores_estimates(tmp_path):
+    log = io.StringIO()
+    result = run_job(quiz_job(tmp_path), **quiet(log))
+    store = Store(result.store)
+    rows = store.candidates("quiz")
+    items = store.items_of("quiz", "quiz")
+    ests = {e["candidate"]: e for e in store.estimates("quiz")}
+    assert len(rows) == 48
+    # generations 0-1 (12 seed candidates) in full; fits at generations 2, 4, 6 (every 2), from the archive
+    assert all(not r.estimated and len(items[r.id]) == ITEMS for r in rows if r.generation < 2)
+    fits = store.irt_history("quiz")
+    assert [h["generation"] for h in fits] == [2, 4, 6] and all(h["data"] for h in fits)
+    assert [len(h["data"]["fitted_on"]) for h in fits] == [12, 14, 16]  # + 2 calibration candidates per period
+    later = [r for r in rows if r.generation >= 2 and r.status == "done"]
+    estimated = [r for r in later if r.estimated]
+    full = [r for r in later if not r.estimated]
+    assert len(full) == 6 and {r.generation for r in full} == {3, 5, 7}  # calibration: 2 per refit period
+    assert all(len(items[r.id]) == 20 for r in estimated) and all(len(items[r.id]) == ITEMS for r in full)
+    # what the driver saw is the estimate, and the store says how it was made
+    for r in estimated:
+        assert r.values["quiz"] == ests[r.id]["value"] and r.losses[0] == -ests[r.id]["value"]
+        assert ests[r.id]["measured"] is None and ests[r.id]["scored"] == 20 and ests[r.id]["sd"] > 0
+    assert all(ests[r.id]["measured"] == r.values["quiz"] for r in full)
+    # held-out error: every estimated candidate against its full score (the scorer is deterministic)
+    scorer = QuizScorer({})
+    from evomerge.spaces.presets import build_space
+
+    space = build_space(result.report["spec"]["search_space"], {k: Path(v) for k, v in
+                                                                 result.report["spec"]["models"].items()}, "base")
+    answers = [scorer.answers(space.decode(np.array(r.genome))) for r in estimated]
+    err = [abs(r.values["quiz"] - y.mean()) for r, y in zip(estimated, answers)]
+    rng = np.random.default_rng(0)
+    random_err = [abs(y[rng.choice(ITEMS, 20, replace=False)].mean() - y.mean()) for y in answers]
+    assert len(err) >= 25 and np.mean(err) < 0.06 and np.mean(err) < 0.8 * np.mean(random_err), (err, random_err)
+    assert "IRT for quiz (generation 2): fitted on 12" in log.getvalue()
+    summary = result.report["irt"]["quiz"]
+    assert summary["estimated"] == len(estimated) and summary["calibration_checks"] == 6
+    seeds = sum(1 for r in rows if r.generation < 2 and r.status == "done")
+    n_full, n_est = seeds + len(full), len(estimated)
+    assert summary["items_fraction"] == pytest.approx((n_full * ITEMS + n_est * 20) / ((n_full + n_est) * ITEMS))
+    assert summary["items_fraction"] < 0.5
+
+
+def test_interrupted_irt_search_resumes_to_the_same_archive_even_when_refitting(tmp_path):
+    straight = run_job(quiz_job(tmp_path / "a"), **quiet())
+    path = quiz_job(tmp_path / "b")
+    QuizScorer.calls, QuizScorer.interrupt_at = 0, 33  # mid-generation 5 (some duplicates are not scored)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_job(path, **quiet())
+    finally:
+        QuizScorer.interrupt_at = None
+    store = Store(tmp_path / "b" / "store.sqlite")
+    assert store.job("quiz")["status"] == "interrupted" and store.last_checkpoint("quiz")[0] >= 3
+    store.db.execute("DELETE FROM irt")  # the resumed run must refit every calibration identically from the store
+    store.close()
+    resume_job(path, **quiet())
+    a = Store(straight.store, readonly=True)
+    b = Store(tmp_path / "b" / "store.sqlite", readonly=True)
+    assert [r.identity() for r in a.candidates("quiz")] == [r.identity() for r in b.candidates("quiz")]
+    assert [r.estimated for r in a.candidates("quiz")] == [r.estimated for r in b.candidates("quiz")]
+    assert any(r.estimated for r in b.candidates("quiz"))
+
+
+def test_items_every_candidate_gets_right_fall_back_to_full_scoring_and_say_so(tmp_path):
+    log = io.StringIO()
+    result = run_job(quiz_job(tmp_path, constant=True), **quiet(log))
+    store = Store(result.store)
+    assert not any(r.estimated for r in store.candidates("quiz"))
+    assert all(len(v) == ITEMS for v in store.items_of("quiz", "quiz").values())
+    assert "only 0 of the task's 200 items separate the fitted candidates" in log.getvalue()
+    assert "scoring quiz in full until the next refit" in log.getvalue()
+    assert result.report["irt"]["quiz"]["fallback"].startswith("only 0 of the task's 200 items")
+
+
+# ------------------------------------------------------------------------------------------------ the zoo
+
+class ZooInterrupt:
+    """The real scorer, interrupted (Ctrl-C) at a given call."""
+
+    calls = 0
+    at: int | None = None
+
+
+def zoo_scorer(spec, split=None):
+    from evomerge.search.evaluate import default_scorer
+
+    inner = default_scorer(spec, split)
+
+    class Wrapped:
+        objectives = inner.objectives
+
+        def evaluate(self, recipe, items=None):
+            ZooInterrupt.calls += 1
+            if ZooInterrupt.at is not None and ZooInterrupt.calls == ZooInterrupt.at:
+                raise KeyboardInterrupt
+            return inner.evaluate(recipe, items)
+
+        def close(self):
+            inner.close()
+
+    return Wrapped()
+
+
+def zoo_job(folder: Path, zoo: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    llama = zoo / "llama"
+    spec = {"name": "zoo-irt", "search_space": "sakana_ps",
+            "models": {"base": str(llama / "base"), "sources": {"arith": str(llama / "arith"), "cipher": str(llama / "cipher")}},
+            "objectives": {"include": [str(REPO / "fitness")], "objectives": [
+                {"task": "zoo_mix", "metric": "exact_match", "direction": "maximise", "limit": 100, "estimator": "irt",
+                 "anchors": 10, "seed_candidates": 8, "calibrate_every": 2, "calibrate_count": 1}]},
+            "driver": {"algorithm": "cmaes", "population": 4, "budget": {"evaluations": 20}, "seed": 1},
+            "runtime": {"threads": 1, "backend": "hf", "evaluator": f"{__name__}:zoo_scorer"},
+            "store": "store.sqlite"}
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_zoo_search_with_irt_fitness_estimates_and_resumes_identically(tmp_path, zoo_dir, monkeypatch):
+    monkeypatch.chdir(REPO)
+    straight = run_job(zoo_job(tmp_path / "a", zoo_dir), **quiet())
+    store = Store(straight.store, readonly=True)
+    rows = store.candidates("zoo-irt")
+    items = store.items_of("zoo-irt", "zoo_mix")
+    est = [r for r in rows if r.estimated]
+    assert est and all(r.generation >= 2 and len(items[r.id]) == 10 for r in est)
+    assert all(len(items[r.id]) == 100 for r in rows if not r.estimated and r.status == "done")
+    assert straight.report["front"] and all(c["test"] for c in straight.report["front"])  # test split: measured
+    ZooInterrupt.calls, ZooInterrupt.at = 0, 15  # in generation 3 (a calibration one), a fit in the store
+    path = zoo_job(tmp_path / "b", zoo_dir)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_job(path, **quiet())
+    finally:
+        ZooInterrupt.at = None
+    cut = Store(tmp_path / "b" / "store.sqlite", readonly=True)
+    assert cut.last_checkpoint("zoo-irt")[0] >= 3 and cut.irt("zoo-irt", "zoo_mix", 2)[0] is not None
+    cut.close()
+    resume_job(path, **quiet())
+    again = Store(tmp_path / "b" / "store.sqlite", readonly=True)
+    assert [r.identity() for r in rows] == [r.identity() for r in again.candidates("zoo-irt")]
