@@ -25,6 +25,7 @@ import numpy as np
 
 from evomerge.search.drivers import CMAES, Driver, PymooDriver, make_driver
 from evomerge.search.front import hypervolume, pareto_mask
+from evomerge.search.irt_policy import IRTPolicy
 from evomerge.search.runtime import Outcome, Runtime
 from evomerge.search.spec import JobSpec, SearchStopped
 from evomerge.spaces.presets import Space, build_space
@@ -83,6 +84,7 @@ class Search:
         self.width = self.upper - self.lower
         self.seeds = self.space.seeds()
         self.retry_failed = False  # a resumed `stopped` job re-evaluates the failures of its unfinished generation
+        self.irt = IRTPolicy.for_search(self)  # IRT-reduced fitness: None unless an objective says `estimator: irt`
 
     # ------------------------------------------------------------ genomes
 
@@ -166,6 +168,8 @@ class Search:
                                      recipe_hash=recipe_hash(text), origin=origin, status="pending", parents=pool))
             recipes[cid] = recipe
         self.store.add_candidates(self.job, rows)
+        if self.irt:  # IRT: fit or load the calibration, choose who is scored on anchors only
+            self.irt.plan(g, rows)
         results = self._evaluate(state, rows, recipes)
         F = np.array([self.losses(results[r.id]) for r in rows])
         driver.tell(X, F)
@@ -218,9 +222,11 @@ class Search:
                 duplicates.append((r.id, first_of[r.recipe_hash]))
                 continue
             first_of[r.recipe_hash] = r.id
-            self.runtime.submit(r.id, recipes[r.id])
+            self.runtime.submit(r.id, recipes[r.id], items=self.irt.items_for(r.id) if self.irt else None)  # IRT
             self.store.mark_running(self.job, r.id)
         for out in self.runtime.as_completed():
+            if self.irt:  # IRT: anchor-only scores become estimates (what the driver sees)
+                out = self.irt.finish(out)
             self._record(state, out)
             results[out.cid] = out.values if out.ok else None
         for cid, first in duplicates:
