@@ -28,19 +28,33 @@ class JobResult:
     html_path: Path
 
 
-def make_runtime(spec: JobSpec) -> Runtime:
-    """The Ray runtime when it is there (next issue); for now, in-process evaluation."""
-    return LocalRuntime(spec)
+def make_runtime(spec: JobSpec, address: str | None = None) -> Runtime:
+    """`runtime.kind`: `local` evaluates in this process; `ray` runs `runtime.workers` Ray actors (joining
+    `address`, else RAY_ADDRESS, else a private loopback Ray); `auto` (the default) is `ray` when there is more
+    than one worker or a cluster to join, else `local`. The address is where a job runs, not what it searches,
+    so it is not part of the stored spec: a resumed job may run elsewhere."""
+    from evomerge.runtime.cluster import address_from
+
+    address = address_from(address)
+    kind = spec.runtime.kind
+    if kind == "auto":
+        kind = "ray" if spec.runtime.workers > 1 or address else "local"
+    if kind == "local":
+        return LocalRuntime(spec)
+    from evomerge.runtime.scheduler import RayRuntime
+
+    return RayRuntime(spec, address=address)
 
 
-def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | None = None) -> JobResult:
+def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | None = None,
+            address: str | None = None) -> JobResult:
     spec = load_job(path)
     store = Store(spec.store)
     try:
         if store.job(spec.name) is not None:
             raise StoreError(f"{spec.store}: a job named '{spec.name}' exists already; `evomerge resume {path}` continues "
                              "it, or give the new job another name")
-        runtime = make_runtime(spec)
+        runtime = make_runtime(spec, address)
         try:
             store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
             spec = JobSpec.from_dict(store.job(spec.name)["spec"])  # run from the stored spec, as resume does
@@ -76,10 +90,10 @@ def find_job(target: str | Path, name: str | None = None) -> tuple[Store, JobSpe
 
 
 def resume_job(target: str | Path, name: str | None = None, out: TextIO | None = None,
-               progress: Progress | None = None) -> JobResult:
+               progress: Progress | None = None, address: str | None = None) -> JobResult:
     store, spec = find_job(target, name)
     try:
-        runtime = make_runtime(spec)
+        runtime = make_runtime(spec, address)
         try:
             return _search_and_report(spec, store, runtime, out, progress)
         finally:
@@ -93,6 +107,9 @@ def _search_and_report(spec: JobSpec, store: Store, runtime: Runtime, out: TextI
     out = out or sys.stdout
     search = Search(spec, store, runtime, progress)
     search.run()
+    stats = getattr(runtime, "stats", None)  # the Ray runtime measures where its workers' time went
+    if stats is not None:
+        out.write(f"runtime: {stats().summary()}\n")
     report = build_report(search)
     json_path, html_path = write_report(report, Path(spec.report))
     store.set_status(spec.name, "done")

@@ -17,8 +17,12 @@
       options: {}                    # passed to the algorithm (cmaes: sigma0)
       max_failures_in_a_row: 10      # then the job stops with a diagnosis
     runtime:
-      workers: 1                     # in-process now; the Ray runtime runs this many workers
-      threads: 1                     # torch threads per worker
+      kind: auto                     # auto | local | ray. auto: Ray when workers > 1 or an address is given
+                                     # (`evomerge run --address`, RAY_ADDRESS), else in-process
+      workers: 1                     # Ray worker actors (each loads the models once)
+      threads: 1                     # torch threads (= Ray CPU slots) per worker
+      gpus: 0                        # GPUs per Ray worker (default 1 with device cuda)
+      max_retries: 2                 # a candidate whose worker died is sent again this many times, then failed
       device: cpu
       backend: hf                    # hf | vllm | auto
       batch_size: 64
@@ -43,7 +47,9 @@ from evomerge.yamlfile import read_yaml
 
 TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "driver", "runtime", "store", "report")
 DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row")
-RUNTIME_KEYS = ("workers", "threads", "device", "backend", "batch_size", "evaluator", "evaluator_options")
+RUNTIME_KEYS = ("kind", "workers", "threads", "gpus", "max_retries", "device", "backend", "batch_size", "evaluator",
+                "evaluator_options")
+RUNTIME_KINDS = ("auto", "local", "ray")
 
 
 class JobSpecError(ValueError):
@@ -67,8 +73,11 @@ class DriverSpec:
 
 @dataclass
 class RuntimeSpec:
+    kind: str = "auto"  # auto: Ray when workers > 1 or a cluster address is given, else in-process
     workers: int = 1
     threads: int = 1
+    gpus: float = 0.0  # per Ray worker (default 1 when device is cuda)
+    max_retries: int = 2  # times a candidate is sent again after its worker died
     device: str = "cpu"
     backend: str = "hf"
     batch_size: int = 64
@@ -198,9 +207,19 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> J
     if not isinstance(rt, dict):
         raise where.error("runtime", "must be a mapping (workers, threads, device, backend, batch_size, evaluator)")
     where.unknown(rt, RUNTIME_KEYS, "runtime.")
+    kind = str(rt.get("kind", "auto"))
+    if kind not in RUNTIME_KINDS:
+        raise where.error("runtime.kind", f"must be auto, local or ray, got {kind!r}")
+    device = str(rt.get("device", "cpu"))
+    gpus = rt.get("gpus", 1 if device.startswith("cuda") else 0)
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0:
+        raise where.error("runtime.gpus", f"must be a number of GPUs per worker >= 0 (e.g. 1, or 0.5 to share one), "
+                          f"got {gpus!r}")
     runtime = RuntimeSpec(
-        workers=_int(where, "runtime.workers", rt.get("workers", 1)), threads=_int(where, "runtime.threads", rt.get("threads", 1)),
-        device=str(rt.get("device", "cpu")), backend=str(rt.get("backend", "hf")),
+        kind=kind, workers=_int(where, "runtime.workers", rt.get("workers", 1)),
+        threads=_int(where, "runtime.threads", rt.get("threads", 1)), gpus=float(gpus),
+        max_retries=_int(where, "runtime.max_retries", rt.get("max_retries", 2), 0),
+        device=device, backend=str(rt.get("backend", "hf")),
         batch_size=_int(where, "runtime.batch_size", rt.get("batch_size", 64)), evaluator=rt.get("evaluator"),
         evaluator_options=dict(rt.get("evaluator_options") or {}))
     if runtime.backend not in ("hf", "vllm", "auto"):

@@ -1,0 +1,80 @@
+"""Where the Ray workers run: a private Ray started for this process, or an existing cluster joined by address.
+
+Private mode (no address): Ray is started inside this process's session, bound to 127.0.0.1, with no dashboard
+unless asked, and shut down by `close()`. Everything Ray reads at import time is set before `import ray`:
+- `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes GCS, raylet and workers listen on 127.0.0.1 only (Ray's own
+  "single machine" switch; without it they listen on every interface);
+- authentication is token mode, deliberately: a random token made for this process is kept in its environment
+  (`RAY_AUTH_TOKEN`, inherited by the Ray processes it starts) and never written to `~/.ray`. Other users of the
+  machine cannot drive the cluster, and nothing is left behind. A token you set yourself
+  (`RAY_AUTH_TOKEN` / `RAY_AUTH_TOKEN_PATH`, or `RAY_AUTH_MODE`) is respected.
+
+Cluster mode (`--address`, or `RAY_ADDRESS`): nothing is changed in the environment; the cluster's own
+authentication applies (for a token cluster: `RAY_AUTH_MODE=token` and its token, as `ray` commands need).
+
+If Ray is already initialised in this process (a test fixture, a service), it is used as it is and left running.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+
+
+def address_from(cli_address: str | None = None) -> str | None:
+    """The cluster to join: the command line's `--address`, else `RAY_ADDRESS`, else None (private Ray)."""
+    return cli_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _private_environment() -> None:
+    """Loopback-only listeners and a per-process token; must run before `import ray` for the first one."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if "ray" in sys.modules:  # imported earlier: Ray read the switch then, so set what it read too
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private run reports nothing anywhere
+
+
+@dataclass
+class Cluster:
+    """A connection to Ray; `owned` when this process opened it: `close()` then disconnects (and stops a private Ray)."""
+
+    address: str
+    owned: bool
+    private: bool
+
+    def resources(self) -> dict[str, float]:
+        import ray
+
+        return dict(ray.cluster_resources())
+
+    def close(self) -> None:
+        if self.owned:
+            import ray
+
+            ray.shutdown()
+            self.owned = False
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> Cluster:
+    """Join `address` ("host:port", "ray://host:port" or "auto"), or start a private loopback Ray with `num_cpus`
+    CPU slots (default: the machine's cores) when `address` is None."""
+    if address is None:
+        _private_environment()
+    import ray
+
+    if ray.is_initialized():
+        return Cluster(ray.get_runtime_context().gcs_address, owned=False, private=address is None)
+    quiet = {"log_to_driver": True, "logging_level": "WARNING"}
+    if address is None:
+        ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=dashboard,
+                       dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
+        return Cluster(ctx.address_info["gcs_address"], owned=True, private=True)
+    ray.init(address=address, **quiet)
+    return Cluster(address, owned=True, private=False)
