@@ -1,0 +1,396 @@
+"""What the dashboard shows, as plain JSON-ready dicts built from a read-only store.
+
+Why a module of its own: the server only routes and the page only draws, so everything a reader might check
+(which points are on the front, how a recipe's weight resolves at layer 7, the export command) is computed
+here, with evomerge's own code (the store, `pareto_mask`/`hypervolume`, the merge planner's parameter
+resolution), and can be tested without a browser.
+
+Nothing here unpickles: the optimiser checkpoints are never read (a viewer must not run code from a store).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import yaml
+
+from evomerge.search.front import hypervolume, pareto_mask
+from evomerge.store import CandidateRow, Store
+
+PROGRESS_POINTS = 300  # hypervolume is computed at most this many times per job view
+CANDIDATE_ROWS = 400  # the candidates table keeps the most recent rows only
+OTHER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "ln_1.weight", "norm.weight")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+UNKNOWN_LAYERS = 8  # columns drawn when no model folder says how many layers there are
+
+
+def _finite(v: Any) -> Any:
+    """JSON has no NaN/inf: send them as None."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _clean(values: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if values is None else {k: _finite(v) for k, v in values.items()}
+
+
+# ---------------------------------------------------------------- jobs
+
+def objectives(rows: Iterable[CandidateRow]) -> list[dict[str, str]]:
+    """Objective names and directions, read back from the rows: names in the order of the stored values, and a
+    direction from the sign of the loss the driver saw (loss = -value for a maximised objective). This works
+    for every store, also jobs with a custom evaluator whose spec names no objectives file."""
+    names: list[str] = []
+    direction: dict[str, str] = {}
+    for r in rows:
+        if r.status != "done" or not r.values or not r.losses:
+            continue
+        if not names:
+            names = list(r.values)
+        for name, loss in zip(names, r.losses):
+            v = r.values.get(name)
+            if name not in direction and v and math.isfinite(v) and math.isfinite(loss):
+                direction[name] = "maximise" if math.isclose(loss, -v, rel_tol=1e-9) else "minimise"
+        if len(direction) == len(names):
+            break
+    return [{"name": n, "direction": direction.get(n, "minimise")} for n in names]
+
+
+def job_summary(store: Store, name: str) -> dict[str, Any]:
+    """One line of the jobs list: state, progress against the budget, counts."""
+    job = store.job(name)
+    assert job is not None
+    driver = job["spec"].get("driver", {})
+    counts = store.counts(name)
+    asked = sum(counts.values())
+    budget = {"evaluations": driver.get("max_evaluations"), "seconds": driver.get("max_seconds")}
+    gen = store.db.execute("SELECT MAX(generation) FROM candidates WHERE job=?", (name,)).fetchone()[0]
+    finished = counts.get("done", 0) + counts.get("failed", 0) + counts.get("cached", 0)
+    progress = None
+    if budget["evaluations"]:
+        progress = min(1.0, finished / budget["evaluations"])
+    return {"name": name, "status": job["status"], "reason": job["reason"], "created": job["created"],
+            "updated": job["updated"], "algorithm": driver.get("algorithm"), "population": driver.get("population"),
+            "budget": budget, "counts": counts, "asked": asked, "finished": finished, "progress": progress,
+            "generations": 0 if gen is None else int(gen) + 1, "front_size": len(store.front(name)),
+            "search_space": _space_name(job["spec"].get("search_space"))}
+
+
+def _space_name(space: Any) -> str:
+    if isinstance(space, dict):
+        return str(space.get("kind", "?")) + (f" ({space['method']})" if space.get("method") else "")
+    return str(space)
+
+
+def jobs(store: Store) -> list[dict[str, Any]]:
+    return [job_summary(store, n) for n in store.jobs()]
+
+
+def signature(store: Store) -> list[dict[str, Any]]:
+    """What changes while a job runs (cheap to read every 2 s): the page refetches when it does."""
+    out = []
+    for name in store.jobs():
+        job = store.job(name)
+        assert job is not None
+        last = store.db.execute("SELECT MAX(finished), COUNT(*) FROM candidates WHERE job=?", (name,)).fetchone()
+        out.append({"name": name, "status": job["status"], "updated": job["updated"], "counts": store.counts(name),
+                    "last_finished": last[0], "asked": last[1]})
+    return out
+
+
+def job_detail(store: Store, name: str) -> dict[str, Any] | None:
+    """Everything the job view draws: points (front, dominated, parents), progress curves, the candidates."""
+    job = store.job(name)
+    if job is None:
+        return None
+    spec = job["spec"]
+    rows = store.candidates(name)
+    objs = objectives(rows)
+    front = set(store.front(name))
+    split = spec.get("report_split", "test")
+    scores = store.scores(name, split)
+    labels = model_labels(spec)
+    points = []
+    for r in rows:
+        if r.status != "done" or r.values is None:
+            continue
+        test = (scores.get(f"candidate:{r.id}") or {}).get("values")
+        points.append({"id": r.id, "generation": r.generation, "origin": r.origin, "values": _clean(r.values),
+                       "estimated": r.estimated, "front": r.id in front, "parent": r.origin.startswith("parent:"),
+                       "summary": recipe_summary(r.recipe, labels), split: _clean(test)})
+    table = [{"id": r.id, "generation": r.generation, "origin": r.origin, "status": r.status,
+              "values": _clean(r.values), "estimated": r.estimated, "reason": r.reason, "cached_from": r.cached_from,
+              "front": r.id in front} for r in rows[-CANDIDATE_ROWS:]]
+    parents = []
+    for label in spec.get("models", {}):
+        row = next((r for r in rows if r.generation == 0 and r.origin == f"parent:{label}"), None)
+        test = scores.get(f"parent:{label}") or {}
+        parents.append({"name": label, "candidate": None if row is None else row.id, "status": row and row.status,
+                        "fitness": None if row is None else _clean(row.values), split: _clean(test.get("values")),
+                        "reason": test.get("reason")})
+    return {"summary": job_summary(store, name), "objectives": objs, "split": split, "points": points,
+            "front": sorted(front), "parents": parents, "candidates": table, "shown_from": rows[-CANDIDATE_ROWS:][0].id
+            if rows else 0, "progress": progress(rows, objs), "store": str(store.path)}
+
+
+def progress(rows: list[CandidateRow], objs: list[dict[str, str]]) -> dict[str, Any]:
+    """Hypervolume of the front so far and the best value per objective, against the candidates asked for.
+    The hypervolume's reference point is the worst loss of generation 0 per objective, as the search's own
+    progress line uses, so both show the same numbers."""
+    done = [r for r in rows if r.status == "done" and r.losses is not None and r.values is not None]
+    out: dict[str, Any] = {"evaluations": [], "hypervolume": [], "best": {o["name"]: [] for o in objs},
+                           "reference": None}
+    if not done or not objs:
+        return out
+    k = len(objs)
+    gen0 = [r.losses for r in done if r.generation == 0]
+    ref = np.max(np.array(gen0 or [r.losses for r in done], dtype=float)[:, :k], axis=0)
+    out["reference"] = [float(v) for v in ref]
+    step = max(1, math.ceil(len(done) / PROGRESS_POINTS))
+    front = np.empty((0, k))
+    best = np.full(k, np.inf)
+    for i, r in enumerate(done):
+        loss = np.array(r.losses[:k], dtype=float)
+        best = np.minimum(best, loss)
+        both = np.vstack([front, loss])
+        front = both[pareto_mask(both)]
+        if i % step == 0 or i == len(done) - 1:
+            out["evaluations"].append(r.id + 1)
+            out["hypervolume"].append(_finite(hypervolume(front, ref)) if k > 1 else None)
+            for j, o in enumerate(objs):
+                out["best"][o["name"]].append(_finite(float(-best[j] if o["direction"] == "maximise" else best[j])))
+    return out
+
+
+# ---------------------------------------------------------------- candidates
+
+def model_labels(spec: dict[str, Any]) -> dict[str, str]:
+    """Model folder (as written in recipes) -> the job's name for it, so the page says `arith`, not a path."""
+    out = {}
+    for name, folder in (spec.get("models") or {}).items():
+        out[str(folder)] = name
+    return out
+
+
+def _label(model: str, labels: dict[str, str]) -> str:
+    return labels.get(model) or labels.get(str(Path(model))) or Path(model).name or model
+
+
+def _parse(text: str) -> Any:
+    """A stored recipe, parsed without touching the model folders (the dashboard may run on another machine)."""
+    from evomerge.merge.dataflow import parse_dataflow
+    from evomerge.merge.recipe import parse_recipe
+
+    data = yaml.safe_load(text)
+    if isinstance(data, dict) and "dataflow" in data:
+        return parse_dataflow(data, check_paths=False)
+    return parse_recipe(data, check_paths=False)
+
+
+def recipe_summary(text: str, labels: dict[str, str]) -> str:
+    """One line per recipe (the report's wording), with the job's model names instead of folders."""
+    from evomerge.search.report import describe_recipe
+
+    try:
+        line = describe_recipe(_parse(text))
+    except Exception as e:  # noqa: BLE001 - a summary must never break the page; say what happened instead
+        return f"(recipe not readable: {e})"
+    for folder, name in labels.items():
+        line = line.replace(f"{Path(folder).name} ", f"{name} ")
+    return line
+
+
+def _num_layers(folder: str | None) -> int | None:
+    if not folder:
+        return None
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    return next((int(cfg[k]) for k in LAYER_COUNT_KEYS if isinstance(cfg.get(k), int)), None)
+
+
+def _settings(recipe: Any) -> Iterable[Any]:
+    for params in [recipe.parameters] + [sl.parameters for sl in recipe.slices or ()] + \
+            [s.parameters for s in recipe.all_sources()]:
+        for key in ("weight", "density"):
+            if key in params:
+                yield params[key]
+
+
+def _module_groups(recipe: Any) -> list[tuple[str, str]]:
+    """(row label, a representative tensor name pattern with `{L}` for the layer) per module group: one group when
+    no setting uses `{filter, value}` lists, else one per filter plus one for tensors no filter matches."""
+    filters: list[str] = []
+    for setting in _settings(recipe):
+        entries = setting if isinstance(setting, list) else [setting]
+        for e in entries:
+            if isinstance(e, dict) and e.get("filter") not in (None, "*") and str(e["filter"]) not in filters:
+                filters.append(str(e["filter"]))
+    if not filters:
+        return [("", "model.layers.{L}.mlp.down_proj.weight")]
+    groups = [(f, "model.layers.{L}." + f + ".weight") for f in filters]
+    other = next((t for t in OTHER_TENSORS if not any(f in t for f in filters)), None)
+    if other:
+        groups.append(("other", "model.layers.{L}." + other))
+    return groups
+
+
+def heatmaps(recipe: Any, labels: dict[str, str], title: str = "") -> list[dict[str, Any]]:
+    """Per parameter (weight, density), a matrix: rows = model (x module group), columns = output layers.
+    Each cell is what the merge itself would use there: the planner's resolver (model -> slice -> recipe ->
+    method default) at the layer's gradient position, as `evomerge merge` resolves it."""
+    from evomerge.merge.methods import METHODS
+    from evomerge.merge.plan import _Resolver
+    from evomerge.merge.recipe import Slice, Source
+    from evomerge.merge.settings import layer_position
+
+    spec = METHODS[recipe.merge_method]
+    params = [p for p in ("weight", "density") if p in spec.model_params]
+    note = None
+    if recipe.slices is not None:
+        slices = list(recipe.slices)
+    else:
+        n = _num_layers(recipe.base_model) or next(
+            (x for x in (_num_layers(s.model) for s in recipe.models or ()) if x), None)
+        if n is None:
+            n, note = UNKNOWN_LAYERS, (f"no model folder readable here to count layers: {UNKNOWN_LAYERS} columns "
+                                       "at evenly spaced gradient positions")
+        slices = [Slice(tuple(Source(s.model, s.parameters, (0, n)) for s in recipe.models or ()))]
+    resolver = _Resolver(recipe)
+    groups = _module_groups(recipe)
+    # rows keyed by (model, group); columns appended slice by slice (output layers)
+    rows: dict[tuple[str, str], dict[str, list[Any]]] = {}
+    columns: list[str] = []
+    for sl in slices:
+        base = sl.base_model or recipe.base_model
+        first = sl.sources[0].layer_range
+        assert first is not None
+        length = first[1] - first[0]
+        for offset in range(length):
+            t = layer_position(offset, length)
+            columns.append(str(len(columns)))
+            for src in sl.sources:
+                if src.model == base and spec.accepts_base:
+                    continue  # the base is the reference the task vectors start from, not a weighted model
+                assert src.layer_range is not None
+                for group, pattern in groups:
+                    tensor = pattern.replace("{L}", str(src.layer_range[0] + offset))
+                    values = resolver.model_params(sl, src, tensor, t, is_base=False)
+                    row = rows.setdefault((src.model, group), {p: [] for p in params})
+                    pad = len(columns) - 1 - len(row[params[0]]) if params else 0
+                    for p in params:
+                        row[p].extend([None] * pad)  # a model absent from earlier slices
+                        v = values.get(p)
+                        row[p].append(None if v is None else _finite(float(v)))
+    out = []
+    for p in params:
+        names, z = [], []
+        for (model, group), row in rows.items():
+            names.append(_label(model, labels) + (f" · {group}" if group else ""))
+            z.append(row[p] + [None] * (len(columns) - len(row[p])))
+        out.append({"parameter": p, "title": (f"{title}: " if title else "") + p, "rows": names, "layers": columns,
+                    "z": z, "note": note})
+    return out
+
+
+def dataflow_path(recipe: Any, labels: dict[str, str]) -> dict[str, Any]:
+    """The layer path: one cell per hop (source, layer, scale), sources named as in the job."""
+    name = {s: (_label(str(v), labels) if isinstance(v, Path) else s) for s, v in recipe.sources.items()}
+    hops = [{"index": i, "source": name.get(h.model, _label(h.model, labels)), "layer": h.layer, "scale": h.scale}
+            for i, h in enumerate(recipe.path)]
+    sources = list(dict.fromkeys(h["source"] for h in hops))
+    return {"hops": hops, "sources": sources, "embed": name.get(recipe.embed, _label(recipe.embed, labels)),
+            "head": name.get(recipe.head, _label(recipe.head, labels))}
+
+
+def export_command(store: Path | str, job: str, cid: int) -> str:
+    """The command that writes this candidate as a model folder (`evomerge export`)."""
+    out = "out/" + re.sub(r"[^A-Za-z0-9_.-]+", "-", job).strip("-") + f"-candidate-{cid}"
+    return (f"evomerge export {shlex.quote(str(store))} --job {shlex.quote(job)} --candidate {cid} "
+            f"--format model -o {shlex.quote(out)}")
+
+
+def _estimates(store: Store, job: str) -> list[dict[str, Any]]:
+    """IRT estimates (value, sd, estimator, items scored) where the store keeps them (schema 2 and later)."""
+    reader = getattr(store, "estimates", None)
+    return reader(job) if callable(reader) else []
+
+
+def _parent_score(row: CandidateRow | None, test: dict[str, Any] | None, name: str, split: str) -> dict[str, Any]:
+    """A parent's value on one objective: fitness (its generation-0 row) and the report split; `failed` where
+    either evaluation failed, so the page says so instead of showing a blank."""
+    fitness = "failed" if row is not None and row.status == "failed" else _finite((row.values or {}).get(name)) if row else None
+    if test is not None and test.get("reason"):
+        held_out: Any = "failed"
+    else:
+        held_out = _finite(((test or {}).get("values") or {}).get(name))
+    return {"fitness": fitness, split: held_out}
+
+
+def candidate_detail(store: Store, name: str, cid: int) -> dict[str, Any] | None:
+    """One candidate: recipe, per-layer parameters or layer path, scores beside the parents, lineage, export."""
+    job = store.job(name)
+    row = store.candidate(name, cid)
+    if job is None or row is None:
+        return None
+    spec = job["spec"]
+    labels = model_labels(spec)
+    split = spec.get("report_split", "test")
+    all_rows = store.candidates(name)
+    objs = objectives(all_rows)
+    recipe_error, maps, path, summary = None, [], None, ""
+    try:
+        recipe = _parse(row.recipe)
+        from evomerge.merge.dataflow import DataflowRecipe
+        from evomerge.search.report import describe_recipe
+
+        summary = describe_recipe(recipe)
+        if isinstance(recipe, DataflowRecipe):
+            path = dataflow_path(recipe, labels)
+            for src_name, src in recipe.sources.items():
+                if not isinstance(src, Path):
+                    maps += heatmaps(src, labels, title=f"source {src_name}")
+        else:
+            maps = heatmaps(recipe, labels)
+    except Exception as e:  # noqa: BLE001 - show the recipe text and the reason rather than a broken view
+        recipe_error = f"{type(e).__name__}: {e}"
+    scores = store.scores(name, split)
+    test = scores.get(f"candidate:{cid}") or {}
+    items = store.items(name, cid)
+    parents_rows = {r.origin[len("parent:"):]: r for r in all_rows if r.generation == 0 and r.origin.startswith("parent:")}
+    table = []
+    for o in objs:
+        n = o["name"]
+        per_item = items.get(n) or {}
+        table.append({
+            "objective": n, "direction": o["direction"],
+            "fitness": _finite((row.values or {}).get(n)), "estimated": row.estimated,
+            split: _finite((test.get("values") or {}).get(n)),
+            "items": len(per_item), "item_mean": _finite(float(np.mean(list(per_item.values())))) if per_item else None,
+            "parents": {p: _parent_score(parents_rows.get(p), scores.get(f"parent:{p}"), n, split)
+                        for p in spec.get("models", {})},
+        })
+    estimates = {e["objective"]: e for e in _estimates(store, name) if e["candidate"] == cid}
+    for entry in table:
+        e = estimates.get(entry["objective"])
+        entry["estimate"] = None if e is None else {k: _finite(v) for k, v in e.items() if k != "candidate"}
+    children = [r.id for r in all_rows if cid in r.parents]
+    return {
+        "job": name, "id": row.id, "generation": row.generation, "idx": row.idx, "origin": row.origin,
+        "status": row.status, "reason": row.reason, "values": _clean(row.values), "estimated": row.estimated,
+        "worker": row.worker, "eval_seconds": row.eval_seconds, "genome": row.genome, "front": cid in store.front(name),
+        "recipe": row.recipe, "recipe_hash": row.recipe_hash, "summary": summary, "recipe_error": recipe_error,
+        "heatmaps": maps, "path": path, "split": split, "scores": table, "test_reason": test.get("reason"),
+        "lineage": {"origin": row.origin, "generation": row.generation, "parents": row.parents,
+                    "cached_from": row.cached_from, "children": children[:50], "children_total": len(children)},
+        "export": export_command(store.path, name, cid),
+    }

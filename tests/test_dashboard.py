@@ -1,0 +1,322 @@
+"""`evomerge dashboard`: the JSON API reads a real search's store, the server stays read-only and guarded (token
+off loopback, Host check, no path out of its static files), a store that is not ours fails clearly, and the page
+works in a real browser (Debian chromium driven by Playwright): the jobs list, the front with exactly the store's
+points, a click on a point showing that candidate's recipe, and live updates while a job runs."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from evomerge.dashboard import DashboardError, make_server
+from evomerge.dashboard.data import heatmaps
+from evomerge.dashboard.server import find_store, is_loopback, resolve_token
+from evomerge.search import toy
+from evomerge.search.jobs import run_job
+from evomerge.service.cli import main
+from evomerge.store import Store, StoreError
+from test_search_loop import quiet, write_job
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "out" / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+TOY = {"evaluator": "evomerge.search.toy:scorer", "evaluator_options": {"fail_above": 0.9}}  # a parent fails
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A real (toy-scored) two-objective search: a front, a failed candidate, parents scored on the test split."""
+    folder = tmp_path_factory.mktemp("dashboard")
+    result = run_job(write_job(folder, runtime=TOY), **quiet())
+    s = Store(result.store, readonly=True)
+    assert s.counts("toy").get("failed") and len(s.front("toy")) >= 2 and s.scores("toy", "test")
+    s.close()
+    return result.store
+
+
+def start(store_path: Path, **kw):
+    server, generated = make_server(store_path, port=0, **kw)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    return server, generated
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    srv, _ = start(store)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def request(srv, path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes | None = None):
+    """A raw request (the path goes out exactly as written: no client-side normalisation of '..')."""
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    out = resp.status, dict(resp.getheaders()), resp.read()
+    conn.close()
+    return out
+
+
+def api(srv, path: str):
+    status, _, body = request(srv, "/api/" + path)
+    assert status == 200, body
+    return json.loads(body)
+
+
+# ---------------------------------------------------------------- the API
+
+def test_the_api_shows_jobs_front_failures_and_candidates(server, store):
+    s = Store(store, readonly=True)
+    jobs = api(server, "jobs")["jobs"]
+    assert [j["name"] for j in jobs] == ["toy"]
+    job = jobs[0]
+    assert job["status"] == "done" and job["budget"]["evaluations"] == 24 and job["progress"] == 1.0
+    assert job["counts"] == s.counts("toy")
+
+    d = api(server, "job?name=toy")
+    assert d["objectives"] == [{"name": "fit", "direction": "maximise"}, {"name": "size", "direction": "minimise"}]
+    assert d["front"] == s.front("toy")
+    assert sorted(p["id"] for p in d["points"] if p["front"]) == s.front("toy")
+    assert len(d["points"]) == s.counts("toy")["done"]
+    failed = [c for c in d["candidates"] if c["status"] == "failed"]
+    assert failed and all("fail_above" in c["reason"] for c in failed)
+    assert len(d["progress"]["hypervolume"]) == len(d["progress"]["evaluations"]) > 0
+    assert d["progress"]["hypervolume"] == sorted(d["progress"]["hypervolume"])  # the front only ever grows
+    assert {p["name"] for p in d["parents"]} == {"base", "a", "b"}
+
+    cid = d["front"][0]
+    c = api(server, f"candidate?job=toy&id={cid}")
+    assert c["recipe"] == s.candidate("toy", cid).recipe
+    assert c["export"] == f"evomerge export {store} --job toy --candidate {cid} --format model -o out/toy-candidate-{cid}"
+    weight = next(m for m in c["heatmaps"] if m["parameter"] == "weight")
+    assert weight["rows"] == ["a", "b"] and len(weight["layers"]) == 4  # the golden models have 4 layers
+    assert [s["objective"] for s in c["scores"]] == ["fit", "size"]
+    assert c["scores"][0]["test"] == pytest.approx(c["scores"][0]["fitness"] - 0.01)  # the toy's test split
+    assert request(server, "/api/candidate?job=toy&id=9999")[0] == 404
+    assert request(server, "/api/job?name=nope")[0] == 404
+
+
+def test_the_heatmap_resolves_gradients_and_filters_per_layer():
+    from evomerge.merge.recipe import parse_recipe
+
+    recipe = parse_recipe({
+        "merge_method": "ties", "base_model": "/m/base",
+        "models": [{"model": "/m/a", "parameters": {"weight": [0.0, 1.0], "density": 0.5}},
+                   {"model": "/m/b", "parameters": {"weight": [{"filter": "self_attn", "value": 0.2}, {"value": 0.7}],
+                                                    "density": 0.9}}]}, check_paths=False)
+    maps = {m["parameter"]: m for m in heatmaps(recipe, {"/m/a": "a", "/m/b": "b"})}
+    w = maps["weight"]
+    assert w["note"] and len(w["layers"]) == 8  # no model folder to count layers: gradient positions
+    rows = dict(zip(w["rows"], w["z"]))
+    assert rows["a · self_attn"][0] == 0.0 and rows["a · self_attn"][-1] == 1.0  # the gradient, first to last
+    assert rows["b · self_attn"] == [0.2] * 8 and rows["b · other"] == [0.7] * 8  # first matching filter wins
+    assert maps["density"]["z"][0] == [0.5] * 8
+
+
+def test_the_dashboard_is_read_only(server, store):
+    before = Path(store).read_bytes()
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        status, headers, _ = request(server, "/api/jobs", method=method, body=b"{}")
+        assert status == 405 and headers["Allow"] == "GET, HEAD"
+    assert Path(store).read_bytes() == before
+
+
+def test_static_files_cannot_reach_outside_the_package(server):
+    assert request(server, "/static/app.js")[0] == 200
+    status, headers, body = request(server, "/static/plotly.min.js")  # Plotly from the installed package
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript") and b"plotly" in body[:2000].lower()
+    for path in ("/static/../server.py", "/static/%2e%2e/server.py", "/static/..%2fserver.py", "/static//etc/passwd",
+                 "/static/%2fetc%2fpasswd", "/static/../../../../etc/passwd", "/static/", "/../../etc/passwd"):
+        status, _, body = request(server, path)
+        assert status == 404, path
+        assert b"root:" not in body and b"import" not in body
+
+
+def test_a_token_is_required_off_loopback(store):
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
+    assert resolve_token("127.0.0.1", None, env={}) == (None, False)
+    token, generated = resolve_token("0.0.0.0", None, env={})
+    assert generated and len(token) >= 24
+    assert resolve_token("0.0.0.0", None, env={"EVOMERGE_DASHBOARD_TOKEN": "from-the-env"}) == ("from-the-env", False)
+    with pytest.raises(DashboardError, match="shorter than 8"):
+        resolve_token("0.0.0.0", "short", env={})
+
+    srv, generated = start(store, host="0.0.0.0", env={})  # off loopback, no token given: one is generated
+    try:
+        assert generated and srv.token
+        assert request(srv, "/api/jobs")[0] == 401
+        assert request(srv, "/")[0] == 401
+        assert request(srv, "/static/plotly.min.js")[0] == 401
+        assert request(srv, "/api/jobs", headers={"Authorization": "Bearer wrong-token"})[0] == 401
+        assert request(srv, "/api/jobs", headers={"Authorization": f"Bearer {srv.token}"})[0] == 200
+        status, headers, _ = request(srv, f"/?token={srv.token}")  # the printed URL: the token moves to a cookie
+        assert status == 200 and "HttpOnly" in headers["Set-Cookie"]
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert request(srv, "/api/jobs", headers={"Cookie": cookie})[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_on_loopback_only_local_host_names_are_answered(server):
+    assert request(server, "/api/jobs", headers={"Host": "localhost:8000"})[0] == 200
+    assert request(server, "/api/jobs", headers={"Host": "attacker.example:8000"})[0] == 403  # DNS rebinding
+
+
+def test_a_store_that_is_not_ours_is_a_clear_error(tmp_path, capsys):
+    other = tmp_path / "other.sqlite"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE people (name TEXT)")
+    db.commit()
+    db.close()
+    text = tmp_path / "notes.sqlite"
+    text.write_text("not a database at all, just some words " * 100)
+    for path, message in ((other, "not an evomerge store"), (text, "not an evomerge store"),
+                          (tmp_path / "missing.sqlite", "no such store")):
+        assert main(["dashboard", "--store", str(path), "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and str(path) in err
+    with pytest.raises(DashboardError, match="--store"):
+        find_store(None, root=tmp_path)  # nothing under ./out to default to
+
+
+# ---------------------------------------------------------------- the page, in a real browser
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed at /usr/bin/chromium: `sudo apt-get install -y chromium` "
+                    "(or `make browser`) installs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency: pip install -e '.[dev]'")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    pg = browser.new_page(viewport={"width": 1500, "height": 1100})
+    problems: list[str] = []  # script errors and CSP violations (Plotly must work under script-src 'self')
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+    pg.problems = problems
+    yield pg
+    pg.close()
+
+
+FRONT_POINTS = """() => {
+  const gd = document.getElementById('front-plot'), fl = gd._fullLayout, box = gd.getBoundingClientRect();
+  const screen = [];
+  gd.data.filter(t => t.name === 'front' || t.name === 'dominated').forEach(t => t.x.forEach((x, i) => screen.push({
+    id: t.customdata[i], front: t.name === 'front',
+    x: box.left + fl._size.l + fl.xaxis.l2p(x), y: box.top + fl._size.t + fl.yaxis.l2p(t.y[i])})));
+  return screen;
+}"""
+
+
+def test_the_page_shows_the_front_and_a_click_shows_the_recipe(page, server, store):
+    s = Store(store, readonly=True)
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    assert page.locator("#jobs tbody tr").first.inner_text().startswith("toy")
+    assert page.locator("#job-name").inner_text() == "toy"
+
+    traces = page.evaluate("() => document.getElementById('front-plot').data.map(t => [t.name, t.x.length])")
+    assert dict(traces)["front"] == len(s.front("toy"))
+    assert dict(traces)["dominated"] == s.counts("toy")["done"] - len(s.front("toy"))
+
+    # a real click on the front point farthest from every other point (so the click cannot land on a neighbour)
+    points = page.evaluate(FRONT_POINTS)
+    def room(p):
+        return min(((p["x"] - q["x"]) ** 2 + (p["y"] - q["y"]) ** 2 for q in points if q is not p), default=1e9)
+    target = max((p for p in points if p["front"]), key=room)
+    page.mouse.move(target["x"], target["y"])
+    page.wait_for_timeout(150)
+    page.mouse.click(target["x"], target["y"])
+    page.wait_for_function("id => document.getElementById('cand-id').textContent === '#' + id", arg=target["id"],
+                           timeout=10_000)
+    assert page.locator("#recipe").inner_text().strip() == s.candidate("toy", target["id"]).recipe.strip()
+    assert page.locator("#export").inner_text().startswith(f"evomerge export {store} --job toy --candidate {target['id']}")
+    assert page.evaluate("() => document.querySelector('#heatmaps .plot').data[0].type") == "heatmap"
+    assert "fit (maximise)" in page.locator("#scores").inner_text()
+    assert not page.problems, page.problems
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+class GatedScorer(toy.ToyScorer):
+    """The toy scorer, held after the first generation until the test opens the gate: the page is sure to see the
+    job running, and then to follow it to its end."""
+
+    gate = threading.Event()
+    calls = 0
+
+    def evaluate(self, recipe):
+        GatedScorer.calls += 1
+        if GatedScorer.calls > 6:
+            GatedScorer.gate.wait(60)
+        return super().evaluate(recipe)
+
+
+def gated(spec, split=None):
+    return GatedScorer(dict(spec.runtime.evaluator_options), split)
+
+
+def test_the_page_follows_a_running_job(page, tmp_path):
+    """A search writes while the page watches: the front grows and the job turns from running to done, with no
+    reload (the page polls while a job runs)."""
+    GatedScorer.calls = 0
+    GatedScorer.gate.clear()
+    spec = write_job(tmp_path, name="live", runtime={"evaluator": f"{__name__}:gated"})
+    search = threading.Thread(target=run_job, args=(spec,), kwargs=quiet(), daemon=True)
+    search.start()
+    store = tmp_path / "out" / "store.sqlite"
+
+    def front_size() -> int | None:
+        try:
+            reader = Store(store, readonly=True)
+        except StoreError:
+            return None  # not created yet
+        try:
+            job = reader.job("live")
+            return None if job is None or reader.last_checkpoint("live") is None else len(reader.front("live"))
+        finally:
+            reader.close()
+
+    deadline = time.monotonic() + 30
+    while front_size() is None and time.monotonic() < deadline:  # generation 0 scored, the rest held
+        time.sleep(0.05)
+    srv, _ = start(store)
+    try:
+        page.goto(srv.url)
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        assert page.locator("#job-state").inner_text() == "running"
+        shown = page.evaluate("() => document.getElementById('front-plot').data.find(t => t.name === 'front').x.length")
+        assert shown == front_size()
+        GatedScorer.gate.set()
+        page.wait_for_function("() => document.getElementById('job-state').textContent === 'done'", timeout=60_000)
+        search.join(30)
+        s = Store(store, readonly=True)
+        assert s.job("live")["status"] == "done" and s.counts("live")["done"] > 6
+        page.wait_for_function("n => document.getElementById('front-plot').data.find(t => t.name === 'front')"
+                               ".x.length === n", arg=len(s.front("live")), timeout=10_000)
+        assert "24/24" in page.locator("#jobs tbody tr").first.inner_text()
+        assert not page.problems, page.problems
+    finally:
+        GatedScorer.gate.set()
+        srv.shutdown()
+        srv.server_close()
