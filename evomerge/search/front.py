@@ -39,3 +39,16 @@ def hypervolume(F: np.ndarray, ref: np.ndarray) -> float:
     from pymoo.indicators.hv import HV
 
     return float(HV(ref_point=np.asarray(ref, dtype=float))(F))
+
+
+def knee_index(F: np.ndarray) -> int:
+    """The front's knee: the row closest (Euclidean) to the ideal point once every objective is scaled to [0, 1]
+    over these rows (losses: 0 is the best value seen, 1 the worst). Scaling makes objectives in different units
+    count alike; an objective constant over the rows counts for nothing. Ties go to the first row. With one
+    objective the knee is the best row."""
+    F = np.asarray(F, dtype=float)
+    if F.ndim != 2 or not len(F):
+        raise ValueError("knee_index needs a non-empty 2-D array of losses")
+    lo, span = F.min(axis=0), np.ptp(F, axis=0)
+    scaled = (F - lo) / np.where(span > 0, span, 1.0)
+    return int(np.argmin(np.sqrt((scaled**2).sum(axis=1))))

@@ -1,0 +1,295 @@
+"""`evomerge export`: one candidate of a job's store as our recipe YAML, a mergekit config, or a merged checkpoint.
+
+Selection: `--candidate ID`; `--best OBJECTIVE` (the done candidate with the best value, direction-aware, lowest
+id on ties); `--knee` (the front's knee, `evomerge.search.front.knee_index`: closest to the ideal point once each
+objective's losses are scaled to [0, 1] over the front). Only evaluated (done, or cached copies of done) candidates
+are exported: a failed one has no model worth writing, and the error says why it failed.
+
+Writing: OUT must not exist unless `--force`, must not be a symbolic link (it could point anywhere), and its
+folder must exist. Everything is written under a temporary name beside OUT and renamed into place, so OUT is
+either absent or complete. File names inside a model folder are fixed by evomerge (config, shards, tokenizer
+files, README.md, mergekit_config.yml): nothing in a recipe names a file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from evomerge.merge.export import DEFAULT_SHARD_BYTES, ExportError
+from evomerge.search.front import knee_index
+from evomerge.search.spec import JobSpec
+from evomerge.store import CandidateRow, Store, StoreError
+
+FORMATS = ("recipe", "mergekit", "model")
+EXPORTABLE = ("done", "cached")
+
+
+@dataclass
+class Objective:
+    name: str
+    index: int  # position in a candidate's losses
+    direction: str  # maximise | minimise
+
+
+@dataclass
+class Selected:
+    row: CandidateRow
+    why: str  # how it was chosen, for messages and the model card
+
+
+# ---------------------------------------------------------------- objectives and selection
+
+
+def objectives_of(store: Store, job: str) -> list[Objective]:
+    """The job's objectives as the store records them: names from the values, order and direction from the losses
+    (a loss is the value for a minimised objective, minus the value for a maximised one)."""
+    rows = store.candidates(job, status="done")
+    if not rows:
+        raise ExportError(f"{store.path}: job '{job}' has no evaluated candidates yet")
+    names = list(rows[0].values or {})
+    out: list[Objective] = []
+    used: set[int] = set()
+    for name in names:
+        for k in range(len(rows[0].losses or [])):
+            if k in used:
+                continue
+            pairs = [(r.losses[k], r.values[name]) for r in rows if r.losses and r.values and name in r.values]
+            if all(math.isclose(loss, value) for loss, value in pairs):
+                direction = "minimise"
+            elif all(math.isclose(loss, -value) for loss, value in pairs):
+                direction = "maximise"
+            else:
+                continue
+            if all(v == 0 for _, v in pairs):  # sign unknown and irrelevant: every value is 0
+                direction = "minimise"
+            out.append(Objective(name, k, direction))
+            used.add(k)
+            break
+        else:
+            raise StoreError(f"{store.path}: job '{job}': objective '{name}' matches none of the stored losses; "
+                             "the store is inconsistent")
+    return out
+
+
+def select(store: Store, job: str, candidate: int | None = None, best: str | None = None,
+           knee: bool = False) -> Selected:
+    """The candidate to export (exactly one of `candidate`, `best`, `knee`); refuses failed or unevaluated ones."""
+    if sum(x is not None and x is not False for x in (candidate, best, knee)) != 1:
+        raise ExportError("choose one candidate: --candidate ID, --best OBJECTIVE or --knee")
+    if candidate is not None:
+        row = store.candidate(job, candidate)
+        if row is None:
+            ids = [r.id for r in store.candidates(job)]
+            span = f"ids {ids[0]}..{ids[-1]}" if ids else "no candidates yet"
+            raise ExportError(f"{store.path}: job '{job}' has no candidate {candidate} ({span})")
+        selected = Selected(row, f"candidate {candidate}")
+    elif best is not None:
+        objectives = {o.name: o for o in objectives_of(store, job)}
+        if best not in objectives:
+            raise ExportError(f"--best {best}: job '{job}' has no such objective (objectives: {', '.join(objectives)})")
+        o = objectives[best]
+        rows = store.candidates(job, status="done")
+        row = min(rows, key=lambda r: (r.losses[o.index], r.id))
+        selected = Selected(row, f"best by {best} ({o.direction}d: {row.values[best]:.6g})")
+    else:
+        front = [store.candidate(job, cid) for cid in store.front(job)]
+        rows = [r for r in front if r is not None and r.status == "done"]
+        if not rows:
+            raise ExportError(f"{store.path}: job '{job}' has no front yet (no evaluated candidates)")
+        row = rows[knee_index(np.array([r.losses for r in rows]))]
+        selected = Selected(row, f"knee of the front ({len(rows)} candidates)")
+    row = selected.row
+    if row.status == "failed":
+        raise ExportError(f"candidate {row.id} failed ({row.reason}): there is no working model to export; pick an "
+                          "evaluated one (--best OBJECTIVE, --knee, or --candidate ID of a done candidate)")
+    if row.status not in EXPORTABLE:
+        raise ExportError(f"candidate {row.id} is {row.status}, not evaluated yet; wait for it or pick another")
+    return selected
+
+
+# ---------------------------------------------------------------- formats
+
+
+def parse_stored(text: str, check_paths: bool = True) -> Any:
+    """A stored recipe (YAML text) as a Recipe or DataflowRecipe."""
+    from evomerge.merge.dataflow import parse_dataflow
+    from evomerge.merge.recipe import parse_recipe
+
+    data = yaml.safe_load(text)
+    if isinstance(data, dict) and "dataflow" in data:
+        return parse_dataflow(data, check_paths=check_paths)
+    return parse_recipe(data, check_paths=check_paths)
+
+
+def mergekit_yaml(text: str) -> tuple[str, list[str]]:
+    """(mergekit config, notes) for a stored recipe; ExportError saying why when mergekit cannot express it."""
+    from evomerge.merge.dataflow import DataflowRecipe, passthrough_config
+    from evomerge.merge.methods import METHODS
+
+    recipe = parse_stored(text, check_paths=False)
+    notes: list[str] = []
+    if not isinstance(recipe, DataflowRecipe):
+        if METHODS[recipe.merge_method].random:
+            notes.append(f"{recipe.merge_method} draws random masks: mergekit draws its own, so its tensors differ "
+                         f"from evomerge's (which seeds them with seed {recipe.seed}); --format model reproduces ours")
+        return recipe.to_yaml(mergekit_only=True), notes
+    config = passthrough_config(recipe)
+    if config is not None:
+        return yaml.safe_dump(config, sort_keys=False, default_flow_style=None), notes
+    why = []
+    scaled = [(i, h.scale) for i, h in enumerate(recipe.path) if h.scale != 1.0]
+    if scaled:
+        i, s = scaled[0]
+        why.append(f"{len(scaled)} hop(s) scale the residual stream (hop {i}: {s:g}); mergekit's passthrough copies "
+                   "layers unscaled")
+    merged = sorted({h.model for h in recipe.path if not isinstance(recipe.sources[h.model], Path)})
+    if merged:
+        why.append(f"the path runs through the parameter-space merge(s) {', '.join(merged)}, which one mergekit config "
+                   "cannot feed into a passthrough")
+    if recipe.embed != recipe.path[0].model:
+        why.append(f"the embeddings come from '{recipe.embed}', not from the first hop's model")
+    if recipe.head != recipe.path[-1].model:
+        why.append(f"the final norm and head come from '{recipe.head}', not from the last hop's model")
+    raise ExportError("this data-flow recipe is not expressible in mergekit: " + "; ".join(why)
+                      + ". `--format model` writes it as a standard checkpoint (scales folded into the weights), "
+                      "`--format recipe` as evomerge YAML")
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+
+def card_sections(store: Store, job: str, spec: JobSpec, selected: Selected) -> str:
+    """Objectives on the fitness and report splits, and the lineage, as Markdown for the model card."""
+    row = selected.row
+    split = spec.report_split
+    scores = store.scores(job, split)
+    subject = row.origin if row.origin.startswith("parent:") else f"candidate:{row.cached_from or row.id}"
+    test = (scores.get(subject) or {}).get("values") or (scores.get(f"candidate:{row.id}") or {}).get("values")
+    lines = ["## Objectives", "",
+             f"Measured by evomerge on the fitness split (what the search optimised) and on the `{split}` split "
+             "(held out; scored for the front and the parents only).", "",
+             f"| objective | direction | fitness | {split} |", "|---|---|---|---|"]
+    for o in objectives_of(store, job):
+        lines.append(f"| {o.name} | {o.direction} | {_fmt((row.values or {}).get(o.name))} | "
+                     f"{_fmt((test or {}).get(o.name))} |")
+    if row.estimated:
+        lines += ["", "The fitness values are estimates from a subset of the items (IRT-reduced fitness); the "
+                  f"`{split}` values are measured on every item."]
+    if test is None:
+        lines += ["", f"Not scored on the `{split}` split (it was not on the front when the job's report was made)."]
+    lines += ["", "## Lineage", "",
+              f"- job `{job}`, candidate {row.id} ({selected.why}), generation {row.generation}, origin `{row.origin}`"]
+    if row.cached_from is not None:
+        lines.append(f"- same recipe as candidate {row.cached_from}, whose evaluation it reuses")
+    if row.parents:
+        parents = [store.candidate(job, p) for p in row.parents]
+        lines.append("- bred from the population of candidates " + ", ".join(
+            f"{p.id} (`{p.origin}`)" if p is not None else str(pid) for pid, p in zip(row.parents, parents)))
+    lines.append("- models: " + ", ".join(f"`{k}` {v}" for k, v in spec.models.items()) + f" (base: `{spec.base}`)")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def check_out(out: str | Path, force: bool, folder: bool) -> Path:
+    """OUT as an absolute path, after the checks that keep an export from writing anywhere but OUT."""
+    out = Path(out).expanduser().absolute()
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link (to {os.readlink(out)}); an export never writes through a link: "
+                          "give the real path")
+    if not out.parent.is_dir():
+        raise ExportError(f"{out.parent}: the folder to write into does not exist; create it first")
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; choose another path or pass --force to replace it")
+    if out.exists() and folder and not out.is_dir():
+        raise ExportError(f"{out} is a file; a model is a folder: give a folder path")
+    if out.exists() and not folder and out.is_dir():
+        raise ExportError(f"{out} is a folder; this format is one file: give a file path")
+    return out
+
+
+def write_text(out: Path, text: str, force: bool) -> Path:
+    """Write a file atomically: a temporary file beside OUT, then a rename (a hard link without --force, so a
+    file that appeared meanwhile is never replaced)."""
+    out = check_out(out, force, folder=False)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    try:
+        if force:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)
+            except FileExistsError:
+                raise ExportError(f"{out} already exists; choose another path or pass --force to replace it") from None
+            except OSError:  # a filesystem without hard links
+                os.rename(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def write_model(out: Path, recipe_text: str, card_extra: str, title: str, force: bool,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, device: str = "cpu", progress: bool = False) -> Path:
+    """Merge the recipe into a checkpoint folder (atomic, via merge/export.py) with our model card."""
+    from evomerge.merge.dataflow import MERGEKIT_CONFIG, DataflowRecipe, iter_dataflow, passthrough_config, plan_dataflow
+    from evomerge.merge.engine import iter_merged
+    from evomerge.merge.export import model_card, write_checkpoint
+    from evomerge.merge.plan import plan_merge
+
+    out = check_out(out, force, folder=True)
+    recipe = parse_stored(recipe_text)  # checks the model folders exist here
+    extra: dict[str, str] = {}
+    if isinstance(recipe, DataflowRecipe):
+        plan = plan_dataflow(recipe)
+        tensors, config, tokenizer = iter_dataflow(plan, device, progress), plan.config, plan.tokenizer_dir
+        mk = passthrough_config(recipe)
+        if mk is not None:
+            extra[MERGEKIT_CONFIG] = yaml.safe_dump(mk, sort_keys=False, default_flow_style=None)
+        base = None
+    else:
+        plan = plan_merge(recipe)
+        tensors, config, tokenizer = iter_merged(plan, device, progress), plan.config, plan.tokenizer_dir
+        base = recipe.base_model
+    extra["recipe.yaml"] = recipe_text
+    card = model_card(recipe_text, base, title=title).rstrip() + "\n\n" + card_extra
+    return write_checkpoint(out, tensors, config, tokenizer, card, force=force, max_shard_bytes=max_shard_bytes,
+                            extra_files=extra)
+
+
+def export(target: str | Path, out: str | Path, fmt: str = "recipe", name: str | None = None,
+           candidate: int | None = None, best: str | None = None, knee: bool = False, force: bool = False,
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, device: str = "cpu", progress: bool = False
+           ) -> tuple[Path, Selected, list[str]]:
+    """Export one candidate of the job at `target` (spec or store file): (path written, the selection, notes)."""
+    from evomerge.search.jobs import find_job
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_out(out, force, folder=fmt == "model")  # before opening anything: a refused OUT costs nothing
+    store, spec = find_job(target, name)
+    try:
+        selected = select(store, spec.name, candidate, best, knee)
+        text, notes = selected.row.recipe, []
+        if fmt == "recipe":
+            header = f"# job {spec.name}, candidate {selected.row.id} ({selected.why}); `evomerge merge` builds it\n"
+            return write_text(Path(out), header + text, force), selected, notes
+        if fmt == "mergekit":
+            config, notes = mergekit_yaml(text)
+            return write_text(Path(out), config, force), selected, notes
+        title = f"{spec.name} candidate {selected.row.id}"
+        path = write_model(Path(out), text, card_sections(store, spec.name, spec, selected), title, force,
+                           max_shard_bytes, device, progress)
+        return path, selected, notes
+    finally:
+        store.close()

@@ -1,0 +1,253 @@
+"""`evomerge export`: selection (--candidate, --best, --knee), the three formats, and the checks on OUT."""
+
+from __future__ import annotations
+
+import io
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from evomerge.merge.engine import merge_to_dict
+from evomerge.merge.export import ExportError
+from evomerge.merge.recipe import parse_recipe
+from evomerge.search.front import knee_index
+from evomerge.search.jobs import run_job
+from evomerge.search.loop import Progress
+from evomerge.service.cli import main
+from evomerge.service.export import export, mergekit_yaml, objectives_of, select
+from evomerge.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = REPO / "tests" / "golden" / "models"
+MERGEKIT = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    """A finished toy search over the golden models (TIES, deterministic); candidates with a first weight above
+    0.8 fail, so the parents' own recipes (weight 1) fail."""
+    folder = tmp_path_factory.mktemp("export_job")
+    spec = {
+        "name": "toy",
+        "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
+        "search_space": "sakana_ps",
+        "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 24}, "seed": 1},
+        "runtime": {"kind": "local", "evaluator": "evomerge.search.toy:scorer", "evaluator_options": {"fail_above": 0.8}},
+        "store": "out/store.sqlite",
+    }
+    path = folder / "toy.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_job(path, out=io.StringIO(), progress=Progress(io.StringIO(), live=False))
+    return folder / "out" / "store.sqlite"
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def no_temporaries(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+# ---------------------------------------------------------------- selection
+
+
+def test_knee_is_the_point_nearest_the_ideal_after_scaling():
+    # objectives in very different units: scaled to [0, 1] over the front, (0.5, 0.2) is nearest the origin
+    assert knee_index(np.array([[0.0, 100.0], [0.5, 20.0], [1.0, 0.0]])) == 1
+    assert knee_index(np.array([[0.0, 1.0], [0.6, 0.6], [1.0, 0.0]])) == 1  # 0.849 < 1
+    assert knee_index(np.array([[0.0, 1.0], [0.8, 0.8], [1.0, 0.0]])) == 0  # 1.131 > 1: the first extreme (a tie)
+    assert knee_index(np.array([[3.0], [1.0], [2.0]])) == 1  # one objective: the best
+    assert knee_index(np.array([[1.0, 5.0], [0.0, 5.0]])) == 1  # a constant objective counts for nothing
+    with pytest.raises(ValueError):
+        knee_index(np.zeros((0, 2)))
+
+
+def test_best_and_knee_pick_the_expected_candidates(job):
+    store = Store(job, readonly=True)
+    done = store.candidates("toy", status="done")
+    objectives = {o.name: o for o in objectives_of(store, "toy")}
+    assert {n: o.direction for n, o in objectives.items()} == {"fit": "maximise", "size": "minimise"}
+
+    best_fit = max(done, key=lambda r: (r.values["fit"], -r.id))
+    best_size = min(done, key=lambda r: (r.values["size"], r.id))
+    assert select(store, "toy", best="fit").row.id == best_fit.id
+    assert select(store, "toy", best="size").row.id == best_size.id
+
+    front = [store.candidate("toy", i) for i in store.front("toy")]
+    F = np.array([[-r.values["fit"], r.values["size"]] for r in front])  # losses, computed here from the values
+    scaled = (F - F.min(0)) / (F.max(0) - F.min(0))
+    expected = front[int(np.argmin(np.hypot(scaled[:, 0], scaled[:, 1])))]
+    knee = select(store, "toy", knee=True)
+    assert knee.row.id == expected.id and "knee" in knee.why
+    store.close()
+
+
+def test_a_failed_candidate_is_refused_with_its_reason(job, tmp_path, capsys):
+    store = Store(job, readonly=True)
+    failed = store.candidates("toy", status="failed")
+    store.close()
+    assert failed
+    for fmt in ("recipe", "model"):
+        rc, _, err = cli(capsys, "export", job, "--candidate", failed[0].id, "--format", fmt, "-o", tmp_path / f"f-{fmt}")
+        assert rc == 2 and f"candidate {failed[0].id} failed (toy: first weight" in err and "fail_above" in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_unknown_candidate_objective_and_store_are_clear(job, tmp_path, capsys):
+    rc, _, err = cli(capsys, "export", job, "--candidate", 999, "-o", tmp_path / "x.yaml")
+    assert rc == 2 and "no candidate 999 (ids 0..23)" in err
+    rc, _, err = cli(capsys, "export", job, "--best", "speed", "-o", tmp_path / "x.yaml")
+    assert rc == 2 and "no such objective (objectives: fit, size)" in err
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not a database\n" * 100)
+    rc, _, err = cli(capsys, "export", text, "--knee", "-o", tmp_path / "x.yaml")
+    assert rc == 2 and "not an evomerge store" in err
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE people (name TEXT)")
+    rc, _, err = cli(capsys, "export", other, "--knee", "-o", tmp_path / "x.yaml")
+    assert rc == 2 and "not an evomerge store" in err
+
+
+# ---------------------------------------------------------------- formats and OUT
+
+
+def test_recipe_export_is_the_stored_recipe_and_never_overwrites(job, tmp_path, capsys):
+    out = tmp_path / "knee.yaml"
+    rc, stdout, err = cli(capsys, "export", job, "--knee", "--format", "recipe", "-o", out)
+    assert rc == 0, err
+    store = Store(job, readonly=True)
+    knee = select(store, "toy", knee=True).row
+    store.close()
+    assert f"candidate {knee.id}" in stdout
+    assert yaml.safe_load(out.read_text()) == yaml.safe_load(knee.recipe)
+    before = out.read_text()
+
+    rc, _, err = cli(capsys, "export", job, "--best", "size", "-o", out)
+    assert rc == 2 and "already exists" in err and "--force" in err and out.read_text() == before
+    rc, _, err = cli(capsys, "export", job, "--best", "size", "-o", out, "--force")
+    assert rc == 0 and out.read_text() != before
+    assert no_temporaries(tmp_path)
+
+
+def test_out_paths_that_could_write_elsewhere_are_refused(job, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "link.yaml"
+    link.symlink_to(elsewhere / "target.yaml")  # dangling: would create a file outside OUT's folder
+    for extra in ([], ["--force"]):
+        rc, _, err = cli(capsys, "export", job, "--knee", "-o", link, *extra)
+        assert rc == 2 and "symbolic link" in err
+    assert not (elsewhere / "target.yaml").exists()
+    rc, _, err = cli(capsys, "export", job, "--knee", "-o", tmp_path / "missing" / "x.yaml")
+    assert rc == 2 and "does not exist" in err
+    rc, _, err = cli(capsys, "export", job, "--knee", "-o", elsewhere, "--force")  # a folder for a file format
+    assert rc == 2 and "is a folder" in err
+    with pytest.raises(ExportError, match="symbolic link"):
+        export(job, link, fmt="model", knee=True, force=True)
+
+
+def test_mergekit_export_of_a_parameter_space_recipe(job, tmp_path, capsys):
+    out = tmp_path / "mk.yml"
+    rc, _, err = cli(capsys, "export", job, "--best", "fit", "--format", "mergekit", "-o", out)
+    assert rc == 0, err
+    data = yaml.safe_load(out.read_text())
+    assert data["merge_method"] == "ties" and "seed" not in data
+    assert [m["model"] for m in data["models"]] == [str(GOLDEN / "a"), str(GOLDEN / "b")]
+    parse_recipe(data)  # and it is still our recipe format
+
+
+def test_random_methods_warn_that_mergekit_draws_other_masks():
+    text = yaml.safe_dump({"merge_method": "dare_ties", "base_model": str(GOLDEN / "base"), "seed": 3,
+                           "models": [{"model": str(GOLDEN / "a"), "parameters": {"weight": 0.5, "density": 0.5}}]})
+    config, notes = mergekit_yaml(text)
+    assert "seed" not in yaml.safe_load(config) and notes and "random masks" in notes[0]
+
+
+def test_mergekit_export_of_data_flow_recipes(tmp_path):
+    src = {"A": str(GOLDEN / "a"), "B": str(GOLDEN / "b")}
+    plain = {"sources": src, "dataflow": {"path": [{"model": "A", "layer": 0}, {"model": "A", "layer": 1},
+                                                   {"model": "B", "layer": 1}, {"model": "B", "layer": 3}]}}
+    config, _ = mergekit_yaml(yaml.safe_dump(plain))
+    data = yaml.safe_load(config)
+    assert data["merge_method"] == "passthrough"
+    assert [s["sources"][0]["layer_range"] for s in data["slices"]] == [[0, 2], [1, 2], [3, 4]]
+
+    scaled = {"sources": src, "dataflow": {"path": [{"model": "A", "layer": 0}, {"model": "B", "layer": 1, "scale": 0.8}]}}
+    with pytest.raises(ExportError, match=r"not expressible in mergekit: 1 hop\(s\) scale the residual stream "
+                                          r"\(hop 1: 0.8\).*--format model"):
+        mergekit_yaml(yaml.safe_dump(scaled))
+    mixed = {"sources": {"MIX": {"merge_method": "linear", "models": [{"model": src["A"], "parameters": {"weight": 1.0}}]},
+                         **src},
+             "dataflow": {"embed": "B", "path": [{"model": "MIX", "layer": 0}, {"model": "A", "layer": 1}]}}
+    with pytest.raises(ExportError, match=r"parameter-space merge\(s\) MIX.*embeddings come from 'B'"):
+        mergekit_yaml(yaml.safe_dump(mixed))
+
+
+def test_model_export_holds_the_merge_and_a_model_card(job, tmp_path, capsys):
+    out = tmp_path / "model"
+    rc, stdout, err = cli(capsys, "export", job, "--knee", "--format", "model", "-o", out, "-q")
+    assert rc == 0, err
+    store = Store(job, readonly=True)
+    knee = select(store, "toy", knee=True).row
+    test = store.scores("toy", "test")[f"candidate:{knee.id}"]["values"]
+    store.close()
+    assert {"config.json", "model.safetensors", "README.md", "recipe.yaml"} <= {p.name for p in out.iterdir()}
+    expected = merge_to_dict(parse_recipe(yaml.safe_load(knee.recipe)))
+    got = load_file(out / "model.safetensors")
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "## Objectives" in card and "## Lineage" in card
+    assert f"| fit | maximise | {knee.values['fit']:.6g} | {test['fit']:.6g} |" in card
+    assert f"| size | minimise | {knee.values['size']:.6g} | {test['size']:.6g} |" in card
+    assert f"candidate {knee.id} (knee of the front" in card
+    assert "bred from the population of candidates " + ", ".join(str(p) for p in knee.parents[:1]) in card
+    assert "merge_method: ties" in card
+    assert yaml.safe_load((out / "recipe.yaml").read_text()) == yaml.safe_load(knee.recipe)
+
+    before = (out / "README.md").read_text()
+    rc, _, err = cli(capsys, "export", job, "--best", "fit", "--format", "model", "-o", out, "-q")
+    assert rc == 2 and "already exists" in err and (out / "README.md").read_text() == before
+    rc, _, err = cli(capsys, "export", job, "--best", "fit", "--format", "model", "-o", out, "-q", "--force")
+    assert rc == 0, err
+    assert no_temporaries(tmp_path)
+
+
+def test_a_candidate_off_the_front_says_it_has_no_test_scores(job, tmp_path):
+    store = Store(job, readonly=True)
+    off = [r for r in store.candidates("toy", status="done") if r.id not in store.front("toy")
+           and not r.origin.startswith("parent:")]
+    store.close()
+    path, _, _ = export(job, tmp_path / "m", fmt="model", candidate=off[0].id)
+    card = (path / "README.md").read_text()
+    assert "Not scored on the `test` split" in card and f"| {off[0].values['fit']:.6g} | - |" in card
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MERGEKIT.exists(), reason="mergekit venv missing (make venv-mergekit)")
+def test_mergekit_accepts_the_export_and_gives_the_same_tensors(job, tmp_path):
+    config = tmp_path / "mk.yml"
+    path, selected, notes = export(job, config, fmt="mergekit", knee=True)
+    assert not notes
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([str(MERGEKIT), str(config), str(tmp_path / "theirs")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs: dict[str, torch.Tensor] = {}
+    for shard in (tmp_path / "theirs").glob("*.safetensors"):
+        theirs.update(load_file(shard))
+    ours = merge_to_dict(parse_recipe(yaml.safe_load(selected.row.recipe)))
+    assert sorted(theirs) == sorted(ours)
+    for name, tensor in ours.items():
+        assert (theirs[name].float() - tensor.float()).abs().max().item() <= 1e-5, name

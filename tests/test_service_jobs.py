@@ -1,0 +1,287 @@
+"""`evomerge submit / jobs / status / logs / stop` against a real Ray head that this module starts.
+
+The head is deliberately started with token authentication (RAY_AUTH_MODE=token, a token of its own passed in
+RAY_AUTH_TOKEN, so ~/.ray is never touched) and with every listener on 127.0.0.1
+(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, --node-ip-address and --dashboard-host 127.0.0.1), in its own temp dir and
+ports. It is stopped by killing its own process tree and process group: never `ray stop`, which would also stop
+other Ray instances on the machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from evomerge.search.spec import JobSpecError
+from evomerge.service.cli import main
+from evomerge.service.submit import Jobs, ServiceError, check_address, check_id, portable_spec
+from evomerge.store import Store
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
+RAY = Path(sys.executable).parent / "ray"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Head:
+    address: str
+    token: str
+    pid: int
+    temp_dir: Path
+
+
+def _stop_head(pid: int) -> None:
+    """Kill the head's process tree and group (ours only), politely first."""
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    for p in procs:  # job drivers run in sessions of their own: not in the group
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=8)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+@pytest.fixture(scope="module")
+def head():
+    if not RAY.exists():
+        pytest.skip(f"{RAY} missing")
+    temp_dir = Path(tempfile.mkdtemp(prefix="evsvc-"))  # short: Ray's unix sockets live under it
+    token = secrets.token_hex(24)
+    env = {**os.environ, "PATH": f"{RAY.parent}{os.pathsep}{os.environ.get('PATH', '')}", "VIRTUAL_ENV": str(RAY.parent.parent),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.pop("RAY_ADDRESS", None)
+    dash = free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dash, "--node-manager-port": free_port(),
+             "--object-manager-port": free_port(), "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port()}
+    cmd = [str(RAY), "start", "--head", "--block", "--temp-dir", str(temp_dir), "--node-ip-address", "127.0.0.1",
+           "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats",
+           "--min-worker-port", "0", "--max-worker-port", "0"] + [x for k, v in ports.items() for x in (k, str(v))]
+    log = open(temp_dir / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        import requests
+
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited with {proc.returncode}:\n{(temp_dir / 'head.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{address}/api/version", timeout=2).status_code in (200, 401):
+                    break
+            except requests.exceptions.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the Ray head did not come up in 90 s")
+            time.sleep(0.5)
+        yield Head(address, token, proc.pid, temp_dir)
+    finally:
+        _stop_head(proc.pid)
+        proc.wait(timeout=10)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def token(head, monkeypatch, tmp_path):
+    """The client environment: the head's token in RAY_AUTH_TOKEN and a HOME without ~/.ray."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
+    return head.token
+
+
+def toy_spec(folder: Path, name: str, **options) -> Path:
+    """A toy-scored search with relative model and store paths (they must travel as absolute paths)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rel = lambda p: os.path.relpath(p, folder)  # noqa: E731
+    spec = {
+        "name": name,
+        "models": {"base": rel(GOLDEN / "base"), "sources": {"a": rel(GOLDEN / "a"), "b": rel(GOLDEN / "b")}},
+        "search_space": "sakana_ps",
+        "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": options.pop("evaluations", 24)},
+                   "seed": 1},
+        "runtime": {"kind": "local", "evaluator": "evomerge.search.toy:scorer", "evaluator_options": options},
+        "store": "out/store.sqlite",
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---------------------------------------------------------------- no head needed
+
+
+def test_ids_and_addresses_are_validated():
+    assert check_id("evomerge-zoo_mix-1a2b.3") == "evomerge-zoo_mix-1a2b.3"
+    for bad in ("", "../etc", "a/b", "-x", "a b", "x" * 101, "job?id=1", "ü"):
+        with pytest.raises(ServiceError, match="not valid"):
+            check_id(bad)
+    assert check_address("http://127.0.0.1:8265/") == "http://127.0.0.1:8265"
+    assert check_address("https://head.example.org") == "https://head.example.org"
+    for bad in ("127.0.0.1:8265", "http://h:8265/api", "http://user@h:8265", "ftp://h", "http://h:99999", "http://h:1?x=y"):
+        with pytest.raises(ServiceError, match="--address"):
+            check_address(bad)
+
+
+def test_the_spec_travels_with_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # resolution must not depend on the working directory
+    path = toy_spec(tmp_path / "jobs", "travel")
+    spec = portable_spec(path)
+    assert Path(spec["models"]["base"]).is_absolute() and Path(spec["models"]["base"]) .resolve() == (GOLDEN / "base").resolve()
+    assert spec["store"] == str(tmp_path / "jobs" / "out" / "store.sqlite")
+    assert spec["search_space"] == "sakana_ps"  # a preset name stays a name
+
+
+def test_a_bad_spec_or_name_is_refused_before_anything_is_sent(tmp_path, capsys):
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    bad = toy_spec(tmp_path, "bad name")
+    rc, _, err = cli(capsys, "submit", str(bad), "--address", unreachable)
+    assert rc == 2 and "job name 'bad name' is not valid" in err
+    broken = toy_spec(tmp_path, "broken")
+    data = yaml.safe_load(broken.read_text())
+    data["models"]["sources"]["a"] = "no/such/model"
+    broken.write_text(yaml.safe_dump(data))
+    with pytest.raises(JobSpecError, match="models.sources.a"):
+        portable_spec(broken)
+    rc, _, err = cli(capsys, "submit", str(toy_spec(tmp_path, "ok")), "--address", unreachable, "--id", "../x")
+    assert rc == 2 and "job id '../x' is not valid" in err
+
+
+def test_an_unreachable_head_fails_within_seconds(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    start = time.monotonic()
+    rc, _, err = cli(capsys, "jobs", "--address", f"http://127.0.0.1:{free_port()}")
+    assert rc == 2 and "cannot reach the Ray head at http://127.0.0.1:" in err
+    assert time.monotonic() - start < 10
+
+
+# ---------------------------------------------------------------- a real head
+
+
+def test_every_listener_of_the_head_is_on_loopback(head):
+    procs = [psutil.Process(head.pid)] + psutil.Process(head.pid).children(recursive=True)
+    listening = []
+    for p in procs:
+        try:
+            listening += [c.laddr for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+    assert listening, "no listening sockets found"
+    def loopback(ip: str) -> bool:
+        a = ipaddress.ip_address(ip)
+        return a.is_loopback or bool(getattr(a, "ipv4_mapped", None) and a.ipv4_mapped.is_loopback)
+
+    assert all(loopback(addr.ip) for addr in listening), listening
+
+
+def test_a_missing_or_wrong_token_is_a_clear_error(head, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    rc, _, err = cli(capsys, "jobs", "--address", head.address)
+    assert rc == 2 and f"the Ray head at {head.address} requires a token: set RAY_AUTH_TOKEN" in err
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    rc, _, err = cli(capsys, "jobs", "--address", head.address)
+    assert rc == 2 and "refused the token from RAY_AUTH_TOKEN" in err
+    # the token file Ray itself would read works as well as the variable
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(head.token + "\n")
+    rc, _, err = cli(capsys, "jobs", "--address", head.address)
+    assert rc == 0, err
+
+
+def test_an_unknown_job_id_is_a_clear_error(token, head, capsys):
+    for command in ("status", "logs", "stop"):
+        rc, _, err = cli(capsys, command, "evomerge-no-such-job", "--address", head.address)
+        assert rc == 2 and "no job 'evomerge-no-such-job' on the Ray head" in err, (command, err)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:ssl=None is deprecated")  # inside Ray's log tailing (aiohttp)
+def test_a_submitted_search_runs_and_the_cli_follows_it(token, head, tmp_path, capsys):
+    spec = toy_spec(tmp_path / "jobs", "remote-toy")
+    rc, out, err = cli(capsys, "submit", str(spec), "--address", head.address)
+    assert rc == 0, err
+    job_id = out.strip()
+    assert job_id.startswith("evomerge-remote-toy-")
+    info = Jobs(head.address).wait(job_id, timeout=180)
+    assert info.status == "SUCCEEDED", Jobs(head.address).logs(job_id)[-3000:]
+
+    rc, out, _ = cli(capsys, "status", job_id, "--address", head.address)
+    assert rc == 0 and "status:     SUCCEEDED" in out and "name:       remote-toy" in out
+    rc, out, _ = cli(capsys, "logs", job_id, "--address", head.address)
+    assert rc == 0 and "Pareto front of job 'remote-toy'" in out and "generation 4: 24/24 candidates" in out
+    rc, followed, _ = cli(capsys, "logs", job_id, "--follow", "--address", head.address)  # a finished job: all, then end
+    assert rc == 0 and "Pareto front of job 'remote-toy'" in followed
+    rc, out, _ = cli(capsys, "jobs", "--address", head.address)
+    assert rc == 0 and job_id in out and "SUCCEEDED" in out and "remote-toy" in out
+
+    # the job ran where the spec's relative store path points (resolved on the submitting side)
+    store = Store(tmp_path / "jobs" / "out" / "store.sqlite", readonly=True)
+    assert store.job("remote-toy")["status"] == "done" and len(store.candidates("remote-toy")) == 24
+    store.close()
+
+
+@pytest.mark.slow
+def test_stop_ends_a_longer_job_and_leaves_it_resumable(token, head, tmp_path, capsys):
+    spec = toy_spec(tmp_path / "jobs", "long-toy", evaluations=600, delay=0.2)
+    rc, out, err = cli(capsys, "submit", str(spec), "--address", head.address, "--id", "evomerge-long-toy-1")
+    assert rc == 0 and out.strip() == "evomerge-long-toy-1", err
+    jobs = Jobs(head.address)
+    deadline = time.monotonic() + 120
+    while "generation 1:" not in jobs.logs("evomerge-long-toy-1"):  # well into the search
+        assert time.monotonic() < deadline, jobs.logs("evomerge-long-toy-1")[-2000:]
+        assert jobs.info("evomerge-long-toy-1").status in ("PENDING", "RUNNING")
+        time.sleep(0.5)
+    rc, out, _ = cli(capsys, "stop", "evomerge-long-toy-1", "--wait", "60", "--address", head.address)
+    assert rc == 0 and "evomerge-long-toy-1: STOPPED" in out
+    store = Store(tmp_path / "jobs" / "out" / "store.sqlite", readonly=True)
+    job = store.job("long-toy")
+    assert job["status"] in ("interrupted", "running")  # SIGTERM is Ctrl-C (interrupted) unless SIGKILL came first
+    assert store.last_checkpoint("long-toy") is not None and len(store.candidates("long-toy")) < 600
+    store.close()
