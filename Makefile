@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv venv-mergekit venv-vllm zoo demo test test-fast test-vllm bench bench-fitness clean
+.PHONY: venv venv-mergekit venv-vllm zoo browser demo test test-fast test-vllm bench bench-fitness clean
 
 venv: $(VENV)/.installed
 
@@ -49,10 +49,16 @@ $(VLLM_VENV)/.installed: pyproject.toml
 zoo: venv
 	$(VENV)/bin/evomerge zoo build $(ZOO)
 
+# Debian's chromium, for the dashboard's browser test (Playwright drives it; Playwright downloads no browser).
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
+browser:
+	@test -x /usr/bin/chromium || { echo "installing Debian chromium (apt-get) for the dashboard test"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
 demo: zoo
 	$(PY) -m evomerge.service.demo --zoo $(ZOO) --out out/demo
 
-test: zoo venv-mergekit
+test: zoo venv-mergekit browser
 	EVOMERGE_ZOO=$(ZOO) $(PY) -m pytest -q -m "not vllm"
 
 # vLLM tests (marked `vllm`) in the vLLM venv; `make test` deselects them.

@@ -11,14 +11,20 @@ from evomerge.checkpoints import CheckpointError, IncompatibleModelsError
 from evomerge.fitness.objectives import FitnessConfigError
 from evomerge.merge.export import DEFAULT_SHARD_BYTES, ExportError, parse_size
 from evomerge.merge.recipe import RecipeError
+from evomerge.runtime.scheduler import WorkerStartError
 from evomerge.search.drivers import DriverError
 from evomerge.search.spec import JobSpecError, SearchStopped
+from evomerge.service.submit import ServiceError
 from evomerge.spaces.ps import SpaceError
 from evomerge.store import StoreError
 
+ADDRESS_HELP = ("Ray cluster to run the workers on (host:port of its head, or 'auto'); default: RAY_ADDRESS if set, "
+                "else a private Ray on 127.0.0.1 when the job has more than one worker (runtime.kind: auto)")
+
 # Errors a user can fix: print the message, no traceback.
 USER_ERRORS = (RecipeError, CheckpointError, IncompatibleModelsError, ExportError, FitnessConfigError,
-               JobSpecError, SpaceError, DriverError, StoreError, SearchStopped)
+               JobSpecError, SpaceError, DriverError, StoreError, SearchStopped, WorkerStartError,
+               ServiceError)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -97,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _search_env()
     try:
-        run_job(args.job)
+        run_job(args.job, address=args.address)
     except KeyboardInterrupt:
         print(f"interrupted: the job is resumable with `evomerge resume {args.job}`", file=sys.stderr)
         return 130
@@ -109,10 +115,86 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     _search_env()
     try:
-        resume_job(args.job, args.name)
+        resume_job(args.job, args.name, address=args.address)
     except KeyboardInterrupt:
         print(f"interrupted: the job is resumable with `evomerge resume {args.job}`", file=sys.stderr)
         return 130
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from evomerge.dashboard import DashboardError, serve
+
+    try:
+        serve(args.store, host=args.host, port=args.port, token=args.token, quiet=not args.verbose)
+    except DashboardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from evomerge.service.submit import submit
+
+    if any("=" not in kv for kv in args.env or []):
+        raise ServiceError("--env takes NAME=VALUE")
+    env = dict(kv.split("=", 1) for kv in args.env) if args.env else None
+    job_id, jobs = submit(args.job, args.address, job_id=args.id, check=not args.no_check, env=env)
+    print(job_id)
+    print(f"submitted to {jobs.address}; follow it with `evomerge logs {job_id} --follow --address {jobs.address}`",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from evomerge.service.submit import Jobs, format_jobs
+
+    listed = Jobs(args.address).list(everything=args.all)
+    print(format_jobs(listed) if listed else "no evomerge jobs on this head" + ("" if args.all else " (--all lists every Ray job)"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from evomerge.service.submit import Jobs, format_status
+
+    print(format_status(Jobs(args.address).info(args.job_id)))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from evomerge.service.submit import Jobs
+
+    jobs = Jobs(args.address)
+    if not args.follow:
+        sys.stdout.write(jobs.logs(args.job_id))
+        return 0
+    for chunk in jobs.follow(args.job_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from evomerge.service.submit import TERMINAL, Jobs
+
+    info = Jobs(args.address).stop(args.job_id, wait=args.wait)
+    done = info.status in TERMINAL
+    print(f"{info.id}: {info.status}" + ("" if done else " (stop requested; Ray sends SIGTERM, then SIGKILL)"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.service.export import export
+
+    path, selected, notes = export(args.job, args.output, fmt=args.format, name=args.name, candidate=args.candidate,
+                                   best=args.best, knee=args.knee, force=args.force,
+                                   max_shard_bytes=parse_size(args.shard_size), device=args.device,
+                                   progress=not args.quiet)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {path}: candidate {selected.row.id} ({selected.why}) as {args.format}")
     return 0
 
 
@@ -172,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Ends with the Pareto front scored on the test split beside the parents, and an HTML + JSON report.",
     )
     r.add_argument("job", help="job spec YAML (example: search_spaces/jobs/zoo_mix.yaml)")
+    r.add_argument("--address", default=None, help=ADDRESS_HELP)
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser(
@@ -182,7 +265,88 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("job", help="the job spec YAML, or the store file")
     s.add_argument("--job", dest="name", default=None, help="job name, when the store holds several")
+    s.add_argument("--address", default=None, help=ADDRESS_HELP)
     s.set_defaults(func=cmd_resume)
+
+    d = sub.add_parser(
+        "dashboard",
+        help="a read-only web page of a store's jobs, fronts and candidates, live while a job runs",
+        description="Serve a read-only web page of a store: the jobs with their progress and budget, each job's "
+        "Pareto front and progress curves, and per candidate its recipe, per-layer weights and densities (or its "
+        "layer path), scores beside the parents, lineage and export command. Plotly is served from the installed "
+        "package (no CDN). Listens on 127.0.0.1 unless --host says otherwise; on any other address every request "
+        "needs a token (--token, EVOMERGE_DASHBOARD_TOKEN, or one generated and printed).",
+    )
+    d.add_argument("--store", default=None, help="the store file (SQLite) of a job (default: the one store under ./out)")
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    d.add_argument("--token", default=None, help="token every request must carry (required off 127.0.0.1; "
+                   "default: EVOMERGE_DASHBOARD_TOKEN, else generated)")
+    d.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    d.set_defaults(func=cmd_dashboard)
+
+    addr_help = ("the Ray head's Jobs API, http://HOST:PORT (its dashboard port); default: RAY_API_SERVER_ADDRESS, "
+                 "else http://127.0.0.1:8265. A head with token authentication gets the token from RAY_AUTH_TOKEN, "
+                 "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
+    j = sub.add_parser(
+        "submit",
+        help="submit a job spec to a Ray cluster (Ray Jobs API); prints the job id",
+        description="Submit a search to a Ray cluster through the Ray Jobs API. The spec travels with the job (in "
+        "its uploaded working directory) with every relative path made absolute as resolved here, so model folders, "
+        "objectives and the store's folder must be at those paths on the cluster (shared storage or the same image "
+        "layout). The spec is checked here first, as `evomerge run` checks it (--no-check when the models exist only "
+        "on the cluster). The cluster runs `python -m evomerge.service.cli run job.yaml` with evomerge installed.",
+    )
+    j.add_argument("job", help="job spec YAML")
+    j.add_argument("--address", default=None, help=addr_help)
+    j.add_argument("--id", default=None, help="Ray job id to use (default: evomerge-NAME-RANDOM)")
+    j.add_argument("--no-check", action="store_true", help="check only the spec's structure here (models on the cluster)")
+    j.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment variable for the job (repeatable)")
+    j.set_defaults(func=cmd_submit)
+
+    ls = sub.add_parser("jobs", help="list the jobs submitted to a Ray cluster",
+                        description="List the evomerge jobs on a Ray head: id, status, job name, start, duration.")
+    ls.add_argument("--address", default=None, help=addr_help)
+    ls.add_argument("--all", action="store_true", help="every Ray job, not only evomerge's")
+    ls.set_defaults(func=cmd_jobs)
+
+    for command, func, text in (("status", cmd_status, "show a submitted job's state"),
+                                ("logs", cmd_logs, "print a submitted job's output"),
+                                ("stop", cmd_stop, "stop a submitted job (its store stays resumable)")):
+        c = sub.add_parser(command, help=text, description=text[0].upper() + text[1:] + " (a Ray job id, from "
+                           "`evomerge submit` or `evomerge jobs`).")
+        c.add_argument("job_id", help="Ray job id")
+        c.add_argument("--address", default=None, help=addr_help)
+        if command == "logs":
+            c.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+        if command == "stop":
+            c.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for the end")
+        c.set_defaults(func=func)
+
+    x = sub.add_parser(
+        "export",
+        help="write one candidate of a job as a recipe, a mergekit config or a merged model",
+        description="Export one candidate of a job's store: --candidate ID, --best OBJECTIVE (best evaluated "
+        "candidate by that objective, its direction respected) or --knee (the front's knee: the candidate closest "
+        "to the ideal point once every objective's losses are scaled to [0, 1] over the front). --format recipe: "
+        "evomerge recipe YAML; mergekit: a config `mergekit-yaml` accepts (when mergekit can express the recipe, "
+        "else the reason); model: a merged checkpoint with a model card (objectives on the fitness and test "
+        "splits, recipe, lineage). Written under a temporary name beside OUT and renamed; OUT is never replaced "
+        "without --force, and a symbolic link as OUT is refused.",
+    )
+    x.add_argument("job", help="the job spec YAML, or the store file")
+    x.add_argument("--job", dest="name", default=None, help="job name, when the store holds several")
+    pick = x.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--candidate", type=int, default=None, metavar="ID", help="candidate id")
+    pick.add_argument("--best", default=None, metavar="OBJECTIVE", help="the best evaluated candidate by this objective")
+    pick.add_argument("--knee", action="store_true", help="the knee of the Pareto front")
+    x.add_argument("--format", default="recipe", choices=["recipe", "mergekit", "model"], help="what to write (default recipe)")
+    x.add_argument("-o", "--output", required=True, help="file (recipe, mergekit) or folder (model) to write")
+    x.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    x.add_argument("--shard-size", default=f"{DEFAULT_SHARD_BYTES // 1024**3}GB", help="model: largest shard (default 2GB)")
+    x.add_argument("--device", default="cpu", help="model: where to compute (cpu or cuda[:N])")
+    x.add_argument("-q", "--quiet", action="store_true", help="model: no progress bar")
+    x.set_defaults(func=cmd_export)
 
     zoo = sub.add_parser("zoo", help="the tiny demo model zoo").add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
     b = zoo.add_parser(
