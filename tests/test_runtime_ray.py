@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -40,7 +41,8 @@ AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WI
 
 class Sleeper:
     """Recipes are either dicts ({"sleep": s, "fail": bool, "crash": bool, "value": v}) sent straight to a
-    runtime, or real recipes from a search (scored by the toy landscape after `delay` seconds). Each evaluation
+    runtime, or real recipes from a search (scored by the toy landscape after `delay` seconds, plus
+    `sleep_per_weight` x the recipe's first weight: costs that vary, so completion order is not id order). Each evaluation
     leaves `start.<pid>.<key>` in `log_dir` when it begins and a `<key> <pid> <split>` line in `done.log` when it
     ends."""
 
@@ -70,7 +72,10 @@ class Sleeper:
 
     def _evaluate(self, recipe: Any):
         if not isinstance(recipe, dict):
-            time.sleep(float(self.options.get("delay", 0.0)))
+            from evomerge.search.toy import numbers
+
+            slope = float(self.options.get("sleep_per_weight", 0.0))
+            time.sleep(float(self.options.get("delay", 0.0)) + slope * (numbers(recipe) or [0.0])[0])
             return self.toy.evaluate(recipe)
         time.sleep(float(recipe.get("sleep", 0.0)))
         if recipe.get("crash"):
@@ -475,3 +480,74 @@ def test_a_zoo_search_with_two_ray_workers_through_evomerge_run(tmp_path, zoo_di
     assert len(rows) == 8 and all(r.status in ("done", "cached") for r in rows)
     assert {r.worker for r in rows if r.status == "done"} == {"ray-0", "ray-1"}
     assert all(0.0 <= r.values["zoo_mix"] <= 1.0 for r in rows)
+
+
+class StopAfter(Progress):
+    """Ctrl-C in the middle of a search, whatever the runtime: KeyboardInterrupt at the n-th recorded outcome."""
+
+    def __init__(self, n: int):
+        super().__init__(io.StringIO(), live=False)
+        self.n = n
+
+    def candidate(self, text: str) -> None:
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+
+
+def test_steady_search_on_ray_matches_the_in_process_one_also_interrupted_and_resumed(tmp_path, cluster):
+    """Steady mode (lag 1) with candidates of varying cost on 2 Ray workers (completion order is not id order):
+    every candidate evaluated once, and the same archive and checkpointed failure counters as in-process on one
+    worker. Then a Ray run interrupted mid-search and resumed in-process ends with that archive too."""
+    from evomerge.runtime import RayRuntime
+    from evomerge.search.loop import Search
+    from evomerge.search.runtime import LocalRuntime
+
+    log = tmp_path / "log"
+    log.mkdir()
+
+    def search(name: str, make, progress: Progress | None = None, store_path: Path | None = None):
+        data = job_dict(tmp_path / name, population=4, evaluations=24, sleep_per_weight=0.25, fail_above=0.5,
+                        log_dir=str(log) if name == "ray" else None)
+        data["driver"].update(mode="steady", lag=1, max_failures_in_a_row=50)
+        spec = parse_job(data, source="<test>", base_dir=tmp_path)
+        store = Store(store_path or spec.store)
+        if store.job(spec.name) is None:
+            store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
+        saved: list[tuple] = []
+        keep = store.save_checkpoint
+
+        def save(job, g, blob, front=None):
+            state = pickle.loads(blob)
+            saved.append((state.generation, state.failures_in_a_row, state.recent, len(state.ahead)))
+            keep(job, g, blob, front)
+
+        store.save_checkpoint = save
+        rt = make(spec)
+        try:
+            Search(spec, store, rt, progress or Progress(io.StringIO(), live=False)).run()
+        finally:
+            stats = rt.stats()
+            rt.close()
+            rows = store.candidates("ray-job")
+            store.close()
+        return rows, saved, stats
+
+    local_rows, local_saved, _ = search("local", LocalRuntime)
+    ray_rows, ray_saved, stats = search("ray", lambda spec: RayRuntime(spec, cluster=cluster_view(cluster)))
+    assert len(ray_rows) == 24 and [r.identity() for r in ray_rows] == [r.identity() for r in local_rows]
+    assert ray_saved == local_saved and len(ray_saved) == 6 and any(a for *_, a in ray_saved)  # asked ahead
+    evaluated = [r for r in ray_rows if r.status != "cached"]
+    lines = [line.split() for line in (log / "done.log").read_text().splitlines()]
+    done_keys = [key for key, _, split in lines if split == "fitness"]
+    assert sorted(done_keys) == sorted(r.recipe_hash[:12] for r in evaluated)  # each evaluated exactly once
+    order = {r.recipe_hash[:12]: r.id for r in evaluated}
+    assert [order[k] for k in done_keys] != sorted(order[k] for k in done_keys)  # finished out of id order
+    assert {r.worker for r in evaluated} == {"ray-0", "ray-1"} and 0 < stats.utilisation <= 1
+
+    with pytest.raises(KeyboardInterrupt):
+        search("cut", lambda spec: RayRuntime(spec, cluster=cluster_view(cluster)), progress=StopAfter(10))
+    cut = tmp_path / "cut" / "store.sqlite"
+    assert Store(cut, readonly=True).job("ray-job")["status"] == "interrupted"
+    resumed_rows, _, _ = search("cut", LocalRuntime, store_path=cut)  # one worker now, not two
+    assert [r.identity() for r in resumed_rows] == [r.identity() for r in local_rows]

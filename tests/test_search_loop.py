@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import yaml
 
 from evomerge.search import toy
 from evomerge.search.jobs import resume_job, run_job
-from evomerge.search.loop import Progress
+from evomerge.search.loop import Progress, Search
+from evomerge.search.runtime import LocalRuntime
 from evomerge.search.spec import JobSpecError, SearchStopped, load_job
 from evomerge.service.cli import main
 from evomerge.store import Store, StoreError
@@ -146,6 +148,8 @@ def test_a_time_budget_ends_the_search(tmp_path):
     ({"driver": {"algorithm": "nsga22"}}, "driver.algorithm", "Did you mean 'nsga2'"),
     ({"driver": {"budget": {}}}, "driver.budget", "never ends"),
     ({"driver": {"populaton": 4}}, "driver.populaton", "Did you mean 'population'"),
+    ({"driver": {"mode": "async"}}, "driver.mode", "generational or steady"),
+    ({"driver": {"mode": "steady", "lag": -1}}, "driver.lag", "whole number >= 0"),
     ({"runtime": {"evaluator": None}}, "objectives", "objectives file"),
     ({"objectives": {"objectives": [{"task": "zoo_mix"}, {"builtin": "params"}]}, "driver": {"algorithm": "cmaes"}},
      "driver.algorithm", "one objective"),
@@ -177,3 +181,114 @@ def test_run_twice_and_resume_a_missing_job_say_what_to_do(tmp_path, capsys):
         resume_job(tmp_path / "out" / "store.sqlite", "other", **quiet())
     assert main(["resume", str(tmp_path / "nowhere.sqlite")]) == 2
     assert "no store there" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- steady mode (no generation barrier)
+
+
+def archive(store_path: Path, job: str = "toy") -> list[tuple]:
+    store = Store(store_path, readonly=True)
+    try:
+        return [r.identity() for r in store.candidates(job)]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("algorithm, space, lag", [("nsga2", "sakana_ps", 1), ("nsga2", "sakana_ps", 2),
+                                                   ("random", "sakana_ps", 1), ("cmaes", "layerwise_ps", 1)])
+def test_steady_mode_reaches_the_budget_evaluating_every_candidate_once(tmp_path, algorithm, space, lag):
+    options = {"objectives": 1} if algorithm == "cmaes" else {}
+    path = write_job(tmp_path, search_space=space, driver={"algorithm": algorithm, "mode": "steady", "lag": lag},
+                     runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": options})
+    result = run_job(path, **quiet())
+    store = Store(result.store)
+    rows = store.candidates("toy")
+    assert [r.id for r in rows] == list(range(24)) and [r.generation for r in rows] == [i // 6 for i in range(24)]
+    assert {r.status for r in rows} <= {"done", "failed", "cached"}
+    evaluated = [r.recipe_hash for r in rows if r.status != "cached"]
+    assert len(evaluated) == len(set(evaluated))  # a repeated recipe is answered from the cache, never re-run
+    assert store.last_checkpoint("toy")[0] == 4 and store.job("toy")["status"] == "done"
+    state = pickle.loads(store.last_checkpoint("toy")[1])
+    assert state.evaluations == 24 and state.ahead == ()
+    assert result.report["runtime"]["mode"] == "steady" and result.report["runtime"]["candidates"] == len(evaluated)
+
+
+def test_steady_random_search_asks_what_the_generational_one_asks(tmp_path):
+    """Random search never reads a tell, so asking ahead changes nothing it proposes: same archive."""
+    (tmp_path / "g").mkdir()
+    (tmp_path / "s").mkdir()
+    gen = run_job(write_job(tmp_path / "g", driver={"algorithm": "random"}), **quiet())
+    steady = run_job(write_job(tmp_path / "s", driver={"algorithm": "random", "mode": "steady", "lag": 2}), **quiet())
+    assert archive(gen.store) == archive(steady.store)
+
+
+class InterruptAt(toy.ToyScorer):
+    """Raises KeyboardInterrupt at its `interrupt_at`-th evaluation (counted per process)."""
+
+    calls = 0
+
+    def evaluate(self, recipe):
+        InterruptAt.calls += 1
+        if InterruptAt.calls == int(self.options.get("interrupt_at", 0)):
+            raise KeyboardInterrupt
+        return super().evaluate(recipe)
+
+
+def interrupt_at(spec, split=None):
+    return InterruptAt(dict(spec.runtime.evaluator_options), split)
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_a_steady_search_interrupted_then_resumed_ends_like_an_uninterrupted_one(tmp_path, lag):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    driver = {"mode": "steady", "lag": lag, "budget": {"evaluations": 36}}
+    options = {"fail_above": 0.8}
+    straight = run_job(write_job(tmp_path / "a", driver=driver,
+                                 runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": options}),
+                       **quiet())
+    InterruptAt.calls = 0
+    path = write_job(tmp_path / "b", driver=driver,
+                     runtime={"evaluator": f"{__name__}:interrupt_at", "evaluator_options": {**options, "interrupt_at": 16}})
+    with pytest.raises(KeyboardInterrupt):
+        run_job(path, **quiet())
+    store = Store(tmp_path / "b" / "out" / "store.sqlite")
+    assert store.job("toy")["status"] == "interrupted"
+    told, blob = store.last_checkpoint("toy")
+    assert told >= 1 and pickle.loads(blob).ahead  # interrupted with batches asked ahead of the last tell
+    resume_job(path, **quiet())
+    assert archive(straight.store) == archive(tmp_path / "b" / "out" / "store.sqlite")
+    assert store.front("toy") == Store(straight.store).front("toy")
+
+
+class ReversedRuntime(LocalRuntime):
+    """Hands out the newest queued candidate first: completion order opposite to submission (id) order."""
+
+    def next_outcome(self, timeout=None):
+        if self._queue:
+            self._queue.insert(0, self._queue.pop())
+        return super().next_outcome(timeout)
+
+
+@pytest.mark.parametrize("mode", ["generational", "steady"])
+def test_the_failure_counter_does_not_depend_on_completion_order(tmp_path, mode):
+    """Every checkpoint (failures_in_a_row, the recent reasons) and the archive are the same whether candidates
+    finish in id order or in reverse."""
+    states, archives = [], []
+    for name, kind in (("inorder", LocalRuntime), ("reversed", ReversedRuntime)):
+        path = write_job(tmp_path, name=name, driver={"mode": mode, "max_failures_in_a_row": 50},
+                         runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": {"fail_above": 0.3}})
+        spec = load_job(path)
+        store = Store(spec.store)
+        store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
+        saved = []
+        keep = store.save_checkpoint
+        store.save_checkpoint = lambda job, g, blob, front=None: (saved.append(pickle.loads(blob)), keep(job, g, blob, front))
+        runtime = kind(spec)
+        Search(spec, store, runtime, Progress(io.StringIO(), live=False)).run()
+        states.append([(s.generation, s.failures_in_a_row, s.recent) for s in saved])
+        archives.append([r.identity() for r in store.candidates(name)])
+        store.close()
+    assert states[0] == states[1] and len(states[0]) == 4
+    assert any(n > 0 for _, n, _ in states[0])  # the counter was exercised: some batch ends on a failure
+    assert archives[0] == archives[1]

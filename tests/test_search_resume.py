@@ -22,14 +22,14 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def job(folder: Path, algorithm: str, space: str, zoo: Path | None = None) -> Path:
+def job(folder: Path, algorithm: str, space: str, zoo: Path | None = None, mode: str = "generational") -> Path:
     """A job on the synthetic landscape, or, with `zoo`, on the zoo's models with real lm-eval fitness."""
     folder.mkdir(parents=True, exist_ok=True)
     spec = {
         "name": "killme",
         "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
         "search_space": space,
-        "driver": {"algorithm": algorithm, "population": 6, "budget": {"evaluations": 48}, "seed": 7},
+        "driver": {"algorithm": algorithm, "population": 6, "budget": {"evaluations": 48}, "seed": 7, "mode": mode},
         "runtime": {"evaluator": "evomerge.search.toy:scorer",
                     "evaluator_options": {"delay": 0.04, "objectives": 1 if algorithm == "cmaes" else 2,
                                           "fail_above": 0.9}},
@@ -56,9 +56,13 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.parametrize("algorithm, space", [("nsga2", "sakana_ps"), ("cmaes", "layerwise_ps")])
-def test_kill_9_mid_search_then_resume_gives_the_same_archive(tmp_path, algorithm, space):
-    kill_and_resume(tmp_path, algorithm, space, zoo=None, population=6, total=48, min_generation=3)
+@pytest.mark.parametrize("algorithm, space, mode", [("nsga2", "sakana_ps", "generational"),
+                                                    ("cmaes", "layerwise_ps", "generational"),
+                                                    ("nsga2", "sakana_ps", "steady")])
+def test_kill_9_mid_search_then_resume_gives_the_same_archive(tmp_path, algorithm, space, mode):
+    """Steady mode (lag 1) is killed with a batch asked ahead of the one being waited for: the resume re-submits
+    both batches' unfinished rows and reuses the finished ones."""
+    kill_and_resume(tmp_path, algorithm, space, zoo=None, population=6, total=48, min_generation=3, mode=mode)
 
 
 @pytest.mark.slow
@@ -68,11 +72,11 @@ def test_kill_9_then_resume_with_real_models_and_lm_eval_fitness(tmp_path, zoo_d
 
 
 def kill_and_resume(tmp_path: Path, algorithm: str, space: str, zoo: Path | None, population: int, total: int,
-                    min_generation: int) -> None:
-    straight = run_job(job(tmp_path / "straight", algorithm, space, zoo), out=io.StringIO(),
+                    min_generation: int, mode: str = "generational") -> None:
+    straight = run_job(job(tmp_path / "straight", algorithm, space, zoo, mode), out=io.StringIO(),
                        progress=Progress(io.StringIO(), live=False))
 
-    path = job(tmp_path / "killed", algorithm, space, zoo)
+    path = job(tmp_path / "killed", algorithm, space, zoo, mode)
     store_path = path.parent / "store.sqlite"
     proc = subprocess.Popen(cli("run", str(path)), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300

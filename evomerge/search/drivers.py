@@ -11,6 +11,12 @@ trajectory, which is what makes an interrupted-then-resumed search equal an unin
   needs numba, which evomerge does not install.)
 
 Seeds (parents, plain averages) go into the first population; the rest of it is random.
+
+Asking ahead (the steady loop, `driver.mode: steady`): `can_ask_ahead()` says whether `ask()` may be called again
+before the last ask is told; tells then come in ask order. `random` always can (its asks never read a tell);
+the pymoo drivers can once their first population is told (each ask breeds offspring from the population as
+last told; a tell merges them in, whichever population they were bred from); `cmaes` never can (pycma's update
+assumes the points were sampled from the distribution it is updating).
 """
 
 from __future__ import annotations
@@ -65,6 +71,10 @@ class Driver:
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         raise NotImplementedError
 
+    def can_ask_ahead(self) -> bool:
+        """Whether `ask()` may be called now although an earlier ask is not told yet."""
+        return False
+
     def state(self) -> bytes:
         return pickle.dumps(self)
 
@@ -86,15 +96,21 @@ class RandomSearch(Driver):
         super().__init__(n_var, n_obj, pop_size, seed, seeds)
         self.rng = np.random.default_rng(seed)
         self._seeds = seeds
+        self.asks = 0  # asks so far (the first one holds the seeds)
 
     def ask(self) -> np.ndarray:
-        if self.generation == 0:
+        asks = getattr(self, "asks", self.generation)  # drivers pickled before `asks` existed ask once per tell
+        self.asks = asks + 1
+        if asks == 0:
             return _first_population(self.pop_size, self.n_var, self._seeds, self.rng)
         return self.rng.random((self.pop_size, self.n_var))
 
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         self._check(X, F)
         self.generation += 1
+
+    def can_ask_ahead(self) -> bool:
+        return True
 
 
 # pycma's bound transform bends points near a bound inwards, which would move seeds that sit on a bound (a
@@ -157,22 +173,33 @@ class PymooDriver(Driver):
         from pymoo.termination import get_termination
 
         self.algo.setup(self.problem, seed=seed, termination=get_termination("n_gen", 10**9), verbose=False)
-        self._pop = None
+        self._asked: list[Any] = []  # populations asked and not told yet, oldest first
 
     def ask(self) -> np.ndarray:
-        self._pop = self.algo.ask()
-        return np.array(self._pop.get("X"), dtype=float)
+        pop = self.algo.ask()
+        self._outstanding().append(pop)
+        return np.array(pop.get("X"), dtype=float)
 
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         from pymoo.problems.static import StaticProblem
 
         X, F = self._check(X, F)
-        if self._pop is None or len(self._pop) != len(X):
-            raise ValueError(f"{self.name}: tell() must get exactly the points of the last ask()")
-        self.algo.evaluator.eval(StaticProblem(self.problem, F=F), self._pop)
-        self.algo.tell(infills=self._pop)
-        self._pop = None
+        asked = self._outstanding()
+        if not asked or len(asked[0]) != len(X):
+            raise ValueError(f"{self.name}: tell() must get exactly the points of the oldest ask() not told yet")
+        pop = asked.pop(0)
+        self.algo.evaluator.eval(StaticProblem(self.problem, F=F), pop)
+        self.algo.tell(infills=pop)
         self.generation += 1
+
+    def can_ask_ahead(self) -> bool:
+        # before its first tell, pymoo's ask() would hand out the initial sampling again
+        return bool(self.algo.is_initialized)
+
+    def _outstanding(self) -> list[Any]:
+        if getattr(self, "_asked", None) is None:  # pickled before `_asked` existed (then `_pop`, None when told)
+            self._asked = []
+        return self._asked
 
 
 def _pymoo_algorithm(name: str, n_obj: int, pop_size: int, init: np.ndarray, options: dict[str, Any]):

@@ -9,6 +9,10 @@ Why a resumed job ends with the same archive as an uninterrupted one:
   runs follow exactly the same code path;
 - the driver's randomness is its own (seeded generators, pycma's global numpy state swapped in and out).
 Time budgets are the exception: a search cut by a clock is not repeatable.
+
+Nor may completion order matter (Ray workers finish in any order): outcomes are recorded as they come, but the
+failure counter (`failures_in_a_row`) walks each generation's candidates in id order, so the checkpointed state
+is the same however the candidates finished. `driver.mode: steady` (no generation barrier) is in `steady.py`.
 """
 
 from __future__ import annotations
@@ -54,6 +58,35 @@ class LoopState:
     elapsed: float = 0.0  # seconds spent in generations (time budgets survive a resume)
     ref_point: list[float] | None = None  # hypervolume reference (losses): the worst of generation 0
     recent: list[str] = field(default_factory=list)  # the last failure reasons, for the diagnosis
+    # steady mode: batches asked but not told when this state was saved, oldest first: (generation, X asked).
+    # A class-level default, so that states pickled before it existed still load.
+    ahead: tuple[tuple[int, np.ndarray], ...] = ()
+
+
+@dataclass
+class FailureCount:
+    """The failure counter on its own (steady mode keeps it apart from the checkpointed state)."""
+
+    failures_in_a_row: int = 0
+    recent: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """One ask's candidates (a generation) while they are evaluated. Outcomes land in any order; `verdicts`
+    are walked in id order (`Search.tally`), so the failure counter never depends on which finished first."""
+
+    generation: int
+    X: np.ndarray
+    rows: list[CandidateRow]
+    results: dict[int, dict[str, float] | None] = field(default_factory=dict)  # None: failed
+    verdicts: dict[int, tuple[bool, str | None] | None] = field(default_factory=dict)  # (ok, reason); None: cached
+    counted: int = 0  # how many rows (from the first) the failure counter has walked
+    counter: tuple[int, list[str]] | None = None  # the counter just after this batch's last row
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) == len(self.rows)
 
 
 class Progress:
@@ -137,12 +170,20 @@ class Search:
         if job and job["status"] == "stopped":  # the user resumed after fixing the cause: a fresh chance
             state.failures_in_a_row, state.recent, self.retry_failed = 0, [], True
         self.store.set_status(self.job, "running")
+        steady = None
         try:
-            while not self.finished(state):
-                state = self.step(state)
+            if self.spec.driver.mode == "steady":
+                from evomerge.search.steady import SteadyLoop
+
+                steady = SteadyLoop(self, state)
+                state = steady.run()
+            else:
+                while not self.finished(state):
+                    state = self.step(state)
         except KeyboardInterrupt:
+            told = steady.state.generation if steady else state.generation  # the last checkpoint
             self.store.set_status(self.job, "interrupted", "interrupted (Ctrl-C); `evomerge resume` continues from "
-                                  f"generation {state.generation}")
+                                  f"generation {told}")
             raise
         except SearchStopped as e:
             self.store.set_status(self.job, "stopped", str(e))
@@ -154,23 +195,10 @@ class Search:
         started = time.monotonic()
         g = state.generation
         driver = Driver.restore(state.driver)
-        pool = self._pool_ids(driver, g)
-        X = driver.ask()
-        rows, recipes = [], {}
-        seed_units = [(label, self.to_unit(genome)) for label, genome in self.seeds] if g == 0 else []
-        for i, x in enumerate(X):
-            genome = self.to_genome(x)
-            recipe = self.space.decode(genome)
-            text = recipe_text(recipe)
-            origin = next((label for label, u in seed_units if np.allclose(u, x, atol=1e-9)), "driver")
-            cid = state.next_id + i
-            rows.append(CandidateRow(id=cid, generation=g, idx=i, genome=[float(v) for v in genome], recipe=text,
-                                     recipe_hash=recipe_hash(text), origin=origin, status="pending", parents=pool))
-            recipes[cid] = recipe
-        self.store.add_candidates(self.job, rows)
+        X, rows, recipes = self.ask(driver, g, state.next_id)
         if self.irt:  # IRT: fit or load the calibration, choose who is scored on anchors only
             self.irt.plan(g, rows)
-        results = self._evaluate(state, rows, recipes)
+        results = self._evaluate(state, Batch(g, X, rows), recipes)
         F = np.array([self.losses(results[r.id]) for r in rows])
         driver.tell(X, F)
 
@@ -187,6 +215,24 @@ class Search:
         self.progress.line(self.summary(new, front))
         return new
 
+    def ask(self, driver: Driver, g: int, next_id: int) -> tuple[np.ndarray, list[CandidateRow], dict[int, Any]]:
+        """Ask the driver for generation `g`, number its candidates from `next_id`, decode and store them."""
+        pool = self._pool_ids(driver, g)
+        X = driver.ask()
+        rows, recipes = [], {}
+        seed_units = [(label, self.to_unit(genome)) for label, genome in self.seeds] if g == 0 else []
+        for i, x in enumerate(X):
+            genome = self.to_genome(x)
+            recipe = self.space.decode(genome)
+            text = recipe_text(recipe)
+            origin = next((label for label, u in seed_units if np.allclose(u, x, atol=1e-9)), "driver")
+            cid = next_id + i
+            rows.append(CandidateRow(id=cid, generation=g, idx=i, genome=[float(v) for v in genome], recipe=text,
+                                     recipe_hash=recipe_hash(text), origin=origin, status="pending", parents=pool))
+            recipes[cid] = recipe
+        self.store.add_candidates(self.job, rows)
+        return X, rows, recipes
+
     def _pool_ids(self, driver: Driver, g: int) -> list[int]:
         """Parent lineage: the candidates the next generation is bred from (pymoo: the surviving population;
         CMA-ES: the previous generation, whose ranking moved the distribution; random search: none)."""
@@ -200,38 +246,56 @@ class Search:
             return [r.id for r in self.store.candidates(self.job, generation=g - 1)]
         return []
 
-    def _evaluate(self, state: LoopState, rows: list[CandidateRow], recipes: dict[int, Any]) -> dict[int, dict | None]:
+    def _evaluate(self, state: LoopState, batch: Batch, recipes: dict[int, Any]) -> dict[int, dict | None]:
         """Values per candidate (None: failed). Finished rows of a resumed generation are reused; a recipe seen
         before is not evaluated again (status `cached`, values copied, `cached_from` set)."""
-        results: dict[int, dict | None] = {}
         first_of: dict[str, int] = {}  # recipe hash -> the candidate of this generation that evaluates it
-        duplicates: list[tuple[int, int]] = []
-        for r in rows:
+        duplicates: dict[int, list[tuple[int, Batch]]] = {}
+        self.start(batch, recipes, first_of, duplicates)
+        self.tally(state, batch)
+        for out in self.runtime.as_completed():
+            self.settle(out, batch, duplicates)
+            self.tally(state, batch)
+        return batch.results
+
+    def start(self, batch: Batch, recipes: dict[int, Any], first_of: dict[str, int],
+              duplicates: dict[int, list[tuple[int, Batch]]]) -> None:
+        """Reuse finished rows, answer repeated recipes from the cache, submit the rest (in id order).
+        `first_of` maps a recipe hash to the candidate in flight that evaluates it; a later candidate with the same
+        recipe waits in `duplicates` for it."""
+        for r in batch.rows:
             existing = self.store.candidate(self.job, r.id)
             reuse = ("done", "cached") if self.retry_failed else ("done", "failed", "cached")
             if existing is not None and existing.status in reuse:
-                results[r.id] = existing.values
-                if existing.status != "cached":
-                    self._count(state, existing.status == "done", existing.reason)
+                batch.results[r.id] = existing.values
+                batch.verdicts[r.id] = None if existing.status == "cached" else (existing.status == "done",
+                                                                                  existing.reason)
                 continue
             hit = self.store.by_hash(self.job, r.recipe_hash)
             if hit is not None and hit.id < r.id:
-                self._cached(r.id, hit, results)
+                self._cached(r.id, hit, batch.results)
+                batch.verdicts[r.id] = None
                 continue
             if r.recipe_hash in first_of:
-                duplicates.append((r.id, first_of[r.recipe_hash]))
+                duplicates.setdefault(first_of[r.recipe_hash], []).append((r.id, batch))
+                batch.verdicts[r.id] = None
                 continue
             first_of[r.recipe_hash] = r.id
             self.runtime.submit(r.id, recipes[r.id], items=self.irt.items_for(r.id) if self.irt else None)  # IRT
             self.store.mark_running(self.job, r.id)
-        for out in self.runtime.as_completed():
-            if self.irt:  # IRT: anchor-only scores become estimates (what the driver sees)
-                out = self.irt.finish(out)
-            self._record(state, out)
-            results[out.cid] = out.values if out.ok else None
-        for cid, first in duplicates:
-            self._cached(cid, self.store.candidate(self.job, first), results)
-        return results
+
+    def settle(self, out: Outcome, batch: Batch, duplicates: dict[int, list[tuple[int, Batch]]]) -> None:
+        """Record one outcome (and the candidates that repeat its recipe) in the store and in its batch."""
+        if self.irt:  # IRT: anchor-only scores become estimates (what the driver sees)
+            out = self.irt.finish(out)
+        self._record(out)
+        batch.results[out.cid] = out.values if out.ok else None
+        batch.verdicts[out.cid] = (out.ok, out.reason)
+        waiting = duplicates.pop(out.cid, [])
+        if waiting:
+            first = self.store.candidate(self.job, out.cid)
+            for cid, b in waiting:
+                self._cached(cid, first, b.results)
 
     def _cached(self, cid: int, hit: CandidateRow | None, results: dict[int, dict | None]) -> None:
         assert hit is not None
@@ -239,7 +303,7 @@ class Search:
                           cached_from=hit.id, estimated=hit.estimated, eval_seconds=0.0)
         results[cid] = hit.values
 
-    def _record(self, state: LoopState, out: Outcome) -> None:
+    def _record(self, out: Outcome) -> None:
         if out.ok:
             self.store.finish(self.job, out.cid, "done", values=out.values, losses=self.losses(out.values),
                               items=out.items, worker=out.worker, eval_seconds=out.seconds, estimated=out.estimated)
@@ -248,9 +312,23 @@ class Search:
                               worker=out.worker, eval_seconds=out.seconds)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in (out.values or {}).items()) or f"FAILED: {out.reason}"
         self.progress.candidate(f"candidate {out.cid}: {shown[:120]}")
-        self._count(state, out.ok, out.reason)
 
-    def _count(self, state: LoopState, ok: bool, reason: str | None) -> None:
+    def tally(self, counter: LoopState | FailureCount, batch: Batch) -> bool:
+        """Walk the failure counter over the batch's rows in id order, as far as their outcomes are in (cached
+        rows count neither way); True once the whole batch is counted. Raises SearchStopped at the limit."""
+        while batch.counted < len(batch.rows):
+            cid = batch.rows[batch.counted].id
+            if cid not in batch.verdicts:
+                return False
+            verdict = batch.verdicts[cid]
+            batch.counted += 1
+            if verdict is not None:
+                self._count(counter, *verdict)
+        if batch.counter is None:
+            batch.counter = (counter.failures_in_a_row, list(counter.recent))
+        return True
+
+    def _count(self, state: LoopState | FailureCount, ok: bool, reason: str | None) -> None:
         if ok:
             state.failures_in_a_row, state.recent = 0, []
             return
@@ -267,8 +345,12 @@ class Search:
 
     # ------------------------------------------------------------ front and summary
 
-    def front_ids(self) -> list[int]:
+    def front_ids(self, generations: int | None = None) -> list[int]:
+        """The Pareto front of the evaluated candidates (of the first `generations` generations only: steady mode
+        checkpoints the front of the batches told, not of whatever else has finished meanwhile)."""
         done = self.store.candidates(self.job, status="done")
+        if generations is not None:
+            done = [r for r in done if r.generation < generations]
         if not done:
             return []
         F = np.array([r.losses for r in done])

@@ -51,7 +51,20 @@ def score_report_split(search: Search) -> dict[str, dict[str, Any]]:
     return {s: scores[s] for s in subjects if s in scores}
 
 
-def build_report(search: Search) -> dict[str, Any]:
+def runtime_summary(spec: Any, runtime: Any) -> dict[str, Any] | None:
+    """Where the workers' time went during the search (utilisation, orchestration overhead, candidates per
+    minute; see `evomerge/runtime/stats.py`), with the loop's mode, which decides how much of it barriers cost."""
+    stats = getattr(runtime, "stats", None)
+    if stats is None:
+        return None
+    s = stats()
+    d = spec.driver
+    mode = f"{d.mode}" + (f", lag {d.lag}" if d.mode == "steady" else "")
+    return {**s.to_dict(), "mode": d.mode, "lag": d.lag if d.mode == "steady" else None,
+            "summary": f"{s.summary()}; driver.mode {mode}"}
+
+
+def build_report(search: Search, runtime: dict[str, Any] | None = None) -> dict[str, Any]:
     spec, store, job = search.spec, search.store, search.job
     split = spec.report_split
     scores = score_report_split(search)
@@ -74,7 +87,7 @@ def build_report(search: Search) -> dict[str, Any]:
     all_done = [{"id": r.id, "generation": r.generation, "values": r.values} for r in store.candidates(job, status="done")]
     return {"job": job, "store": str(store.path), "split": split, "objectives": objectives, "counts": counts,
             "front": front, "parents": parents, "candidates": all_done, "spec": spec.to_dict(),
-            "irt": irt_summary(store, job)}
+            "irt": irt_summary(store, job), "runtime": runtime}
 
 
 def front_table(report: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """Where candidates are evaluated: a small interface the loop talks to, and its in-process implementation.
 
-The loop only calls `submit(cid, recipe, split, items)` and iterates `as_completed()`; the Ray runtime implements the
-same three methods with actors (one `Scorer` each). `LocalRuntime` evaluates in this process, one candidate at a
-time, in submission order (deterministic), when `as_completed()` is iterated.
+The loop only calls `submit(cid, recipe, split, items)` and iterates `as_completed()` (the steady loop takes one
+outcome at a time with `next_outcome()`); the Ray runtime implements the same methods with actors (one `Scorer`
+each). `LocalRuntime` evaluates in this process, one candidate at a time, in submission order (deterministic), when
+outcomes are asked for. Both measure where the time went (`stats()`: utilisation, overhead, candidates per minute).
 
 A worker's scorer is built once (models resident, tasks loaded) by a factory `make_scorer(spec, split)`:
 `evomerge.search.evaluate.default_scorer` (the fitness Evaluator), or `runtime.evaluator: "module:factory"`.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 if TYPE_CHECKING:
     from evomerge.fitness.objectives import ObjectiveSet
+    from evomerge.runtime.stats import RuntimeStats
     from evomerge.search.spec import JobSpec
 
 
@@ -55,6 +57,7 @@ class Runtime(Protocol):
     def submit(self, cid: int, recipe: Any, split: str | None = None,
                items: dict[str, list[str]] | None = None) -> None: ...
     def as_completed(self) -> Iterator[Outcome]: ...
+    def next_outcome(self, timeout: float | None = None) -> Outcome | None: ...
     def close(self) -> None: ...
 
 
@@ -109,6 +112,10 @@ class LocalRuntime:
         self._scorers: dict[str | None, Scorer] = {None: self._factory(spec, None)}
         self.objectives = self._scorers[None].objectives
         self._queue: list[tuple[int, Any, str | None, dict[str, list[str]] | None]] = []
+        from evomerge.runtime.stats import RuntimeStats
+
+        self._stats = RuntimeStats(1)
+        self._first: float | None = None  # when the first candidate started (the measured window)
 
     def scorer(self, split: str | None) -> Scorer:
         if split not in self._scorers:
@@ -120,9 +127,32 @@ class LocalRuntime:
         self._queue.append((cid, recipe, split, items))
 
     def as_completed(self) -> Iterator[Outcome]:
-        while self._queue:
-            cid, recipe, split, items = self._queue.pop(0)
-            yield run_one(self.scorer(split), cid, recipe, split, self.worker, items)
+        while True:
+            out = self.next_outcome()
+            if out is None:
+                return
+            yield out
+
+    def next_outcome(self, timeout: float | None = None) -> Outcome | None:
+        """Evaluate the oldest queued candidate now; None when nothing is queued (`timeout` is for Ray's sake)."""
+        if not self._queue:
+            return None
+        cid, recipe, split, items = self._queue.pop(0)
+        scorer = self.scorer(split)
+        start = time.perf_counter()
+        self._first = start if self._first is None else self._first
+        out = run_one(scorer, cid, recipe, split, self.worker, items)
+        s = self._stats
+        s.candidates, s.failed = s.candidates + 1, s.failed + (0 if out.ok else 1)
+        s.busy += out.seconds
+        s.score += out.seconds  # in-process: nothing between the loop and the scorer to count as overhead
+        s.span += time.perf_counter() - start
+        s.wall = time.perf_counter() - self._first
+        return out
+
+    def stats(self) -> "RuntimeStats":
+        """Utilisation here is evaluation time / wall time: what the loop's own work (driver, store) leaves."""
+        return self._stats
 
     def close(self) -> None:
         for s in self._scorers.values():

@@ -16,6 +16,8 @@
       seed: 0
       options: {}                    # passed to the algorithm (cmaes: sigma0)
       max_failures_in_a_row: 10      # then the job stops with a diagnosis
+      mode: generational             # generational (ask, evaluate all, tell) | steady (no generation barrier)
+      lag: 1                         # steady: batches asked ahead of the oldest one not yet told
     runtime:
       kind: auto                     # auto | local | ray. auto: Ray when workers > 1 or an address is given
                                      # (`evomerge run --address`, RAY_ADDRESS), else in-process
@@ -46,7 +48,8 @@ from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE
 from evomerge.yamlfile import read_yaml
 
 TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "driver", "runtime", "store", "report")
-DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row")
+DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row", "mode", "lag")
+DRIVER_MODES = ("generational", "steady")
 RUNTIME_KEYS = ("kind", "workers", "threads", "gpus", "max_retries", "device", "backend", "batch_size", "evaluator",
                 "evaluator_options")
 RUNTIME_KINDS = ("auto", "local", "ray")
@@ -69,6 +72,8 @@ class DriverSpec:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     max_failures_in_a_row: int = 10
+    mode: str = "generational"  # steady: no barrier, see evomerge/search/steady.py
+    lag: int = 1  # steady: batches asked ahead of the oldest untold one (part of the search's identity)
 
 
 @dataclass
@@ -281,10 +286,14 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> J
     if not isinstance(options, dict):
         raise where.error("driver.options", "must be a mapping of algorithm options")
     seed = dr.get("seed", 0)
+    mode = str(dr.get("mode", "generational"))
+    if mode not in DRIVER_MODES:
+        raise where.error("driver.mode", f"must be generational or steady, got {mode!r}")
     driver = DriverSpec(algorithm=algorithm, population=_int(where, "driver.population", dr.get("population", 12), 2),
                         max_evaluations=evals, max_seconds=None if secs is None else float(secs),
                         seed=_int(where, "driver.seed", seed, 0), options=dict(options),
-                        max_failures_in_a_row=_int(where, "driver.max_failures_in_a_row", dr.get("max_failures_in_a_row", 10)))
+                        max_failures_in_a_row=_int(where, "driver.max_failures_in_a_row", dr.get("max_failures_in_a_row", 10)),
+                        mode=mode, lag=_int(where, "driver.lag", dr.get("lag", 1), 0))
     if algorithm == "cmaes" and space.num_genes < 2:
         raise where.error("driver.algorithm", "cmaes needs a space of at least 2 genes; use random or nsga2")
 
