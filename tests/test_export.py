@@ -251,3 +251,20 @@ def test_mergekit_accepts_the_export_and_gives_the_same_tensors(job, tmp_path):
     assert sorted(theirs) == sorted(ours)
     for name, tensor in ours.items():
         assert (theirs[name].float() - tensor.float()).abs().max().item() <= 1e-5, name
+
+
+def test_a_path_that_is_its_merge_in_order_exports_as_that_merge():
+    """The PS-then-DFS hybrid's identity path over its merge is the merge: mergekit can express that."""
+    merge = {"merge_method": "task_arithmetic", "base_model": str(GOLDEN / "base"),
+             "models": [{"model": str(GOLDEN / "a"), "parameters": {"weight": 0.7}},
+                        {"model": str(GOLDEN / "b"), "parameters": {"weight": 0.2}}]}
+    n = yaml.safe_load((GOLDEN / "a" / "config.json").read_text())["num_hidden_layers"]
+    identity = {"sources": {"merge": merge, "A": str(GOLDEN / "a")},
+                "dataflow": {"embed": "merge", "head": "merge", "path": [{"model": "merge", "layer": i} for i in range(n)]}}
+    config, notes = mergekit_yaml(yaml.safe_dump(identity))
+    assert yaml.safe_load(config) == yaml.safe_load(parse_recipe(merge).to_yaml(mergekit_only=True))
+    assert notes and "every layer of 'merge' in order" in notes[0]
+    for hops in (list(range(n - 1)), [1, 0] + list(range(2, n))):  # a layer short, or out of order: a real path
+        changed = {**identity, "dataflow": {**identity["dataflow"], "path": [{"model": "merge", "layer": i} for i in hops]}}
+        with pytest.raises(ExportError, match="parameter-space merge"):
+            mergekit_yaml(yaml.safe_dump(changed))

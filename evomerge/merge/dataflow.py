@@ -367,6 +367,33 @@ def dataflow_to_dict(recipe: DataflowRecipe) -> dict[str, torch.Tensor]:
     return dict(iter_dataflow(plan_dataflow(recipe)))
 
 
+def whole_source(recipe: DataflowRecipe) -> str | None:
+    """The source this path merely reproduces (its every layer in order, unit scales, its own embeddings and head),
+    or None. Such a path is that source: a hybrid whose path is the identity over its merge is the merge."""
+    first = recipe.path[0].model
+    if recipe.embed != first or recipe.head != first or not all_ones(recipe.scales):
+        return None
+    if [(h.model, h.layer) for h in recipe.path] != [(first, i) for i in range(len(recipe.path))]:
+        return None
+    return first if source_layers(recipe.sources[first]) == len(recipe.path) else None
+
+
+def source_layers(spec: Path | Recipe) -> int | None:
+    """How many layers a source has, from config files only (no tensor is read): a model folder's count, a
+    sliced recipe's total of slice lengths, a whole-model recipe's models' count."""
+    if isinstance(spec, Recipe):
+        if spec.slices is not None:
+            return sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in spec.slices
+                       if s.sources[0].layer_range is not None)
+        label = spec.model_labels()[0]
+        spec = spec.paths.get(label, Path(label))
+    try:
+        config = json.loads((Path(spec) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return next((config[k] for k in LAYER_COUNT_KEYS if k in config), None)
+
+
 def passthrough_config(recipe: DataflowRecipe) -> dict[str, Any] | None:
     """The same path as a mergekit `passthrough` recipe, or None where mergekit cannot say it: scales other than
     1, parameter-space sources, or embeddings / head taken from other models than the first / last hop's."""

@@ -8,12 +8,13 @@ first candidate evaluated.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from evomerge.search.confirm import confirm_front
 from evomerge.search.loop import Progress, Search
-from evomerge.search.report import build_report, front_table, write_report
+from evomerge.search.report import build_report, front_table, runtime_summary, write_report
 from evomerge.search.runtime import LocalRuntime, Runtime
 from evomerge.search.spec import JobSpec, JobSpecError, load_job
 from evomerge.store import Store, StoreError
@@ -26,6 +27,7 @@ class JobResult:
     report: dict[str, Any]
     json_path: Path
     html_path: Path
+    confirmed: list[int] = field(default_factory=list)  # IRT: front members scored in full after the search
 
 
 def make_runtime(spec: JobSpec, address: str | None = None) -> Runtime:
@@ -107,16 +109,17 @@ def _search_and_report(spec: JobSpec, store: Store, runtime: Runtime, out: TextI
     out = out or sys.stdout
     search = Search(spec, store, runtime, progress)
     search.run()
-    stats = getattr(runtime, "stats", None)  # the Ray runtime measures where its workers' time went
-    if stats is not None:
-        out.write(f"runtime: {stats().summary()}\n")
-    report = build_report(search)
+    measured = runtime_summary(spec, runtime)  # the search's own window, before the report scores anything
+    confirmed = confirm_front(search)  # IRT: the front's estimated members scored in full (a no-op without IRT)
+    if measured is not None:
+        out.write(f"runtime: {measured['summary']}\n")
+    report = build_report(search, runtime=measured)
     json_path, html_path = write_report(report, Path(spec.report))
     store.set_status(spec.name, "done")
     out.write(f"\nPareto front of job '{spec.name}' ({len(report['front'])} recipes), beside the parents:\n")
     out.write(front_table(report) + "\n")
     out.write(f"\nreport: {html_path.resolve()}\n        {json_path.resolve()}\n")
-    return JobResult(spec.name, spec.store, report, json_path, html_path)
+    return JobResult(spec.name, spec.store, report, json_path, html_path, confirmed)
 
 
 __all__ = ["JobResult", "JobSpecError", "find_job", "resume_job", "run_job"]

@@ -131,11 +131,16 @@ def parse_stored(text: str, check_paths: bool = True) -> Any:
 
 def mergekit_yaml(text: str) -> tuple[str, list[str]]:
     """(mergekit config, notes) for a stored recipe; ExportError saying why when mergekit cannot express it."""
-    from evomerge.merge.dataflow import DataflowRecipe, passthrough_config
+    from evomerge.merge.dataflow import DataflowRecipe, passthrough_config, whole_source
     from evomerge.merge.methods import METHODS
 
     recipe = parse_stored(text, check_paths=False)
     notes: list[str] = []
+    if isinstance(recipe, DataflowRecipe) and (whole := whole_source(recipe)) is not None \
+            and not isinstance(recipe.sources[whole], Path):
+        notes.append(f"the layer path is every layer of '{whole}' in order, unscaled: the model is that "
+                     "parameter-space merge, exported as such")
+        recipe = recipe.sources[whole]
     if not isinstance(recipe, DataflowRecipe):
         if METHODS[recipe.merge_method].random:
             notes.append(f"{recipe.merge_method} draws random masks: mergekit draws its own, so its tensors differ "

@@ -346,6 +346,12 @@ class Store:
         self.db.execute("INSERT OR REPLACE INTO estimates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (job, cid, objective, value, sd, estimator, anchor_mean, measured, scored, total, fit_generation))
 
+    def set_measured(self, job: str, cid: int, objective: str, value: float) -> None:
+        """The full-split value of a candidate that was estimated (kept beside its estimate: measured error)."""
+        with self.transaction():
+            self.db.execute("UPDATE estimates SET measured=? WHERE job=? AND candidate=? AND objective=?",
+                            (value, job, cid, objective))
+
     def estimates(self, job: str) -> list[dict[str, Any]]:
         cols = ("candidate", "objective", "value", "sd", "estimator", "anchor_mean", "measured", "scored", "total",
                 "fit_generation")
