@@ -1,79 +1,142 @@
-"""`make demo`: build the zoo, merge the arithmetic and cipher experts, and compare the merge with its
-parents on the target task (`mix`: half arithmetic items, half cipher items; neither expert solves it).
+"""`make demo`: the search a newcomer runs first, end to end on the tiny zoo.
 
-This is the foundation's demo: one hand-written task-arithmetic recipe. The search (later) finds such recipes itself.
+1. builds the zoo if it is missing (cached per model);
+2. runs a two-objective search (zoo_mix, the target, against zoo_composed) over a PS-then-DFS hybrid space
+   (a task-arithmetic merge of the arithmetic and cipher experts, then a layer path through the merge and the
+   parents) on a private local Ray with two workers, with IRT-reduced fitness: after a calibration phase each
+   new candidate is scored on 30 anchor items per task and the rest is estimated;
+3. prints the Pareto front beside the parents (test split) and writes the HTML + JSON report;
+4. exports the best recipe for the target task as mergekit YAML (or our recipe YAML, saying why, when the
+   path is not expressible in mergekit) and as a merged checkpoint, then scores that checkpoint, loaded fresh
+   from disk, on the test split beside the parents.
+
+Everything lands in OUT (default out/demo); the job spec is written there too, so `evomerge resume`,
+`evomerge export` and `evomerge dashboard` work on it afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
-DEMO_RECIPE = {
-    "name": "zoo arithmetic + cipher (task arithmetic)",
-    "merge_method": "task_arithmetic",
-    "base_model": "{zoo}/llama/base",
-    "models": [
-        {"model": "{zoo}/llama/arith", "parameters": {"weight": 0.7}},
-        {"model": "{zoo}/llama/cipher", "parameters": {"weight": 0.25}},
-    ],
-    "parameters": {"normalize": False},
-    "dtype": "float32",
-}
+REPO = Path(__file__).resolve().parents[2]
+TARGET = "zoo_mix"
+
+
+def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int) -> dict:
+    irt = {"estimator": "irt", "anchors": 30, "seed_candidates": 24, "calibrate_every": 2, "calibrate_count": 2}
+    return {
+        "name": "demo",
+        "models": {"base": str(zoo / "llama/base"),
+                   "sources": {"arith": str(zoo / "llama/arith"), "cipher": str(zoo / "llama/cipher")}},
+        "search_space": {
+            "kind": "hybrid",
+            "ps": {"method": "task_arithmetic", "weight": [0.0, 1.0], "parameters": {"normalize": False}},
+            "dfs": {"repeats": 1, "min_layers": 2, "max_layers": 8, "embed": "merge", "head": "merge",
+                    "scales": "none"},
+        },
+        "objectives": {
+            "include": [str(REPO / "fitness")],
+            "split": "fitness",
+            "objectives": [
+                {"task": TARGET, "metric": "exact_match", "direction": "maximise", **irt},
+                {"task": "zoo_composed", "metric": "exact_match", "direction": "maximise", **irt},
+            ],
+        },
+        "report_split": "test",
+        "driver": {"algorithm": "nsga2", "population": 12, "budget": {"evaluations": evaluations}, "seed": 0,
+                   "max_failures_in_a_row": 12},
+        "runtime": {"kind": "ray", "workers": workers, "threads": 1, "device": "cpu", "backend": "hf",
+                    "batch_size": 64},
+        "store": str(out / "store.sqlite"),
+        "report": str(out / "report"),
+    }
+
+
+def score_folder(folder: Path, split: str = "test") -> float:
+    """The target task's accuracy of a checkpoint loaded from disk, every item of `split`."""
+    from evomerge.fitness.evaluator import Evaluator
+    from evomerge.fitness.objectives import parse_objectives
+
+    objectives = parse_objectives({"include": [str(REPO / "fitness")], "split": split,
+                                   "objectives": [{"task": TARGET, "metric": "exact_match"}]}, base_dir=REPO)
+    ev = Evaluator(objectives, model=folder, backend="hf")
+    try:
+        return float(ev.evaluate().values[TARGET])
+    finally:
+        ev.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", default=".cache/zoo", help="zoo folder (built if missing)")
-    ap.add_argument("--out", default="out/demo", help="where the recipe and merged model go")
+    ap.add_argument("--out", default="out/demo", help="where the store, report, recipe and merged model go")
+    ap.add_argument("--workers", type=int, default=2, help="Ray workers (one CPU slot each)")
+    ap.add_argument("--evaluations", type=int, default=72, help="search budget in candidates")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
 
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-    from evomerge.merge.engine import merge_to_dir
-    from evomerge.merge.recipe import load_recipe
+    from evomerge.merge.export import ExportError
+    from evomerge.search.jobs import run_job
+    from evomerge.service.cli import _search_env
+    from evomerge.service.export import export
     from evomerge.zoo.build import build_zoo
-    from evomerge.zoo.tasks import read_jsonl
-    from evomerge.zoo.train import score
 
+    t_start = time.perf_counter()
     zoo, out = Path(args.zoo).absolute(), Path(args.out).absolute()
     build_zoo(zoo, progress=True)
-    out.mkdir(parents=True, exist_ok=True)
-    recipe_path = out / "recipe.yaml"
-    text = yaml.safe_dump(DEMO_RECIPE, sort_keys=False).replace("{zoo}", str(zoo))
-    recipe_path.write_text(text)
+    if out.exists():  # the demo is a fresh search each time; the zoo and venv are what is cached
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    job_path = out / "job.yaml"
+    job_path.write_text("# written by `make demo` (evomerge/service/demo.py)\n"
+                        + yaml.safe_dump(demo_spec(zoo, out, args.workers, args.evaluations), sort_keys=False))
+    print(f"\nSearch: {job_path}\n  PS-then-DFS hybrid over the zoo's arithmetic and cipher experts; objectives "
+          f"{TARGET} (target) and zoo_composed, IRT-reduced (30 anchors per task after calibration); "
+          f"{args.workers} Ray workers on 127.0.0.1; {args.evaluations} candidates.\n", flush=True)
+    _search_env()
     t0 = time.perf_counter()
-    merged = merge_to_dir(load_recipe(recipe_path), out / "merged", force=True)
-    merge_s = time.perf_counter() - t0
+    result = run_job(job_path)
+    search_s = time.perf_counter() - t0
 
-    tasks = ("arith", "cipher", "mix")
-    items = {t: read_jsonl(zoo / "data" / t / "test.jsonl") for t in tasks}
-    rows = []
-    for label, folder in [("base", zoo / "llama/base"), ("arith expert", zoo / "llama/arith"),
-                          ("cipher expert", zoo / "llama/cipher"), ("merged", merged)]:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        rows.append((label, {t: score(model, items[t]) for t in tasks}))
-    print(f"\nTest split, greedy exact match ({len(items['mix'])} items per task); the target is 'mix' "
-          "(half arithmetic, half cipher items):")
-    print(f"  {'model':<16}" + "".join(f"{t:>9}" for t in tasks))
-    for label, acc in rows:
-        print(f"  {label:<16}" + "".join(f"{acc[t]:9.1%}" for t in tasks))
-    best_parent = max(acc["mix"] for _, acc in rows[:-1])
-    gain = (rows[-1][1]["mix"] - best_parent) * 100
-    verdict = f"beats the best parent by {gain:.1f} points" if gain > 0 else f"is {-gain:.1f} points below the best parent"
-    print(f"\nOn 'mix' the merge {verdict}.")
-    print(f"Recipe: {recipe_path}\nMerged model ({merge_s:.1f} s): {merged}")
-    print(f"Reproduce: evomerge merge {recipe_path} -o OUT")
-    return 0
+    # The best recipe for the target task: mergekit YAML where expressible, else ours; and the checkpoint.
+    recipe_out = out / "best-recipe.yaml"
+    try:
+        _, selected, notes = export(job_path, recipe_out, fmt="mergekit", best=TARGET)
+        recipe_kind = "mergekit YAML (`mergekit-yaml` accepts it)"
+    except ExportError as e:
+        _, selected, notes = export(job_path, recipe_out, fmt="recipe", best=TARGET)
+        recipe_kind = f"evomerge recipe YAML (`evomerge merge` builds it; not mergekit: {e})"
+    model_out = out / "best-model"
+    export(job_path, model_out, fmt="model", best=TARGET)
+    for note in notes:
+        print(f"note: {note}")
+
+    merged = score_folder(model_out)
+    parents = {p["name"]: (p.get("test") or {}).get(TARGET) for p in result.report["parents"]}
+    print(f"\nThe best candidate for {TARGET} (#{selected.row.id}), exported and loaded fresh from disk, on the "
+          f"test split ({TARGET}: half arithmetic, half cipher items):")
+    for name, value in parents.items():
+        print(f"  parent {name:<10} {value:.1%}" if value is not None else f"  parent {name:<10} (failed)")
+    print(f"  merged            {merged:.1%}")
+    best_parent = max(v for v in parents.values() if v is not None)
+    gain = (merged - best_parent) * 100
+    verdict = (f"beats every parent, by {gain:.1f} points over the best one" if gain > 0
+               else f"does NOT beat the best parent ({gain:.1f} points)")
+    print(f"\nThe merged model {verdict}.")
+    print(f"\nWhere everything is (search {search_s:.0f} s, demo {time.perf_counter() - t_start:.0f} s in all):")
+    print(f"  report      {result.html_path}")
+    print(f"  store       {result.store}")
+    print(f"  recipe      {recipe_out}  [{recipe_kind}]")
+    print(f"  model       {model_out}  (safetensors + config + tokenizer + model card; transformers and vLLM load it)")
+    print(f"  dashboard   evomerge dashboard --store {result.store}")
+    print(f"  resume      evomerge resume {job_path}")
+    return 0 if gain > 0 else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
