@@ -38,6 +38,11 @@ def _private_environment() -> None:
     if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        if "ray" in sys.modules:  # Ray cached its auth settings at import: make it read them again, as it does itself
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private run reports nothing anywhere
 
 
