@@ -51,7 +51,8 @@ class RecipeScorer:
             return self._merge_module
         key = str(Path(spec).resolve())
         if key not in self._modules:
-            self._modules[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+            self._modules[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).to(
+                self.materialiser.device).eval()  # beside the merge module: a path may mix both
         return self._modules[key]
 
     def _evaluate_path(self, recipe: Any, items: dict[str, list[str]] | None = None):
