@@ -15,6 +15,7 @@ import yaml
 from evomerge.fitness import irt
 from evomerge.fitness.objectives import FitnessConfigError, Objective, ObjectiveSet, parse_objectives
 from evomerge.search import toy
+from evomerge.search.front import knee_index
 from evomerge.search.jobs import resume_job, run_job
 from evomerge.search.loop import Progress
 from evomerge.store import Store
@@ -96,8 +97,33 @@ def test_estimators_on_held_out_candidates_stay_within_bounds():
     assert maes["pirt"] < 0.05 and maes["gpirt"] < 0.05 and maes["merge3"] < 0.05 and maes["anchor"] < 0.06, maes
     assert maes[cal.estimator] <= min(maes.values()) + 0.005, (cal.estimator, maes)  # cross-validation chose well
     assert all(c > 0.85 for c in covered.values()), covered  # uncertainties mean something (2 sd: 95% if exact)
-    assert set(cal.cv_mae) == {"anchor", "pirt", "gpirt", "merge3"} and cal.estimator in ("pirt", "gpirt", "merge3")
+    assert set(cal.cv_mae) == {"anchor", "pirt", "gpirt", "merge3", "mix"} and cal.estimator in irt.AUTO
     assert 0.0 <= cal.lam <= 1.0 and cal.model.dims == 1
+    assert cal.cv_mae["mix"] <= min(cal.cv_mae[e] for e in ("anchor", "pirt", "gpirt", "merge3")) + 1e-12
+
+
+def test_calibration_keeps_the_anchor_draw_with_the_least_cross_validated_error_deterministically():
+    """`draws` seeded anchor sets; each validated on the fitted candidates only; the mix's weights lie on the
+    simplex; the stored calibration estimates exactly as the fitted one (what a resumed search relies on)."""
+    Y, *_ = synthetic(120, 300, dims=2, seed=8, a_mu=0.8)
+    cache: dict = {}
+    one = irt.calibrate(Y[:40], 20, "irt", seed=3, parents=[0, 1, 2], dims=2, draws=1, cache=cache)
+    many = irt.calibrate(Y[:40], 20, "irt", seed=3, parents=[0, 1, 2], dims=2, draws=6, cache=cache)
+    again = irt.calibrate(Y[:40], 20, "irt", seed=3, parents=[0, 1, 2], dims=2, draws=6)
+    assert np.array_equal(many.anchors.items, again.anchors.items) and many.mix == again.mix
+    assert many.cv_mae[many.estimator] <= one.cv_mae[one.estimator]
+    assert many.anchors.seed in {3} | {3000 + r for r in range(1, 6)}
+    assert np.array_equal(one.anchors.items, irt.choose_anchors(one.model, 20, "irt", 3).items)
+    assert set(many.mix) == {"anchor", "pirt", "merge3"} and sum(many.mix.values()) == pytest.approx(1.0)
+    assert all(0.0 <= w <= 1.0 for w in many.mix.values())
+    back = irt.Calibration.from_dict(many.to_dict())
+    for j in range(40, 60):
+        y = Y[j, many.anchors.items]
+        for e in irt.ESTIMATORS:
+            a, b = many.estimate(y, e), back.estimate(y, e)
+            assert (a.value, a.sd) == (b.value, b.sd)
+    no_parents = irt.calibrate(Y[:40], 20, "irt", seed=3, dims=2, draws=2, estimators=("mix",))
+    assert no_parents.estimator == "mix" and set(no_parents.mix) == {"anchor", "pirt"}
 
 
 def test_irt_beats_a_random_subset_when_skills_are_many_and_merges_mix_two_parents():
@@ -237,14 +263,26 @@ def test_search_scores_anchors_only_after_calibration_and_stores_estimates(tmp_p
     assert [h["generation"] for h in fits] == [2, 4, 6] and all(h["data"] for h in fits)
     assert [len(h["data"]["fitted_on"]) for h in fits] == [12, 14, 16]  # + 2 calibration candidates per period
     later = [r for r in rows if r.generation >= 2 and r.status == "done"]
-    estimated = [r for r in later if r.estimated]
-    full = [r for r in later if not r.estimated]
+    # after the budget, the front's picks (best per objective, knee) were scored in full if estimated
+    confirmed = set(result.confirmed)
+    front = [r for r in rows if r.id in set(store.front("quiz"))]
+    F = np.array([r.losses for r in front])
+    chosen = {front[int(np.argmin(F[:, 0]))].id, front[int(np.argmin(F[:, 1]))].id, front[knee_index(F)].id}
+    assert confirmed and not any(r.estimated for r in front if r.id in chosen)
+    assert any(r.estimated for r in front)  # the rest of the front keeps its estimates
+    assert all(not r.estimated and len(items[r.id]) == ITEMS and ests[r.id]["measured"] == r.values["quiz"]
+               for r in rows if r.id in confirmed)
+    estimated = [r for r in later if r.estimated or r.id in confirmed]  # estimated during the search
+    full = [r for r in later if not r.estimated and r.id not in confirmed]
     assert len(full) == 6 and {r.generation for r in full} == {3, 5, 7}  # calibration: 2 per refit period
-    assert all(len(items[r.id]) == 20 for r in estimated) and all(len(items[r.id]) == ITEMS for r in full)
+    assert all(len(items[r.id]) == 20 for r in estimated if r.id not in confirmed)
+    assert all(len(items[r.id]) == ITEMS for r in full)
     # what the driver saw is the estimate, and the store says how it was made
     for r in estimated:
-        assert r.values["quiz"] == ests[r.id]["value"] and r.losses[0] == -ests[r.id]["value"]
-        assert ests[r.id]["measured"] is None and ests[r.id]["scored"] == 20 and ests[r.id]["sd"] > 0
+        if r.id not in confirmed:
+            assert r.values["quiz"] == ests[r.id]["value"] and r.losses[0] == -ests[r.id]["value"]
+            assert ests[r.id]["measured"] is None
+        assert ests[r.id]["scored"] == 20 and ests[r.id]["sd"] > 0
     assert all(ests[r.id]["measured"] == r.values["quiz"] for r in full)
     # held-out error: every estimated candidate against its full score (the scorer is deterministic)
     scorer = QuizScorer({})
@@ -253,15 +291,16 @@ def test_search_scores_anchors_only_after_calibration_and_stores_estimates(tmp_p
     space = build_space(result.report["spec"]["search_space"], {k: Path(v) for k, v in
                                                                  result.report["spec"]["models"].items()}, "base")
     answers = [scorer.answers(space.decode(np.array(r.genome))) for r in estimated]
-    err = [abs(r.values["quiz"] - y.mean()) for r, y in zip(estimated, answers)]
+    err = [abs(ests[r.id]["value"] - y.mean()) for r, y in zip(estimated, answers)]
     rng = np.random.default_rng(0)
     random_err = [abs(y[rng.choice(ITEMS, 20, replace=False)].mean() - y.mean()) for y in answers]
     assert len(err) >= 25 and np.mean(err) < 0.06 and np.mean(err) < 0.8 * np.mean(random_err), (err, random_err)
     assert "IRT for quiz (generation 2): fitted on 12" in log.getvalue()
     summary = result.report["irt"]["quiz"]
-    assert summary["estimated"] == len(estimated) and summary["calibration_checks"] == 6
+    assert summary["estimated"] == len(estimated) - len(confirmed)
+    assert summary["calibration_checks"] == 6 + len(confirmed)
     seeds = sum(1 for r in rows if r.generation < 2 and r.status == "done")
-    n_full, n_est = seeds + len(full), len(estimated)
+    n_full, n_est = seeds + len(full) + len(confirmed), len(estimated) - len(confirmed)
     assert summary["items_fraction"] == pytest.approx((n_full * ITEMS + n_est * 20) / ((n_full + n_est) * ITEMS))
     assert summary["items_fraction"] < 0.5
 

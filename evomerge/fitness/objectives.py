@@ -12,7 +12,7 @@ An objectives file:
         estimator: irt      # full (default) | irt: score new candidates on `anchors` items, estimate the rest
         anchors: 30         # IRT settings (see evomerge/search/irt_policy.py): anchors, anchor_method
                             # (irt | correct | random), seed_candidates, calibrate_every, calibrate_count,
-                            # irt_estimator (auto | pirt | gpirt | merge3 | anchor), anchor_seed
+                            # irt_estimator (auto | pirt | gpirt | merge3 | mix | anchor), anchor_seed
       - builtin: perplexity # built-ins: perplexity (on `file`), params, layers, latency
         file: data/text.txt
       - builtin: params
@@ -40,7 +40,7 @@ _IRT_KEYS = {"estimator", "anchors", "anchor_method", "seed_candidates", "calibr
 _TASK_KEYS = {"name", "task", "metric", "direction", "split", "limit"} | _IRT_KEYS
 ESTIMATOR_CHOICES = ("full", "irt")
 ANCHOR_METHODS = ("irt", "correct", "random")  # the same as evomerge.fitness.irt (kept free of numpy imports here)
-IRT_ESTIMATORS = ("auto", "pirt", "gpirt", "merge3", "anchor")
+IRT_ESTIMATORS = ("auto", "pirt", "gpirt", "merge3", "mix", "anchor")
 MIN_SEED_CANDIDATES = 8  # evomerge.fitness.irt.MIN_FIT
 _BUILTIN_KEYS = {
     "perplexity": {"name", "builtin", "direction", "file", "limit"},

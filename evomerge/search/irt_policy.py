@@ -124,7 +124,7 @@ class IRTPolicy:
                     raise irt.IRTUnavailable("its value is not the mean of its per-item results (the metric's "
                                              "aggregation is not a mean), so it cannot be estimated from items")
             parents = [k for k, r in enumerate(rows) if r.origin.startswith("parent:")]
-            estimators = ("pirt", "gpirt", "merge3") if o.irt_estimator == "auto" else (o.irt_estimator,)
+            estimators = irt.AUTO if o.irt_estimator == "auto" else (o.irt_estimator,)
             cal = irt.calibrate(Y, o.anchors, o.anchor_method, o.anchor_seed, parents, estimators)
         except irt.IRTUnavailable as e:
             self.store.save_irt(self.job, o.name, fit_gen, None, str(e))
