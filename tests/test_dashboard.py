@@ -320,3 +320,81 @@ def test_the_page_follows_a_running_job(page, tmp_path):
         GatedScorer.gate.set()
         srv.shutdown()
         srv.server_close()
+
+
+# ---------------------------------------------------------------- IRT-reduced fitness
+
+@pytest.fixture(scope="module")
+def irt_store(tmp_path_factory) -> Path:
+    """A real IRT search (test_irt's quiz task: 200 items, 20 anchors, a second objective measured in full)."""
+    from test_irt import quiet as irt_quiet
+    from test_irt import quiz_job
+
+    return run_job(quiz_job(tmp_path_factory.mktemp("irt")), **irt_quiet()).store
+
+
+def test_the_api_says_which_values_are_estimated_with_sd_estimator_and_items(irt_store):
+    """Each estimated value comes with its sd, estimator and the anchor items scored; measured values (the other
+    objective, candidates scored in full while IRT was on) do not."""
+    s = Store(irt_store, readonly=True)
+    ests = {(e["candidate"], e["objective"]): e for e in s.estimates("quiz")}
+    rows = {r.id: r for r in s.candidates("quiz")}
+    estimated = [c for c, r in rows.items() if r.estimated]
+    checked = [c for c, r in rows.items() if not r.estimated and (c, "quiz") in ests]  # scored in full, IRT on
+    assert estimated and checked
+    srv, _ = start(irt_store)
+    try:
+        d = api(srv, "job?name=quiz")
+        points = {p["id"]: p for p in d["points"]}
+        for c in estimated:
+            e = ests[(c, "quiz")]
+            assert points[c]["estimates"] == {"quiz": {"sd": e["sd"], "estimator": e["estimator"], "scored": 20,
+                                                       "total": 200}}
+            assert points[c]["values"]["quiz"] == e["value"]
+        assert all(points[c]["estimates"] == {} for c in checked)
+        assert any(p["front"] and p["estimates"] for p in d["points"])  # the plot has estimated front points to mark
+        cands = {c["id"]: c for c in d["candidates"]}
+        assert all(cands[c]["estimates"].keys() == {"quiz"} for c in estimated if c in cands)
+
+        c = estimated[-1]
+        detail = api(srv, f"candidate?job=quiz&id={c}")
+        quiz, size = detail["scores"]
+        assert quiz["objective"] == "quiz" and quiz["estimated"] and not size["estimated"]
+        assert quiz["estimate"]["sd"] == ests[(c, "quiz")]["sd"] > 0 and quiz["estimate"]["measured"] is None
+        anchors = sorted(s.items("quiz", c)["quiz"])
+        assert quiz["scored_items"] == anchors and len(anchors) == 20 and quiz["items"] == 20
+        calibration = s.irt("quiz", "quiz", ests[(c, "quiz")]["fit_generation"])[0]
+        ids = calibration["item_ids"]
+        assert anchors == sorted(ids[i] for i in calibration["calibration"]["anchors"]["items"])  # the fit's anchors
+        assert size["estimate"] is None and size["scored_items"] is None
+
+        m = api(srv, f"candidate?job=quiz&id={checked[-1]}")["scores"][0]
+        assert not m["estimated"] and m["items"] == 200 and m["scored_items"] is None
+        assert m["estimate"]["measured"] == m["fitness"]  # what IRT would have said, beside the measured value
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        s.close()
+
+
+def test_the_front_plot_marks_estimated_points(page, irt_store):
+    s = Store(irt_store, readonly=True)
+    estimated = {r.id for r in s.candidates("quiz") if r.estimated}
+    srv, _ = start(irt_store)
+    try:
+        page.goto(srv.url)
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        traces = page.evaluate("() => document.getElementById('front-plot').data.map(t => "
+                               "({name: t.name, ids: t.customdata, outline: (t.marker.line || {}).color}))")
+        by_name = {t["name"]: t for t in traces}
+        assert "estimated (IRT)" in by_name  # the legend says what the outline means
+        for name in ("front", "dominated"):
+            t = by_name[name]
+            marked = {i for i, c in zip(t["ids"], t["outline"]) if c == "#e36209"}
+            assert marked == estimated & set(t["ids"]), name
+        assert estimated & set(by_name["front"]["ids"])
+        assert page.problems == []
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        s.close()

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import shlex
+import sqlite3
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -117,17 +118,19 @@ def job_detail(store: Store, name: str) -> dict[str, Any] | None:
     split = spec.get("report_split", "test")
     scores = store.scores(name, split)
     labels = model_labels(spec)
+    ests = _estimates_by_candidate(store, name)
     points = []
     for r in rows:
         if r.status != "done" or r.values is None:
             continue
         test = (scores.get(f"candidate:{r.id}") or {}).get("values")
         points.append({"id": r.id, "generation": r.generation, "origin": r.origin, "values": _clean(r.values),
-                       "estimated": r.estimated, "front": r.id in front, "parent": r.origin.startswith("parent:"),
-                       "summary": recipe_summary(r.recipe, labels), split: _clean(test)})
+                       "estimated": r.estimated, "estimates": estimated_values(r, ests), "front": r.id in front,
+                       "parent": r.origin.startswith("parent:"), "summary": recipe_summary(r.recipe, labels),
+                       split: _clean(test)})
     table = [{"id": r.id, "generation": r.generation, "origin": r.origin, "status": r.status,
-              "values": _clean(r.values), "estimated": r.estimated, "reason": r.reason, "cached_from": r.cached_from,
-              "front": r.id in front} for r in rows[-CANDIDATE_ROWS:]]
+              "values": _clean(r.values), "estimated": r.estimated, "estimates": estimated_values(r, ests),
+              "reason": r.reason, "cached_from": r.cached_from, "front": r.id in front} for r in rows[-CANDIDATE_ROWS:]]
     parents = []
     for label in spec.get("models", {}):
         row = next((r for r in rows if r.generation == 0 and r.origin == f"parent:{label}"), None)
@@ -319,10 +322,42 @@ def export_command(store: Path | str, job: str, cid: int) -> str:
             f"--format model -o {shlex.quote(out)}")
 
 
-def _estimates(store: Store, job: str) -> list[dict[str, Any]]:
-    """IRT estimates (value, sd, estimator, items scored) where the store keeps them (schema 2 and later)."""
+def _estimates(store: Store, job: str) -> list[dict[str, Any]] | None:
+    """IRT estimates (value, sd, estimator, items scored) where the store keeps them (schema 2 and later; None for
+    an older store, which only knows a candidate as a whole is estimated)."""
     reader = getattr(store, "estimates", None)
-    return reader(job) if callable(reader) else []
+    if not callable(reader):
+        return None
+    try:
+        return reader(job)
+    except sqlite3.OperationalError:  # a schema-1 store opened read-only: no estimates table (not upgraded)
+        return None
+
+
+def _estimates_by_candidate(store: Store, job: str) -> dict[int, dict[str, dict[str, Any]]] | None:
+    ests = _estimates(store, job)
+    if ests is None:
+        return None
+    out: dict[int, dict[str, dict[str, Any]]] = {}
+    for e in ests:
+        out.setdefault(int(e["candidate"]), {})[e["objective"]] = e
+    return out
+
+
+def estimated_values(row: CandidateRow, ests: dict[int, dict[str, dict[str, Any]]] | None
+                     ) -> dict[str, dict[str, Any]]:
+    """The objectives whose value in `row` is an IRT estimate, each with its sd, estimator and items scored
+    (measured values are absent). A candidate scored in full while IRT was on also has an estimate row (what the
+    estimator would have said): it is measured, not estimated. Older stores: every objective of an estimated row."""
+    if not row.estimated or not row.values:
+        return {}
+    if ests is None:
+        return {n: {"sd": None, "estimator": None, "scored": None, "total": None} for n in row.values}
+    out = {}
+    for name, e in (ests.get(row.id) or {}).items():
+        if e["measured"] is None and name in row.values:
+            out[name] = {"sd": _finite(e["sd"]), "estimator": e["estimator"], "scored": e["scored"], "total": e["total"]}
+    return out
 
 
 def _parent_score(row: CandidateRow | None, test: dict[str, Any] | None, name: str, split: str) -> dict[str, Any]:
@@ -367,26 +402,31 @@ def candidate_detail(store: Store, name: str, cid: int) -> dict[str, Any] | None
     test = scores.get(f"candidate:{cid}") or {}
     items = store.items(name, cid)
     parents_rows = {r.origin[len("parent:"):]: r for r in all_rows if r.generation == 0 and r.origin.startswith("parent:")}
+    all_estimates = _estimates_by_candidate(store, name)
+    estimates = (all_estimates or {}).get(cid, {})
+    estimated = estimated_values(row, all_estimates)
     table = []
     for o in objs:
         n = o["name"]
         per_item = items.get(n) or {}
+        e = estimates.get(n)
         table.append({
             "objective": n, "direction": o["direction"],
-            "fitness": _finite((row.values or {}).get(n)), "estimated": row.estimated,
+            "fitness": _finite((row.values or {}).get(n)), "estimated": n in estimated,
             split: _finite((test.get("values") or {}).get(n)),
             "items": len(per_item), "item_mean": _finite(float(np.mean(list(per_item.values())))) if per_item else None,
+            # which items were scored: the anchors of an estimated value (every item otherwise, not listed)
+            "scored_items": sorted(per_item) if n in estimated else None,
+            # the IRT estimate (for a measured value scored while IRT was on: what the estimator would have said)
+            "estimate": None if e is None else {k: _finite(v) for k, v in e.items() if k not in ("candidate", "objective")},
             "parents": {p: _parent_score(parents_rows.get(p), scores.get(f"parent:{p}"), n, split)
                         for p in spec.get("models", {})},
         })
-    estimates = {e["objective"]: e for e in _estimates(store, name) if e["candidate"] == cid}
-    for entry in table:
-        e = estimates.get(entry["objective"])
-        entry["estimate"] = None if e is None else {k: _finite(v) for k, v in e.items() if k != "candidate"}
     children = [r.id for r in all_rows if cid in r.parents]
     return {
         "job": name, "id": row.id, "generation": row.generation, "idx": row.idx, "origin": row.origin,
         "status": row.status, "reason": row.reason, "values": _clean(row.values), "estimated": row.estimated,
+        "estimates": estimated,
         "worker": row.worker, "eval_seconds": row.eval_seconds, "genome": row.genome, "front": cid in store.front(name),
         "recipe": row.recipe, "recipe_hash": row.recipe_hash, "summary": summary, "recipe_error": recipe_error,
         "heatmaps": maps, "path": path, "split": split, "scores": table, "test_reason": test.get("reason"),

@@ -3,7 +3,7 @@
 "use strict";
 
 const POLL_MS = 2000, IDLE_TICKS = 5;
-const FRONT = "#1f6feb", DOMINATED = "#c4c8cd", PARENT = "#d1242f", SELECTED = "#111";
+const FRONT = "#1f6feb", DOMINATED = "#c4c8cd", PARENT = "#d1242f", SELECTED = "#111", ESTIMATED = "#e36209";
 const PALETTE = ["#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7ea4", "#6e7781"];
 const PLOT_CONFIG = { displaylogo: false, responsive: true };
 
@@ -123,9 +123,20 @@ async function selectJob(name) {
 
 function axisTitle(o) { return `${o.name} ${o.direction === "maximise" ? "↑ (maximise)" : "↓ (minimise)"}`; }
 
+// An objective's value as text: "~0.612 ±0.021" where it is an IRT estimate (sd: one standard deviation).
+function valueText(p, name) {
+  const e = (p.estimates || {})[name];
+  if (!e) return fmt((p.values || {})[name]);
+  return `~${fmt((p.values || {})[name])}` + (e.sd !== null && e.sd !== undefined ? ` ±${fmt(e.sd)}` : "");
+}
+
+function isEstimated(p) { return Object.keys(p.estimates || {}).length > 0; }
+
 function hoverText(p, d) {
-  const vals = d.objectives.map(o => `${o.name} ${fmt(p.values[o.name])}`).join(", ");
-  return `#${p.id} (generation ${p.generation}, ${p.origin})${p.estimated ? " estimated" : ""}<br>${p.summary}<br>${vals}`;
+  const vals = d.objectives.map(o => `${o.name} ${valueText(p, o.name)}`).join(", ");
+  const est = Object.entries(p.estimates || {}).map(([n, e]) =>
+    `${n} estimated` + (e.estimator ? ` (${e.estimator}, ${e.scored}/${e.total} items)` : "")).join(", ");
+  return `#${p.id} (generation ${p.generation}, ${p.origin})<br>${p.summary}<br>${vals}` + (est ? `<br>${est}` : "");
 }
 
 function renderJob(d) {
@@ -160,14 +171,24 @@ function frontTraces(d) {
     type, mode: "markers", name, ...coords(pts), customdata: pts.map(p => p.id),
     hovertext: pts.map(p => hoverText(p, d)), hoverinfo: "text", marker,
   }, extra || {});
+  // estimated points (an IRT estimate on some objective): an orange outline; 3-D markers take one outline width
+  const outline = (pts, colour, width) => ({
+    color: pts.map(p => isEstimated(p) ? ESTIMATED : colour),
+    width: type === "scatter3d" ? width : pts.map(p => isEstimated(p) ? 2.5 : width),
+  });
+  const anyEstimated = d.points.some(isEstimated);
+  const legend = anyEstimated ? [{ type, mode: "markers", name: "estimated (IRT)", x: [null], y: [null],
+    ...(type === "scatter3d" ? { z: [null] } : {}), hoverinfo: "skip",
+    marker: { color: "#fff", size, line: { color: ESTIMATED, width: 2.5 } } }] : [];
   return [
-    base(groups.dominated, "dominated", { color: DOMINATED, size: size - 2 }),
-    base(groups.front, "front", { color: FRONT, size, line: { color: "#0b3d91", width: 1 } }),
+    base(groups.dominated, "dominated", { color: DOMINATED, size: size - 2, line: outline(groups.dominated, DOMINATED, 0) }),
+    base(groups.front, "front", { color: FRONT, size, line: outline(groups.front, "#0b3d91", 1) }),
     // open symbols draw their outline in marker.color
     base(parents, "parents", { color: PARENT, size: size + 8, symbol: "diamond-open", line: { width: 2 } },
          { hoverinfo: "skip" }),
     base(selected, "selected", { color: SELECTED, size: size + 10, symbol: "circle-open", line: { width: 2 } },
          { hoverinfo: "skip", showlegend: false }),
+    ...legend,
   ];
 }
 
@@ -260,7 +281,7 @@ function renderFrontTable(d) {
   const pts = d.points.filter(p => p.front);
   if (objs.length) pts.sort((a, b) => (a.values[objs[0].name] - b.values[objs[0].name]) * (objs[0].direction === "maximise" ? -1 : 1));
   const rows = pts.map(p => {
-    const tr = row([`#${p.id}`, p.generation, p.summary, ...objs.map(o => fmt(p.values[o.name]) + (p.estimated ? " (est.)" : "")),
+    const tr = row([`#${p.id}`, p.generation, p.summary, ...objs.map(o => valueText(p, o.name)),
                     ...objs.map(o => fmt((p[d.split] || {})[o.name]))], p.id === state.candidate ? "selected front" : "front");
     tr.dataset.id = p.id;
     tr.addEventListener("click", () => selectCandidate(p.id));
@@ -282,7 +303,7 @@ function renderCandidates(d) {
   const objs = d.objectives;
   const rows = d.candidates.slice().reverse().map(c => {
     const what = c.status === "failed" ? (c.reason || "failed") : c.status === "cached" ? `same recipe as #${c.cached_from}` : "";
-    const tr = row([`#${c.id}`, c.generation, c.origin, c.status, ...objs.map(o => fmt((c.values || {})[o.name])), what],
+    const tr = row([`#${c.id}`, c.generation, c.origin, c.status, ...objs.map(o => valueText(c, o.name)), what],
                    [c.status === "failed" ? "failed" : "", c.front ? "front" : "", c.id === state.candidate ? "selected" : ""].join(" "));
     tr.dataset.id = c.id;
     tr.addEventListener("click", () => selectCandidate(c.id));
@@ -304,6 +325,16 @@ async function selectCandidate(id) {
   } catch (e) { showError(e); }
 }
 
+// Items scored: their count and mean; for an estimated value, the anchor items themselves (folded).
+function itemsCell(s) {
+  if (!s.items) return "–";
+  const text = `${s.items} (mean ${fmt(s.item_mean)})`;
+  if (!s.scored_items) return text;
+  const det = el("details", null, "scored-items"), sum = el("summary", `${text}: which`);
+  det.append(sum, el("div", s.scored_items.join(", ")));
+  return det;
+}
+
 function renderCandidate(c) {
   $("candidate").hidden = false;
   $("cand-id").textContent = `#${c.id}`;
@@ -317,12 +348,17 @@ function renderCandidate(c) {
   $("cand-reason").textContent = reason || "";
 
   const parents = c.scores.length ? Object.keys(c.scores[0].parents) : [];
-  const estimate = e => e ? ` (${e.estimator}: ±${fmt(e.sd)}, ${e.scored}/${e.total} items` +
-    (e.measured !== null ? `; measured ${fmt(e.measured)}` : "") + ")" : "";
+  // estimated: the estimator, its sd and the items scored; measured while IRT was on: what IRT would have said
+  const estimate = s => {
+    const e = s.estimate;
+    if (!e) return "";
+    if (s.estimated) return ` (IRT ${e.estimator}: ±${fmt(e.sd)}, from ${e.scored} of ${e.total} items)`;
+    return ` (IRT ${e.estimator} would say ${fmt(e.value)} ±${fmt(e.sd)} from ${e.scored} of ${e.total} items)`;
+  };
   const rows = c.scores.map(s => row([
     `${s.objective} (${s.direction})`,
-    fmt(s.fitness) + (s.fitness !== null ? (s.estimated ? " estimated" : " measured") : "") + estimate(s.estimate),
-    fmt(s[c.split]), s.items ? `${s.items} (mean ${fmt(s.item_mean)})` : "–",
+    fmt(s.fitness) + (s.fitness !== null ? (s.estimated ? " estimated" : " measured") : "") + estimate(s),
+    fmt(s[c.split]), itemsCell(s),
     ...parents.map(p => `${fmt(s.parents[p].fitness)} / ${fmt(s.parents[p][c.split])}`),
   ]));
   fillTable($("scores"), ["objective", "fitness", c.split, "items", ...parents.map(p => `${p} (fitness / ${c.split})`)], rows);
