@@ -20,12 +20,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from evomerge.runtime.cluster import Cluster, connect
 from evomerge.runtime.stats import RuntimeStats
 from evomerge.runtime.worker import Report, actor_class
-from evomerge.search.runtime import Outcome
+from evomerge.search.runtime import Outcome, OutcomeStream
 
 if TYPE_CHECKING:
     from evomerge.search.spec import JobSpec
@@ -62,7 +62,7 @@ class _Slot:
     candidates: int = 0
 
 
-class RayRuntime:
+class RayRuntime(OutcomeStream):
     """`workers` actors (default `spec.runtime.workers`), each with `spec.runtime.threads` CPU slots and
     `spec.runtime.gpus` GPUs. Raises the scorer's own error if the first worker cannot build it."""
 
@@ -99,14 +99,6 @@ class RayRuntime:
                items: dict[str, list[str]] | None = None) -> None:
         self._queue.append(_Task(cid, recipe, split, items))
         self._dispatch()
-
-    def as_completed(self) -> Iterator[Outcome]:
-        """Outcomes in the order they finish, until every submitted candidate has one."""
-        while True:
-            out = self.next_outcome()
-            if out is None:
-                return
-            yield out
 
     def next_outcome(self, timeout: float | None = None) -> Outcome | None:
         """The next finished outcome; None when nothing is queued or in flight, or after `timeout` seconds."""

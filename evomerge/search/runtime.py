@@ -99,7 +99,19 @@ def run_one(scorer: Scorer, cid: int, recipe: Any, split: str | None, worker: st
                    estimated=bool(getattr(result, "estimated", False)))
 
 
-class LocalRuntime:
+class OutcomeStream:
+    """For runtimes that hand out finished outcomes one at a time (`next_outcome`): `as_completed` drains them."""
+
+    def next_outcome(self, timeout: float | None = None) -> Outcome | None:
+        raise NotImplementedError
+
+    def as_completed(self) -> Iterator[Outcome]:
+        """Outcomes in the order they finish, until every submitted candidate has one."""
+        while (out := self.next_outcome()) is not None:
+            yield out
+
+
+class LocalRuntime(OutcomeStream):
     """In-process evaluation: one scorer per split, built on first use (the fitness one at once)."""
 
     def __init__(self, spec: "JobSpec", worker: str = "local"):
@@ -125,13 +137,6 @@ class LocalRuntime:
     def submit(self, cid: int, recipe: Any, split: str | None = None,
                items: dict[str, list[str]] | None = None) -> None:
         self._queue.append((cid, recipe, split, items))
-
-    def as_completed(self) -> Iterator[Outcome]:
-        while True:
-            out = self.next_outcome()
-            if out is None:
-                return
-            yield out
 
     def next_outcome(self, timeout: float | None = None) -> Outcome | None:
         """Evaluate the oldest queued candidate now; None when nothing is queued (`timeout` is for Ray's sake)."""
