@@ -51,6 +51,11 @@ class Sleeper:
 
         if options.get("broken"):
             raise FitnessConfigError("objectives.yaml: objectives[0].task: no such task 'nope' (test)")
+        if "broken_after" in options:  # the first N scorers build, later ones fail (a device still held)
+            built = Path(options["log_dir"])
+            if len(list(built.glob("build.*"))) >= options["broken_after"]:
+                raise RuntimeError("CUDA out of memory (test)")
+            Path(built, f"build.{os.getpid()}").touch()
         self.options = options
         self.toy = ToyScorer(options, split)
         self.objectives = self.toy.objectives
@@ -80,6 +85,10 @@ class Sleeper:
         time.sleep(float(recipe.get("sleep", 0.0)))
         if recipe.get("crash"):
             os._exit(3)  # the worker process dies, as with an out-of-memory kill
+        once = recipe.get("crash_once")
+        if once and not Path(once).exists():
+            Path(once).touch()
+            os._exit(3)
         if recipe.get("fail"):
             raise ValueError("this candidate is broken (test)")
         from evomerge.search.toy import ToyResult
@@ -260,6 +269,26 @@ def test_a_failing_candidate_is_recorded_and_its_worker_goes_on(tmp_path, cluste
         assert rt.worker_pids() == {"ray-0": pid} and rt.stats().worker_deaths == 0
     finally:
         rt.close()
+
+
+def test_a_replacement_that_cannot_start_costs_a_worker_not_the_search(tmp_path, cluster, capsys):
+    """A worker dies; its replacements fail to build their scorer (as when the dead one's GPU memory is not yet
+    freed): the search goes on with the workers it has, and the dead worker's candidate is retried there."""
+    log = tmp_path / "log"
+    log.mkdir()
+    rt = runtime(tmp_path, cluster, workers=2, broken_after=2, log_dir=str(log))
+    try:
+        rt.submit(0, {"key": 0, "sleep": 0.2, "crash_once": str(tmp_path / "crashed")})
+        for cid in range(1, 7):
+            rt.submit(cid, {"key": cid, "sleep": 0.1, "value": cid / 10})
+        outs = {o.cid: o for o in rt.as_completed()}
+        assert sorted(outs) == list(range(7)) and all(o.ok for o in outs.values()), outs
+        assert rt.wait_ready(60) == 1  # the replacements settle: none starts, the one healthy worker remains
+        assert rt.stats().worker_deaths == 1 + 3  # the crashed worker and three replacements that never started
+        assert len(rt.worker_pids()) == 1
+    finally:
+        rt.close()
+    assert "replacement workers in a row could not start" in capsys.readouterr().err
 
 
 def test_a_scorer_that_cannot_be_built_fails_the_start_with_its_own_error(tmp_path, cluster):

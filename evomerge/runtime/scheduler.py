@@ -17,6 +17,7 @@ For a loop without generation barriers (steady state), `next_outcome()` hands ou
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -191,18 +192,31 @@ class RayRuntime(OutcomeStream):
         """A worker's ready() came back: make it idle, or (died while starting) replace it."""
         import ray
 
+        # Once a worker runs, a replacement that cannot start (the dead one's device memory not yet freed, a node
+        # gone) costs a slot, not the search: it is retried up to STARTUP_FAILURES times in a row, then the search
+        # goes on with the workers it has. Before that, the same failure is the job's error.
+        alive = any(s.state in ("idle", "busy") for s in self._slots if s is not slot)
         try:
             info = ray.get(slot.ref)
+            error: BaseException | None = info.get("error")
         except ray.exceptions.RayError as e:
+            info, error = None, e
+        if error is not None:
+            if info is not None and not alive:  # the scorer cannot be built: the same on every worker, so stop
+                raise error
             self._startup_failures += 1
-            self._bury(slot, e)
-            if self._startup_failures >= STARTUP_FAILURES:
+            self._bury(slot, error)
+            if self._startup_failures < STARTUP_FAILURES:
+                self._start_worker()
+            elif not alive:
                 raise WorkerStartError(f"{STARTUP_FAILURES} Ray workers in a row died while starting; last: "
-                                   f"{_short(e)}") from None
-            self._start_worker()
+                                       f"{_short(error)}") from None
+            else:
+                print(f"warning: {STARTUP_FAILURES} replacement workers in a row could not start (last: "
+                      f"{_short(error)}); the search goes on with {sum(s.state in ('idle', 'busy') for s in self._slots)}"
+                      " worker(s)", file=sys.stderr)
             return None
-        if info.get("error") is not None:  # the scorer cannot be built: the same on every worker, so stop
-            raise info["error"]
+        assert info is not None
         slot.state, slot.ref, slot.pid, slot.host = "idle", None, info["pid"], info["host"]
         self._startup_failures = 0
         self._last_ready = time.monotonic()
