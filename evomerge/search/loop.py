@@ -188,6 +188,11 @@ class Search:
         except SearchStopped as e:
             self.store.set_status(self.job, "stopped", str(e))
             raise
+        except Exception as e:  # the runtime or the store broke (not a candidate): the job says why, resumable
+            told = steady.state.generation if steady else state.generation
+            self.store.set_status(self.job, "interrupted", f"{type(e).__name__}: {e}; `evomerge resume` continues "
+                                  f"from generation {told}")
+            raise
         return state
 
     def step(self, state: LoopState) -> LoopState:
@@ -340,8 +345,9 @@ class Search:
             raise SearchStopped(
                 f"job '{self.job}' stopped: {state.failures_in_a_row} candidates failed in a row (limit "
                 f"driver.max_failures_in_a_row = {limit}). Most common reason ({n} of the last {len(state.recent)}): "
-                f"{common}. Look at the failed candidates in {self.store.path}, fix the cause (models, objectives, "
-                "space bounds), then `evomerge resume` continues.")
+                f"{common}. Look at the failed candidates in {self.store.path}, fix the cause outside the spec (model "
+                "files, task data, devices, memory: `evomerge resume` runs the spec stored with the job), then "
+                "`evomerge resume` continues; a cause in the spec itself needs a new job.")
 
     # ------------------------------------------------------------ front and summary
 
