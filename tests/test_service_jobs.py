@@ -32,6 +32,7 @@ from evomerge.service.submit import Jobs, ServiceError, check_address, check_id,
 from evomerge.store import Store
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
+REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 
 
@@ -174,6 +175,22 @@ def test_the_spec_travels_with_absolute_paths(tmp_path, monkeypatch):
     assert Path(spec["models"]["base"]).is_absolute() and Path(spec["models"]["base"]) .resolve() == (GOLDEN / "base").resolve()
     assert spec["store"] == str(tmp_path / "jobs" / "out" / "store.sqlite")
     assert spec["search_space"] == "sakana_ps"  # a preset name stays a name
+
+
+def test_inline_objectives_with_relative_includes_travel(tmp_path, monkeypatch):
+    """The example job: objectives written inline, their `include` relative to the spec's folder."""
+    monkeypatch.chdir(tmp_path)
+    data = yaml.safe_load((REPO / "search_spaces" / "jobs" / "zoo_mix.yaml").read_text())
+    data["models"] = {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}}
+    jobs = tmp_path / "jobs"
+    (jobs / "fitness").mkdir(parents=True)
+    for f in (REPO / "fitness").glob("*.yaml"):
+        (jobs / "fitness" / f.name).write_text(f.read_text())
+    data["objectives"]["include"] = ["fitness"]
+    path = jobs / "inline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec = portable_spec(path)
+    assert spec["objectives"]["include"] == [str(jobs / "fitness")]
 
 
 def test_a_bad_spec_or_name_is_refused_before_anything_is_sent(tmp_path, capsys):

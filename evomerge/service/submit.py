@@ -26,9 +26,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
+
+if TYPE_CHECKING:
+    from evomerge.search.spec import JobSpec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"  # what `ray job` reads too
@@ -156,16 +159,28 @@ def portable_spec(path: str | Path, check: bool = True) -> dict[str, Any]:
             again = Path(tmp) / SPEC_NAME
             again.write_text(yaml.safe_dump(out, sort_keys=False))
             moved = load_job(again)
-        a, b = original.to_dict(), moved.to_dict()
-        for d in (a, b):
-            d.pop("source")
-            if d["objectives"] is None:  # a custom evaluator: no objectives, so their folder means nothing
-                d.pop("objectives_dir")
+        a, b = _comparable(original), _comparable(moved)
         if a != b:
             differ = sorted(k for k in a if a[k] != b.get(k))
             raise JobSpecError(f"{path}: cannot make the spec's paths absolute for the cluster ({', '.join(differ)} "
                                "would change); write those paths as absolute paths")
     return out
+
+
+def _comparable(spec: "JobSpec") -> dict[str, Any]:
+    """The spec as it will run: objectives parsed (their include folders and files resolved), so that an inline
+    objectives mapping whose relative paths were made absolute compares equal to the original."""
+    from dataclasses import asdict
+
+    from evomerge.fitness.objectives import parse_objectives
+
+    d = spec.to_dict()
+    d.pop("source")
+    d.pop("objectives_dir")
+    if spec.objectives is not None:
+        parsed = parse_objectives(spec.objectives, base_dir=spec.objectives_dir)
+        d["objectives"] = {k: v for k, v in asdict(parsed).items() if k not in ("source", "base_dir")}
+    return d
 
 
 # ---------------------------------------------------------------- the client
