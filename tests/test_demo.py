@@ -7,9 +7,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+def test_the_demo_never_deletes_a_folder_it_did_not_write(zoo_dir, tmp_path, capsys):
+    from evomerge.service.demo import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["--zoo", str(zoo_dir), "--out", str(mine)]) == 2
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert "is not a demo output folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_demo_finds_exports_and_verifies_a_merge_that_beats_its_parents(zoo_dir, tmp_path, capsys):
     from evomerge.service.demo import main
     from evomerge.store import Store

@@ -26,6 +26,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = "zoo_mix"
+MARKER = "# written by `make demo` (evomerge/service/demo.py)"
 
 
 def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int) -> dict:
@@ -89,11 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     zoo, out = Path(args.zoo).absolute(), Path(args.out).absolute()
     build_zoo(zoo, progress=True)
-    if out.exists():  # the demo is a fresh search each time; the zoo and venv are what is cached
+    job_path = out / "job.yaml"
+    if out.exists():  # the demo is a fresh search each time (the zoo and venv are what is cached) ...
+        ours = job_path.is_file() and job_path.read_text().startswith(MARKER)
+        if any(out.iterdir()) and not ours:  # ... but it only ever deletes a folder it wrote itself
+            print(f"error: {out} exists and is not a demo output folder (no {job_path.name} written by the demo); "
+                  "choose another --out or remove it yourself", file=sys.stderr)
+            return 2
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    job_path = out / "job.yaml"
-    job_path.write_text("# written by `make demo` (evomerge/service/demo.py)\n"
+    job_path.write_text(MARKER + "\n"
                         + yaml.safe_dump(demo_spec(zoo, out, args.workers, args.evaluations), sort_keys=False))
     print(f"\nSearch: {job_path}\n  PS-then-DFS hybrid over the zoo's arithmetic and cipher experts; objectives "
           f"{TARGET} (target) and zoo_composed, IRT-reduced (30 anchors per task after calibration); "
