@@ -151,6 +151,8 @@ def test_a_token_is_required_off_loopback(store):
     assert resolve_token("0.0.0.0", None, env={"EVOMERGE_DASHBOARD_TOKEN": "from-the-env"}) == ("from-the-env", False)
     with pytest.raises(DashboardError, match="shorter than 8"):
         resolve_token("0.0.0.0", "short", env={})
+    with pytest.raises(DashboardError, match="only letters, digits"):  # it goes into a cookie: no ; , or spaces
+        resolve_token("0.0.0.0", "secret; Path=/x", env={})
 
     srv, generated = start(store, host="0.0.0.0", env={})  # off loopback, no token given: one is generated
     try:

@@ -24,6 +24,7 @@ import importlib.resources
 import ipaddress
 import json
 import os
+import re
 import secrets
 import socket
 import sys
@@ -68,6 +69,9 @@ def resolve_token(host: str, token: str | None, env: dict[str, str] | None = Non
     if token is not None and len(token) < 8:
         raise DashboardError("the dashboard token is shorter than 8 characters; give a longer --token (or "
                              f"{TOKEN_ENV}), or leave it out to have one generated")
+    if token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]+", token):
+        raise DashboardError("the dashboard token may hold only letters, digits and . _ ~ - (it travels in URLs and "
+                             "a cookie); choose another --token, or leave it out to have one generated")
     if token or is_loopback(host):
         return token, False
     return secrets.token_urlsafe(24), True
@@ -141,8 +145,9 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------ plumbing
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        if not self.server.quiet:
-            super().log_message(format, *args)
+        if not self.server.quiet:  # never log a token that came in the URL
+            super().log_message(format, *(re.sub(r"token=[^&\s]*", "token=***", a) if isinstance(a, str) else a
+                                          for a in args))
 
     def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -180,7 +185,7 @@ class Handler(BaseHTTPRequestHandler):
             return True
         host = (self.headers.get("Host") or "").strip()
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        return name in LOCAL_HOSTS
+        return name in LOCAL_HOSTS or is_loopback(name)
 
     def _token_from_request(self, query: dict[str, list[str]]) -> tuple[str | None, bool]:
         """(token offered, whether it came in the URL: then the page sets a cookie and drops it from the URL)."""
