@@ -117,7 +117,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     try:
         resume_job(args.job, args.name, address=args.address)
     except KeyboardInterrupt:
-        print(f"interrupted: the job is resumable with `evomerge resume {args.job}`", file=sys.stderr)
+        print(f"interrupted: the job is resumable with `evomerge resume {args.job}" + (f" --job {args.name}" if args.name else "") + "`", file=sys.stderr)
         return 130
     return 0
 

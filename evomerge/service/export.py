@@ -228,8 +228,8 @@ def write_text(out: Path, text: str, force: bool) -> Path:
     file that appeared meanwhile is never replaced)."""
     out = check_out(out, force, folder=False)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
     try:
+        tmp.write_text(text)  # inside: a failed write (disk full) leaves no temporary behind
         if force:
             os.replace(tmp, out)
         else:
@@ -237,8 +237,13 @@ def write_text(out: Path, text: str, force: bool) -> Path:
                 os.link(tmp, out)
             except FileExistsError:
                 raise ExportError(f"{out} already exists; choose another path or pass --force to replace it") from None
-            except OSError:  # a filesystem without hard links
-                os.rename(tmp, out)
+            except OSError:  # a filesystem without hard links: create OUT exclusively, never replace it
+                try:
+                    with open(out, "x") as f:
+                        f.write(text)
+                except FileExistsError:
+                    raise ExportError(f"{out} already exists; choose another path or pass --force to replace "
+                                      "it") from None
     finally:
         tmp.unlink(missing_ok=True)
     return out
