@@ -28,6 +28,9 @@ def address_from(cli_address: str | None = None) -> str | None:
     return cli_address or os.environ.get("RAY_ADDRESS") or None
 
 
+_SET_BY_US: list[str] = []  # the environment variables a private Ray set, removed again when it closes
+
+
 def _private_environment() -> None:
     """Loopback-only listeners and a per-process token; must run before `import ray` for the first one."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -38,6 +41,7 @@ def _private_environment() -> None:
     if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        _SET_BY_US[:] = ["RAY_AUTH_MODE", "RAY_AUTH_TOKEN"]
         if "ray" in sys.modules:  # Ray cached its auth settings at import: make it read them again, as it does itself
             from ray._raylet import AuthenticationTokenLoader, Config
 
@@ -65,11 +69,19 @@ class Cluster:
 
             ray.shutdown()
             self.owned = False
+            if self.private:  # its token must not leak into a later connection from this process
+                for name in _SET_BY_US:
+                    os.environ.pop(name, None)
+                _SET_BY_US.clear()
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> Cluster:
     """Join `address` ("host:port", "ray://host:port" or "auto"), or start a private loopback Ray with `num_cpus`
     CPU slots (default: the machine's cores) when `address` is None."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # a Ray this process runs already: as it is
+        import ray
+
+        return Cluster(ray.get_runtime_context().gcs_address, owned=False, private=address is None)
     if address is None:
         _private_environment()
     import ray
