@@ -388,10 +388,9 @@ def source_layers(spec: Path | Recipe) -> int | None:
         label = spec.model_labels()[0]
         spec = spec.paths.get(label, Path(label))
     try:
-        config = json.loads((Path(spec) / "config.json").read_text())
+        return Architecture.from_config(json.loads((Path(spec) / "config.json").read_text())).num_layers
     except (OSError, ValueError):
         return None
-    return next((config[k] for k in LAYER_COUNT_KEYS if k in config), None)
 
 
 def passthrough_config(recipe: DataflowRecipe) -> dict[str, Any] | None:
