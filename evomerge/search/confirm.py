@@ -49,6 +49,7 @@ def confirm_front(search: "Search", max_rounds: int = 10) -> list[int]:
                              "candidate(s) scored on every fitness item")
         for r in todo:
             search.runtime.submit(r.id, search.space.decode(np.asarray(r.genome, dtype=float)))
+        copies = store.candidates(job, status="cached")  # the same recipes, asked again later
         for out in search.runtime.as_completed():
             scored.append(out.cid)
             losses = search.losses(out.values if out.ok else None)
@@ -60,7 +61,7 @@ def confirm_front(search: "Search", max_rounds: int = 10) -> list[int]:
             else:  # measured in full it fails: recorded as such, it leaves the front
                 store.finish(job, out.cid, "failed", losses=losses, reason=out.reason, worker=out.worker,
                              eval_seconds=out.seconds)
-            for copy in store.candidates(job, status="cached"):  # the same recipe, asked again later
+            for copy in copies:
                 if copy.cached_from == out.cid:
                     store.finish(job, copy.id, "cached", values=out.values, losses=losses, reason=out.reason,
                                  cached_from=out.cid, eval_seconds=0.0, estimated=False)
