@@ -76,7 +76,7 @@ def naive_hf(zoo: Path, cands) -> tuple[list[float], list[float]]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from evomerge.merge.engine import merge_to_dir
+    from evomerge.merge.api import write_recipe
 
     tm = TaskManager(include_path=str(REPO / "fitness"), include_defaults=False)
     secs, scores = [], []
@@ -86,7 +86,7 @@ def naive_hf(zoo: Path, cands) -> tuple[list[float], list[float]]:
         with tempfile.TemporaryDirectory() as tmp:
             for i, r in enumerate(cands):
                 start = time.perf_counter()
-                out = merge_to_dir(r, Path(tmp) / f"cand{i}")
+                out = write_recipe(r, Path(tmp) / f"cand{i}")
                 res = simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=["zoo_mix"],
                                       task_manager=tm, batch_size=64, device="cpu", bootstrap_iters=0, log_samples=True)
                 secs.append(time.perf_counter() - start)
@@ -98,13 +98,13 @@ def naive_hf(zoo: Path, cands) -> tuple[list[float], list[float]]:
 
 def naive_vllm(zoo: Path, cands) -> tuple[list[float], list[float]]:
     from evomerge.fitness.evaluator import Evaluator
-    from evomerge.merge.engine import merge_to_dir
+    from evomerge.merge.api import write_recipe
 
     secs, scores = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, r in enumerate(cands):
             start = time.perf_counter()
-            out = merge_to_dir(r, Path(tmp) / f"cand{i}")
+            out = write_recipe(r, Path(tmp) / f"cand{i}")
             ev = Evaluator(objectives(), out, backend="vllm", vllm_args={"max_model_len": 64})
             scores.append(ev.evaluate().values["zoo_mix"])
             ev.close()

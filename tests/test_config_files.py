@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from evomerge.fitness.objectives import FitnessConfigError, load_objectives
-from evomerge.merge.recipe import RecipeError, load_recipe
+from evomerge.merge.api import load_recipe
+from evomerge.merge.recipe import RecipeError
 from evomerge.search.spec import JobSpecError, load_job
 
 LOADERS = [(load_recipe, RecipeError, "recipe"), (load_objectives, FitnessConfigError, "objectives"),

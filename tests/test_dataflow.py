@@ -18,13 +18,14 @@ import yaml
 
 from conftest import REPO, save_tiny
 from evomerge.merge.dataflow import (
-    MERGEKIT_CONFIG, DataflowRecipe, Hop, dataflow_to_dict, dataflow_to_dir, parse_dataflow, passthrough_config,
+    MERGEKIT_CONFIG, DataflowRecipe, Hop, dataflow_to_dict, parse_dataflow, passthrough_config,
     plan_dataflow,
 )
 from evomerge.merge.engine import merge_to_dict
 from evomerge.merge.fold import fold_factors
 from evomerge.merge.pathmodel import build_path_model, load_source_modules
-from evomerge.merge.recipe import RecipeError, load_recipe
+from evomerge.merge.api import load_recipe, write_recipe
+from evomerge.merge.recipe import RecipeError
 from evomerge.service.cli import main as cli_main
 
 EPS_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps")
@@ -102,7 +103,7 @@ def export_and_compare(recipe: DataflowRecipe, out: Path) -> float:
     from transformers import AutoModelForCausalLM
 
     in_memory = logits(build_path_model(recipe, load_source_modules(recipe)))
-    dataflow_to_dir(recipe, out)
+    write_recipe(recipe, out)
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=False)
     return relative_error(logits(exported), in_memory)
 
@@ -126,7 +127,7 @@ def test_identity_path_reproduces_source_exactly(models, family, tmp_path):
     recipe = parse_dataflow(recipe_of({"A": src}, [{"model": "A", "layer": i} for i in range(3)]))
     want = logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32))
     assert torch.equal(logits(build_path_model(recipe, load_source_modules(recipe))), want)
-    dataflow_to_dir(recipe, tmp_path / "out")
+    write_recipe(recipe, tmp_path / "out")
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)), want)
 
 
@@ -155,7 +156,7 @@ def test_generation_with_kv_cache_on_repeated_layers(models, family, tmp_path):
     cached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True)
     uncached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
     assert cached.tolist() == uncached.tolist()
-    dataflow_to_dir(recipe, tmp_path / "out")
+    write_recipe(recipe, tmp_path / "out")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert exported.generate(prompt, max_new_tokens=10, do_sample=False).tolist() == cached.tolist()
 
@@ -240,7 +241,7 @@ def test_hybrid_with_a_parameter_space_source(tiny_llamas, tmp_path):
     recipe = load_recipe(write_yaml(tmp_path, data))
     assert isinstance(recipe, DataflowRecipe)
     exported = dataflow_to_dict(recipe)
-    ps = merge_to_dict(recipe.sources["MIX"])  # type: ignore[arg-type]
+    ps = merge_to_dict(recipe.sources["MIX"].merge_recipe)
     torch.testing.assert_close(exported["model.layers.2.mlp.up_proj.weight"], ps["model.layers.1.mlp.up_proj.weight"],
                                rtol=0, atol=0)
     assert export_and_compare(recipe, tmp_path / "out") <= 1e-3
@@ -279,7 +280,7 @@ def test_mergekit_accepts_the_passthrough_export(models, tmp_path):
 
     recipe = parse_dataflow(recipe_of({"A": models["llama"], "B": models["llama2"]}, [
         {"model": "A", "layer": 0}, {"model": "A", "layer": 1}, {"model": "B", "layer": 1}, {"model": "B", "layer": 2}]))
-    ours = dataflow_to_dir(recipe, tmp_path / "ours")
+    ours = write_recipe(recipe, tmp_path / "ours")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([str(MERGEKIT), str(ours / MERGEKIT_CONFIG), str(tmp_path / "theirs")], env=env,
                          capture_output=True, text=True, timeout=300)

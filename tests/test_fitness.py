@@ -104,7 +104,7 @@ def test_in_place_swap_equals_fresh_load(llama, base_eval):
 def test_recipe_candidate_equals_exported_checkpoint(llama, tmp_path):
     """A recipe written into the worker's module in place scores like its exported checkpoint."""
     from evomerge.fitness.evaluator import Evaluator
-    from evomerge.merge.engine import merge_to_dir
+    from evomerge.merge.api import write_recipe
     from evomerge.merge.materialise import Materialiser
     from evomerge.merge.recipe import parse_recipe
 
@@ -115,7 +115,7 @@ def test_recipe_candidate_equals_exported_checkpoint(llama, tmp_path):
     mat = Materialiser({k: llama / k for k in ("base", "arith", "cipher")}, anchor="base")
     worker = Evaluator(objs, materialiser=mat, backend="hf")
     in_place = worker.evaluate(recipe)
-    out = merge_to_dir(recipe, tmp_path / "merged")
+    out = write_recipe(recipe, tmp_path / "merged")
     fresh = Evaluator(objs, out, backend="hf").evaluate()
     assert in_place.items == fresh.items
 

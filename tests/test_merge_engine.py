@@ -14,10 +14,12 @@ import yaml
 
 from conftest import REPO
 from evomerge.checkpoints import IncompatibleModelsError, open_checkpoint
-from evomerge.merge.engine import merge_to_dict, merge_to_dir
+from evomerge.merge.engine import merge_to_dict
 from evomerge.merge.export import ExportError
 from evomerge.merge.materialise import Materialiser
-from evomerge.merge.recipe import RecipeError, load_recipe, parse_recipe
+from evomerge.merge import api
+from evomerge.merge.api import load_recipe
+from evomerge.merge.recipe import RecipeError, parse_recipe
 
 
 def write_recipe(tmp_path: Path, data: dict, name: str = "recipe.yaml") -> Path:
@@ -82,7 +84,7 @@ def test_slices_stack_layer_ranges(tiny_llamas, tmp_path):
         ],
         "dtype": "float32",
     }
-    out = merge_to_dir(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "stacked")
+    out = api.write_recipe(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "stacked")
     merged, a, b = tensors(out), tensors(tiny_llamas["a"]), tensors(tiny_llamas["b"])
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
     for out_i, (src, in_i) in enumerate([(a, 0), (a, 1), (b, 1), (b, 2)]):
@@ -165,7 +167,7 @@ def test_incompatible_models_fail_before_merging(tiny_llamas, tmp_path):
     data = ta_recipe(tiny_llamas)
     data["models"][1]["model"] = str(gpt2)
     with pytest.raises(IncompatibleModelsError, match="gpt2"):
-        merge_to_dir(load_recipe(write_recipe(tmp_path, data)), tmp_path / "out")
+        api.write_recipe(load_recipe(write_recipe(tmp_path, data)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

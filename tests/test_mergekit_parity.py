@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from evomerge.merge.engine import merge_to_dict
-from evomerge.merge.recipe import load_recipe
+from evomerge.merge.api import load_recipe
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "recipe.yaml").is_file() and (p / "merged.safetensors").is_file())

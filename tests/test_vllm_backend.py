@@ -122,11 +122,11 @@ def test_engine_runs_in_process_and_pushes_tensors(worker):
 
 def test_in_place_push_equals_fresh_engine_on_exported_checkpoint(worker, recipes, mc_task, tmp_path):
     """Each recipe pushed into the long-lived engine scores exactly like a new engine on its checkpoint."""
-    from evomerge.merge.engine import merge_to_dir
+    from evomerge.merge.api import write_recipe
 
     pushed = [worker.evaluate(r) for r in recipes]
     for i, (r, res) in enumerate(zip(recipes, pushed)):
-        out = merge_to_dir(r, tmp_path / f"m{i}")
+        out = write_recipe(r, tmp_path / f"m{i}")
         ref = fresh_engine(out, mc_task, tmp_path)
         assert res.items["zoo_mix"] == ref["items"]["zoo_mix"]  # greedy generation: identical per item
         assert res.items["zoo_arith_mc"] == ref["items"]["zoo_arith_mc"]  # chosen answers: identical per item
@@ -190,7 +190,8 @@ def test_dataflow_export_loads_in_vllm_and_matches_transformers(zoo_dir, tmp_pat
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.merge.dataflow import dataflow_to_dir, parse_dataflow
+    from evomerge.merge.api import write_recipe
+    from evomerge.merge.dataflow import parse_dataflow
     from evomerge.zoo.tasks import read_jsonl
 
     llama = zoo_dir / "llama"
@@ -198,7 +199,7 @@ def test_dataflow_export_loads_in_vllm_and_matches_transformers(zoo_dir, tmp_pat
     recipe = parse_dataflow({"dataflow": {
         "embed": str(llama / "cipher"), "head": str(llama / "cipher"),
         "path": [{"model": str(llama / m), "layer": i, "scale": s} for m, i, s in hops]}})
-    out = dataflow_to_dir(recipe, tmp_path / "path")
+    out = write_recipe(recipe, tmp_path / "path")
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
 
     items = read_jsonl(FITNESS / "data/cipher/test.jsonl")[:40]

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import yaml
 
 from evomerge.search.front import hypervolume, pareto_mask
 from evomerge.store import CandidateRow, Store
@@ -188,21 +187,17 @@ def _label(model: str, labels: dict[str, str]) -> str:
 
 def _parse(text: str) -> Any:
     """A stored recipe, parsed without touching the model folders (the dashboard may run on another machine)."""
-    from evomerge.merge.dataflow import parse_dataflow
-    from evomerge.merge.recipe import parse_recipe
+    from evomerge.merge.api import parse_stored
 
-    data = yaml.safe_load(text)
-    if isinstance(data, dict) and "dataflow" in data:
-        return parse_dataflow(data, check_paths=False)
-    return parse_recipe(data, check_paths=False)
+    return parse_stored(text, check_paths=False)
 
 
 def recipe_summary(text: str, labels: dict[str, str]) -> str:
     """One line per recipe (the report's wording), with the job's model names instead of folders."""
-    from evomerge.search.report import describe_recipe
+    from evomerge.merge.api import describe
 
     try:
-        line = describe_recipe(_parse(text))
+        line = describe(_parse(text))
     except Exception as e:  # noqa: BLE001 - a summary must never break the page; say what happened instead
         return f"(recipe not readable: {e})"
     for folder, name in labels.items():
@@ -307,7 +302,7 @@ def heatmaps(recipe: Any, labels: dict[str, str], title: str = "") -> list[dict[
 
 def dataflow_path(recipe: Any, labels: dict[str, str]) -> dict[str, Any]:
     """The layer path: one cell per hop (source, layer, scale), sources named as in the job."""
-    name = {s: (_label(str(v), labels) if isinstance(v, Path) else s) for s, v in recipe.sources.items()}
+    name = {s: (s if v.merge_recipe is not None else _label(v.to_yaml_value(), labels)) for s, v in recipe.sources.items()}
     hops = [{"index": i, "source": name.get(h.model, _label(h.model, labels)), "layer": h.layer, "scale": h.scale}
             for i, h in enumerate(recipe.path)]
     sources = list(dict.fromkeys(h["source"] for h in hops))
@@ -385,17 +380,13 @@ def candidate_detail(store: Store, name: str, cid: int) -> dict[str, Any] | None
     recipe_error, maps, path, summary = None, [], None, ""
     try:
         recipe = _parse(row.recipe)
-        from evomerge.merge.dataflow import DataflowRecipe
-        from evomerge.search.report import describe_recipe
+        from evomerge.merge.api import describe, layer_path, parameter_recipes
 
-        summary = describe_recipe(recipe)
-        if isinstance(recipe, DataflowRecipe):
-            path = dataflow_path(recipe, labels)
-            for src_name, src in recipe.sources.items():
-                if not isinstance(src, Path):
-                    maps += heatmaps(src, labels, title=f"source {src_name}")
-        else:
-            maps = heatmaps(recipe, labels)
+        summary = describe(recipe)
+        if (flow := layer_path(recipe)) is not None:
+            path = dataflow_path(flow, labels)
+        for src_name, ps in parameter_recipes(recipe):
+            maps += heatmaps(ps, labels, title=f"source {src_name}" if src_name else "")
     except Exception as e:  # noqa: BLE001 - show the recipe text and the reason rather than a broken view
         recipe_error = f"{type(e).__name__}: {e}"
     scores = store.scores(name, split)

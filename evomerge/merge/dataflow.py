@@ -25,7 +25,7 @@ dtype: float32                # optional output dtype (float32, float16, bfloat1
 name: my-path-merge           # optional, for the model card
 ```
 
-The export (`dataflow_to_dir`) is a standard checkpoint: `num_hidden_layers` = path length, scales folded
+The export (`api.write_recipe`) is a standard checkpoint: `num_hidden_layers` = path length, scales folded
 into the weights (see fold.py), loadable by transformers and vLLM with no custom code. When every scale is 1
 and every source is a model folder, a mergekit `passthrough` config of the same path is written beside it.
 The in-memory model for the search lives in pathmodel.py.
@@ -42,12 +42,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from evomerge.checkpoints import Checkpoint, classify_tensor, open_checkpoint
+from evomerge.checkpoints import classify_tensor
 from evomerge.checkpoints.arch import Architecture, rename_layer
 from evomerge.checkpoints.compat import tokenizer_vocab
-from evomerge.merge.export import DEFAULT_SHARD_BYTES, check_output, model_card, write_checkpoint
 from evomerge.merge.fold import FOLDABLE_FAMILIES, all_ones, fold_factors, fold_rule, fold_tensor
-from evomerge.merge.recipe import DTYPES, Recipe, RecipeError, _resolve_path, _suggest, _Where, parse_recipe
+from evomerge.merge.recipe import DTYPES, RecipeError, _resolve_path, _suggest, _Where, parse_recipe
+from evomerge.merge.sources import FolderSource, MergeSource, Source, SourceReader, as_source
 
 TOP_LEVEL_KEYS = ("sources", "dataflow", "dtype", "name")
 DATAFLOW_KEYS = ("embed", "head", "path")
@@ -63,15 +63,18 @@ class Hop:
     scale: float = 1.0  # multiplies the residual stream entering this hop
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataflowRecipe:
     path: tuple[Hop, ...]
-    sources: dict[str, Path | Recipe]  # source name -> model folder or parameter-space recipe
+    sources: Mapping[str, Source]  # source name -> model folder or parameter-space merge (sources.py)
     embed: str
     head: str
     dtype: str | None = None
     name: str | None = None
     source_file: Path | None = None
+
+    def __post_init__(self) -> None:  # callers may hand model folders (Path) or PS recipes: one source type inside
+        object.__setattr__(self, "sources", {k: as_source(v) for k, v in self.sources.items()})
 
     @property
     def scales(self) -> list[float]:
@@ -79,7 +82,7 @@ class DataflowRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML mapping (what `to_yaml` writes); sources are written with their resolved paths."""
-        sources = {k: (str(v) if isinstance(v, Path) else v.to_dict()) for k, v in self.sources.items()}
+        sources = {k: v.to_yaml_value() for k, v in self.sources.items()}
         hops = [{"model": h.model, "layer": h.layer} | ({"scale": h.scale} if h.scale != 1.0 else {}) for h in self.path]
         out: dict[str, Any] = {"sources": sources, "dataflow": {"embed": self.embed, "head": self.head, "path": hops}}
         if self.dtype:
@@ -109,7 +112,7 @@ def parse_dataflow(data: Any, source_file: Path | None = None, check_paths: bool
         if key not in DATAFLOW_KEYS:
             raise where.error(f"dataflow.{key}", "unknown field." + _suggest(key, DATAFLOW_KEYS))
 
-    sources: dict[str, Path | Recipe] = {}
+    sources: dict[str, Source] = {}
     raw_sources = data.get("sources") or {}
     if not isinstance(raw_sources, dict):
         raise where.error("sources", "must be a mapping of names to a model folder or an inline merge recipe")
@@ -149,12 +152,12 @@ def parse_dataflow(data: Any, source_file: Path | None = None, check_paths: bool
 
 
 def _parse_source(where: _Where, field_path: str, spec: Any, source_file: Path | None, base_dir: Path | None,
-                  check_paths: bool) -> Path | Recipe:
+                  check_paths: bool) -> Source:
     if isinstance(spec, str):
-        return _resolve_path(where, field_path, spec, base_dir) if check_paths else Path(spec)
+        return FolderSource(_resolve_path(where, field_path, spec, base_dir) if check_paths else Path(spec))
     if isinstance(spec, dict):
         try:
-            return parse_recipe(spec, source_file, check_paths=check_paths)
+            return MergeSource(parse_recipe(spec, source_file, check_paths=check_paths))
         except RecipeError as e:  # re-anchor the PS recipe's field names under this source
             prefix = f"{where.file}: "
             msg = str(e)
@@ -162,7 +165,7 @@ def _parse_source(where: _Where, field_path: str, spec: Any, source_file: Path |
     raise where.error(field_path, "must be a model folder path or an inline merge recipe mapping (merge_method, models, ...)")
 
 
-def _source_name(where: _Where, field_path: str, value: Any, sources: dict[str, Path | Recipe],
+def _source_name(where: _Where, field_path: str, value: Any, sources: dict[str, Source],
                  base_dir: Path | None, check_paths: bool) -> str:
     """A hop's `model`: a source name, or a model folder that becomes a source named by the text as written."""
     if not isinstance(value, str) or not value:
@@ -170,60 +173,15 @@ def _source_name(where: _Where, field_path: str, value: Any, sources: dict[str, 
     if value in sources:
         return value
     if not check_paths:
-        sources[value] = Path(value)
+        sources[value] = FolderSource(Path(value))
         return value
     try:
-        sources[value] = _resolve_path(where, field_path, value, base_dir)
+        sources[value] = FolderSource(_resolve_path(where, field_path, value, base_dir))
     except RecipeError:
         names = f" (sources: {', '.join(sources)})" if sources else ""
         raise where.error(field_path, f"'{value}' is neither a source name{names} nor a model folder with a config.json; "
                           "add it under 'sources:' or fix the path") from None
     return value
-
-
-# ---------------------------------------------------------------- reading sources
-
-@dataclass
-class SourceReader:
-    """One source's tensors by name, read lazily: a checkpoint, or a PS merge computed tensor by tensor."""
-
-    name: str
-    config: dict[str, Any]
-    tokenizer_dir: Path
-    shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, torch.dtype]
-    checkpoint: Checkpoint | None = None
-    ps_plan: Any = None  # MergePlan for a PS source
-    _jobs: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def names(self) -> list[str]:
-        return list(self.shapes)
-
-    def get(self, tensor: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        if self.checkpoint is not None:
-            return self.checkpoint.get(tensor, device)
-        from evomerge.merge.engine import merge_job
-
-        return merge_job(self.ps_plan, self._jobs[tensor], device)
-
-
-def open_source(name: str, spec: Path | Recipe) -> SourceReader:
-    """Headers only: a checkpoint's safetensors headers, or a PS recipe's plan."""
-    if isinstance(spec, Path):
-        ck = open_checkpoint(spec)
-        return SourceReader(name, ck.config, ck.path, {n: ck.info(n).shape for n in ck.names()},
-                            {n: ck.info(n).dtype for n in ck.names()}, checkpoint=ck)
-    from evomerge.merge.engine import out_dtype
-    from evomerge.merge.plan import plan_merge
-
-    plan = plan_merge(spec)
-    jobs = {j.out_name: j for j in plan.jobs}
-    shapes, dtypes = {}, {}
-    for out_name, job in jobs.items():
-        ref = job.base or job.inputs[0]
-        shapes[out_name] = plan.checkpoints[ref.model].info(ref.name).shape
-        dtypes[out_name] = out_dtype(plan, job)
-    return SourceReader(name, plan.config, plan.tokenizer_dir, shapes, dtypes, ps_plan=plan, _jobs=jobs)
 
 
 # ---------------------------------------------------------------- planning
@@ -262,7 +220,7 @@ def plan_dataflow(recipe: DataflowRecipe, readers: Mapping[str, SourceReader] | 
     rd = dict(readers) if readers is not None else {}
     for name, spec in recipe.sources.items():
         if name not in rd:
-            rd[name] = open_source(name, spec)
+            rd[name] = spec.open(name)
     archs = {n: Architecture.from_config(r.config, r.names()) for n, r in rd.items()}
     ref, ref_arch = rd[recipe.embed], archs[recipe.embed]
 
@@ -375,22 +333,7 @@ def whole_source(recipe: DataflowRecipe) -> str | None:
         return None
     if [(h.model, h.layer) for h in recipe.path] != [(first, i) for i in range(len(recipe.path))]:
         return None
-    return first if source_layers(recipe.sources[first]) == len(recipe.path) else None
-
-
-def source_layers(spec: Path | Recipe) -> int | None:
-    """How many layers a source has, from config files only (no tensor is read): a model folder's count, a
-    sliced recipe's total of slice lengths, a whole-model recipe's models' count."""
-    if isinstance(spec, Recipe):
-        if spec.slices is not None:
-            return sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in spec.slices
-                       if s.sources[0].layer_range is not None)
-        label = spec.model_labels()[0]
-        spec = spec.paths.get(label, Path(label))
-    try:
-        return Architecture.from_config(json.loads((Path(spec) / "config.json").read_text())).num_layers
-    except (OSError, ValueError):
-        return None
+    return first if recipe.sources[first].num_layers() == len(recipe.path) else None
 
 
 def passthrough_config(recipe: DataflowRecipe) -> dict[str, Any] | None:
@@ -398,7 +341,7 @@ def passthrough_config(recipe: DataflowRecipe) -> dict[str, Any] | None:
     1, parameter-space sources, or embeddings / head taken from other models than the first / last hop's."""
     if not all_ones(recipe.scales) or recipe.embed != recipe.path[0].model or recipe.head != recipe.path[-1].model:
         return None
-    if any(not isinstance(recipe.sources[h.model], Path) for h in recipe.path):
+    if any(recipe.sources[h.model].merge_recipe is not None for h in recipe.path):
         return None
     slices: list[dict[str, Any]] = []
     run_model, start, end = recipe.path[0].model, recipe.path[0].layer, recipe.path[0].layer + 1
@@ -406,29 +349,10 @@ def passthrough_config(recipe: DataflowRecipe) -> dict[str, Any] | None:
         if hop.model == run_model and hop.layer == end:
             end += 1
             continue
-        slices.append({"sources": [{"model": str(recipe.sources[run_model]), "layer_range": [start, end]}]})
+        slices.append({"sources": [{"model": recipe.sources[run_model].to_yaml_value(), "layer_range": [start, end]}]})
         run_model, start, end = hop.model, hop.layer, hop.layer + 1
-    slices.append({"sources": [{"model": str(recipe.sources[run_model]), "layer_range": [start, end]}]})
+    slices.append({"sources": [{"model": recipe.sources[run_model].to_yaml_value(), "layer_range": [start, end]}]})
     out: dict[str, Any] = {"merge_method": "passthrough", "slices": slices}
     if recipe.dtype:
         out["dtype"] = recipe.dtype
     return out
-
-
-def dataflow_to_dir(
-    recipe: DataflowRecipe,
-    out: Path,
-    force: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> Path:
-    """`evomerge merge` for a DFS recipe: plan (all checks first), then stream the folded tensors to a standard
-    checkpoint; add the mergekit passthrough config when the path has one."""
-    check_output(Path(out).expanduser().absolute(), force)
-    plan = plan_dataflow(recipe)
-    card = model_card(recipe.to_yaml(), None, title=recipe.name or "Data-flow merged model")
-    mk = passthrough_config(recipe)
-    extra = {MERGEKIT_CONFIG: yaml.safe_dump(mk, sort_keys=False, default_flow_style=None)} if mk is not None else None
-    return write_checkpoint(out, iter_dataflow(plan, device, progress), plan.config, plan.tokenizer_dir, card,
-                            force=force, max_shard_bytes=max_shard_bytes, extra_files=extra)

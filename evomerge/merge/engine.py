@@ -1,21 +1,16 @@
-"""Execute a merge plan tensor by tensor, reading inputs lazily, so memory stays flat."""
+"""Execute a merge plan tensor by tensor, reading inputs lazily, so memory stays flat. Writing a recipe of
+either kind to disk is `api.write_recipe`."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
-from evomerge.merge.export import DEFAULT_SHARD_BYTES, check_output, model_card, write_checkpoint
 from evomerge.merge.methods import METHODS, merge_tensor
 from evomerge.merge.plan import MergePlan, TensorJob, plan_merge
 from evomerge.merge.recipe import DTYPES, Recipe
-
-if TYPE_CHECKING:
-    from evomerge.merge.dataflow import DataflowRecipe
-
 
 
 def out_dtype(plan: MergePlan, job: TensorJob) -> torch.dtype:
@@ -46,23 +41,3 @@ def iter_merged(plan: MergePlan, device: str | torch.device = "cpu", progress: b
 def merge_to_dict(recipe: Recipe, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The merged model's tensors in memory (small models and tests; the CLI streams to disk instead)."""
     return dict(iter_merged(plan_merge(recipe), device))
-
-
-def merge_to_dir(
-    recipe: Recipe | DataflowRecipe,
-    out: Path,
-    force: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> Path:
-    """`evomerge merge`: plan (all checks first), then stream merged tensors into a new checkpoint folder."""
-    from evomerge.merge.dataflow import DataflowRecipe, dataflow_to_dir
-
-    if isinstance(recipe, DataflowRecipe):
-        return dataflow_to_dir(recipe, out, force, max_shard_bytes, device, progress)
-    check_output(Path(out).expanduser().absolute(), force)
-    plan = plan_merge(recipe)
-    card = model_card(recipe.to_yaml(), recipe.base_model, title=recipe.name or "Merged model")
-    return write_checkpoint(out, iter_merged(plan, device, progress), plan.config, plan.tokenizer_dir, card,
-                            force=force, max_shard_bytes=max_shard_bytes)

@@ -18,7 +18,6 @@ from torch import nn
 from evomerge.checkpoints import classify_tensor
 from evomerge.checkpoints.arch import rename_layer
 from evomerge.merge.dataflow import DataflowRecipe
-from evomerge.merge.recipe import Recipe
 
 
 def load_source_modules(recipe: DataflowRecipe, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
@@ -28,14 +27,14 @@ def load_source_modules(recipe: DataflowRecipe, device: str | torch.device = "cp
     from evomerge.merge.materialise import Materialiser
 
     out: dict[str, nn.Module] = {}
-    for name, spec in recipe.sources.items():
-        if isinstance(spec, Recipe):
-            anchor = spec.base_model or spec.model_labels()[0]
-            mat = Materialiser(spec.paths, anchor, device)
+    for name, source in recipe.sources.items():
+        if (ps := source.merge_recipe) is not None:
+            anchor = ps.base_model or ps.model_labels()[0]
+            mat = Materialiser(ps.paths, anchor, device)
             module = mat.build_module()
-            mat.apply(spec, module)
+            mat.apply(ps, module)
         else:
-            module = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).to(device)
+            module = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).to(device)
         out[name] = module.eval()
     return out
 

@@ -11,16 +11,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 import yaml
 
 from evomerge.merge.methods import METHODS, required_model_params, validate_params
-from evomerge.yamlfile import read_yaml
-
-if TYPE_CHECKING:
-    from evomerge.merge.dataflow import DataflowRecipe
 
 Setting = Any  # float | int | bool | str | list[float] | list[{"filter": str, "value": ...}]
 
@@ -359,13 +355,3 @@ def _validate_one(where: _Where, field_path: str, method: str, model_params: dic
         validate_params(method, [full_model], full_global)
     except ValueError as e:
         raise where.error(field_path, str(e)) from None
-
-
-def load_recipe(path: str | Path) -> Recipe | DataflowRecipe:
-    """Read and validate a recipe file: a parameter-space Recipe, or a DataflowRecipe when it has `dataflow:`."""
-    data, p = read_yaml(path, RecipeError, "recipe")
-    if isinstance(data, dict) and "dataflow" in data:
-        from evomerge.merge.dataflow import parse_dataflow
-
-        return parse_dataflow(data, source_file=p)
-    return parse_recipe(data, source_file=p)

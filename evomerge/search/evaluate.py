@@ -42,14 +42,12 @@ class RecipeScorer:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from evomerge.merge.recipe import Recipe
-
-        if isinstance(spec, Recipe):
+        if (ps := spec.merge_recipe) is not None:
             if self._merge_module is None:
                 self._merge_module = self.materialiser.build_module()
-            self.materialiser.apply(spec, self._merge_module)
+            self.materialiser.apply(ps, self._merge_module)
             return self._merge_module
-        key = str(Path(spec).resolve())
+        key = str(Path(spec.path).resolve())
         if key not in self._modules:
             self._modules[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).to(
                 self.materialiser.device).eval()  # beside the merge module: a path may mix both

@@ -17,18 +17,9 @@ from evomerge.spaces.ps import parent_recipe
 
 
 def describe_recipe(recipe: Any) -> str:
-    from evomerge.merge.dataflow import DataflowRecipe
+    from evomerge.merge.api import describe
 
-    if isinstance(recipe, DataflowRecipe):
-        inner = [s for s in recipe.sources.values() if not isinstance(s, Path)]
-        return f"dataflow, {len(recipe.path)} layers" + (f" over a {inner[0].merge_method} merge" if inner else "")
-    parts = []
-    for src in recipe.all_sources()[:6]:
-        w = src.parameters.get("weight")
-        if isinstance(w, (int, float)):
-            parts.append(f"{Path(src.model).name} {w:.2f}")
-    layerwise = " layer-wise" if recipe.slices is not None else ""
-    return f"{recipe.merge_method}{layerwise}" + (f" ({', '.join(parts)})" if parts else "")
+    return describe(recipe)
 
 
 def score_report_split(search: Search) -> dict[str, dict[str, Any]]:

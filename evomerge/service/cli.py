@@ -28,12 +28,11 @@ USER_ERRORS = (RecipeError, CheckpointError, IncompatibleModelsError, ExportErro
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from evomerge.merge.engine import merge_to_dir
-    from evomerge.merge.recipe import load_recipe
+    from evomerge.merge.api import load_recipe, write_recipe
 
     recipe = load_recipe(args.recipe)
     start = time.perf_counter()
-    out = merge_to_dir(recipe, Path(args.output), force=args.force, max_shard_bytes=parse_size(args.shard_size),
+    out = write_recipe(recipe, Path(args.output), force=args.force, max_shard_bytes=parse_size(args.shard_size),
                        device=args.device, progress=not args.quiet)
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return 0

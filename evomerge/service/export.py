@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from evomerge.merge.export import DEFAULT_SHARD_BYTES, ExportError
 from evomerge.search.front import knee_index
@@ -118,54 +117,15 @@ def select(store: Store, job: str, candidate: int | None = None, best: str | Non
 # ---------------------------------------------------------------- formats
 
 
-def parse_stored(text: str, check_paths: bool = True) -> Any:
-    """A stored recipe (YAML text) as a Recipe or DataflowRecipe."""
-    from evomerge.merge.dataflow import parse_dataflow
-    from evomerge.merge.recipe import parse_recipe
-
-    data = yaml.safe_load(text)
-    if isinstance(data, dict) and "dataflow" in data:
-        return parse_dataflow(data, check_paths=check_paths)
-    return parse_recipe(data, check_paths=check_paths)
-
-
 def mergekit_yaml(text: str) -> tuple[str, list[str]]:
     """(mergekit config, notes) for a stored recipe; ExportError saying why when mergekit cannot express it."""
-    from evomerge.merge.dataflow import DataflowRecipe, passthrough_config, whole_source
-    from evomerge.merge.methods import METHODS
+    from evomerge.merge.api import NotMergekit, parse_stored, to_mergekit
 
-    recipe = parse_stored(text, check_paths=False)
-    notes: list[str] = []
-    if isinstance(recipe, DataflowRecipe) and (whole := whole_source(recipe)) is not None \
-            and not isinstance(recipe.sources[whole], Path):
-        notes.append(f"the layer path is every layer of '{whole}' in order, unscaled: the model is that "
-                     "parameter-space merge, exported as such")
-        recipe = recipe.sources[whole]
-    if not isinstance(recipe, DataflowRecipe):
-        if METHODS[recipe.merge_method].random:
-            notes.append(f"{recipe.merge_method} draws random masks: mergekit draws its own, so its tensors differ "
-                         f"from evomerge's (which seeds them with seed {recipe.seed}); --format model reproduces ours")
-        return recipe.to_yaml(mergekit_only=True), notes
-    config = passthrough_config(recipe)
-    if config is not None:
-        return yaml.safe_dump(config, sort_keys=False, default_flow_style=None), notes
-    why = []
-    scaled = [(i, h.scale) for i, h in enumerate(recipe.path) if h.scale != 1.0]
-    if scaled:
-        i, s = scaled[0]
-        why.append(f"{len(scaled)} hop(s) scale the residual stream (hop {i}: {s:g}); mergekit's passthrough copies "
-                   "layers unscaled")
-    merged = sorted({h.model for h in recipe.path if not isinstance(recipe.sources[h.model], Path)})
-    if merged:
-        why.append(f"the path runs through the parameter-space merge(s) {', '.join(merged)}, which one mergekit config "
-                   "cannot feed into a passthrough")
-    if recipe.embed != recipe.path[0].model:
-        why.append(f"the embeddings come from '{recipe.embed}', not from the first hop's model")
-    if recipe.head != recipe.path[-1].model:
-        why.append(f"the final norm and head come from '{recipe.head}', not from the last hop's model")
-    raise ExportError("this data-flow recipe is not expressible in mergekit: " + "; ".join(why)
-                      + ". `--format model` writes it as a standard checkpoint (scales folded into the weights), "
-                      "`--format recipe` as evomerge YAML")
+    try:
+        return to_mergekit(parse_stored(text, check_paths=False))
+    except NotMergekit as e:
+        raise ExportError(f"{e}. `--format model` writes it as a standard checkpoint (scales folded into the "
+                          "weights), `--format recipe` as evomerge YAML") from None
 
 
 def _fmt(v: Any) -> str:
@@ -252,29 +212,13 @@ def write_text(out: Path, text: str, force: bool) -> Path:
 def write_model(out: Path, recipe_text: str, card_extra: str, title: str, force: bool,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, device: str = "cpu", progress: bool = False) -> Path:
     """Merge the recipe into a checkpoint folder (atomic, via merge/export.py) with our model card."""
-    from evomerge.merge.dataflow import MERGEKIT_CONFIG, DataflowRecipe, iter_dataflow, passthrough_config, plan_dataflow
-    from evomerge.merge.engine import iter_merged
-    from evomerge.merge.export import model_card, write_checkpoint
-    from evomerge.merge.plan import plan_merge
+    from evomerge.merge.api import parse_stored, write_recipe
 
     out = check_out(out, force, folder=True)
     recipe = parse_stored(recipe_text)  # checks the model folders exist here
-    extra: dict[str, str] = {}
-    if isinstance(recipe, DataflowRecipe):
-        plan = plan_dataflow(recipe)
-        tensors, config, tokenizer = iter_dataflow(plan, device, progress), plan.config, plan.tokenizer_dir
-        mk = passthrough_config(recipe)
-        if mk is not None:
-            extra[MERGEKIT_CONFIG] = yaml.safe_dump(mk, sort_keys=False, default_flow_style=None)
-        base = None
-    else:
-        plan = plan_merge(recipe)
-        tensors, config, tokenizer = iter_merged(plan, device, progress), plan.config, plan.tokenizer_dir
-        base = recipe.base_model
-    extra["recipe.yaml"] = recipe_text
-    card = model_card(recipe_text, base, title=title).rstrip() + "\n\n" + card_extra
-    return write_checkpoint(out, tensors, config, tokenizer, card, force=force, max_shard_bytes=max_shard_bytes,
-                            extra_files=extra)
+    return write_recipe(recipe, out, force=force, max_shard_bytes=max_shard_bytes, device=device, progress=progress,
+                        title=title, card_extra=card_extra, recipe_text=recipe_text,
+                        extra_files={"recipe.yaml": recipe_text})
 
 
 def export(target: str | Path, out: str | Path, fmt: str = "recipe", name: str | None = None,

@@ -23,9 +23,10 @@ import numpy as np
 
 from evomerge.checkpoints import classify_tensor
 from evomerge.checkpoints.arch import Architecture
-from evomerge.merge.dataflow import DataflowRecipe, Hop, open_source
+from evomerge.merge.dataflow import DataflowRecipe, Hop
 from evomerge.merge.fold import fold_factors
 from evomerge.merge.recipe import Recipe
+from evomerge.merge.sources import Source, as_source
 
 EMBED = "embed"
 
@@ -42,8 +43,8 @@ class SourceSizes:
     tied: bool  # the head is the token embedding
 
 
-def source_sizes(name: str, spec: Path | Recipe) -> SourceSizes:
-    reader = open_source(name, spec)
+def source_sizes(name: str, spec: Source | Path | Recipe) -> SourceSizes:
+    reader = as_source(spec).open(name)
     arch = Architecture.from_config(reader.config, reader.names())
     counts = {"embed": 0, "final_norm": 0, "head": 0, "layer0": 0}
     for n, shape in reader.shapes.items():
@@ -63,7 +64,7 @@ def source_sizes(name: str, spec: Path | Recipe) -> SourceSizes:
 class DataflowSpace:
     """Genome <-> path. Build with `DataflowSpace.from_sources` (reads headers) or give `sizes` directly."""
 
-    sources: dict[str, Path | Recipe]  # source name -> model folder or PS recipe, in sequence order
+    sources: dict[str, Source]  # source name -> model folder or PS merge, in sequence order
     sizes: dict[str, SourceSizes]
     repeats: int = 2  # r: how often the layer sequence repeats (a layer can appear up to r times)
     min_layers: int = 1
@@ -78,8 +79,9 @@ class DataflowSpace:
     units: list[str] = field(init=False, repr=False)
 
     @classmethod
-    def from_sources(cls, sources: Mapping[str, Path | Recipe], **options) -> "DataflowSpace":
-        return cls(dict(sources), {n: source_sizes(n, s) for n, s in sources.items()}, **options)
+    def from_sources(cls, sources: Mapping[str, Source | Path | Recipe], **options) -> "DataflowSpace":
+        held = {n: as_source(s) for n, s in sources.items()}
+        return cls(held, {n: source_sizes(n, s) for n, s in held.items()}, **options)
 
     def __post_init__(self) -> None:
         if len(self.sources) < 1 or set(self.sources) != set(self.sizes):

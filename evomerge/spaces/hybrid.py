@@ -7,7 +7,7 @@ weights, then stack layers of the merge and the parents) is one genome, searched
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -49,8 +49,7 @@ class HybridSpace:
             raise ValueError(f"genome has shape {g.shape}; this space has {self.num_genes} genes")
         merged = self.ps.decode(g[: self.split], name=f"{name} (PS part)" if name else None)
         path = self.dfs.decode(g[self.split:], name=name)
-        path.sources = {**path.sources, MERGE: merged}
-        return path
+        return replace(path, sources={**path.sources, MERGE: merged})
 
     def seeds(self) -> list[tuple[str, np.ndarray]]:
         """Each PS seed followed by the path that is the merge itself (the merge's layers in order)."""
