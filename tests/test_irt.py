@@ -286,10 +286,11 @@ def test_search_scores_anchors_only_after_calibration_and_stores_estimates(tmp_p
     assert all(ests[r.id]["measured"] == r.values["quiz"] for r in full)
     # held-out error: every estimated candidate against its full score (the scorer is deterministic)
     scorer = QuizScorer({})
+    from evomerge.search.spec import JobSpec
     from evomerge.spaces.presets import build_space
 
-    space = build_space(result.report["spec"]["search_space"], {k: Path(v) for k, v in
-                                                                 result.report["spec"]["models"].items()}, "base")
+    spec = JobSpec.from_dict(result.report["spec"])
+    space = build_space(spec.search_space, spec.models, spec.base)
     answers = [scorer.answers(space.decode(np.array(r.genome))) for r in estimated]
     err = [abs(ests[r.id]["value"] - y.mean()) for r, y in zip(estimated, answers)]
     rng = np.random.default_rng(0)

@@ -174,7 +174,14 @@ def test_the_spec_travels_with_absolute_paths(tmp_path, monkeypatch):
     spec = portable_spec(path)
     assert Path(spec["models"]["base"]).is_absolute() and Path(spec["models"]["base"]) .resolve() == (GOLDEN / "base").resolve()
     assert spec["store"] == str(tmp_path / "jobs" / "out" / "store.sqlite")
-    assert spec["search_space"] == "sakana_ps"  # a preset name stays a name
+    from evomerge.search.spec import parse_job
+    from evomerge.spaces.presets import load_space_config
+
+    assert spec["search_space"] == load_space_config("sakana_ps")  # inlined: the cluster's presets cannot change it
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    monkeypatch.chdir(moved)  # the YAML form reads back to the same job from anywhere
+    assert parse_job(spec, source="again", base_dir=moved).to_dict() == spec
 
 
 def test_inline_objectives_with_relative_includes_travel(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from evomerge.search.front import hypervolume, pareto_mask
+from evomerge.search.spec import JobSpec
 from evomerge.store import CandidateRow, Store
 
 PROGRESS_POINTS = 300  # hypervolume is computed at most this many times per job view
@@ -67,20 +68,20 @@ def job_summary(store: Store, name: str) -> dict[str, Any]:
     """One line of the jobs list: state, progress against the budget, counts."""
     job = store.job(name)
     assert job is not None
-    driver = job["spec"].get("driver", {})
+    spec = stored_spec(job)
     counts = store.counts(name)
     asked = sum(counts.values())
-    budget = {"evaluations": driver.get("max_evaluations"), "seconds": driver.get("max_seconds")}
+    budget = {"evaluations": spec.driver.max_evaluations, "seconds": spec.driver.max_seconds}
     gen = store.db.execute("SELECT MAX(generation) FROM candidates WHERE job=?", (name,)).fetchone()[0]
     finished = counts.get("done", 0) + counts.get("failed", 0) + counts.get("cached", 0)
     progress = None
     if budget["evaluations"]:
         progress = min(1.0, finished / budget["evaluations"])
     return {"name": name, "status": job["status"], "reason": job["reason"], "created": job["created"],
-            "updated": job["updated"], "algorithm": driver.get("algorithm"), "population": driver.get("population"),
+            "updated": job["updated"], "algorithm": spec.driver.algorithm, "population": spec.driver.population,
             "budget": budget, "counts": counts, "asked": asked, "finished": finished, "progress": progress,
             "generations": 0 if gen is None else int(gen) + 1, "front_size": len(store.front(name)),
-            "search_space": _space_name(job["spec"].get("search_space"))}
+            "search_space": _space_name(spec.search_space)}
 
 
 def _space_name(space: Any) -> str:
@@ -110,11 +111,11 @@ def job_detail(store: Store, name: str) -> dict[str, Any] | None:
     job = store.job(name)
     if job is None:
         return None
-    spec = job["spec"]
+    spec = stored_spec(job)
     rows = store.candidates(name)
     objs = objectives(rows)
     front = set(store.front(name))
-    split = spec.get("report_split", "test")
+    split = spec.report_split
     scores = store.scores(name, split)
     labels = model_labels(spec)
     ests = _estimates_by_candidate(store, name)
@@ -131,7 +132,7 @@ def job_detail(store: Store, name: str) -> dict[str, Any] | None:
               "values": _clean(r.values), "estimated": r.estimated, "estimates": estimated_values(r, ests),
               "reason": r.reason, "cached_from": r.cached_from, "front": r.id in front} for r in rows[-CANDIDATE_ROWS:]]
     parents = []
-    for label in spec.get("models", {}):
+    for label in spec.models:
         row = next((r for r in rows if r.generation == 0 and r.origin == f"parent:{label}"), None)
         test = scores.get(f"parent:{label}") or {}
         parents.append({"name": label, "candidate": None if row is None else row.id, "status": row and row.status,
@@ -173,12 +174,14 @@ def progress(rows: list[CandidateRow], objs: list[dict[str, str]]) -> dict[str, 
 
 # ---------------------------------------------------------------- candidates
 
-def model_labels(spec: dict[str, Any]) -> dict[str, str]:
+def stored_spec(job: dict[str, Any]) -> JobSpec:
+    """The job's stored spec, parsed (its files need not exist here: the dashboard may run on another machine)."""
+    return JobSpec.from_dict(job["spec"], source=f"the stored spec of job {job['name']}")
+
+
+def model_labels(spec: JobSpec) -> dict[str, str]:
     """Model folder (as written in recipes) -> the job's name for it, so the page says `arith`, not a path."""
-    out = {}
-    for name, folder in (spec.get("models") or {}).items():
-        out[str(folder)] = name
-    return out
+    return {str(folder): name for name, folder in spec.models.items()}
 
 
 def _label(model: str, labels: dict[str, str]) -> str:
@@ -372,9 +375,9 @@ def candidate_detail(store: Store, name: str, cid: int) -> dict[str, Any] | None
     row = store.candidate(name, cid)
     if job is None or row is None:
         return None
-    spec = job["spec"]
+    spec = stored_spec(job)
     labels = model_labels(spec)
-    split = spec.get("report_split", "test")
+    split = spec.report_split
     all_rows = store.candidates(name)
     objs = objectives(all_rows)
     recipe_error, maps, path, summary = None, [], None, ""
@@ -411,7 +414,7 @@ def candidate_detail(store: Store, name: str, cid: int) -> dict[str, Any] | None
             # the IRT estimate (for a measured value scored while IRT was on: what the estimator would have said)
             "estimate": None if e is None else {k: _finite(v) for k, v in e.items() if k not in ("candidate", "objective")},
             "parents": {p: _parent_score(parents_rows.get(p), scores.get(f"parent:{p}"), n, split)
-                        for p in spec.get("models", {})},
+                        for p in spec.models},
         })
     children = [r.id for r in all_rows if cid in r.parents]
     return {

@@ -23,7 +23,7 @@ better, and `Objective.loss(value)` gives the number a minimising optimiser shou
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,18 @@ class Objective:
         """True when value `a` is strictly better than value `b`."""
         return self.loss(a) < self.loss(b)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The objective as an objectives file writes it (paths absolute); only fields that differ from their
+        defaults, so `parse_objectives` reads back this very objective."""
+        out: dict[str, Any] = {"name": self.name}
+        out |= {"task": self.task} if self.kind == "task" else {"builtin": self.kind}
+        keep = _TASK_KEYS if self.kind == "task" else _BUILTIN_KEYS[self.kind]
+        default = Objective(name=self.name, kind=self.kind)
+        for f in fields(self):
+            if f.name in keep and f.name not in out and getattr(self, f.name) != getattr(default, f.name):
+                out[f.name] = getattr(self, f.name)
+        return out
+
 
 @dataclass(frozen=True)
 class ObjectiveSet:
@@ -126,6 +138,15 @@ class ObjectiveSet:
     def split_of(self, obj: Objective) -> str:
         return obj.split or self.split
 
+    def to_dict(self) -> dict[str, Any]:
+        """The set as an objectives mapping (include folders and files absolute): what a stored job spec holds."""
+        out: dict[str, Any] = {"objectives": [o.to_dict() for o in self.objectives]}
+        if self.include:
+            out["include"] = list(self.include)
+        if self.split != "fitness":
+            out["split"] = self.split
+        return out
+
     def losses(self, values: dict[str, float]) -> list[float]:
         """Values to minimise, in objective order (failed candidates: give them +inf yourself)."""
         return [o.loss(values[o.name]) for o in self.objectives]
@@ -137,7 +158,9 @@ def load_objectives(path: str | Path, split: str | None = None) -> ObjectiveSet:
     return parse_objectives(data, source=str(path), base_dir=p.parent).with_split(split)
 
 
-def parse_objectives(data: Any, source: str = "<dict>", base_dir: str | Path = ".") -> ObjectiveSet:
+def parse_objectives(data: Any, source: str = "<dict>", base_dir: str | Path = ".", check_paths: bool = True) -> ObjectiveSet:
+    """Check an objectives mapping; relative paths resolve against `base_dir`. `check_paths=False` resolves them
+    without requiring the folders and files to exist here (a spec bound for a cluster, a store read elsewhere)."""
     base_dir = Path(base_dir).resolve()
     if isinstance(data, list):
         data = {"objectives": data}
@@ -151,13 +174,13 @@ def parse_objectives(data: Any, source: str = "<dict>", base_dir: str | Path = "
     folders = []
     for i, folder in enumerate(include):
         p = (base_dir / str(folder)).resolve()
-        if not p.is_dir():
+        if check_paths and not p.is_dir():
             raise FitnessConfigError(f"{source}: include[{i}] '{folder}' is not a folder (relative paths resolve against {base_dir})")
         folders.append(str(p))
     split = data.get("split", "fitness")
     if not isinstance(split, str) or not split:
         raise FitnessConfigError(f"{source}: 'split' must be a split name such as fitness or test")
-    objs = [_parse_one(o, f"{source}: objectives[{i}]", base_dir) for i, o in enumerate(data["objectives"])]
+    objs = [_parse_one(o, f"{source}: objectives[{i}]", base_dir, check_paths) for i, o in enumerate(data["objectives"])]
     seen: set[str] = set()
     for i, o in enumerate(objs):
         if o.name in seen:
@@ -166,7 +189,7 @@ def parse_objectives(data: Any, source: str = "<dict>", base_dir: str | Path = "
     return ObjectiveSet(tuple(objs), tuple(folders), split, source, str(base_dir))
 
 
-def _parse_one(raw: Any, where: str, base_dir: Path) -> Objective:
+def _parse_one(raw: Any, where: str, base_dir: Path, check_paths: bool = True) -> Objective:
     if not isinstance(raw, dict):
         raise FitnessConfigError(f"{where}: expected a mapping such as {{task: zoo_mix, metric: exact_match}}")
     if ("task" in raw) == ("builtin" in raw):
@@ -184,7 +207,7 @@ def _parse_one(raw: Any, where: str, base_dir: Path) -> Objective:
         task = str(raw["task"])
         if task.endswith((".yaml", ".yml")):
             p = (base_dir / task).resolve()
-            if not p.is_file():
+            if check_paths and not p.is_file():
                 raise FitnessConfigError(f"{where}.task: task file '{task}' not found (relative paths resolve against {base_dir})")
             task = str(p)
         metric = raw.get("metric")
@@ -200,7 +223,7 @@ def _parse_one(raw: Any, where: str, base_dir: Path) -> Objective:
         if "file" not in raw:
             raise FitnessConfigError(f"{where}: the perplexity objective needs 'file:' (a text file)")
         p = (base_dir / str(raw["file"])).resolve()
-        if not p.is_file():
+        if check_paths and not p.is_file():
             raise FitnessConfigError(f"{where}.file: '{raw['file']}' not found (relative paths resolve against {base_dir})")
         kw["file"], kw["limit"] = str(p), limit
     if kind == "latency":

@@ -19,10 +19,9 @@ if TYPE_CHECKING:
 class RecipeScorer:
     def __init__(self, spec: "JobSpec", split: str | None = None):
         from evomerge.fitness.evaluator import Evaluator
-        from evomerge.fitness.objectives import parse_objectives
         from evomerge.merge.materialise import Materialiser
 
-        objectives = parse_objectives(spec.objectives, source=f"{spec.source}: objectives", base_dir=spec.objectives_dir)
+        objectives = spec.objectives
         self.labels = {str(p): p for p in spec.models.values()}
         self.materialiser = Materialiser(self.labels, anchor=str(spec.models[spec.base]), device=spec.runtime.device)
         self.evaluator = Evaluator(objectives, materialiser=self.materialiser, split=split, backend=spec.runtime.backend,

@@ -42,10 +42,13 @@ from __future__ import annotations
 import difflib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE
 from evomerge.yamlfile import read_yaml
+
+if TYPE_CHECKING:
+    from evomerge.fitness.objectives import ObjectiveSet
 
 TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "driver", "runtime", "store", "report")
 DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row", "mode", "lag")
@@ -92,34 +95,67 @@ class RuntimeSpec:
 
 @dataclass
 class JobSpec:
+    """A checked job spec, its parts parsed. `to_dict()` is the spec in its YAML form with every path absolute:
+    what the store keeps and what travels to a cluster, read back by `from_dict`."""
+
     name: str
     base: str  # the base model's name
     models: dict[str, Path]  # name -> folder, base first
-    search_space: dict[str, Any]
-    objectives: dict[str, Any] | None  # the objectives mapping (file content or inline); None with a custom evaluator
-    objectives_dir: Path  # where relative paths inside the objectives resolve
+    search_space: dict[str, Any]  # the space's mapping (a preset or file read in); built against `models`
+    objectives: "ObjectiveSet | None"  # parsed; None with a custom scorer
     driver: DriverSpec
     runtime: RuntimeSpec
     store: Path
     report: Path
     report_split: str = "test"
-    source: str = "<job>"
+    source: str = "<job>"  # the file it came from, for error messages
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain mapping (stored with the job, so `resume` needs only the store)."""
-        out = asdict(self)
-        out["models"] = {k: str(v) for k, v in self.models.items()}
-        for key in ("objectives_dir", "store", "report"):
-            out[key] = str(out[key])
-        return out
+        """The job spec mapping `parse_job` reads, every path absolute, so it means the same from anywhere."""
+        d = self.driver
+        return {
+            "name": self.name,
+            "models": {"base": str(self.models[self.base]), "base_name": self.base,
+                       "sources": {k: str(v) for k, v in self.models.items() if k != self.base}},
+            "search_space": self.search_space,
+            "objectives": None if self.objectives is None else self.objectives.to_dict(),
+            "report_split": self.report_split,
+            "driver": {"algorithm": d.algorithm, "population": d.population,
+                       "budget": {"evaluations": d.max_evaluations, "seconds": d.max_seconds}, "seed": d.seed,
+                       "options": dict(d.options), "max_failures_in_a_row": d.max_failures_in_a_row, "mode": d.mode,
+                       "lag": d.lag},
+            "runtime": asdict(self.runtime),
+            "store": str(self.store),
+            "report": str(self.report),
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "JobSpec":
-        d = dict(d)
-        return cls(name=d["name"], base=d["base"], models={k: Path(v) for k, v in d["models"].items()},
-                   search_space=d["search_space"], objectives=d["objectives"], objectives_dir=Path(d["objectives_dir"]),
-                   driver=DriverSpec(**d["driver"]), runtime=RuntimeSpec(**d["runtime"]), store=Path(d["store"]),
-                   report=Path(d["report"]), report_split=d["report_split"], source=d["source"])
+    def from_dict(cls, d: Mapping[str, Any], source: str = "<stored job spec>", check_paths: bool = False) -> "JobSpec":
+        """A stored spec back: the YAML form (`to_dict`), or the field dump stores of schema 1-2 kept."""
+        if "objectives_dir" in d:
+            d = _from_field_dump(d)
+        return parse_job(dict(d), source=source, check_paths=check_paths)
+
+
+def _from_field_dump(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Stores of schema 1-2 kept the dataclass fields (`asdict`), objectives unparsed beside their folder: the
+    same spec in its YAML form."""
+    from evomerge.fitness.objectives import parse_objectives
+
+    base = d["base"]
+    dr = d["driver"]
+    objectives = None
+    if d.get("objectives") is not None:
+        objectives = parse_objectives(d["objectives"], base_dir=d["objectives_dir"], check_paths=False).to_dict()
+    return {
+        "name": d["name"],
+        "models": {"base": d["models"][base], "base_name": base,
+                   "sources": {k: v for k, v in d["models"].items() if k != base}},
+        "search_space": d["search_space"], "objectives": objectives, "report_split": d["report_split"],
+        "driver": {k: v for k, v in dr.items() if k not in ("max_evaluations", "max_seconds")}
+                  | {"budget": {"evaluations": dr.get("max_evaluations"), "seconds": dr.get("max_seconds")}},
+        "runtime": d["runtime"], "store": d["store"], "report": d["report"],
+    }
 
 
 class _Where:
@@ -157,7 +193,9 @@ def load_job(path: str | Path) -> JobSpec:
     return parse_job(data, source=str(path), base_dir=p.parent)
 
 
-def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> JobSpec:
+def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", check_paths: bool = True) -> JobSpec:
+    """Check a job spec mapping. `check_paths=False` checks its structure and values but not the files it names
+    (models, objectives' folders): a stored spec read on another machine, a spec bound for a cluster."""
     base_dir = Path(base_dir).resolve()
     where = _Where(source)
     if not isinstance(data, dict):
@@ -183,7 +221,7 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> J
         if str(k) in models:
             raise where.error(f"models.sources.{k}", f"the name '{k}' is taken (the base is '{base}'); rename it")
         models[str(k)] = _resolve(base_dir, v)
-    for label, folder in models.items():
+    for label, folder in models.items() if check_paths else ():
         field_path = "models.base" if label == base else f"models.sources.{label}"
         if not (folder / "config.json").is_file():
             raise where.error(field_path, f"no model folder with a config.json at {folder}. Give a local model folder "
@@ -191,7 +229,8 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> J
     from evomerge.checkpoints import CheckpointError, IncompatibleModelsError, check_compatible, open_checkpoint
 
     try:
-        check_compatible({k: open_checkpoint(v) for k, v in models.items()})
+        if check_paths:
+            check_compatible({k: open_checkpoint(v) for k, v in models.items()})
     except (CheckpointError, IncompatibleModelsError) as e:
         raise where.error("models", f"{e}") from None
 
@@ -199,11 +238,13 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> J
     from evomerge.spaces.presets import build_space, load_space_config
     from evomerge.spaces.ps import SpaceError
 
+    space = None
     try:
         space_cfg = load_space_config(data["search_space"], base_dir)
-        space = build_space(space_cfg, models, base)
-        for _, genome in space.seeds()[:1]:
-            space.decode(genome)
+        if check_paths:  # the space reads the models' headers
+            space = build_space(space_cfg, models, base)
+            for _, genome in space.seeds()[:1]:
+                space.decode(genome)
     except (SpaceError, ValueError) as e:
         raise where.error("search_space", str(e)) from None
 
@@ -233,7 +274,7 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> J
         raise where.error("runtime.evaluator", f"must be 'package.module:factory', got {runtime.evaluator!r}")
 
     # objectives
-    objectives, objectives_dir = None, base_dir
+    objectives, objectives_dir, parsed = None, base_dir, None
     obj = data.get("objectives")
     if obj is None and runtime.evaluator is None:
         raise where.error("objectives", "required: an objectives file (see fitness/README.md) or an inline mapping "
@@ -250,7 +291,7 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> J
         else:
             objectives, obj_source = obj, f"{source}: objectives"
         try:
-            parsed = parse_objectives(objectives, source=obj_source, base_dir=objectives_dir)
+            parsed = parse_objectives(objectives, source=obj_source, base_dir=objectives_dir, check_paths=check_paths)
         except FitnessConfigError as e:
             raise where.error("objectives", str(e)) from None
         n_obj = len(parsed.objectives)
@@ -294,7 +335,7 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> J
                         seed=_int(where, "driver.seed", seed, 0), options=dict(options),
                         max_failures_in_a_row=_int(where, "driver.max_failures_in_a_row", dr.get("max_failures_in_a_row", 10)),
                         mode=mode, lag=_int(where, "driver.lag", dr.get("lag", 1), 0))
-    if algorithm == "cmaes" and space.num_genes < 2:
+    if algorithm == "cmaes" and space is not None and space.num_genes < 2:
         raise where.error("driver.algorithm", "cmaes needs a space of at least 2 genes; use random or nsga2")
 
     store = _resolve(base_dir, data["store"])
@@ -302,8 +343,7 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".") -> J
         raise where.error("store", f"{store} is a folder; give the path of a file (e.g. {store}/store.sqlite)")
     report = _resolve(base_dir, data["report"]) if data.get("report") else store.parent
     split = str(data.get("report_split", "test"))
-    if objectives is not None and split == str(objectives.get("split", "fitness")):
+    if parsed is not None and split == parsed.split:
         raise where.error("report_split", f"the report must score a held-out split, not the fitness split '{split}'")
-    return JobSpec(name=name, base=base, models=models, search_space=space_cfg, objectives=objectives,
-                   objectives_dir=objectives_dir, driver=driver, runtime=runtime, store=store, report=report,
-                   report_split=split, source=source)
+    return JobSpec(name=name, base=base, models=models, search_space=space_cfg, objectives=parsed,
+                   driver=driver, runtime=runtime, store=store, report=report, report_split=split, source=source)

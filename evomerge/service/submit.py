@@ -26,12 +26,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import yaml
-
-if TYPE_CHECKING:
-    from evomerge.search.spec import JobSpec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"  # what `ray job` reads too
@@ -89,98 +86,22 @@ def find_token() -> tuple[str | None, str]:
 # ---------------------------------------------------------------- the spec that travels with the job
 
 
-def _absolute(base_dir: Path, value: str) -> str:
-    """The path as the job spec loader resolves it (the spec's folder, then the working directory), absolute."""
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return str(p)
-    here = base_dir / p
-    return str(here if here.exists() or not (Path.cwd() / p).exists() else (Path.cwd() / p).resolve())
-
-
-def _objectives_absolute(base_dir: Path, obj: dict[str, Any]) -> dict[str, Any]:
-    """Inline objectives resolve `include` folders, task files and text files against the spec's folder."""
-    out = dict(obj)
-    if isinstance(out.get("include"), list):
-        out["include"] = [str((base_dir / str(f)).resolve()) for f in out["include"]]
-    if isinstance(out.get("objectives"), list):
-        objs = []
-        for o in out["objectives"]:
-            o = dict(o) if isinstance(o, dict) else o
-            if isinstance(o, dict):
-                if isinstance(o.get("task"), str) and o["task"].endswith((".yaml", ".yml")):
-                    o["task"] = str((base_dir / o["task"]).resolve())
-                if isinstance(o.get("file"), str):
-                    o["file"] = str((base_dir / o["file"]).resolve())
-            objs.append(o)
-        out["objectives"] = objs
-    return out
-
-
 def portable_spec(path: str | Path, check: bool = True) -> dict[str, Any]:
-    """The job spec as a mapping whose paths are all absolute, so it means the same from any working directory.
+    """The job spec as a mapping whose paths are all absolute, so it means the same from any working directory:
+    the parsed spec in its YAML form (`JobSpec.to_dict`), the form the store keeps.
 
     With `check`, the spec is loaded whole first (models, space, objectives, driver: the checks `evomerge run`
-    makes), and the rewritten spec must load to the same job: a job that cannot start is refused before it is
-    sent. Without it (models only on the cluster), only the structure and the name are checked.
+    makes): a job that cannot start is refused before it is sent. Without it (models only on the cluster), the
+    structure, the values and the name are checked, not the files the spec names.
     """
-    from evomerge.search.spec import JobSpecError, load_job
-    from evomerge.spaces.presets import PRESET_DIR
+    from evomerge.search.spec import JobSpecError, parse_job
     from evomerge.yamlfile import read_yaml
 
     data, p = read_yaml(path, JobSpecError, "job spec")
     if not isinstance(data, dict):
         raise JobSpecError(f"{path}: a job spec is a YAML mapping with name, models, search_space, objectives, driver, store")
     check_id(str(data.get("name", "")), f"{path}: name: job name")
-    base_dir = p.parent
-    out = dict(data)
-    models = data.get("models")
-    if isinstance(models, dict):
-        out["models"] = dict(models)
-        if isinstance(models.get("base"), str):
-            out["models"]["base"] = _absolute(base_dir, models["base"])
-        if isinstance(models.get("sources"), dict):
-            out["models"]["sources"] = {k: _absolute(base_dir, v) if isinstance(v, str) else v
-                                        for k, v in models["sources"].items()}
-    space = data.get("search_space")
-    if isinstance(space, str) and not (PRESET_DIR / f"{space}.yaml").is_file():
-        out["search_space"] = _absolute(base_dir, space)
-    obj = data.get("objectives")
-    if isinstance(obj, str):
-        out["objectives"] = _absolute(base_dir, obj)
-    elif isinstance(obj, dict):
-        out["objectives"] = _objectives_absolute(base_dir, obj)
-    for key in ("store", "report"):
-        if isinstance(data.get(key), str):
-            out[key] = _absolute(base_dir, data[key])
-    if check:
-        original = load_job(p)
-        with tempfile.TemporaryDirectory(prefix="evomerge-spec-") as tmp:
-            again = Path(tmp) / SPEC_NAME
-            again.write_text(yaml.safe_dump(out, sort_keys=False))
-            moved = load_job(again)
-        a, b = _comparable(original), _comparable(moved)
-        if a != b:
-            differ = sorted(k for k in a if a[k] != b.get(k))
-            raise JobSpecError(f"{path}: cannot make the spec's paths absolute for the cluster ({', '.join(differ)} "
-                               "would change); write those paths as absolute paths")
-    return out
-
-
-def _comparable(spec: "JobSpec") -> dict[str, Any]:
-    """The spec as it will run: objectives parsed (their include folders and files resolved), so that an inline
-    objectives mapping whose relative paths were made absolute compares equal to the original."""
-    from dataclasses import asdict
-
-    from evomerge.fitness.objectives import parse_objectives
-
-    d = spec.to_dict()
-    d.pop("source")
-    d.pop("objectives_dir")
-    if spec.objectives is not None:
-        parsed = parse_objectives(spec.objectives, base_dir=spec.objectives_dir)
-        d["objectives"] = {k: v for k, v in asdict(parsed).items() if k not in ("source", "base_dir")}
-    return d
+    return parse_job(data, source=str(path), base_dir=p.parent, check_paths=check).to_dict()
 
 
 # ---------------------------------------------------------------- the client
