@@ -10,7 +10,6 @@ Nothing here unpickles: the optimiser checkpoints are never read (a viewer must 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shlex
@@ -27,7 +26,6 @@ from evomerge.store import CandidateRow, Store
 PROGRESS_POINTS = 300  # hypervolume is computed at most this many times per job view
 CANDIDATE_ROWS = 400  # the candidates table keeps the most recent rows only
 OTHER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "ln_1.weight", "norm.weight")
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 UNKNOWN_LAYERS = 8  # columns drawn when no model folder says how many layers there are
 
 
@@ -209,14 +207,9 @@ def recipe_summary(text: str, labels: dict[str, str]) -> str:
 
 
 def _num_layers(folder: str | None) -> int | None:
-    if not folder:
-        return None
-    try:
-        cfg = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    cfg = cfg.get("text_config", cfg)
-    return next((int(cfg[k]) for k in LAYER_COUNT_KEYS if isinstance(cfg.get(k), int)), None)
+    from evomerge.merge.sources import FolderSource
+
+    return FolderSource(Path(folder)).num_layers() if folder else None
 
 
 def _settings(recipe: Any) -> Iterable[Any]:
@@ -250,7 +243,7 @@ def heatmaps(recipe: Any, labels: dict[str, str], title: str = "") -> list[dict[
     Each cell is what the merge itself would use there: the planner's resolver (model -> slice -> recipe ->
     method default) at the layer's gradient position, as `evomerge merge` resolves it."""
     from evomerge.merge.methods import METHODS
-    from evomerge.merge.plan import _Resolver
+    from evomerge.merge.plan import ParameterResolver
     from evomerge.merge.recipe import Slice, Source
     from evomerge.merge.settings import layer_position
 
@@ -266,7 +259,7 @@ def heatmaps(recipe: Any, labels: dict[str, str], title: str = "") -> list[dict[
             n, note = UNKNOWN_LAYERS, (f"no model folder readable here to count layers: {UNKNOWN_LAYERS} columns "
                                        "at evenly spaced gradient positions")
         slices = [Slice(tuple(Source(s.model, s.parameters, (0, n)) for s in recipe.models or ()))]
-    resolver = _Resolver(recipe)
+    resolver = ParameterResolver(recipe)
     groups = _module_groups(recipe)
     # rows keyed by (model, group); columns appended slice by slice (output layers)
     rows: dict[tuple[str, str], dict[str, list[Any]]] = {}

@@ -83,8 +83,9 @@ def _tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-class _Resolver:
-    """Looks parameters up in source -> slice -> recipe -> default order, at one t and tensor name."""
+class ParameterResolver:
+    """Looks parameters up in source -> slice -> recipe -> default order, at one t and tensor name: what the merge
+    uses for each tensor (public: the dashboard's heatmaps show the very values a merge would use)."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -142,7 +143,7 @@ def plan_merge(recipe: Recipe, checkpoints: Mapping[str, Checkpoint] | None = No
         if spec.name == "slerp" and len(sl.sources) != 2:
             raise RecipeError(f"{where}: slerp merges exactly two models (the base and one other), got {len(sl.sources)}")
 
-    resolver = _Resolver(recipe)
+    resolver = ParameterResolver(recipe)
     ref_label = recipe.base_model or slices[0].sources[0].model
     ref = cks[ref_label]
     jobs: list[TensorJob] = []
