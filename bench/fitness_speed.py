@@ -49,14 +49,14 @@ def objectives():
 
 
 def in_place(zoo: Path, cands, backend: str) -> tuple[list[float], ...]:
-    from evomerge.fitness.evaluator import Evaluator
     from evomerge.merge.materialise import Materialiser
+    from evomerge.scoring import RecipeScorer
 
     llama = zoo / "llama"
     mat = Materialiser({k: llama / k for k in ("base", "arith", "cipher")}, anchor="base")
     t = time.perf_counter()
     kw = {"vllm_args": {"max_model_len": 64}} if backend == "vllm" else {}
-    ev = Evaluator(objectives(), materialiser=mat, backend=backend, **kw)
+    ev = RecipeScorer(objectives(), mat, backend=backend, **kw)
     ev.evaluate(cands[0])  # warm-up (first generate call)
     print(f"  worker setup (once): {time.perf_counter() - t:.1f} s")
     secs, overhead, with_merge, loads, scores = [], [], [], [], []

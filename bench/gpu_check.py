@@ -77,12 +77,12 @@ def check_equality(zoo: Path) -> dict:
     return worst
 
 
-def time_candidates(evaluator, recipes) -> tuple[list[float], list[float]]:
+def time_candidates(scorer, recipes) -> tuple[list[float], list[float]]:
     values, times = [], []
     for r in recipes:
         t = time.perf_counter()
-        res = evaluator.evaluate(r)
-        if evaluator.backend_name == "hf" and torch.cuda.is_available():
+        res = scorer.evaluate(r)
+        if scorer.evaluator.backend_name == "hf" and torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         values.append(res.values["zoo_mix"])
@@ -90,10 +90,10 @@ def time_candidates(evaluator, recipes) -> tuple[list[float], list[float]]:
 
 
 def check_fitness(zoo: Path, n: int) -> dict:
-    from evomerge.fitness.evaluator import Evaluator
     from evomerge.fitness.objectives import parse_objectives
     from evomerge.merge.materialise import Materialiser
     from evomerge.merge.recipe import parse_recipe
+    from evomerge.scoring import RecipeScorer
 
     objectives = parse_objectives({"include": [str(REPO / "fitness")], "split": "fitness",
                                    "objectives": [{"task": "zoo_mix", "metric": "exact_match"}]},
@@ -111,7 +111,7 @@ def check_fitness(zoo: Path, n: int) -> dict:
     out = {}
     for device in ("cuda", "cpu"):
         mat = Materialiser({str(p): p for p in paths.values()}, anchor=str(paths["base"]), device=device)
-        ev = Evaluator(objectives, materialiser=mat, backend="hf", device=device, batch_size=256)
+        ev = RecipeScorer(objectives, mat, backend="hf", batch_size=256)
         time_candidates(ev, recipes[:1])  # warm-up (kernels, request building)
         values, times = time_candidates(ev, recipes)
         ev.close()

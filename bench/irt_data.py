@@ -69,7 +69,7 @@ def generate(zoo: Path = REPO / ".cache/zoo", out: Path = DATA, n_ps: int = 80, 
     import torch
     from tqdm import tqdm
 
-    from evomerge.search.evaluate import default_scorer
+    from evomerge.scoring import default_scorer
     from evomerge.search.spec import parse_job
 
     torch.set_num_threads(1)

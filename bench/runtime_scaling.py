@@ -73,10 +73,10 @@ def drain(rt) -> list:
 
 def runtime(spec, cluster, warm: list):
     """A runtime on the shared Ray with every worker warmed up by one candidate (not measured)."""
-    from evomerge.runtime import RayRuntime
     from evomerge.runtime.cluster import Cluster
+    from evomerge.search.jobs import ray_runtime
 
-    rt = RayRuntime(spec, cluster=Cluster(cluster.address, owned=False, private=True))
+    rt = ray_runtime(spec, cluster=Cluster(cluster.address, owned=False, private=True))
     rt.wait_ready()
     for i, r in enumerate(warm[: rt.workers]):
         rt.submit(-1 - i, r)
@@ -90,7 +90,7 @@ class VaryingScorer:
     candidate costs the same in every run and mode). The split's item ids come from one full evaluation."""
 
     def __init__(self, spec, split: str | None = None):
-        from evomerge.search.evaluate import default_scorer
+        from evomerge.scoring import default_scorer
 
         self.inner = default_scorer(spec, split)
         self.objectives = self.inner.objectives
@@ -120,14 +120,14 @@ def search_modes(zoo: Path, cluster, limit: int, population: int, n: int) -> dic
     import io
     import tempfile
 
-    from evomerge.runtime import RayRuntime
     from evomerge.runtime.cluster import Cluster
+    from evomerge.search.jobs import ray_runtime
     from evomerge.search.loop import Progress, Search
     from evomerge.store import Store
 
     spec = job_spec(zoo, limit, 2)
     spec.runtime.evaluator = "runtime_scaling:varying_scorer"
-    rt = RayRuntime(spec, cluster=Cluster(cluster.address, owned=False, private=True))
+    rt = ray_runtime(spec, cluster=Cluster(cluster.address, owned=False, private=True))
     out: dict[str, object] = {}
     seen: list[list[str]] = []
     try:

@@ -17,7 +17,7 @@ import pytest
 from evomerge.dashboard import DashboardError, make_server
 from evomerge.dashboard.data import heatmaps
 from evomerge.dashboard.server import find_store, is_loopback, resolve_token
-from evomerge.search import toy
+from evomerge.scoring import toy
 from evomerge.search.jobs import run_job
 from evomerge.service.cli import main
 from evomerge.store import Store, StoreError
@@ -28,7 +28,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "out" / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-TOY = {"evaluator": "evomerge.search.toy:scorer", "evaluator_options": {"fail_above": 0.9}}  # a parent fails
+TOY = {"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": {"fail_above": 0.9}}  # a parent fails
 
 
 @pytest.fixture(scope="module")

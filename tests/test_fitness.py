@@ -107,13 +107,14 @@ def test_recipe_candidate_equals_exported_checkpoint(llama, tmp_path):
     from evomerge.merge.api import write_recipe
     from evomerge.merge.materialise import Materialiser
     from evomerge.merge.recipe import parse_recipe
+    from evomerge.scoring import RecipeScorer
 
     objs = objectives({"task": "zoo_mix", "limit": 80})
     recipe = parse_recipe({"merge_method": "ties", "base_model": str(llama / "base"), "dtype": "float32",
                            "models": [{"model": str(llama / e), "parameters": {"weight": w, "density": 0.6}}
                                       for e, w in (("arith", 0.75), ("cipher", 0.25))]})
     mat = Materialiser({k: llama / k for k in ("base", "arith", "cipher")}, anchor="base")
-    worker = Evaluator(objs, materialiser=mat, backend="hf")
+    worker = RecipeScorer(objs, mat, backend="hf")
     in_place = worker.evaluate(recipe)
     out = write_recipe(recipe, tmp_path / "merged")
     fresh = Evaluator(objs, out, backend="hf").evaluate()

@@ -14,7 +14,8 @@ import yaml
 
 from evomerge.fitness import irt
 from evomerge.fitness.objectives import FitnessConfigError, Objective, ObjectiveSet, parse_objectives
-from evomerge.search import toy
+from evomerge.fitness.result import FitnessResult
+from evomerge.scoring import toy
 from evomerge.search.front import knee_index
 from evomerge.search.jobs import resume_job, run_job
 from evomerge.search.loop import Progress
@@ -224,7 +225,7 @@ class QuizScorer:
         y = self.answers(recipe)
         keep = [self.ids.index(i) for i in items["quiz"]] if items and "quiz" in items else list(range(ITEMS))
         xs = toy.numbers(recipe)
-        return toy.ToyResult({"quiz": float(y[keep].mean()), "size": sum(xs) / len(xs)},
+        return FitnessResult({"quiz": float(y[keep].mean()), "size": sum(xs) / len(xs)},
                              {"quiz": {self.ids[i]: float(y[i]) for i in keep}})
 
 
@@ -348,7 +349,7 @@ class ZooInterrupt:
 
 
 def zoo_scorer(spec, split=None):
-    from evomerge.search.evaluate import default_scorer
+    from evomerge.scoring import default_scorer
 
     inner = default_scorer(spec, split)
 

@@ -47,7 +47,7 @@ class Sleeper:
     ends."""
 
     def __init__(self, options: dict[str, Any], split: str | None):
-        from evomerge.search.toy import ToyScorer
+        from evomerge.scoring.toy import ToyScorer
 
         if options.get("broken"):
             raise FitnessConfigError("objectives.yaml: objectives[0].task: no such task 'nope' (test)")
@@ -77,7 +77,7 @@ class Sleeper:
 
     def _evaluate(self, recipe: Any):
         if not isinstance(recipe, dict):
-            from evomerge.search.toy import numbers
+            from evomerge.scoring.toy import numbers
 
             slope = float(self.options.get("sleep_per_weight", 0.0))
             time.sleep(float(self.options.get("delay", 0.0)) + slope * (numbers(recipe) or [0.0])[0])
@@ -91,9 +91,9 @@ class Sleeper:
             os._exit(3)
         if recipe.get("fail"):
             raise ValueError("this candidate is broken (test)")
-        from evomerge.search.toy import ToyResult
+        from evomerge.fitness.result import FitnessResult
 
-        return ToyResult({"fit": float(recipe.get("value", 0.5)), "size": 0.0}, {})
+        return FitnessResult({"fit": float(recipe.get("value", 0.5)), "size": 0.0}, {})
 
 
 def sleeper(spec: Any, split: str | None = None) -> Sleeper:
@@ -168,9 +168,9 @@ def cluster():
 
 
 def runtime(tmp_path: Path, cluster, **kw: Any):
-    from evomerge.runtime import RayRuntime
+    from evomerge.search.jobs import ray_runtime
 
-    rt = RayRuntime(spec_for(tmp_path, **kw), cluster=cluster_view(cluster))
+    rt = ray_runtime(spec_for(tmp_path, **kw), cluster=cluster_view(cluster))
     rt.wait_ready()
     return rt
 
@@ -292,10 +292,10 @@ def test_a_replacement_that_cannot_start_costs_a_worker_not_the_search(tmp_path,
 
 
 def test_a_scorer_that_cannot_be_built_fails_the_start_with_its_own_error(tmp_path, cluster):
-    from evomerge.runtime import RayRuntime
+    from evomerge.search.jobs import ray_runtime
 
     with pytest.raises(FitnessConfigError, match="no such task 'nope'"):
-        RayRuntime(spec_for(tmp_path, workers=1, broken=True), cluster=cluster_view(cluster))
+        ray_runtime(spec_for(tmp_path, workers=1, broken=True), cluster=cluster_view(cluster))
 
 
 def test_a_candidate_that_kills_its_worker_every_time_is_failed_after_the_retries(tmp_path, cluster):
@@ -433,12 +433,12 @@ def test_runtime_kind_follows_workers_and_address(tmp_path, monkeypatch):
     """auto: Ray with more than one worker or an address (--address, else RAY_ADDRESS); local otherwise."""
     import evomerge.runtime.scheduler as scheduler
     from evomerge.search import jobs
-    from evomerge.search.runtime import LocalRuntime
+    from evomerge.runtime.local import LocalRuntime
 
     made: list[str | None] = []
 
     class Fake:
-        def __init__(self, spec, address=None):
+        def __init__(self, scorer, address=None, **options):
             made.append(address)
 
     monkeypatch.setattr(scheduler, "RayRuntime", Fake)
@@ -530,9 +530,8 @@ def test_steady_search_on_ray_matches_the_in_process_one_also_interrupted_and_re
     """Steady mode (lag 1) with candidates of varying cost on 2 Ray workers (completion order is not id order):
     every candidate evaluated once, and the same archive and checkpointed failure counters as in-process on one
     worker. Then a Ray run interrupted mid-search and resumed in-process ends with that archive too."""
-    from evomerge.runtime import RayRuntime
+    from evomerge.search.jobs import local_runtime, ray_runtime
     from evomerge.search.loop import Search
-    from evomerge.search.runtime import LocalRuntime
 
     log = tmp_path / "log"
     log.mkdir()
@@ -564,8 +563,8 @@ def test_steady_search_on_ray_matches_the_in_process_one_also_interrupted_and_re
             store.close()
         return rows, saved, stats
 
-    local_rows, local_saved, _ = search("local", LocalRuntime)
-    ray_rows, ray_saved, stats = search("ray", lambda spec: RayRuntime(spec, cluster=cluster_view(cluster)))
+    local_rows, local_saved, _ = search("local", local_runtime)
+    ray_rows, ray_saved, stats = search("ray", lambda spec: ray_runtime(spec, cluster=cluster_view(cluster)))
     assert len(ray_rows) == 24 and [r.identity() for r in ray_rows] == [r.identity() for r in local_rows]
     assert ray_saved == local_saved and len(ray_saved) == 6 and any(a for *_, a in ray_saved)  # asked ahead
     evaluated = [r for r in ray_rows if r.status != "cached"]
@@ -577,8 +576,8 @@ def test_steady_search_on_ray_matches_the_in_process_one_also_interrupted_and_re
     assert {r.worker for r in evaluated} == {"ray-0", "ray-1"} and 0 < stats.utilisation <= 1
 
     with pytest.raises(KeyboardInterrupt):
-        search("cut", lambda spec: RayRuntime(spec, cluster=cluster_view(cluster)), progress=StopAfter(10))
+        search("cut", lambda spec: ray_runtime(spec, cluster=cluster_view(cluster)), progress=StopAfter(10))
     cut = tmp_path / "cut" / "store.sqlite"
     assert Store(cut, readonly=True).job("ray-job")["status"] == "interrupted"
-    resumed_rows, _, _ = search("cut", LocalRuntime, store_path=cut)  # one worker now, not two
+    resumed_rows, _, _ = search("cut", local_runtime, store_path=cut)  # one worker now, not two
     assert [r.identity() for r in resumed_rows] == [r.identity() for r in local_rows]

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.search import toy
-from evomerge.search.jobs import resume_job, run_job
+from evomerge.scoring import toy
+from evomerge.search.jobs import resume_job, run_job, scorer_factory
 from evomerge.search.loop import Progress, Search
-from evomerge.search.runtime import LocalRuntime
+from evomerge.runtime.local import LocalRuntime
 from evomerge.search.spec import JobSpecError, SearchStopped, load_job
 from evomerge.service.cli import main
 from evomerge.store import Store, StoreError
@@ -28,7 +28,7 @@ def write_job(tmp_path: Path, name: str = "toy", **overrides) -> Path:
         "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
         "search_space": "sakana_ps",
         "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 24}, "seed": 1},
-        "runtime": {"evaluator": "evomerge.search.toy:scorer"},
+        "runtime": {"evaluator": "evomerge.scoring.toy:scorer"},
         "store": "out/store.sqlite",
     }
     for key, value in overrides.items():
@@ -73,7 +73,7 @@ def test_identical_recipes_are_evaluated_once(tmp_path):
 
 
 def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path):
-    path = write_job(tmp_path, runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": {"fail_above": 0.5}})
+    path = write_job(tmp_path, runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": {"fail_above": 0.5}})
     result = run_job(path, **quiet())
     store = Store(result.store)
     failed = store.candidates("toy", status="failed")
@@ -83,7 +83,7 @@ def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path):
 
 
 def test_too_many_failures_in_a_row_stop_the_job_with_a_diagnosis(tmp_path):
-    path = write_job(tmp_path, runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": {"fail_all": True}},
+    path = write_job(tmp_path, runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": {"fail_all": True}},
                      driver={"max_failures_in_a_row": 4})
     with pytest.raises(SearchStopped, match="4 candidates failed in a row.*fail_all.*evomerge resume"):
         run_job(path, **quiet())
@@ -125,14 +125,14 @@ def test_ctrl_c_leaves_a_resumable_job_that_ends_like_an_uninterrupted_one(tmp_p
 def test_each_driver_and_space_runs_a_job(tmp_path, algorithm, space):
     options = {"objectives": 1} if algorithm == "cmaes" else {}
     path = write_job(tmp_path, search_space=space, driver={"algorithm": algorithm, "budget": {"evaluations": 12}},
-                     runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": options})
+                     runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": options})
     result = run_job(path, **quiet())
     assert Store(result.store).counts("toy").get("done", 0) >= 1 and result.report["front"]
 
 
 def test_a_time_budget_ends_the_search(tmp_path):
     path = write_job(tmp_path, driver={"budget": {"seconds": 0.3}},
-                     runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": {"delay": 0.05}})
+                     runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": {"delay": 0.05}})
     result = run_job(path, **quiet())
     assert 1 <= Store(result.store).last_checkpoint("toy")[0] <= 3
 
@@ -199,7 +199,7 @@ def archive(store_path: Path, job: str = "toy") -> list[tuple]:
 def test_steady_mode_reaches_the_budget_evaluating_every_candidate_once(tmp_path, algorithm, space, lag):
     options = {"objectives": 1} if algorithm == "cmaes" else {}
     path = write_job(tmp_path, search_space=space, driver={"algorithm": algorithm, "mode": "steady", "lag": lag},
-                     runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": options})
+                     runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": options})
     result = run_job(path, **quiet())
     store = Store(result.store)
     rows = store.candidates("toy")
@@ -245,7 +245,7 @@ def test_a_steady_search_interrupted_then_resumed_ends_like_an_uninterrupted_one
     driver = {"mode": "steady", "lag": lag, "budget": {"evaluations": 36}}
     options = {"fail_above": 0.8}
     straight = run_job(write_job(tmp_path / "a", driver=driver,
-                                 runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": options}),
+                                 runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": options}),
                        **quiet())
     InterruptAt.calls = 0
     path = write_job(tmp_path / "b", driver=driver,
@@ -277,14 +277,14 @@ def test_the_failure_counter_does_not_depend_on_completion_order(tmp_path, mode)
     states, archives = [], []
     for name, kind in (("inorder", LocalRuntime), ("reversed", ReversedRuntime)):
         path = write_job(tmp_path, name=name, driver={"mode": mode, "max_failures_in_a_row": 50},
-                         runtime={"evaluator": "evomerge.search.toy:scorer", "evaluator_options": {"fail_above": 0.3}})
+                         runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": {"fail_above": 0.3}})
         spec = load_job(path)
         store = Store(spec.store)
         store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
         saved = []
         keep = store.save_checkpoint
         store.save_checkpoint = lambda job, g, blob, front=None: (saved.append(pickle.loads(blob)), keep(job, g, blob, front))
-        runtime = kind(spec)
+        runtime = kind(scorer_factory(spec), spec.runtime.threads)
         Search(spec, store, runtime, Progress(io.StringIO(), live=False)).run()
         states.append([(s.generation, s.failures_in_a_row, s.recent) for s in saved])
         archives.append([r.identity() for r in store.candidates(name)])

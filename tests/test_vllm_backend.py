@@ -106,18 +106,18 @@ def recipes(zoo_dir):
 
 @pytest.fixture(scope="module")
 def worker(zoo_dir, mc_task):
-    from evomerge.fitness.evaluator import Evaluator
     from evomerge.merge.materialise import Materialiser
+    from evomerge.scoring import RecipeScorer
 
     llama = zoo_dir / "llama"
     mat = Materialiser({k: llama / k for k in ("base", "arith", "cipher")}, anchor="base")
-    ev = Evaluator(objectives(mc_task), materialiser=mat, backend="vllm", vllm_args={"max_model_len": 64})
+    ev = RecipeScorer(objectives(mc_task), mat, backend="vllm", vllm_args={"max_model_len": 64})
     yield ev
     ev.close()
 
 
 def test_engine_runs_in_process_and_pushes_tensors(worker):
-    assert worker.backend.weights_via == "iterator"  # no /dev/shm copy: tensors go straight to vLLM's loaders
+    assert worker.evaluator.backend.weights_via == "iterator"  # no /dev/shm copy: tensors go straight to vLLM's loaders
 
 
 def test_in_place_push_equals_fresh_engine_on_exported_checkpoint(worker, recipes, mc_task, tmp_path):
@@ -136,9 +136,9 @@ def test_in_place_push_equals_fresh_engine_on_exported_checkpoint(worker, recipe
 
 
 def test_vllm_matches_transformers_backend(worker, recipes, mc_task):
-    from evomerge.fitness.evaluator import Evaluator
+    from evomerge.scoring import RecipeScorer
 
-    hf = Evaluator(objectives(mc_task), materialiser=worker.materialiser, backend="hf")
+    hf = RecipeScorer(objectives(mc_task), worker.materialiser, backend="hf")
     for r in recipes:
         v, h = worker.evaluate(r), hf.evaluate(r)
         assert v.items["zoo_mix"] == h.items["zoo_mix"], "greedy exact match differs per item"
@@ -153,13 +153,13 @@ def test_nan_candidate_fails_and_engine_survives(worker, zoo_dir):
     weights = read_weights(zoo_dir / "llama" / "arith")
     weights["model.layers.0.self_attn.q_proj.weight"][1, 2] = float("nan")
     with pytest.raises(CandidateFailed, match="NaN"):
-        worker.evaluate(weights)
+        worker.evaluator.evaluate(weights)
     huge = read_weights(zoo_dir / "llama" / "arith")
     huge["lm_head.weight"].fill_(3e38)
     huge["model.norm.weight"].fill_(3e38)
     with pytest.raises(CandidateFailed, match="NaN or inf"):
-        worker.evaluate(huge)
-    ok = worker.evaluate(zoo_dir / "llama" / "arith")
+        worker.evaluator.evaluate(huge)
+    ok = worker.evaluator.evaluate(zoo_dir / "llama" / "arith")
     assert 0.0 <= ok.values["zoo_mix"] <= 1.0
 
 
@@ -168,7 +168,7 @@ def test_shm_path_gives_the_same_scores(worker, zoo_dir, mc_task, tmp_path):
     llama = zoo_dir / "llama"
     via_shm = fresh_engine(llama / "base", mc_task, tmp_path, via="shm", candidate=llama / "cipher")
     assert via_shm["via"] == "shm"
-    assert worker.evaluate(llama / "cipher").items == via_shm["items"]
+    assert worker.evaluator.evaluate(llama / "cipher").items == via_shm["items"]
 
 
 GENERATE = """

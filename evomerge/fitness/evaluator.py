@@ -1,5 +1,7 @@
 """The per-worker `Evaluator`: objectives + lm-eval tasks + one backend, built once, scoring many candidates.
 
+It scores weights, never recipes: a {tensor name: tensor} mapping, a checkpoint folder, an `nn.Module`, or the
+weights already written into its model (the scorer, `evomerge.scoring`, turns a recipe into those weights).
 Follow one candidate: `evaluate(candidate)` -> `_load` writes its weights into the backend's model in
 place (transformers module, or the vLLM engine's weights) -> `probe` fails NaN candidates early ->
 `TaskSuite.run` sends the prebuilt lm-eval requests to the model and scores each item -> built-in
@@ -10,14 +12,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+from torch import nn
 
 from evomerge.fitness.builtin import TextDocs, latency, perplexity
 from evomerge.fitness.objectives import CandidateFailed, FitnessConfigError, Objective, ObjectiveSet, load_objectives
+from evomerge.fitness.result import FitnessResult
 from evomerge.fitness.tasks import TaskSuite
 
 BACKENDS = ("hf", "vllm")
@@ -34,48 +38,29 @@ def default_backend() -> str:
     return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
 
 
-@dataclass
-class FitnessResult:
-    """Objective values as measured, per-item values keyed by item id, and where the time went."""
-
-    values: dict[str, float]
-    items: dict[str, dict[str, float]] = field(default_factory=dict)
-    seconds: float = 0.0  # the whole evaluate() call
-    load_seconds: float = 0.0  # writing the candidate's weights into the model
-    forward_seconds: float = 0.0  # inside the model (lm-eval's model calls)
-
-    @property
-    def overhead_seconds(self) -> float:
-        """Everything but the forward passes (weight loading included)."""
-        return self.seconds - self.forward_seconds
-
-    def losses(self, objectives: ObjectiveSet | Iterable[Objective]) -> list[float]:
-        objs = objectives.objectives if isinstance(objectives, ObjectiveSet) else objectives
-        return [o.loss(self.values[o.name]) for o in objs]
-
-    def to_dict(self, with_items: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {"values": {k: float(v) for k, v in self.values.items()},
-                               "seconds": round(self.seconds, 4), "load_seconds": round(self.load_seconds, 4),
-                               "forward_seconds": round(self.forward_seconds, 4)}
-        if with_items:
-            out["items"] = {k: {i: float(v) for i, v in d.items()} for k, d in self.items.items()}
-        return out
+def resolve_backend(name: str) -> str:
+    """`auto` -> the default backend; anything else must be one of BACKENDS."""
+    backend = default_backend() if name == "auto" else name
+    if backend not in BACKENDS:
+        raise FitnessConfigError(f"backend '{backend}' is not one of: auto, {', '.join(BACKENDS)}")
+    return backend
 
 
 class Evaluator:
     """Scores candidates on an objective set. One per worker: build once, call `evaluate` many times.
 
-    `model`: a checkpoint folder (its config, tokenizer and initial weights). With `materialiser`, the
-    worker's `Materialiser` (whose anchor gives config and tokenizer), recipes can be passed as candidates.
+    `model`: a checkpoint folder (its config, tokenizer and, unless `module` is given, initial weights).
+    `module` (hf backend): the model candidates are written into, already built (a scorer's Materialiser builds
+    it with the anchor's weights); the scorer then writes each candidate into it in place and calls `evaluate()`.
     """
 
     def __init__(
         self,
         objectives: ObjectiveSet | str | Path,
-        model: str | Path | None = None,
+        model: str | Path,
         *,
         backend: str = "auto",
-        materialiser=None,
+        module: nn.Module | None = None,
         split: str | None = None,
         batch_size: int = 64,
         device: str = "cpu",
@@ -85,13 +70,10 @@ class Evaluator:
         if not isinstance(objectives, ObjectiveSet):
             objectives = load_objectives(objectives)
         objectives = objectives.with_split(split)
-        backend = default_backend() if backend == "auto" else backend
-        if backend not in BACKENDS:
-            raise FitnessConfigError(f"backend '{backend}' is not one of: auto, {', '.join(BACKENDS)}")
-        if model is None and materialiser is None:
-            raise FitnessConfigError("Evaluator needs a model folder or a Materialiser")
-        self.materialiser = materialiser
-        self.model_dir = Path(model) if model is not None else Path(materialiser.checkpoints[materialiser.anchor].path)
+        backend = resolve_backend(backend)
+        if module is not None and backend != "hf":
+            raise FitnessConfigError(f"a prebuilt module is for the hf backend, not '{backend}'")
+        self.model_dir = Path(model)
         if not (self.model_dir / "config.json").is_file():
             raise FitnessConfigError(f"{self.model_dir}: not a model folder (no config.json)")
         self.suite = TaskSuite(objectives)
@@ -102,10 +84,9 @@ class Evaluator:
         if backend == "hf":
             from evomerge.fitness.hf import HFBackend
 
-            if materialiser is not None:
+            if module is not None:
                 from transformers import AutoTokenizer
 
-                module = materialiser.build_module(dtype=torch_dtype)
                 self.backend = HFBackend(module, AutoTokenizer.from_pretrained(self.model_dir), batch_size=batch_size)
             else:
                 self.backend = HFBackend.from_dir(self.model_dir, torch_dtype, device, batch_size)
@@ -114,7 +95,6 @@ class Evaluator:
 
             self.backend = VLLMBackend(self.model_dir, dtype=dtype, **dict(vllm_args or {}))
         self._texts: dict[str, TextDocs] = {}
-        self._staging: dict[str, torch.Tensor] | None = None
 
     def _resolve_directions(self, objectives: ObjectiveSet) -> ObjectiveSet:
         found = self.suite.directions()
@@ -132,8 +112,8 @@ class Evaluator:
     # ---------------------------------------------------------------- one candidate
     def evaluate(self, candidate: Any = None, items: Mapping[str, Iterable[str]] | None = None,
                  objectives: Iterable[str] | None = None) -> FitnessResult:
-        """Score `candidate` (None: the weights already loaded; a Recipe; a {tensor name: tensor} mapping;
-        a checkpoint folder; an `nn.Module` scored as it is, e.g. a data-flow path model of another depth,
+        """Score `candidate` (None: the weights already loaded or written in place; a {tensor name: tensor}
+        mapping; a checkpoint folder; an `nn.Module` scored as it is, e.g. a data-flow path model of another depth,
         hf backend only). `items`: {task or objective name: [item ids]} scores only those items.
         `objectives`: names to score (default all). Raises `CandidateFailed` for NaN candidates."""
         start = time.perf_counter()
@@ -168,7 +148,7 @@ class Evaluator:
     def _backend_for(self, candidate: Any):
         """The worker's backend with the candidate loaded into it, or, for a module, a backend around that module
         (its shape may differ from the worker's model, so nothing is copied)."""
-        if not isinstance(candidate, torch.nn.Module):
+        if not isinstance(candidate, nn.Module):
             self._load(candidate)
             return self.backend
         if self.backend_name != "hf":
@@ -189,24 +169,13 @@ class Evaluator:
     def _load(self, candidate: Any) -> None:
         if candidate is None:
             return
-        from evomerge.merge.recipe import Recipe
-
-        if isinstance(candidate, Recipe):
-            if self.materialiser is None:
-                raise FitnessConfigError("a Recipe candidate needs an Evaluator built with materialiser=")
-            if self.backend_name == "hf":
-                self.materialiser.apply(candidate, self.backend.module, self.backend.targets(list(self.materialiser.base)))
-                return
-            if self._staging is None:  # merged tensors land here, then go to the engine
-                self._staging = {n: t.clone() for n, t in self.materialiser.base.items()}
-            self.materialiser.apply(candidate, None, self._staging)
-            weights: Mapping[str, torch.Tensor] = self._staging
-        elif isinstance(candidate, (str, Path)):
+        if isinstance(candidate, (str, Path)):
             weights = read_weights(Path(candidate))
         elif isinstance(candidate, Mapping):
             weights = candidate
         else:
-            raise TypeError(f"cannot evaluate a {type(candidate).__name__}: give a Recipe, a tensor mapping or a folder")
+            raise TypeError(f"cannot evaluate a {type(candidate).__name__}: give a tensor mapping, a folder or a module "
+                            "(a recipe is turned into weights by its scorer, evomerge.scoring)")
         bad = [n for n, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             raise CandidateFailed(f"the candidate's weights hold NaN or inf (first: {bad[0]})")

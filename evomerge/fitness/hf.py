@@ -14,8 +14,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from evomerge.checkpoints.targets import checkpoint_targets
 from evomerge.fitness.objectives import CandidateFailed
-from evomerge.merge.materialise import checkpoint_targets
 
 
 def _quiet_generation_config(module: nn.Module) -> None:

@@ -9,32 +9,17 @@ parameter with `copy_`, one tensor at a time, so peak extra memory is a few tens
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from evomerge.checkpoints import Checkpoint, check_compatible, open_checkpoint
+from evomerge.checkpoints.targets import checkpoint_targets
 from evomerge.merge.methods import METHODS, merge_task_vectors, merge_tensor
 from evomerge.merge.plan import MergePlan, TensorRef, plan_merge
 from evomerge.merge.recipe import Recipe, RecipeError
 from evomerge.merge.sparsify import RANKED, RankCache
-
-
-def checkpoint_targets(module: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Checkpoint tensor name -> the module's parameter or buffer of that name (or the one name ending in it:
-    GPT-2 hub checkpoints lack the module's 'transformer.' prefix)."""
-    own = dict(module.state_dict(keep_vars=True))
-    out = {}
-    for name in names:
-        if name in own:
-            out[name] = own[name]
-            continue
-        matches = [k for k in own if k.endswith("." + name)]
-        if len(matches) != 1:
-            raise ValueError(f"cannot find the module parameter for checkpoint tensor '{name}'")
-        out[name] = own[matches[0]]
-    return out
 
 
 class Materialiser:

@@ -23,13 +23,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from evomerge.runtime.base import Items, Outcome, OutcomeStream, ScorerFactory
 from evomerge.runtime.cluster import Cluster, connect
 from evomerge.runtime.stats import RuntimeStats
-from evomerge.runtime.worker import Report, actor_class
-from evomerge.search.runtime import Outcome, OutcomeStream
+from evomerge.runtime.worker import actor_class
 
 if TYPE_CHECKING:
-    from evomerge.search.spec import JobSpec
+    from evomerge.merge.api import AnyRecipe
 
 STARTUP_FAILURES = 3  # workers in a row dying before they are ready: the cluster cannot host them, stop
 
@@ -41,9 +41,9 @@ class WorkerStartError(RuntimeError):
 @dataclass
 class _Task:
     cid: int
-    recipe: Any
+    recipe: AnyRecipe
     split: str | None
-    items: dict[str, list[str]] | None
+    items: Items | None
     deaths: list[str] = field(default_factory=list)  # why the workers that held it died
 
 
@@ -64,18 +64,21 @@ class _Slot:
 
 
 class RayRuntime(OutcomeStream):
-    """`workers` actors (default `spec.runtime.workers`), each with `spec.runtime.threads` CPU slots and
-    `spec.runtime.gpus` GPUs. Raises the scorer's own error if the first worker cannot build it."""
+    """`workers` actors, each building its scorers with `scorer` (a picklable `ScorerFactory`) on `threads` CPU
+    slots and `gpus` GPUs; a candidate whose worker dies is sent again up to `max_retries` times. Joins the Ray
+    at `address` (else RAY_ADDRESS, else a private loopback Ray), or uses `cluster`. Raises the scorer's own error
+    if the first worker cannot build it."""
 
-    def __init__(self, spec: "JobSpec", address: str | None = None, cluster: Cluster | None = None,
-                 workers: int | None = None, dashboard: bool = False, start_timeout: float = 600.0):
-        rt = spec.runtime
-        self.spec = spec
-        self.workers = workers or rt.workers
-        self.max_retries = rt.max_retries
+    def __init__(self, scorer: ScorerFactory, workers: int = 1, threads: int = 1, gpus: float = 0,
+                 max_retries: int = 2, address: str | None = None, cluster: Cluster | None = None,
+                 dashboard: bool = False, start_timeout: float = 600.0):
+        self.scorer = scorer
+        self.workers = workers
+        self.threads = threads
+        self.max_retries = max_retries
         self.start_timeout = start_timeout
-        self.cluster = cluster or connect(address, num_cpus=max(_cpus(), self.workers * rt.threads), dashboard=dashboard)
-        self._options = {"num_cpus": rt.threads, "num_gpus": rt.gpus, "scheduling_strategy": "SPREAD"}
+        self.cluster = cluster or connect(address, num_cpus=max(_cpus(), self.workers * threads), dashboard=dashboard)
+        self._options = {"num_cpus": threads, "num_gpus": gpus, "scheduling_strategy": "SPREAD"}
         self._queue: deque[_Task] = deque()
         self._done: deque[Outcome] = deque()
         self._slots: list[_Slot] = []
@@ -96,8 +99,7 @@ class RayRuntime(OutcomeStream):
 
     # ------------------------------------------------------------ the protocol
 
-    def submit(self, cid: int, recipe: Any, split: str | None = None,
-               items: dict[str, list[str]] | None = None) -> None:
+    def submit(self, cid: int, recipe: AnyRecipe, split: str | None = None, items: Items | None = None) -> None:
         self._queue.append(_Task(cid, recipe, split, items))
         self._dispatch()
 
@@ -165,7 +167,7 @@ class RayRuntime(OutcomeStream):
     def _start_worker(self) -> _Slot:
         name = f"ray-{self._started}"
         self._started += 1
-        handle = actor_class().options(**self._options).remote(self.spec, name)
+        handle = actor_class().options(**self._options).remote(self.scorer, self.threads, name)
         slot = _Slot(name, handle)
         slot.ref = handle.ready.remote()
         self._slots.append(slot)
@@ -292,11 +294,12 @@ class RayRuntime(OutcomeStream):
         assert task is not None
         span = now - slot.sent
         try:
-            report: Report = ray.get(slot.ref)
+            out: Outcome = ray.get(slot.ref)
+            busy = out.seconds
         except ray.exceptions.RayTaskError as e:  # raised outside run_one (e.g. the recipe did not unpickle)
             cause = e.cause if getattr(e, "cause", None) is not None else e
-            report = Report(Outcome(task.cid, task.split, reason=f"{type(cause).__name__}: {cause}", worker=slot.name),
-                            span, 0.0, 0.0)
+            out = Outcome(task.cid, task.split, reason=f"{type(cause).__name__}: {cause}", worker=slot.name)
+            busy = span  # the worker was held all along
         except ray.exceptions.RayError as e:  # the worker died: replace it, send the candidate again
             self._stats.lost += span
             self._bury(slot, e)
@@ -305,21 +308,22 @@ class RayRuntime(OutcomeStream):
             if len(task.deaths) > self.max_retries:
                 self._deliver(Outcome(task.cid, task.split, worker=slot.name, reason=(
                     f"the worker died {len(task.deaths)} times while evaluating this candidate (runtime.max_retries = "
-                    f"{self.max_retries}); last: {task.deaths[-1]}")), slot, span, 0.0, 0.0, 0.0)
+                    f"{self.max_retries}); last: {task.deaths[-1]}")), slot, span, 0.0)
             else:
                 self._stats.retried += 1
                 self._queue.appendleft(task)
             return
         slot.state, slot.task, slot.ref = "idle", None, None
-        self._deliver(report.outcome, slot, span, report.busy, report.materialise, report.score)
+        self._deliver(out, slot, span, busy)
 
-    def _deliver(self, out: Outcome, slot: _Slot, span: float, busy: float, materialise: float, score: float) -> None:
+    def _deliver(self, out: Outcome, slot: _Slot, span: float, busy: float) -> None:
+        """Count the outcome (`busy`: the worker's time on it; materialising and scoring come with the outcome)."""
         s = self._stats
         s.candidates += 1
         s.failed += 0 if out.ok else 1
         s.busy += busy
-        s.materialise += materialise
-        s.score += score
+        s.materialise += out.materialise_seconds
+        s.score += out.score_seconds
         s.span += span
         slot.busy += busy
         slot.candidates += 1

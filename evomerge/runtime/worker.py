@@ -2,74 +2,40 @@
 
 Placed on one GPU (`num_gpus`) or on `threads` CPU slots. It reads the job's model folders from its own node's
 filesystem (local disk or shared storage). Every failure of a candidate comes back as an `Outcome` reason (via
-`run_one`), so an exception that reaches Ray means the worker itself is broken. Timings come back with each
-outcome so the driver can tell evaluation time from orchestration time.
+`run_one`), so an exception that reaches Ray means the worker itself is broken. Each outcome carries its own
+timings (`seconds`, `materialise_seconds`), so the driver can tell evaluation time from orchestration time.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from evomerge.search.runtime import Outcome, Scorer, run_one, scorer_factory
+from evomerge.runtime.base import Items, Outcome, Scorer, ScorerFactory, close_scorer, run_one
 
 if TYPE_CHECKING:
-    from evomerge.search.spec import JobSpec
-
-
-@dataclass
-class Report:
-    """An outcome with where the worker's time went: `busy` is the whole method call; `materialise` writing the
-    merge into the model (the backend's load time) and `score` the rest of the scorer's call."""
-
-    outcome: Outcome
-    busy: float
-    materialise: float
-    score: float
-
-
-class _Timed:
-    """Wraps a scorer to keep the last call's load/total split (FitnessResult's fields; others: all scoring)."""
-
-    def __init__(self, scorer: Scorer):
-        self.scorer, self.objectives = scorer, scorer.objectives
-        self.materialise = self.score = 0.0
-
-    def evaluate(self, recipe: Any, items: dict[str, list[str]] | None = None) -> Any:
-        self.materialise = self.score = 0.0
-        start = time.perf_counter()
-        try:
-            result = self.scorer.evaluate(recipe, items) if items is not None else self.scorer.evaluate(recipe)
-        except BaseException:
-            self.score = time.perf_counter() - start  # a failed candidate's time is still evaluation time
-            raise
-        total = time.perf_counter() - start
-        load = float(getattr(result, "load_seconds", 0.0) or 0.0)
-        self.materialise, self.score = load, max(total - load, 0.0)
-        return result
+    from evomerge.merge.api import AnyRecipe
 
 
 class Worker:
-    """The actor's class (made remote by `actor_class()`). Never raises from `__init__`: a scorer that cannot be
-    built is kept as `error` and re-raised by the driver, with its own type, before any candidate is sent."""
+    """The actor's class (made remote by `actor_class()`). `scorer` builds one scorer per split; torch gets
+    `threads` threads. Never raises from `__init__`: a scorer that cannot be built is kept as `error` and
+    re-raised by the driver, with its own type, before any candidate is sent."""
 
-    def __init__(self, spec: "JobSpec", name: str):
+    def __init__(self, scorer: ScorerFactory, threads: int, name: str):
         os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's bars would flood the driver's log
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
 
-        torch.set_num_threads(spec.runtime.threads)
-        self.spec, self.name = spec, name
+        torch.set_num_threads(threads)
+        self.name = name
+        self._factory = scorer
         self.error: BaseException | None = None
-        self.scorers: dict[str | None, _Timed] = {}
-        self.busy = 0.0
-        self.candidates = 0
+        self.scorers: dict[str | None, Scorer] = {}
         try:
-            self._factory = scorer_factory(spec)
-            self.scorers[None] = _Timed(self._factory(spec, None))
+            self.scorers[None] = scorer(None)
         except Exception as e:  # noqa: BLE001 - reported through ready()
             self.error = e
 
@@ -90,31 +56,20 @@ class Worker:
         info["objectives"] = self.scorers[None].objectives
         return info
 
-    def evaluate(self, cid: int, recipe: Any, split: str | None = None,
-                 items: dict[str, list[str]] | None = None) -> Report:
-        start = time.perf_counter()
-        scorer: _Timed | None = self.scorers.get(split)
+    def evaluate(self, cid: int, recipe: "AnyRecipe", split: str | None = None, items: Items | None = None) -> Outcome:
+        scorer = self.scorers.get(split)
         if scorer is None:
+            start = time.perf_counter()
             try:
-                scorer = self.scorers[split] = _Timed(self._factory(self.spec, split))
+                scorer = self.scorers[split] = self._factory(split)
             except Exception as e:  # noqa: BLE001 - a split that cannot be scored fails its candidates
-                out = Outcome(cid, split, reason=f"cannot build the scorer for split {split!r}: {type(e).__name__}: {e}",
-                              worker=self.name)
-                return self._done(out, start, 0.0, 0.0)
-        out = run_one(scorer, cid, recipe, split, self.name, items)
-        return self._done(out, start, scorer.materialise, scorer.score)
-
-    def _done(self, out: Outcome, start: float, materialise: float, score: float) -> Report:
-        busy = time.perf_counter() - start
-        self.busy += busy
-        self.candidates += 1
-        return Report(out, busy, materialise, score)
+                return Outcome(cid, split, reason=f"cannot build the scorer for split {split!r}: {type(e).__name__}: {e}",
+                               worker=self.name, seconds=time.perf_counter() - start)
+        return run_one(scorer, cid, recipe, split, self.name, items)
 
     def close(self) -> None:
         for s in self.scorers.values():
-            close = getattr(s.scorer, "close", None)
-            if close:
-                close()
+            close_scorer(s)
         self.scorers.clear()
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from evomerge.fitness import irt
-from evomerge.search.runtime import Outcome
+from evomerge.runtime.base import Outcome
 
 if TYPE_CHECKING:
     from evomerge.fitness.objectives import Objective

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from evomerge.search.confirm import confirm_front
 from evomerge.search.loop import Progress, Search
 from evomerge.search.report import build_report, front_table, runtime_summary, write_report
-from evomerge.search.runtime import LocalRuntime, Runtime
+from evomerge.runtime.base import Runtime, ScorerFactory
+from evomerge.runtime.local import LocalRuntime
 from evomerge.search.spec import JobSpec, JobSpecError, load_job
 from evomerge.store import Store, StoreError
+
+if TYPE_CHECKING:
+    from evomerge.runtime.scheduler import RayRuntime
 
 
 @dataclass
@@ -28,6 +33,29 @@ class JobResult:
     json_path: Path
     html_path: Path
     confirmed: list[int] = field(default_factory=list)  # IRT: front members scored in full after the search
+
+
+def scorer_factory(spec: JobSpec) -> ScorerFactory:
+    """What every worker builds its scorers with: `runtime.evaluator`'s factory (else the default scorer) with the
+    spec bound, so a runtime calls it with the split alone and never sees the job (the spec is plain data and
+    pickles to Ray actors)."""
+    from evomerge.scoring import default_scorer, load_factory
+
+    factory = load_factory(spec.runtime.evaluator) if spec.runtime.evaluator else default_scorer
+    return partial(factory, spec)
+
+
+def local_runtime(spec: JobSpec) -> LocalRuntime:
+    return LocalRuntime(scorer_factory(spec), threads=spec.runtime.threads)
+
+
+def ray_runtime(spec: JobSpec, address: str | None = None, **options: Any) -> "RayRuntime":
+    """A Ray runtime sized by `spec.runtime`; `options` go to `RayRuntime` (cluster, workers, start_timeout)."""
+    from evomerge.runtime.scheduler import RayRuntime
+
+    rt = spec.runtime
+    kw = {"workers": rt.workers, "threads": rt.threads, "gpus": rt.gpus, "max_retries": rt.max_retries, **options}
+    return RayRuntime(scorer_factory(spec), address=address, **kw)
 
 
 def make_runtime(spec: JobSpec, address: str | None = None) -> Runtime:
@@ -42,10 +70,8 @@ def make_runtime(spec: JobSpec, address: str | None = None) -> Runtime:
     if kind == "auto":
         kind = "ray" if spec.runtime.workers > 1 or address else "local"
     if kind == "local":
-        return LocalRuntime(spec)
-    from evomerge.runtime.scheduler import RayRuntime
-
-    return RayRuntime(spec, address=address)
+        return local_runtime(spec)
+    return ray_runtime(spec, address)
 
 
 def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | None = None,

@@ -30,7 +30,7 @@ import numpy as np
 from evomerge.search.drivers import CMAES, Driver, PymooDriver, make_driver
 from evomerge.search.front import hypervolume, pareto_mask
 from evomerge.search.irt_policy import IRTPolicy
-from evomerge.search.runtime import Outcome, Runtime
+from evomerge.runtime.base import Outcome, Runtime
 from evomerge.search.spec import JobSpec, SearchStopped
 from evomerge.spaces.presets import Space, build_space
 from evomerge.store import CandidateRow, Store, StoreError

@@ -1,5 +1,5 @@
 """A synthetic scorer: objectives computed from a recipe's numbers, no model run. It lets the loop, the store
-and resume be tested (and demonstrated) in seconds. Use it with `runtime.evaluator: evomerge.search.toy:scorer`.
+and resume be tested (and demonstrated) in seconds. Use it with `runtime.evaluator: evomerge.scoring.toy:scorer`.
 
 Objectives: `fit` (maximise): 1 - mean squared distance of the recipe's weights and densities from `target`
 (default 0.6); `size` (minimise): the mean weight. Options (`runtime.evaluator_options`): `objectives` (1 or 2),
@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from evomerge.fitness.objectives import CandidateFailed, Objective, ObjectiveSet
+from evomerge.fitness.result import FitnessResult
 
 
 def numbers(recipe: Any) -> list[float]:
@@ -35,11 +36,6 @@ def numbers(recipe: Any) -> list[float]:
     return out
 
 
-class ToyResult:
-    def __init__(self, values: dict[str, float], items: dict[str, dict[str, float]]):
-        self.values, self.items = values, items
-
-
 class ToyScorer:
     def __init__(self, options: dict[str, Any], split: str | None = None):
         self.options = options
@@ -48,7 +44,7 @@ class ToyScorer:
                 Objective("size", kind="task", task="toy", direction="minimise")][: int(options.get("objectives", 2))]
         self.objectives = ObjectiveSet(tuple(objs), split=self.split, source="<toy>")
 
-    def evaluate(self, recipe: Any) -> ToyResult:
+    def evaluate(self, recipe: Any) -> FitnessResult:
         time.sleep(float(self.options.get("delay", 0.0)))
         xs = numbers(recipe) or [0.0]
         if self.options.get("fail_all"):
@@ -62,7 +58,7 @@ class ToyScorer:
         weights = [x for x in xs]
         values = {"fit": fit, "size": sum(weights) / len(weights)}
         items = {"fit": {str(i): 1.0 - e for i, e in enumerate(errors[:8])}}
-        return ToyResult({o.name: values[o.name] for o in self.objectives.objectives}, items)
+        return FitnessResult({o.name: values[o.name] for o in self.objectives.objectives}, items)
 
 
 def scorer(spec: Any, split: str | None = None) -> ToyScorer:

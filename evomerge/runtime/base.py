@@ -1,0 +1,112 @@
+"""The evaluation interface: what a runtime is given, what it does with one candidate, what comes back.
+
+A runtime is built from a `ScorerFactory` (picklable: `functools.partial(factory, spec)` over the default scorer,
+`evomerge.scoring.default_scorer`, or the plug-in named by `runtime.evaluator: "module:factory"`; the search
+builds it, `evomerge.search.jobs.make_runtime`). Each worker calls the factory once per split and keeps the
+`Scorer` it returns (models resident, tasks loaded). The loop only calls `submit(cid, recipe, split, items)` and
+iterates `as_completed()` (the steady loop takes one outcome at a time with `next_outcome()`); `run_one` scores
+one candidate on a scorer and turns the `FitnessResult`, or the failure, into an `Outcome`. Implementations:
+`evomerge.runtime.local.LocalRuntime` (in process) and `evomerge.runtime.scheduler.RayRuntime` (actors).
+
+Nothing here imports torch, Ray or the search: a runtime knows scorers and outcomes, not jobs.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+
+from evomerge.fitness.objectives import CandidateFailed, ObjectiveSet
+from evomerge.fitness.result import FitnessResult, Items
+
+if TYPE_CHECKING:
+    from evomerge.merge.api import AnyRecipe  # what a runtime carries to its scorers; it never looks inside
+
+
+@dataclass
+class Outcome:
+    """What came back for one submitted candidate: values (as measured) or a failure reason, and its time."""
+
+    cid: int
+    split: str | None
+    values: dict[str, float] | None = None
+    items: dict[str, dict[str, float]] = field(default_factory=dict)
+    reason: str | None = None
+    worker: str = "local"
+    seconds: float = 0.0  # the scorer's evaluate call (failed candidates too)
+    estimated: bool = False  # set by the search's IRT policy, never by a scorer
+    materialise_seconds: float = 0.0  # of `seconds`: writing the candidate's weights into the model
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+    @property
+    def score_seconds(self) -> float:
+        """The scorer's time once the weights were in place (the forward passes and their bookkeeping)."""
+        return max(self.seconds - self.materialise_seconds, 0.0)
+
+
+class Scorer(Protocol):
+    """Per-worker state: scores one recipe (parameter-space or data-flow) on its split.
+
+    `items` scores only those items (None: the whole split). A scorer that only scores whole splits may leave
+    the parameter out: `run_one` passes it only when it is given."""
+
+    objectives: ObjectiveSet  # with directions resolved
+
+    def evaluate(self, recipe: "AnyRecipe", items: Items | None = None) -> FitnessResult: ...
+
+
+ScorerFactory = Callable[[str | None], Scorer]  # split (None: the objectives' own) -> a Scorer; picklable
+
+
+class Runtime(Protocol):
+    objectives: ObjectiveSet  # with directions resolved
+
+    def submit(self, cid: int, recipe: "AnyRecipe", split: str | None = None, items: Items | None = None) -> None: ...
+    def as_completed(self) -> Iterator[Outcome]: ...
+    def next_outcome(self, timeout: float | None = None) -> Outcome | None: ...
+    def close(self) -> None: ...
+
+
+def run_one(scorer: Scorer, cid: int, recipe: "AnyRecipe", split: str | None, worker: str,
+            items: Items | None = None) -> Outcome:
+    """Evaluate one candidate, turning every failure into a recorded reason (the search goes on)."""
+    start = time.perf_counter()
+    try:
+        result = scorer.evaluate(recipe, items) if items is not None else scorer.evaluate(recipe)
+    except CandidateFailed as e:
+        return Outcome(cid, split, reason=e.reason, worker=worker, seconds=time.perf_counter() - start)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken candidate must not stop the search
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        reason = f"{type(e).__name__}: {e} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
+        return Outcome(cid, split, reason=reason, worker=worker, seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    values = {k: float(v) for k, v in result.values.items()}
+    per_item = {k: {i: float(x) for i, x in d.items()} for k, d in result.items.items()}
+    return Outcome(cid, split, values=values, items=per_item, worker=worker, seconds=seconds,
+                   materialise_seconds=min(float(result.load_seconds), seconds))
+
+
+def close_scorer(scorer: Any) -> None:
+    """Let a scorer release its engine and devices (`close` is optional for plug-ins)."""
+    close = getattr(scorer, "close", None)
+    if close:
+        close()
+
+
+class OutcomeStream:
+    """For runtimes that hand out finished outcomes one at a time (`next_outcome`): `as_completed` drains them."""
+
+    def next_outcome(self, timeout: float | None = None) -> Outcome | None:
+        raise NotImplementedError
+
+    def as_completed(self) -> Iterator[Outcome]:
+        """Outcomes in the order they finish, until every submitted candidate has one."""
+        while (out := self.next_outcome()) is not None:
+            yield out
