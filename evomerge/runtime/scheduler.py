@@ -72,7 +72,7 @@ class RayRuntime(OutcomeStream):
     def __init__(self, scorer: ScorerFactory, workers: int = 1, threads: int = 1, gpus: float = 0,
                  max_retries: int = 2, address: str | None = None, cluster: Cluster | None = None,
                  dashboard: bool = False, start_timeout: float = 600.0):
-        self.scorer = scorer
+        self._factory = scorer
         self.workers = workers
         self.threads = threads
         self.max_retries = max_retries
@@ -167,7 +167,7 @@ class RayRuntime(OutcomeStream):
     def _start_worker(self) -> _Slot:
         name = f"ray-{self._started}"
         self._started += 1
-        handle = actor_class().options(**self._options).remote(self.scorer, self.threads, name)
+        handle = actor_class().options(**self._options).remote(self._factory, self.threads, name)
         slot = _Slot(name, handle)
         slot.ref = handle.ready.remote()
         self._slots.append(slot)

@@ -36,15 +36,16 @@ class RecipeScorer:
         self.materialiser = materialiser
         backend = resolve_backend(backend)
         anchor_dir = materialiser.checkpoints[materialiser.anchor].path
-        # hf: the merge is written into the scored module itself; vLLM: into a staging copy pushed to the engine
         module = materialiser.build_module() if backend == "hf" else None
         self.evaluator = Evaluator(objectives, anchor_dir, module=module, split=split, backend=backend,
                                    batch_size=batch_size, vllm_args=vllm_args)
         self.objectives = self.evaluator.objectives
-        if module is not None:
-            self._targets, self._weights = materialiser.targets(module), None
-        else:
-            self._targets = self._weights = {n: t.clone() for n, t in materialiser.base.items()}
+        if module is not None:  # hf: merged straight into the scored module's tensors, scored where they are
+            self._targets = materialiser.targets(module)
+            self._weights = None
+        else:  # vLLM: merged into a staging copy, which the Evaluator checks and pushes into the engine
+            self._targets = {n: t.clone() for n, t in materialiser.base.items()}
+            self._weights = self._targets
         self._modules: dict[str, Any] = {}
         self._merge_module = None
 
