@@ -458,6 +458,43 @@ def test_runtime_kind_follows_workers_and_address(tmp_path, monkeypatch):
     assert isinstance(jobs.make_runtime(two), Fake) and made[-1] is None
 
 
+def test_local_runtime_builds_scorers_from_a_factory_per_split_and_times_each_outcome():
+    """No job spec: a factory builds one scorer per split, on first use; each outcome splits the scorer's call
+    into materialising (the result's load_seconds) and scoring, and the stats add them up."""
+    from evomerge.fitness.objectives import Objective, ObjectiveSet
+    from evomerge.fitness.result import FitnessResult
+    from evomerge.runtime.local import LocalRuntime
+
+    built: list[str | None] = []
+
+    class Loading:
+        def __init__(self, split: str | None):
+            built.append(split)
+            self.objectives = ObjectiveSet((Objective("fit", kind="task", task="toy", direction="maximise"),),
+                                           split=split or "fitness", source="<test>")
+
+        def evaluate(self, recipe):  # no `items`: this scorer scores whole splits only
+            time.sleep(0.05)
+            return FitnessResult({"fit": recipe["value"]}, {"fit": {"a": 1}}, load_seconds=0.03)
+
+    rt = LocalRuntime(Loading, threads=1)
+    try:
+        assert built == [None]
+        rt.submit(0, {"value": 0.25})
+        rt.submit(1, {"value": 0.5}, split="test")
+        outs = list(rt.as_completed())
+        assert built == [None, "test"] and [o.cid for o in outs] == [0, 1]
+        assert [o.values for o in outs] == [{"fit": 0.25}, {"fit": 0.5}] and outs[0].items == {"fit": {"a": 1.0}}
+        for o in outs:
+            assert o.seconds >= 0.05 and o.materialise_seconds == 0.03
+            assert o.score_seconds == pytest.approx(o.seconds - 0.03)
+        s = rt.stats()
+        assert s.candidates == 2 and s.materialise == pytest.approx(0.06)
+        assert s.materialise + s.score == pytest.approx(s.busy) and s.busy >= 0.1
+    finally:
+        rt.close()
+
+
 def test_runtime_fields_are_checked_with_file_and_field(tmp_path):
     from evomerge.search.spec import JobSpecError
 
