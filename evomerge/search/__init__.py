@@ -1,5 +1,6 @@
 """The search: job specs, drivers (ask/tell), the evaluation loop, the runtime interface, reports.
 
-Follow one candidate: `loop.Search.step` asks the driver for a genome, the space decodes it to a recipe, the
-runtime's scorer evaluates it (`runtime.run_one`), the store records it, the driver is told its losses.
+Follow one candidate: `generational.GenerationalLoop.step` asks the driver for a genome (`recorder.Recorder.ask`),
+the space decodes it to a recipe, the runtime's scorer evaluates it (`runtime.run_one`), the store records it
+(`Recorder.settle`), the driver is told its losses.
 """

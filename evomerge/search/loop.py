@@ -27,7 +27,8 @@ class Search:
         self.spec, self.store, self.runtime, self.job = spec, store, runtime, spec.name
         self.ctx = SearchContext(spec, store, runtime, build_space(spec.search_space, spec.models, spec.base),
                                  progress or Progress())
-        self.problem = Problem(self.ctx.space, runtime.objectives)
+        self.space = self.ctx.space
+        self.problem = Problem(self.space, runtime.objectives)
         self.irt = IRTPolicy.for_context(self.ctx)  # IRT-reduced fitness: None unless an objective says `estimator: irt`
         self.recorder = Recorder(self.ctx, self.problem, self.irt)
         self.budget = Budget(spec.driver.max_evaluations, spec.driver.max_seconds)
