@@ -218,9 +218,7 @@ def _pymoo_algorithm(name: str, n_obj: int, pop_size: int, init: np.ndarray, opt
 
         return NSGA2(**common)
     if name == "smsemoa":
-        from pymoo.algorithms.moo.sms import SMSEMOA
-
-        from pymoo.algorithms.moo.sms import cv_and_dom_tournament
+        from pymoo.algorithms.moo.sms import SMSEMOA, cv_and_dom_tournament
         from pymoo.operators.selection.tournament import TournamentSelection
 
         selection = TournamentSelection(func_comp=cv_and_dom_tournament)

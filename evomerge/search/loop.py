@@ -39,19 +39,18 @@ class Search:
         job = self.store.job(self.job)
         if job and job["status"] == "stopped":  # the user resumed after fixing the cause: a fresh chance
             state.failures.failures_in_a_row, state.failures.recent, self.recorder.retry_failed = 0, [], True
+        spent = self.budget.spent(state.evaluations, state.elapsed) and not state.ahead  # nothing to ask or tell
+        driver, ahead = (None, []) if spent else replay(self.ctx, self.problem, state)  # refuses a foreign archive
         self.store.set_status(self.job, "running")
-        if self.budget.spent(state.evaluations, state.elapsed) and not state.ahead:
-            return state  # nothing left to ask or tell: no driver to rebuild
-        loop: GenerationalLoop | SteadyLoop | None = None
+        if driver is None:
+            return state
+        loop: GenerationalLoop | SteadyLoop = (
+            SteadyLoop(self.recorder, self.budget, state, driver, ahead) if self.spec.driver.mode == "steady"
+            else GenerationalLoop(self.recorder, self.budget, state, driver))
         try:
-            driver, ahead = replay(self.ctx, self.problem, state)
-            if self.spec.driver.mode == "steady":
-                loop = SteadyLoop(self.recorder, self.budget, state, driver, ahead)
-            else:
-                loop = GenerationalLoop(self.recorder, self.budget, state, driver)
             state = loop.run()
         except KeyboardInterrupt:
-            told = loop.state.generation if loop else state.generation  # the last checkpoint
+            told = loop.state.generation  # the last checkpoint
             self.store.set_status(self.job, "interrupted", "interrupted (Ctrl-C); `evomerge resume` continues from "
                                   f"generation {told}")
             raise
@@ -59,14 +58,11 @@ class Search:
             self.store.set_status(self.job, "stopped", str(e))
             raise
         except Exception as e:  # the runtime or the store broke (not a candidate): the job says why, resumable
-            told = loop.state.generation if loop else state.generation
+            told = loop.state.generation
             self.store.set_status(self.job, "interrupted", f"{type(e).__name__}: {e}; `evomerge resume` continues "
                                   f"from generation {told}")
             raise
         return state
-
-    def front_ids(self, generations: int | None = None) -> list[int]:
-        return self.recorder.front_ids(generations)
 
 
 __all__ = ["FAIL_LOSS", "LoopState", "Progress", "Search", "recipe_hash", "recipe_text"]
