@@ -29,7 +29,7 @@ class Search:
                                  progress or Progress())
         self.space = self.ctx.space
         self.problem = Problem(self.space, runtime.objectives)
-        self.irt = IRTPolicy.for_context(self.ctx)  # IRT-reduced fitness: None unless an objective says `estimator: irt`
+        self.irt = IRTPolicy.for_context(self.ctx)  # None unless an objective says `estimator: irt`
         self.recorder = Recorder(self.ctx, self.problem, self.irt)
         self.budget = Budget(spec.driver.max_evaluations, spec.driver.max_seconds)
 

@@ -85,11 +85,15 @@ def _stored_losses(ctx: "SearchContext", g: int) -> np.ndarray:
 
 
 def _checkpoints(ctx: "SearchContext") -> list[LoopState]:
+    """The state after every told generation, oldest first (rebuilt from the candidates where a pre-schema-3 store
+    lost them: its pickles, dropped unread, and the generations it pruned)."""
     rows = ctx.store.checkpoints(ctx.job)
     if not rows:
         return []
     if any(data is None for _, data in rows):
-        return _from_archive(ctx, [g for g, _ in rows])
+        rebuilt = _from_archive(ctx, max(g for g, _ in rows))
+        stored = {g: data for g, data in rows if data is not None}  # written since the upgrade
+        rows = [(s.generation, stored.get(s.generation, s.to_json())) for s in rebuilt]
     try:
         states = [LoopState.from_json(data) for _, data in rows]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -101,18 +105,15 @@ def _checkpoints(ctx: "SearchContext") -> list[LoopState]:
     return states
 
 
-def _from_archive(ctx: "SearchContext", generations: list[int]) -> list[LoopState]:
-    """The counters of a job checkpointed before schema 3 (pickles, dropped unread), rebuilt from its candidates."""
-    told = max(generations)
+def _from_archive(ctx: "SearchContext", told: int) -> list[LoopState]:
+    """The counters of a job checkpointed before schema 3, rebuilt from its candidates (generational mode only: every
+    generation was asked, evaluated and told before the next). Elapsed time is not recorded there: it restarts."""
     if ctx.spec.driver.mode == "steady":
         raise StoreError(
             f"{ctx.store.path}: job '{ctx.job}' was checkpointed by an older evomerge as a pickle, which is never "
             "loaded (it could run code). A steady-mode job cannot be rebuilt from its candidates alone (which "
             "batches were asked ahead is in the pickle only): its candidates stay readable (`evomerge status`, "
             "the dashboard, `evomerge export`); to continue the search, run its spec again under another name.")
-    from evomerge.search.problem import Problem
-
-    problem = Problem(ctx.space, ctx.objectives)
     rows = ctx.store.candidates(ctx.job)
     states, failures, next_id, ref_point = [], FailureCount(), 0, None
     limit = 10 ** 9  # the counter as it was: a stop already happened or it did not
@@ -122,7 +123,7 @@ def _from_archive(ctx: "SearchContext", generations: list[int]) -> list[LoopStat
             if r.status in ("done", "failed"):
                 failures.count(r.status == "done", r.reason, limit, ctx.job, ctx.store.path)
         if g == 0:
-            ok = [problem.losses(r.values) for r in mine if r.values is not None]
+            ok = [r.losses for r in mine if r.values is not None]  # the losses of the values the driver saw
             ref_point = [float(v) for v in np.max(ok, axis=0)] if ok else None
         next_id += len(mine)
         states.append(LoopState(generation=g + 1, next_id=next_id, evaluations=next_id, failures=failures.copy(),

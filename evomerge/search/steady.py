@@ -1,7 +1,7 @@
 """Steady-state search (`driver.mode: steady`): no generation barrier, every worker kept busy.
 
-The generational loop (`generational.py`, this loop's peer) asks a generation, waits for all of it, tells it, asks the next: while its
-slowest candidate runs, the other workers wait. Here:
+The generational loop (`generational.py`, this loop's peer) asks a generation, waits for all of it, tells it,
+asks the next: while its slowest candidate runs, the other workers wait. Here:
 - the driver is asked for batches of `population` candidates (a batch is a generation in the store), up to
   `driver.lag` batches ahead of the oldest batch not told yet, where the driver can ask ahead
   (`Driver.can_ask_ahead`). A batch is submitted whole when asked and the runtime hands its candidates to
