@@ -48,8 +48,11 @@ def quiet() -> dict:
 
 
 def test_a_job_runs_and_reports_the_front_on_the_test_split(tmp_path):
-    result = run_job(write_job(tmp_path), **quiet())
+    path = write_job(tmp_path)
+    result = run_job(path, **quiet())
     store = Store(result.store)
+    assert store.objectives("toy") == [("fit", "maximise"), ("size", "minimise")]  # directions as resolved
+    assert store.job("toy")["spec_yaml"] == path.read_text()
     rows = store.candidates("toy")
     assert len(rows) == 24 and {r.generation for r in rows} == {0, 1, 2, 3}
     assert {r.origin for r in rows if r.generation == 0} >= {"parent:base", "parent:a", "parent:b", "average"}
