@@ -66,7 +66,7 @@ def run(spec_dict: dict, report: bool):
     seconds = time.perf_counter() - start
     rep = None
     if report:
-        rep = build_report(search)
+        rep = build_report(search.ctx)
         write_report(rep, Path(spec.report))
     rows = store.candidates(spec.name, status="done")
     runtime.close()

@@ -72,3 +72,43 @@ def zoo_dir() -> Path:
 
         build_zoo(path, progress=False)
     return path
+
+
+# ---------------------------------------------------------------- stores as older evomerge wrote them, and planted pickles
+
+
+class _Planted:
+    """Unpickling this runs a shell command: what a hostile store could hold."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def planted_pickle(marker: Path) -> bytes:
+    """A pickle that creates `marker` when unpickled (a test asserts that it never is)."""
+    import pickle
+
+    return pickle.dumps(_Planted(f"touch {marker}"))
+
+
+def as_schema_2(path: Path, blob: bytes) -> None:
+    """Turn a store into the layout of store schema 2: jobs without objective table or YAML spec, and the last
+    three checkpoints of each job as pickles (here `blob`, as a schema-2 evomerge pruned and pickled them)."""
+    import sqlite3
+
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("ALTER TABLE jobs DROP COLUMN objectives")
+    db.execute("ALTER TABLE jobs DROP COLUMN spec_yaml")
+    rows = db.execute("SELECT job, generation, created FROM checkpoints ORDER BY job, generation").fetchall()
+    db.execute("DROP TABLE checkpoints")
+    db.execute("CREATE TABLE checkpoints (job TEXT NOT NULL, generation INTEGER NOT NULL, created REAL NOT NULL, "
+               "state BLOB NOT NULL, PRIMARY KEY (job, generation))")
+    last = {}
+    for job, g, created in rows:
+        last.setdefault(job, []).append((job, g, created, blob))
+    db.executemany("INSERT INTO checkpoints VALUES (?, ?, ?, ?)", [r for rs in last.values() for r in rs[-3:]])
+    db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    db.close()

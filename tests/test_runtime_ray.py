@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -569,6 +568,7 @@ def test_steady_search_on_ray_matches_the_in_process_one_also_interrupted_and_re
     worker. Then a Ray run interrupted mid-search and resumed in-process ends with that archive too."""
     from evomerge.search.jobs import local_runtime, ray_runtime
     from evomerge.search.loop import Search
+    from evomerge.search.state import LoopState
 
     log = tmp_path / "log"
     log.mkdir()
@@ -581,15 +581,6 @@ def test_steady_search_on_ray_matches_the_in_process_one_also_interrupted_and_re
         store = Store(store_path or spec.store)
         if store.job(spec.name) is None:
             store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
-        saved: list[tuple] = []
-        keep = store.save_checkpoint
-
-        def save(job, g, blob, front=None):
-            state = pickle.loads(blob)
-            saved.append((state.generation, state.failures_in_a_row, state.recent, len(state.ahead)))
-            keep(job, g, blob, front)
-
-        store.save_checkpoint = save
         rt = make(spec)
         try:
             Search(spec, store, rt, progress or Progress(io.StringIO(), live=False)).run()
@@ -597,6 +588,8 @@ def test_steady_search_on_ray_matches_the_in_process_one_also_interrupted_and_re
             stats = rt.stats()
             rt.close()
             rows = store.candidates("ray-job")
+            states = [LoopState.from_json(state) for _, state in store.checkpoints("ray-job")]  # every one is kept
+            saved = [(s.generation, s.failures.failures_in_a_row, s.failures.recent, s.ahead) for s in states]
             store.close()
         return rows, saved, stats
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from evomerge.search.jobs import resume_job, run_job, scorer_factory
 from evomerge.search.loop import Progress, Search
 from evomerge.runtime.local import LocalRuntime
 from evomerge.search.spec import JobSpecError, SearchStopped, load_job
+from evomerge.search.state import LoopState
 from evomerge.service.cli import main
 from evomerge.store import Store, StoreError
 
@@ -48,8 +48,11 @@ def quiet() -> dict:
 
 
 def test_a_job_runs_and_reports_the_front_on_the_test_split(tmp_path):
-    result = run_job(write_job(tmp_path), **quiet())
+    path = write_job(tmp_path)
+    result = run_job(path, **quiet())
     store = Store(result.store)
+    assert store.objectives("toy") == [("fit", "maximise"), ("size", "minimise")]  # directions as resolved
+    assert store.job("toy")["spec_yaml"] == path.read_text()
     rows = store.candidates("toy")
     assert len(rows) == 24 and {r.generation for r in rows} == {0, 1, 2, 3}
     assert {r.origin for r in rows if r.generation == 0} >= {"parent:base", "parent:a", "parent:b", "average"}
@@ -208,8 +211,8 @@ def test_steady_mode_reaches_the_budget_evaluating_every_candidate_once(tmp_path
     evaluated = [r.recipe_hash for r in rows if r.status != "cached"]
     assert len(evaluated) == len(set(evaluated))  # a repeated recipe is answered from the cache, never re-run
     assert store.last_checkpoint("toy")[0] == 4 and store.job("toy")["status"] == "done"
-    state = pickle.loads(store.last_checkpoint("toy")[1])
-    assert state.evaluations == 24 and state.ahead == ()
+    state = LoopState.from_json(store.last_checkpoint("toy")[1])
+    assert state.evaluations == 24 and state.ahead == 0
     assert result.report["runtime"]["mode"] == "steady" and result.report["runtime"]["candidates"] == len(evaluated)
 
 
@@ -255,7 +258,7 @@ def test_a_steady_search_interrupted_then_resumed_ends_like_an_uninterrupted_one
     store = Store(tmp_path / "b" / "out" / "store.sqlite")
     assert store.job("toy")["status"] == "interrupted"
     told, blob = store.last_checkpoint("toy")
-    assert told >= 1 and pickle.loads(blob).ahead  # interrupted with batches asked ahead of the last tell
+    assert told >= 1 and LoopState.from_json(blob).ahead  # interrupted with batches asked ahead of the last tell
     resume_job(path, **quiet())
     assert archive(straight.store) == archive(tmp_path / "b" / "out" / "store.sqlite")
     assert store.front("toy") == Store(straight.store).front("toy")
@@ -281,12 +284,10 @@ def test_the_failure_counter_does_not_depend_on_completion_order(tmp_path, mode)
         spec = load_job(path)
         store = Store(spec.store)
         store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
-        saved = []
-        keep = store.save_checkpoint
-        store.save_checkpoint = lambda job, g, blob, front=None: (saved.append(pickle.loads(blob)), keep(job, g, blob, front))
         runtime = kind(scorer_factory(spec), spec.runtime.threads)
         Search(spec, store, runtime, Progress(io.StringIO(), live=False)).run()
-        states.append([(s.generation, s.failures_in_a_row, s.recent) for s in saved])
+        saved = [LoopState.from_json(state) for _, state in store.checkpoints(name)]  # every one is kept
+        states.append([(s.generation, s.failures.failures_in_a_row, s.failures.recent) for s in saved])
         archives.append([r.identity() for r in store.candidates(name)])
         store.close()
     assert states[0] == states[1] and len(states[0]) == 4

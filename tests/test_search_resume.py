@@ -1,9 +1,11 @@
 """Resume identity: `evomerge run` killed with SIGKILL mid-generation, then `evomerge resume`, ends with the same
-archive (candidates, genomes, recipes, values, statuses) as an uninterrupted run with the same seed."""
+archive (candidates, genomes, recipes, values, statuses) as an uninterrupted run with the same seed. And a resume
+never unpickles: planted pickles are refused or dropped unread, older stores are rebuilt by replay."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.search.jobs import run_job
+from conftest import as_schema_2, planted_pickle
+from evomerge.search.jobs import resume_job, run_job
 from evomerge.search.loop import Progress
 from evomerge.store import Store, StoreError
 
@@ -113,3 +116,82 @@ def kill_and_resume(tmp_path: Path, algorithm: str, space: str, zoo: Path | None
     b = [r.identity() for r in Store(store_path, readonly=True).candidates("killme")]
     assert len(a) == total and a == b
     assert Store(store_path, readonly=True).front("killme") == Store(straight.store, readonly=True).front("killme")
+
+
+# ---------------------------------------------------------------- resume never unpickles
+
+
+class StopAfter(Progress):
+    """Ctrl-C after the `n`-th recorded candidate."""
+
+    def __init__(self, n: int):
+        super().__init__(io.StringIO(), live=False)
+        self.n = n
+
+    def candidate(self, text: str) -> None:
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+
+
+def interrupted(folder: Path, mode: str = "generational", after: int = 20) -> Path:
+    """A job cut by Ctrl-C after `after` candidates (three generations of six told, the fourth under way)."""
+    path = job(folder, "nsga2", "sakana_ps", mode=mode)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(path, out=io.StringIO(), progress=StopAfter(after))
+    return path
+
+
+def archive(store_path: Path) -> tuple[list[tuple], list[int]]:
+    store = Store(store_path, readonly=True)
+    try:
+        return [r.identity() for r in store.candidates("killme")], store.front("killme")
+    finally:
+        store.close()
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_without_running_it(tmp_path):
+    path, marker = interrupted(tmp_path), tmp_path / "MARKER"
+    store = Store(path.parent / "store.sqlite")
+    store.db.execute("UPDATE checkpoints SET state=?", (planted_pickle(marker),))
+    store.close()
+    with pytest.raises(StoreError, match="not JSON search state.*not loaded"):
+        resume_job(path, out=io.StringIO(), progress=Progress(io.StringIO(), live=False))
+    assert not marker.exists()
+
+
+def test_a_schema_2_store_with_pickled_checkpoints_resumes_by_replay_without_unpickling(tmp_path):
+    """A store written before schema 3 (its last checkpoints pickles, here hostile ones) upgrades on resume: the
+    pickles are dropped unread, the driver and counters are rebuilt from the candidates, and the job ends with the
+    archive of an uninterrupted run."""
+    straight = run_job(job(tmp_path / "straight", "nsga2", "sakana_ps"), out=io.StringIO(),
+                       progress=Progress(io.StringIO(), live=False))
+    path, marker = interrupted(tmp_path / "old"), tmp_path / "MARKER"
+    store_path = path.parent / "store.sqlite"
+    as_schema_2(store_path, planted_pickle(marker))
+    resume_job(path, out=io.StringIO(), progress=Progress(io.StringIO(), live=False))
+    assert not marker.exists()
+    assert archive(store_path) == archive(straight.store) and len(archive(store_path)[0]) == 48
+    store = Store(store_path, readonly=True)
+    assert store.schema_version == 3 and store.objectives("killme") == [("fit", "maximise"), ("size", "minimise")]
+    assert [g for g, state in store.checkpoints("killme") if state is None] == [1, 2, 3]  # upgraded, unread
+
+
+def test_a_schema_2_steady_job_is_refused_without_unpickling(tmp_path):
+    path, marker = interrupted(tmp_path, mode="steady"), tmp_path / "MARKER"
+    as_schema_2(path.parent / "store.sqlite", planted_pickle(marker))
+    with pytest.raises(StoreError, match="never loaded.*steady-mode job cannot be rebuilt.*under another name"):
+        resume_job(path, out=io.StringIO(), progress=Progress(io.StringIO(), live=False))
+    assert not marker.exists()
+
+
+def test_a_replay_that_asks_other_genomes_than_the_stored_ones_is_refused(tmp_path):
+    """The fresh driver must ask exactly what the archive holds, else it would continue another search."""
+    path = interrupted(tmp_path)
+    store = Store(path.parent / "store.sqlite")
+    row = store.candidates("killme", generation=1)[2]
+    store.db.execute("UPDATE candidates SET genome=? WHERE job='killme' AND id=?",
+                     (json.dumps([v + 1e-12 for v in row.genome]), row.id))
+    store.close()
+    with pytest.raises(StoreError, match="generation 1 asked 6 genomes that are not the 6 stored ones"):
+        resume_job(path, out=io.StringIO(), progress=Progress(io.StringIO(), live=False))

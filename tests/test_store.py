@@ -1,7 +1,9 @@
-"""The store: schema and its version, candidates and checkpoints, and a reader while a writer writes."""
+"""The store: schema and its version (and the upgrades), candidates, objectives and JSON checkpoints (never a
+pickle), and a reader while a writer writes."""
 
 from __future__ import annotations
 
+import ast
 import multiprocessing as mp
 import sqlite3
 import threading
@@ -9,6 +11,7 @@ import time
 
 import pytest
 
+from conftest import REPO, as_schema_2, planted_pickle
 from evomerge.store import SCHEMA_VERSION, CandidateRow, Store, StoreError
 from evomerge.store import archive
 
@@ -48,15 +51,82 @@ def test_candidates_round_trip_with_items_and_failures(tmp_path):
     assert store.job("j")["spec"] == {"a": 1}
 
 
-def test_checkpoints_keep_the_last_few_and_the_front(tmp_path):
+def test_checkpoints_are_json_every_one_kept_with_the_front(tmp_path):
     store = Store(tmp_path / "s.sqlite")
     store.create_job("j", {}, seed=0)
     for g in range(1, 7):
-        store.save_checkpoint("j", g, f"state{g}".encode(), front=[g, g + 1])
-    assert store.last_checkpoint("j") == (6, b"state6")
-    n = store.db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
-    assert n == archive.KEEP_CHECKPOINTS
+        store.save_checkpoint("j", g, {"generation": g, "recent": [f"r{g}"]}, front=[g, g + 1])
+    assert store.last_checkpoint("j") == (6, {"generation": 6, "recent": ["r6"]})
+    assert [g for g, _ in store.checkpoints("j")] == [1, 2, 3, 4, 5, 6]  # the ask/tell order a resume replays
+    assert store.db.execute("SELECT typeof(state) FROM checkpoints LIMIT 1").fetchone()[0] == "text"
     assert store.front("j") == [6, 7]
+
+
+def test_a_checkpoint_that_is_not_json_is_refused_unread(tmp_path):
+    marker = tmp_path / "MARKER"
+    store = Store(tmp_path / "s.sqlite")
+    store.create_job("j", {}, seed=0)
+    store.save_checkpoint("j", 1, {"generation": 1})
+    store.db.execute("UPDATE checkpoints SET state=?", (planted_pickle(marker),))
+    with pytest.raises(StoreError, match="generation 1 is not JSON search state"):
+        store.last_checkpoint("j")
+    with pytest.raises(StoreError, match="not JSON"):
+        store.checkpoints("j")
+    assert not marker.exists()
+
+
+def test_jobs_keep_their_objectives_and_yaml_spec(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    store.create_job("j", {"a": 1}, seed=3, objectives=[("acc", "maximise"), ("params", "minimise")],
+                     spec_yaml="name: j\n")
+    store.create_job("k", {}, seed=0)
+    assert store.objectives("j") == [("acc", "maximise"), ("params", "minimise")]
+    assert store.job("j")["spec_yaml"] == "name: j\n" and store.job("j")["spec"] == {"a": 1}
+    assert store.objectives("k") is None and store.objectives("nosuch") is None
+    store.set_objectives("k", [("loss", "minimise")])
+    assert store.objectives("k") == [("loss", "minimise")]
+
+
+def test_a_schema_2_store_upgrades_dropping_its_pickles_unread(tmp_path):
+    path, marker = tmp_path / "s.sqlite", tmp_path / "MARKER"
+    store = Store(path)
+    store.create_job("j", {"a": 1}, seed=0, objectives=[("acc", "maximise")])
+    store.add_candidates("j", [_row(0)])
+    for g in range(1, 6):
+        store.save_checkpoint("j", g, {"generation": g}, front=[0])
+    store.close()
+    as_schema_2(path, planted_pickle(marker))
+    with pytest.raises(StoreError, match="open it once for writing"):
+        Store(path, readonly=True)
+    store = Store(path)
+    assert store.schema_version == 3
+    assert store.checkpoints("j") == [(3, None), (4, None), (5, None)]  # generations kept, pickles gone
+    assert store.job("j")["spec"] == {"a": 1} and store.objectives("j") is None and store.job("j")["spec_yaml"] is None
+    assert [r.id for r in store.candidates("j")] == [0] and store.front("j") == [0]
+    store.save_checkpoint("j", 6, {"generation": 6})
+    assert store.last_checkpoint("j") == (6, {"generation": 6})
+    assert not marker.exists()
+
+
+def test_evomerge_never_unpickles_and_its_store_and_search_never_import_pickle():
+    """Nothing a store holds is ever unpickled; the Ray worker may only check that an error pickles (dumps)."""
+    offenders = []
+    for path in sorted((REPO / "evomerge").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        rel = path.relative_to(REPO).as_posix()
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n.split(".")[0] in ("pickle", "cloudpickle", "dill", "joblib", "shelve") for n in names):
+                if not rel.startswith("evomerge/runtime/"):
+                    offenders.append(f"{rel}:{node.lineno} imports {names}")
+            if isinstance(node, ast.Attribute) and node.attr in ("load", "loads", "Unpickler") and \
+                    isinstance(node.value, ast.Name) and node.value.id in ("pickle", "cloudpickle", "dill"):
+                offenders.append(f"{rel}:{node.lineno} calls {node.value.id}.{node.attr}")
+    assert offenders == []
 
 
 def test_newer_store_is_refused_with_a_reason(tmp_path):
@@ -124,7 +194,7 @@ def test_a_reader_in_another_process_while_the_writer_writes(tmp_path):
             store.add_candidates("j", [_row(g * 5 + k, g) for k in range(5)])
             for k in range(5):
                 store.finish("j", g * 5 + k, "done", values={"acc": 0.1}, losses=[-0.1], items={"acc": {"i": 1.0}})
-            store.save_checkpoint("j", g + 1, b"x" * 10_000, front=[g])
+            store.save_checkpoint("j", g + 1, {"pad": "x" * 10_000}, front=[g])
             time.sleep(0.01)
 
     writer = threading.Thread(target=write)

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from evomerge.search.loop import Search
+    from evomerge.search.recorder import Recorder
 
 
-def picks(search: "Search") -> list[int]:
+def picks(recorder: "Recorder") -> list[int]:
     """The front's best candidate per objective and its knee (ids, ascending)."""
     from evomerge.search.front import knee_index
 
-    front = set(search.front_ids())
-    rows = [r for r in search.store.candidates(search.job, status="done") if r.id in front]
+    front = set(recorder.front_ids())
+    rows = [r for r in recorder.store.candidates(recorder.job, status="done") if r.id in front]
     if not rows:
         return []
     F = np.array([r.losses for r in rows])
@@ -36,34 +36,32 @@ def picks(search: "Search") -> list[int]:
     return sorted(chosen)
 
 
-def confirm_front(search: "Search", max_rounds: int = 10) -> list[int]:
-    """Score the estimated picks in full until the picks are all measured; returns the ids scored."""
-    store, job = search.store, search.job
+def confirm_front(recorder: "Recorder", max_rounds: int = 10) -> list[int]:
+    """Score the estimated picks in full until the picks are all measured; returns the ids scored. Outcomes are
+    recorded as the search records them (`Recorder.record`), measured (not estimated), and copied to the cached
+    candidates that repeat their recipe."""
+    ctx, store, job = recorder.ctx, recorder.store, recorder.job
     scored: list[int] = []
     for _ in range(max_rounds):
-        chosen = set(picks(search))
+        chosen = set(picks(recorder))
         todo = [r for r in store.candidates(job, status="done") if r.id in chosen and r.estimated]
         if not todo:
             break
-        search.progress.line(f"confirming the front's picks (best per objective, knee): {len(todo)} estimated "
-                             "candidate(s) scored on every fitness item")
+        ctx.progress.line(f"confirming the front's picks (best per objective, knee): {len(todo)} estimated "
+                          "candidate(s) scored on every fitness item")
         for r in todo:
-            search.runtime.submit(r.id, search.space.decode(np.asarray(r.genome, dtype=float)))
+            ctx.runtime.submit(r.id, recorder.problem.decode(r.genome))
         copies = store.candidates(job, status="cached")  # the same recipes, asked again later
-        for out in search.runtime.as_completed():
+        for out in ctx.runtime.as_completed():
             scored.append(out.cid)
-            losses = search.losses(out.values if out.ok else None)
+            recorder.record(out, estimated=False)  # measured in full it may fail: recorded so, it leaves the front
             if out.ok:
-                store.finish(job, out.cid, "done", values=out.values, losses=losses, items=out.items, worker=out.worker,
-                             eval_seconds=out.seconds, estimated=False)
                 for name, value in out.values.items():
                     store.set_measured(job, out.cid, name, value)
-            else:  # measured in full it fails: recorded as such, it leaves the front
-                store.finish(job, out.cid, "failed", losses=losses, reason=out.reason, worker=out.worker,
-                             eval_seconds=out.seconds)
-            for copy in copies:
-                if copy.cached_from == out.cid:
-                    store.finish(job, copy.id, "cached", values=out.values, losses=losses, reason=out.reason,
-                                 cached_from=out.cid, eval_seconds=0.0, estimated=False)
-    store.set_front(job, search.front_ids())
+            mine = [copy.id for copy in copies if copy.cached_from == out.cid]
+            if mine:
+                first = store.candidate(job, out.cid)
+                for cid in mine:
+                    recorder.cached(cid, first)
+    store.set_front(job, recorder.front_ids())
     return sorted(scored)

@@ -2,8 +2,9 @@
 
 Every driver works in the unit cube [0, 1]^n (the loop maps it onto the space's bounds) and minimises losses
 (the loop turns "maximise accuracy" into "minimise -accuracy"). A generation is `X = ask()`, evaluate every row,
-`tell(X, F)`. A driver pickles whole (`state()` / `restore()`): resuming from a pickle continues the very same
-trajectory, which is what makes an interrupted-then-resumed search equal an uninterrupted one.
+`tell(X, F)`. A driver is deterministic given its seed and the losses it is told: a resume rebuilds it by
+replaying the archive's asks and tells into a fresh one (`resume.py`), which continues the very same trajectory
+and is what makes an interrupted-then-resumed search equal an uninterrupted one. Nothing of a driver is stored.
 
 - `random`: uniform samples, the baseline.
 - `cmaes`: pycma's CMA-ES (one objective), bounded to the cube, seeded.
@@ -22,7 +23,7 @@ assumes the points were sampled from the distribution it is updating).
 from __future__ import annotations
 
 import contextlib
-import pickle
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -54,6 +55,15 @@ def _first_population(n: int, n_var: int, seeds: np.ndarray | None, rng: np.rand
     return np.concatenate([seeds[:n], fill])
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """What the next ask is bred from, for the store's parent lineage: `points` (unit cube) of the archive, the
+    whole previous generation, or nothing (neither set)."""
+
+    points: np.ndarray | None = None
+    previous_generation: bool = False
+
+
 class Driver:
     """Base: `ask()` -> (k, n_var) points in [0, 1]; `tell(X, F)` with F the (k, n_obj) losses of exactly X."""
 
@@ -75,12 +85,9 @@ class Driver:
         """Whether `ask()` may be called now although an earlier ask is not told yet."""
         return False
 
-    def state(self) -> bytes:
-        return pickle.dumps(self)
-
-    @staticmethod
-    def restore(state: bytes) -> "Driver":
-        return pickle.loads(state)
+    def parents(self) -> Lineage:
+        """The parents of the next ask (random search: none)."""
+        return Lineage()
 
     def _check(self, X: np.ndarray, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         X, F = np.asarray(X, dtype=float), np.asarray(F, dtype=float).reshape(len(X), -1)
@@ -99,8 +106,7 @@ class RandomSearch(Driver):
         self.asks = 0  # asks so far (the first one holds the seeds)
 
     def ask(self) -> np.ndarray:
-        asks = getattr(self, "asks", self.generation)  # drivers pickled before `asks` existed ask once per tell
-        self.asks = asks + 1
+        asks, self.asks = self.asks, self.asks + 1
         if asks == 0:
             return _first_population(self.pop_size, self.n_var, self._seeds, self.rng)
         return self.rng.random((self.pop_size, self.n_var))
@@ -133,8 +139,7 @@ class CMAES(Driver):
         import cma
 
         self._np_state = np.random.RandomState(seed).get_state()
-        # pycma samples with opts["randn"]: give it a generator of its own. (Its default, the global RandomState's
-        # bound method, pickles as a detached copy of whatever the global state was at pickling time.)
+        # pycma samples with opts["randn"]: give it a generator of its own, untouched by anything else.
         self.rs = np.random.RandomState(seed + 1)
         x0 = np.full(n_var, 0.5)
         with _numpy_global_state(self):
@@ -159,6 +164,10 @@ class CMAES(Driver):
         self._asked = None
         self.generation += 1
 
+    def parents(self) -> Lineage:
+        """The previous generation, whose ranking moved the distribution."""
+        return Lineage(previous_generation=True)
+
 
 class PymooDriver(Driver):
     """pymoo's ask/tell: the algorithm never sees the problem's `_evaluate`; losses arrive through tell."""
@@ -177,14 +186,14 @@ class PymooDriver(Driver):
 
     def ask(self) -> np.ndarray:
         pop = self.algo.ask()
-        self._outstanding().append(pop)
+        self._asked.append(pop)
         return np.array(pop.get("X"), dtype=float)
 
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         from pymoo.problems.static import StaticProblem
 
         X, F = self._check(X, F)
-        asked = self._outstanding()
+        asked = self._asked
         if not asked or len(asked[0]) != len(X):
             raise ValueError(f"{self.name}: tell() must get exactly the points of the oldest ask() not told yet")
         pop = asked.pop(0)
@@ -196,10 +205,10 @@ class PymooDriver(Driver):
         # before its first tell, pymoo's ask() would hand out the initial sampling again
         return bool(self.algo.is_initialized)
 
-    def _outstanding(self) -> list[Any]:
-        if getattr(self, "_asked", None) is None:  # pickled before `_asked` existed (then `_pop`, None when told)
-            self._asked = []
-        return self._asked
+    def parents(self) -> Lineage:
+        """The surviving population as last told (None before the first tell)."""
+        pop = self.algo.pop
+        return Lineage(points=None if pop is None else np.asarray(pop.get("X"), dtype=float))
 
 
 def _pymoo_algorithm(name: str, n_obj: int, pop_size: int, init: np.ndarray, options: dict[str, Any]):
@@ -209,11 +218,10 @@ def _pymoo_algorithm(name: str, n_obj: int, pop_size: int, init: np.ndarray, opt
 
         return NSGA2(**common)
     if name == "smsemoa":
-        from pymoo.algorithms.moo.sms import SMSEMOA
-
+        from pymoo.algorithms.moo.sms import SMSEMOA, cv_and_dom_tournament
         from pymoo.operators.selection.tournament import TournamentSelection
 
-        selection = TournamentSelection(func_comp=_ByName("pymoo.algorithms.moo.sms", "cv_and_dom_tournament"))
+        selection = TournamentSelection(func_comp=cv_and_dom_tournament)
         return SMSEMOA(**{"n_offsprings": pop_size, "selection": selection, **common})
     if name == "nsga3":
         from pymoo.algorithms.moo.nsga3 import NSGA3
@@ -222,24 +230,12 @@ def _pymoo_algorithm(name: str, n_obj: int, pop_size: int, init: np.ndarray, opt
         partitions = 1
         while _das_dennis_count(n_obj, partitions + 1) <= pop_size:
             partitions += 1
+        from pymoo.algorithms.moo.nsga3 import comp_by_cv_then_random
         from pymoo.operators.selection.tournament import TournamentSelection
 
         ref_dirs = get_reference_directions("das-dennis", n_obj, n_partitions=partitions)
-        return NSGA3(ref_dirs=ref_dirs, selection=TournamentSelection(func_comp=_ByName("pymoo.algorithms.moo.nsga3", "comp_by_cv_then_random")), **common)
+        return NSGA3(ref_dirs=ref_dirs, selection=TournamentSelection(func_comp=comp_by_cv_then_random), **common)
     raise DriverError(f"unknown driver algorithm '{name}'; choose one of {', '.join(DRIVERS)}")
-
-
-class _ByName:
-    """A module-level function referred to by its import path. pymoo wraps its tournament functions in a
-    decorator that pickle cannot reach; a driver must pickle whole, so it holds them by name instead."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
 
 
 def _das_dennis_count(n_obj: int, partitions: int) -> int:

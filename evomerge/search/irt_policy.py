@@ -27,7 +27,7 @@ from evomerge.runtime.base import Outcome
 
 if TYPE_CHECKING:
     from evomerge.fitness.objectives import Objective
-    from evomerge.search.loop import Search
+    from evomerge.search.context import SearchContext
     from evomerge.store import CandidateRow, Store
 
 
@@ -49,9 +49,9 @@ class IRTPolicy:
         self._said: set[str] = set()
 
     @classmethod
-    def for_search(cls, search: "Search") -> "IRTPolicy | None":
-        objs = [o for o in search.objectives.objectives if getattr(o, "estimator", "full") == "irt"]
-        return cls(search.store, search.job, objs, search.progress.line) if objs else None
+    def for_context(cls, ctx: "SearchContext") -> "IRTPolicy | None":
+        objs = [o for o in ctx.objectives.objectives if getattr(o, "estimator", "full") == "irt"]
+        return cls(ctx.store, ctx.job, objs, ctx.progress.line) if objs else None
 
     # ------------------------------------------------------------ before a generation
 

@@ -84,13 +84,20 @@ def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | No
                              "it, or give the new job another name")
         runtime = make_runtime(spec, address)
         try:
-            store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
+            store.create_job(spec.name, spec.to_dict(), spec.driver.seed, objectives=objective_table(runtime),
+                             spec_yaml=Path(path).read_text())
             spec = JobSpec.from_dict(store.job(spec.name)["spec"])  # run from the stored spec, as resume does
             return _search_and_report(spec, store, runtime, out, progress)
         finally:
             runtime.close()
     finally:
         store.close()
+
+
+def objective_table(runtime: Runtime) -> list[tuple[str, str]]:
+    """The job's objectives with their directions as the runtime resolved them (a task's `higher_is_better`
+    when the spec gives none): what export and the dashboard read, instead of guessing from losses."""
+    return [(o.name, o.direction) for o in runtime.objectives.objectives]
 
 
 def find_job(target: str | Path, name: str | None = None) -> tuple[Store, JobSpec]:
@@ -123,6 +130,8 @@ def resume_job(target: str | Path, name: str | None = None, out: TextIO | None =
     try:
         runtime = make_runtime(spec, address)
         try:
+            if store.objectives(spec.name) is None:  # a job stored before schema 3
+                store.set_objectives(spec.name, objective_table(runtime))
             return _search_and_report(spec, store, runtime, out, progress)
         finally:
             runtime.close()
@@ -136,10 +145,10 @@ def _search_and_report(spec: JobSpec, store: Store, runtime: Runtime, out: TextI
     search = Search(spec, store, runtime, progress)
     search.run()
     measured = runtime_summary(spec, runtime)  # the search's own window, before the report scores anything
-    confirmed = confirm_front(search)  # IRT: the front's estimated members scored in full (a no-op without IRT)
+    confirmed = confirm_front(search.recorder)  # IRT: the front's estimated members scored in full (else a no-op)
     if measured is not None:
         out.write(f"runtime: {measured['summary']}\n")
-    report = build_report(search, runtime=measured)
+    report = build_report(search.ctx, runtime=measured)
     json_path, html_path = write_report(report, Path(spec.report))
     store.set_status(spec.name, "done")
     out.write(f"\nPareto front of job '{spec.name}' ({len(report['front'])} recipes), beside the parents:\n")

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.search.context import SearchContext
 from evomerge.search.irt_policy import irt_summary
-from evomerge.search.loop import Search
 from evomerge.spaces.ps import parent_recipe
 
 
@@ -22,7 +22,7 @@ def describe_recipe(recipe: Any) -> str:
     return describe(recipe)
 
 
-def score_report_split(search: Search) -> dict[str, dict[str, Any]]:
+def score_report_split(search: SearchContext) -> dict[str, dict[str, Any]]:
     """Test-split values of every front candidate and every parent (stored; already-scored subjects are skipped)."""
     spec, store, job, split = search.spec, search.store, search.job, search.spec.report_split
     subjects: dict[str, Any] = {f"parent:{name}": parent_recipe(spec.models, name) for name in spec.models}
@@ -55,7 +55,7 @@ def runtime_summary(spec: Any, runtime: Any) -> dict[str, Any] | None:
             "summary": f"{s.summary()}; driver.mode {mode}"}
 
 
-def build_report(search: Search, runtime: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_report(search: SearchContext, runtime: dict[str, Any] | None = None) -> dict[str, Any]:
     spec, store, job = search.spec, search.store, search.job
     split = spec.report_split
     scores = score_report_split(search)

@@ -5,14 +5,17 @@ Why SQLite in WAL mode: one writer (the search loop) and any number of readers (
 the candidates it covers appear together.
 
 Tables (schema version in `meta`):
-- `jobs`: name, spec (JSON), status (running | done | stopped | interrupted), reason, seed, timestamps.
+- `jobs`: name, spec (JSON), status (running | done | stopped | interrupted), reason, seed, timestamps; (schema 3)
+  the objectives with their resolved directions (JSON list of [name, direction]) and the spec as YAML text.
 - `candidates`: one row per genome asked for, keyed (job, number). Genome, recipe (YAML) and its hash, origin
   (seed:parent:X, seed:average, driver), generation and index in it, parent lineage, status (pending | running |
   done | failed | cached), failure reason, objective values (as measured) and losses (what the driver saw),
   `estimated` (0: measured on every item, 1: estimated from a subset), worker, timings, cached_from.
 - `items`: per-item results of a candidate, one JSON object per (candidate, objective).
 - `front`: the candidates on the current Pareto front, rewritten after every generation.
-- `checkpoints`: the driver's pickled state after each generation (the last few kept).
+- `checkpoints` (schema 3): the search's state after each told generation, as JSON (counters and how many batches
+  were asked by then; the driver is rebuilt by replaying the archive). Never a pickle: a store is shared, and
+  unpickling runs code. Rows upgraded from schema 2 have no state (their pickles are dropped unread).
 - `scores`: extra evaluations on other splits (the report's test split) for candidates and parents.
 - `irt` (schema 2): per job, objective and generation, the IRT calibration fitted then (item parameters, anchors,
   estimator, cross-validated error) or the reason IRT could not help (then the objective was scored in full).
@@ -28,61 +31,13 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
-SCHEMA_VERSION = 2
-KEEP_CHECKPOINTS = 3
+from evomerge.store.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 
 class StoreError(RuntimeError):
     """The store cannot be opened or used as asked: says why and what to do."""
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    name TEXT PRIMARY KEY, spec TEXT NOT NULL, status TEXT NOT NULL, reason TEXT, seed INTEGER,
-    created REAL NOT NULL, updated REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS candidates (
-    job TEXT NOT NULL, id INTEGER NOT NULL, generation INTEGER NOT NULL, idx INTEGER NOT NULL,
-    genome TEXT NOT NULL, recipe TEXT NOT NULL, recipe_hash TEXT NOT NULL, origin TEXT NOT NULL,
-    parents TEXT, status TEXT NOT NULL, reason TEXT, "values" TEXT, losses TEXT, estimated INTEGER DEFAULT 0,
-    worker TEXT, submitted REAL, started REAL, finished REAL, eval_seconds REAL, cached_from INTEGER,
-    PRIMARY KEY (job, id));
-CREATE INDEX IF NOT EXISTS candidates_hash ON candidates (job, recipe_hash);
-CREATE INDEX IF NOT EXISTS candidates_gen ON candidates (job, generation);
-CREATE TABLE IF NOT EXISTS items (
-    job TEXT NOT NULL, candidate INTEGER NOT NULL, objective TEXT NOT NULL, "values" TEXT NOT NULL,
-    PRIMARY KEY (job, candidate, objective));
-CREATE TABLE IF NOT EXISTS front (job TEXT NOT NULL, candidate INTEGER NOT NULL, PRIMARY KEY (job, candidate));
-CREATE TABLE IF NOT EXISTS checkpoints (
-    job TEXT NOT NULL, generation INTEGER NOT NULL, created REAL NOT NULL, state BLOB NOT NULL,
-    PRIMARY KEY (job, generation));
-CREATE TABLE IF NOT EXISTS scores (
-    job TEXT NOT NULL, subject TEXT NOT NULL, split TEXT NOT NULL, "values" TEXT, items TEXT, reason TEXT,
-    PRIMARY KEY (job, subject, split));
-"""
-_IRT_SCHEMA = """
-CREATE TABLE IF NOT EXISTS irt (
-    job TEXT NOT NULL, objective TEXT NOT NULL, generation INTEGER NOT NULL, data TEXT, note TEXT,
-    PRIMARY KEY (job, objective, generation));
-CREATE TABLE IF NOT EXISTS estimates (
-    job TEXT NOT NULL, candidate INTEGER NOT NULL, objective TEXT NOT NULL, value REAL NOT NULL, sd REAL,
-    estimator TEXT NOT NULL, anchor_mean REAL, measured REAL, scored INTEGER, total INTEGER, fit_generation INTEGER,
-    PRIMARY KEY (job, candidate, objective));
-"""
-_SCHEMA += _IRT_SCHEMA
-
-
-def _add_irt_tables(db: sqlite3.Connection) -> None:
-    """Schema 1 -> 2: the IRT tables (IRT-reduced fitness); nothing else changes."""
-    for stmt in _IRT_SCHEMA.strip().split(";"):
-        if stmt.strip():
-            db.execute(stmt)
-
-
-# version -> function upgrading a store of that version to version + 1
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_irt_tables}
 
 
 @dataclass
@@ -149,7 +104,7 @@ class Store:
             if self.readonly:
                 raise StoreError(f"{self.path}: empty store")
             with self.transaction():
-                for stmt in _SCHEMA.strip().split(";"):
+                for stmt in SCHEMA.strip().split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
                 self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -197,22 +152,38 @@ class Store:
 
     # ------------------------------------------------------------ jobs
 
-    def create_job(self, name: str, spec: dict[str, Any], seed: int) -> None:
+    def create_job(self, name: str, spec: dict[str, Any], seed: int,
+                   objectives: Iterable[tuple[str, str]] | None = None, spec_yaml: str | None = None) -> None:
+        """`objectives`: (name, direction) with directions resolved; `spec_yaml`: the spec as the user wrote it."""
         now = time.time()
+        table = None if objectives is None else json.dumps([[str(n), str(d)] for n, d in objectives])
         try:
-            self.db.execute("INSERT INTO jobs VALUES (?, ?, 'running', NULL, ?, ?, ?)",
-                            (name, json.dumps(spec), seed, now, now))  # insertion order kept: gene order
+            self.db.execute("INSERT INTO jobs (name, spec, status, reason, seed, created, updated, objectives, "
+                            "spec_yaml) VALUES (?, ?, 'running', NULL, ?, ?, ?, ?, ?)",
+                            (name, json.dumps(spec), seed, now, now, table, spec_yaml))  # insertion order kept: gene order
         except sqlite3.IntegrityError:
             raise StoreError(f"{self.path}: a job named '{name}' exists already; `evomerge resume` continues it, "
                              "or give the new job another name") from None
 
     def job(self, name: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT name, spec, status, reason, seed, created, updated FROM jobs WHERE name=?",
-                              (name,)).fetchone()
+        row = self.db.execute("SELECT name, spec, status, reason, seed, created, updated, spec_yaml FROM jobs "
+                              "WHERE name=?", (name,)).fetchone()
         if row is None:
             return None
         return {"name": row[0], "spec": json.loads(row[1]), "status": row[2], "reason": row[3], "seed": row[4],
-                "created": row[5], "updated": row[6]}
+                "created": row[5], "updated": row[6], "spec_yaml": row[7]}
+
+    def objectives(self, name: str) -> list[tuple[str, str]] | None:
+        """The job's objectives and their resolved directions ("maximise" | "minimise"), in the spec's order;
+        None for a job stored before schema 3 that has not been resumed since."""
+        row = self.db.execute("SELECT objectives FROM jobs WHERE name=?", (name,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return [(str(n), str(d)) for n, d in json.loads(row[0])]
+
+    def set_objectives(self, name: str, objectives: Iterable[tuple[str, str]]) -> None:
+        self.db.execute("UPDATE jobs SET objectives=? WHERE name=?",
+                        (json.dumps([[str(n), str(d)] for n, d in objectives]), name))
 
     def jobs(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT name FROM jobs ORDER BY created")]
@@ -293,20 +264,41 @@ class Store:
     def front(self, job: str) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT candidate FROM front WHERE job=? ORDER BY candidate", (job,))]
 
-    def save_checkpoint(self, job: str, generation: int, state: bytes, front: Iterable[int] | None = None) -> None:
-        """The driver's state after `generation` (and the front then), in one transaction; older ones pruned."""
+    def save_checkpoint(self, job: str, generation: int, state: dict[str, Any],
+                        front: Iterable[int] | None = None) -> None:
+        """The search's state (JSON) after `generation` (and the front then), in one transaction. Every one is
+        kept: together they are the ask/tell order a resume replays (a few hundred bytes each)."""
         with self.transaction():
-            self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)", (job, generation, time.time(), state))
-            self.db.execute("DELETE FROM checkpoints WHERE job=? AND generation <= ?", (job, generation - KEEP_CHECKPOINTS))
+            self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
+                            (job, generation, time.time(), json.dumps(state)))
             if front is not None:
                 self.db.execute("DELETE FROM front WHERE job=?", (job,))
                 self.db.executemany("INSERT INTO front VALUES (?, ?)", [(job, i) for i in front])
             self.db.execute("UPDATE jobs SET updated=? WHERE name=?", (time.time(), job))
 
-    def last_checkpoint(self, job: str) -> tuple[int, bytes] | None:
+    def checkpoints(self, job: str) -> list[tuple[int, dict[str, Any] | None]]:
+        """(generation, state) of every checkpoint, oldest first; state None: upgraded from a pickle, dropped."""
+        return [(int(g), self._state(job, g, s)) for g, s in self.db.execute(
+            "SELECT generation, state FROM checkpoints WHERE job=? ORDER BY generation", (job,))]
+
+    def last_checkpoint(self, job: str) -> tuple[int, dict[str, Any] | None] | None:
         r = self.db.execute("SELECT generation, state FROM checkpoints WHERE job=? ORDER BY generation DESC LIMIT 1",
                             (job,)).fetchone()
-        return None if r is None else (int(r[0]), bytes(r[1]))
+        return None if r is None else (int(r[0]), self._state(job, r[0], r[1]))
+
+    def _state(self, job: str, generation: int, text: Any) -> dict[str, Any] | None:
+        """A checkpoint's JSON, read as data only (anything else is refused, never loaded)."""
+        if text is None:
+            return None
+        try:
+            state = json.loads(text.decode() if isinstance(text, bytes) else text)
+        except (UnicodeDecodeError, ValueError):
+            state = None
+        if not isinstance(state, dict):
+            raise StoreError(f"{self.path}: job '{job}': the checkpoint of generation {generation} is not JSON "
+                             "search state (not one this evomerge wrote; it is not loaded); start the job again under "
+                             "another name")
+        return state
 
     def save_score(self, job: str, subject: str, split: str, values: dict[str, float] | None,
                    items: dict[str, dict[str, float]] | None = None, reason: str | None = None) -> None:

@@ -1,0 +1,203 @@
+"""Between the driver and the store: an ask becomes stored candidate rows, rows go to the runtime (or are answered
+from the archive), outcomes are recorded, and the failure counter walks them in id order. Both loops and the
+front's confirmation record through here, so a candidate is stored one way whoever asked for it.
+
+The cache: a recipe seen before is not evaluated again (status `cached`, values copied, `cached_from` set); a
+repeat of a recipe still in flight waits for it. Rows already finished (a resumed generation) are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from evomerge.search.front import hypervolume, pareto_mask
+from evomerge.search.state import Batch, FailureCount, LoopState, Verdict
+from evomerge.store import CandidateRow
+
+if TYPE_CHECKING:
+    from evomerge.search.context import SearchContext
+    from evomerge.search.drivers import Driver
+    from evomerge.search.irt_policy import IRTPolicy
+    from evomerge.search.problem import Problem
+    from evomerge.runtime.base import Outcome
+
+
+def recipe_text(recipe: Any) -> str:
+    return recipe.to_yaml()
+
+
+def recipe_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Recorder:
+    def __init__(self, ctx: "SearchContext", problem: "Problem", irt: "IRTPolicy | None" = None):
+        self.ctx, self.problem, self.irt = ctx, problem, irt
+        self.store, self.job = ctx.store, ctx.job
+        self.retry_failed = False  # a resumed `stopped` job re-evaluates the failures of its unfinished batches
+        self.owner: dict[int, Batch] = {}  # submitted candidate -> its batch
+        self.first_of: dict[str, int] = {}  # recipe hash -> the candidate in flight that evaluates it
+        self.duplicates: dict[int, list[tuple[int, Batch]]] = {}  # that candidate -> later ones with its recipe
+
+    # ------------------------------------------------------------ asking
+
+    def ask(self, driver: "Driver", g: int, next_id: int) -> tuple[Batch, dict[int, Any]]:
+        """Ask the driver for generation `g`, number its candidates from `next_id`, decode and store them."""
+        pool = self._pool_ids(driver, g)
+        X = driver.ask()
+        rows, recipes = [], {}
+        seed_units = [(label, self.problem.to_unit(genome)) for label, genome in self.problem.seeds] if g == 0 else []
+        for i, x in enumerate(X):
+            genome = self.problem.to_genome(x)
+            recipe = self.problem.space.decode(genome)
+            text = recipe_text(recipe)
+            origin = next((label for label, u in seed_units if np.allclose(u, x, atol=1e-9)), "driver")
+            cid = next_id + i
+            rows.append(CandidateRow(id=cid, generation=g, idx=i, genome=[float(v) for v in genome], recipe=text,
+                                     recipe_hash=recipe_hash(text), origin=origin, status="pending", parents=pool))
+            recipes[cid] = recipe
+        self.store.add_candidates(self.job, rows)
+        return Batch(g, X, rows), recipes
+
+    def _pool_ids(self, driver: "Driver", g: int) -> list[int]:
+        """Parent lineage: the candidates the next generation is bred from (see `Driver.parents`)."""
+        if g == 0:
+            return []
+        lineage = driver.parents()
+        if lineage.previous_generation:
+            return [r.id for r in self.store.candidates(self.job, generation=g - 1)]
+        if lineage.points is None:
+            return []
+        by_genome = {tuple(r.genome): r.id for r in self.store.candidates(self.job)}
+        genomes = [tuple(self.problem.stored_genome(x)) for x in lineage.points]
+        return sorted({by_genome[k] for k in genomes if k in by_genome})
+
+    # ------------------------------------------------------------ evaluating
+
+    def start(self, batch: Batch, recipes: dict[int, Any]) -> None:
+        """Reuse finished rows, answer repeated recipes from the cache, submit the rest (in id order)."""
+        for r in batch.rows:
+            existing = self.store.candidate(self.job, r.id)
+            reuse = ("done", "cached") if self.retry_failed else ("done", "failed", "cached")
+            if existing is not None and existing.status in reuse:
+                batch.results[r.id] = existing.values
+                batch.verdicts[r.id] = None if existing.status == "cached" else Verdict(existing.status == "done",
+                                                                                         existing.reason)
+                continue
+            hit = self.store.by_hash(self.job, r.recipe_hash)
+            if hit is not None and hit.id < r.id:
+                self.cached(r.id, hit, batch.results)
+                batch.verdicts[r.id] = None
+                continue
+            if r.recipe_hash in self.first_of:
+                self.duplicates.setdefault(self.first_of[r.recipe_hash], []).append((r.id, batch))
+                batch.verdicts[r.id] = None
+                continue
+            self.first_of[r.recipe_hash] = r.id
+            self.owner[r.id] = batch
+            self.ctx.runtime.submit(r.id, recipes[r.id], items=self.irt.items_for(r.id) if self.irt else None)  # IRT
+            self.store.mark_running(self.job, r.id)
+
+    def settle(self, out: "Outcome") -> Batch:
+        """Record one outcome (and the candidates that repeat its recipe) in the store and in its batch."""
+        batch = self.owner.pop(out.cid)
+        digest = next(r.recipe_hash for r in batch.rows if r.id == out.cid)
+        if self.first_of.get(digest) == out.cid:
+            del self.first_of[digest]  # finished: later repeats find it in the store
+        if self.irt:  # IRT: anchor-only scores become estimates (what the driver sees)
+            out = self.irt.finish(out)
+        self.record(out)
+        batch.results[out.cid] = out.values if out.ok else None
+        batch.verdicts[out.cid] = Verdict(out.ok, out.reason)
+        waiting = self.duplicates.pop(out.cid, [])
+        if waiting:
+            first = self.store.candidate(self.job, out.cid)
+            for cid, b in waiting:
+                self.cached(cid, first, b.results)
+        return batch
+
+    def cached(self, cid: int, hit: CandidateRow | None, results: dict[int, dict | None] | None = None) -> None:
+        """Answer candidate `cid` from the evaluated candidate `hit` (same recipe)."""
+        assert hit is not None
+        self.store.finish(self.job, cid, "cached", values=hit.values, losses=hit.losses, reason=hit.reason,
+                          cached_from=hit.id, estimated=hit.estimated, eval_seconds=0.0)
+        if results is not None:
+            results[cid] = hit.values
+
+    def record(self, out: "Outcome", estimated: bool | None = None) -> None:
+        """Store an outcome: values and losses, or the failure reason (with the failure's losses)."""
+        if out.ok:
+            self.store.finish(self.job, out.cid, "done", values=out.values, losses=self.problem.losses(out.values),
+                              items=out.items, worker=out.worker, eval_seconds=out.seconds,
+                              estimated=out.estimated if estimated is None else estimated)
+        else:
+            self.store.finish(self.job, out.cid, "failed", losses=self.problem.losses(None), reason=out.reason,
+                              worker=out.worker, eval_seconds=out.seconds)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in (out.values or {}).items()) or f"FAILED: {out.reason}"
+        self.ctx.progress.candidate(f"candidate {out.cid}: {shown[:120]}")
+
+    def tally(self, counter: FailureCount, batch: Batch) -> bool:
+        """Walk the failure counter over the batch's rows in id order, as far as their outcomes are in (cached
+        rows count neither way); True once the whole batch is counted. Raises SearchStopped at the limit."""
+        while batch.counted < len(batch.rows):
+            cid = batch.rows[batch.counted].id
+            if cid not in batch.verdicts:
+                return False
+            verdict = batch.verdicts[cid]
+            batch.counted += 1
+            if verdict is not None:
+                counter.count(verdict.ok, verdict.reason, self.ctx.spec.driver.max_failures_in_a_row, self.job,
+                              self.store.path)
+        if batch.counter is None:
+            batch.counter = counter.copy()
+        return True
+
+    def told_losses(self, batch: Batch) -> np.ndarray:
+        """The losses a driver is told for a complete batch (rows in id order)."""
+        return np.array([self.problem.losses(batch.results[r.id]) for r in batch.rows])
+
+    def ref_point(self, state: LoopState, batch: Batch) -> list[float] | None:
+        """The hypervolume reference: the worst losses of generation 0's evaluated candidates."""
+        if state.ref_point is not None or batch.generation != 0:
+            return state.ref_point
+        ok = [self.problem.losses(batch.results[r.id]) for r in batch.rows if batch.results[r.id] is not None]
+        return [float(v) for v in np.max(ok, axis=0)] if ok else None
+
+    # ------------------------------------------------------------ front and summary
+
+    def front_ids(self, generations: int | None = None) -> list[int]:
+        """The Pareto front of the evaluated candidates (of the first `generations` generations only: steady mode
+        checkpoints the front of the batches told, not of whatever else has finished meanwhile)."""
+        done = self.store.candidates(self.job, status="done")
+        if generations is not None:
+            done = [r for r in done if r.generation < generations]
+        if not done:
+            return []
+        F = np.array([r.losses for r in done])
+        return [r.id for r, keep in zip(done, pareto_mask(F)) if keep]
+
+    def checkpoint(self, state: LoopState) -> None:
+        """Store the state after a tell with the front of the batches told, and say where the search stands."""
+        front = self.front_ids(state.generation)
+        self.store.save_checkpoint(self.job, state.generation, state.to_json(), front)
+        self.ctx.progress.line(self.summary(state, front))
+
+    def summary(self, state: LoopState, front: list[int]) -> str:
+        counts = self.store.counts(self.job)
+        done = self.store.candidates(self.job, status="done")
+        best = []
+        for k, o in enumerate(self.ctx.objectives.objectives):
+            if done:
+                v = min(done, key=lambda r: r.losses[k]).values[o.name]
+                best.append(f"{o.name} {v:.4g}")
+        hv = ""
+        if state.ref_point is not None and front:
+            F = np.array([r.losses for r in done if r.id in set(front)])
+            hv = f" | hypervolume {hypervolume(F, np.array(state.ref_point)):.4g}"
+        budget = self.ctx.spec.driver.max_evaluations
+        return (f"generation {state.generation}: {state.evaluations}{f'/{budget}' if budget else ''} candidates, "
+                f"{counts.get('done', 0)} evaluated, {counts.get('cached', 0)} cached, {counts.get('failed', 0)} failed"
+                f" | best: {', '.join(best) or '-'} | front {len(front)}{hv}")
