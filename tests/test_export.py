@@ -72,6 +72,20 @@ def test_knee_is_the_point_nearest_the_ideal_after_scaling():
         knee_index(np.zeros((0, 2)))
 
 
+def test_directions_of_a_job_stored_before_the_objective_table_come_from_its_losses(job, tmp_path):
+    import shutil
+
+    from conftest import as_schema_2
+
+    old = tmp_path / "old.sqlite"
+    shutil.copy(job, old)
+    as_schema_2(old, b"unused")
+    Store(old).close()  # opened for writing: upgraded, the job's directions still unknown
+    store = Store(old, readonly=True)
+    assert store.objectives("toy") is None  # no table: not resumed since the upgrade
+    assert store.directions("toy") == Store(job, readonly=True).directions("toy") == [("fit", "maximise"), ("size", "minimise")]
+
+
 def test_best_and_knee_pick_the_expected_candidates(job):
     store = Store(job, readonly=True)
     done = store.candidates("toy", status="done")

@@ -52,7 +52,10 @@ def test_a_job_runs_and_reports_the_front_on_the_test_split(tmp_path):
     result = run_job(path, **quiet())
     store = Store(result.store)
     assert store.objectives("toy") == [("fit", "maximise"), ("size", "minimise")]  # directions as resolved
-    assert store.job("toy")["spec_yaml"] == path.read_text()
+    again = tmp_path / "again" / "job.yaml"  # the stored YAML form is a job file: read elsewhere, the same job
+    again.parent.mkdir()
+    again.write_text(store.job("toy")["spec_yaml"])
+    assert load_job(again).to_dict() == load_job(path).to_dict() == store.job("toy")["spec"]
     rows = store.candidates("toy")
     assert len(rows) == 24 and {r.generation for r in rows} == {0, 1, 2, 3}
     assert {r.origin for r in rows if r.generation == 0} >= {"parent:base", "parent:a", "parent:b", "average"}

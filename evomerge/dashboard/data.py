@@ -42,24 +42,9 @@ def _clean(values: dict[str, Any] | None) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------- jobs
 
-def objectives(rows: Iterable[CandidateRow]) -> list[dict[str, str]]:
-    """Objective names and directions, read back from the rows: names in the order of the stored values, and a
-    direction from the sign of the loss the driver saw (loss = -value for a maximised objective). This works
-    for every store, also jobs with a custom evaluator whose spec names no objectives file."""
-    names: list[str] = []
-    direction: dict[str, str] = {}
-    for r in rows:
-        if r.status != "done" or not r.values or not r.losses:
-            continue
-        if not names:
-            names = list(r.values)
-        for name, loss in zip(names, r.losses):
-            v = r.values.get(name)
-            if name not in direction and v and math.isfinite(v) and math.isfinite(loss):
-                direction[name] = "maximise" if math.isclose(loss, -v, rel_tol=1e-9) else "minimise"
-        if len(direction) == len(names):
-            break
-    return [{"name": n, "direction": direction.get(n, "minimise")} for n in names]
+def objectives(store: Store, job: str) -> list[dict[str, str]]:
+    """Objective names and directions as the store records them (`Store.directions`)."""
+    return [{"name": n, "direction": d} for n, d in store.directions(job)]
 
 
 def job_summary(store: Store, name: str) -> dict[str, Any]:
@@ -111,7 +96,7 @@ def job_detail(store: Store, name: str) -> dict[str, Any] | None:
         return None
     spec = stored_spec(job)
     rows = store.candidates(name)
-    objs = objectives(rows)
+    objs = objectives(store, name)
     front = set(store.front(name))
     split = spec.report_split
     scores = store.scores(name, split)
@@ -372,7 +357,7 @@ def candidate_detail(store: Store, name: str, cid: int) -> dict[str, Any] | None
     labels = model_labels(spec)
     split = spec.report_split
     all_rows = store.candidates(name)
-    objs = objectives(all_rows)
+    objs = objectives(store, name)
     recipe_error, maps, path, summary = None, [], None, ""
     try:
         recipe = _parse(row.recipe)

@@ -85,7 +85,7 @@ def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | No
         runtime = make_runtime(spec, address)
         try:
             store.create_job(spec.name, spec.to_dict(), spec.driver.seed, objectives=objective_table(runtime),
-                             spec_yaml=Path(path).read_text())
+                             spec_yaml=spec.to_yaml())
             spec = JobSpec.from_dict(store.job(spec.name)["spec"])  # run from the stored spec, as resume does
             return _search_and_report(spec, store, runtime, out, progress)
         finally:

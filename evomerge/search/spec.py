@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+import yaml
+
 from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE
 from evomerge.yamlfile import read_yaml
 
@@ -128,6 +130,10 @@ class JobSpec:
             "store": str(self.store),
             "report": str(self.report),
         }
+
+    def to_yaml(self) -> str:
+        """`to_dict` as a job file: `evomerge run` on it starts this very job (under its name and store)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "<stored job spec>", check_paths: bool = False) -> "JobSpec":

@@ -13,7 +13,6 @@ files, README.md, mergekit_config.yml): nothing in a recipe names a file.
 
 from __future__ import annotations
 
-import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 from evomerge.merge.export import DEFAULT_SHARD_BYTES, ExportError
 from evomerge.search.front import knee_index
 from evomerge.search.spec import JobSpec
-from evomerge.store import CandidateRow, Store, StoreError
+from evomerge.store import CandidateRow, Store
 
 FORMATS = ("recipe", "mergekit", "model")
 EXPORTABLE = ("done", "cached")
@@ -48,34 +47,12 @@ class Selected:
 
 
 def objectives_of(store: Store, job: str) -> list[Objective]:
-    """The job's objectives as the store records them: names from the values, order and direction from the losses
-    (a loss is the value for a minimised objective, minus the value for a maximised one)."""
-    rows = store.candidates(job, status="done")
-    if not rows:
+    """The job's objectives as the store records them (names and directions), in the order of a candidate's
+    losses."""
+    table = store.directions(job)
+    if not table:
         raise ExportError(f"{store.path}: job '{job}' has no evaluated candidates yet")
-    names = list(rows[0].values or {})
-    out: list[Objective] = []
-    used: set[int] = set()
-    for name in names:
-        for k in range(len(rows[0].losses or [])):
-            if k in used:
-                continue
-            pairs = [(r.losses[k], r.values[name]) for r in rows if r.losses and r.values and name in r.values]
-            if all(math.isclose(loss, value) for loss, value in pairs):
-                direction = "minimise"
-            elif all(math.isclose(loss, -value) for loss, value in pairs):
-                direction = "maximise"
-            else:
-                continue
-            if all(v == 0 for _, v in pairs):  # sign unknown and irrelevant: every value is 0
-                direction = "minimise"
-            out.append(Objective(name, k, direction))
-            used.add(k)
-            break
-        else:
-            raise StoreError(f"{store.path}: job '{job}': objective '{name}' matches none of the stored losses; "
-                             "the store is inconsistent")
-    return out
+    return [Objective(name, k, direction) for k, (name, direction) in enumerate(table)]
 
 
 def select(store: Store, job: str, candidate: int | None = None, best: str | None = None,
@@ -96,6 +73,8 @@ def select(store: Store, job: str, candidate: int | None = None, best: str | Non
             raise ExportError(f"--best {best}: job '{job}' has no such objective (objectives: {', '.join(objectives)})")
         o = objectives[best]
         rows = store.candidates(job, status="done")
+        if not rows:
+            raise ExportError(f"{store.path}: job '{job}' has no evaluated candidates yet")
         row = min(rows, key=lambda r: (r.losses[o.index], r.id))
         selected = Selected(row, f"best by {best} ({o.direction}d: {row.values[best]:.6g})")
     else:

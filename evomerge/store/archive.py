@@ -27,6 +27,7 @@ Tables (schema version in `meta`):
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -154,7 +155,7 @@ class Store:
 
     def create_job(self, name: str, spec: dict[str, Any], seed: int,
                    objectives: Iterable[tuple[str, str]] | None = None, spec_yaml: str | None = None) -> None:
-        """`objectives`: (name, direction) with directions resolved; `spec_yaml`: the spec as the user wrote it."""
+        """`objectives`: (name, direction) with directions resolved; `spec_yaml`: the spec in its YAML form (a job file, every path absolute)."""
         now = time.time()
         table = None if objectives is None else json.dumps([[str(n), str(d)] for n, d in objectives])
         try:
@@ -180,6 +181,24 @@ class Store:
         if row is None or row[0] is None:
             return None
         return [(str(n), str(d)) for n, d in json.loads(row[0])]
+
+    def directions(self, name: str) -> list[tuple[str, str]]:
+        """The job's objectives and directions as export and the dashboard show them: the stored table, or for
+        a job stored before schema 3 (not resumed since) the directions its losses imply (loss = -value for a
+        maximised objective; an objective whose values were all 0 reads as minimised)."""
+        stored = self.objectives(name)
+        if stored is not None:
+            return stored
+        rows = [r for r in self.candidates(name, status="done") if r.values and r.losses]
+        if not rows:
+            return []
+        names = list(rows[0].values or {})
+        out = []
+        for k, n in enumerate(names):
+            pairs = [(r.losses[k], r.values[n]) for r in rows if n in r.values and k < len(r.losses)]
+            maximised = any(v != 0 for _, v in pairs) and all(math.isclose(loss, -v, rel_tol=1e-9) for loss, v in pairs)
+            out.append((n, "maximise" if maximised else "minimise"))
+        return out
 
     def set_objectives(self, name: str, objectives: Iterable[tuple[str, str]]) -> None:
         self.db.execute("UPDATE jobs SET objectives=? WHERE name=?",
