@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.yamlfile import read_yaml
+from evomerge.errors import CandidateError, UserError
 
 BUILTINS = ("perplexity", "params", "layers", "latency")
 _DIRECTIONS = {
@@ -50,11 +51,11 @@ _BUILTIN_KEYS = {
 }
 
 
-class FitnessConfigError(ValueError):
+class FitnessConfigError(UserError, ValueError):
     """A user error in an objectives file or an evaluation request: says where and what to do."""
 
 
-class CandidateFailed(RuntimeError):
+class CandidateFailed(CandidateError, RuntimeError):
     """A candidate could not be scored (NaN weights or outputs, ...). The search records it as failed."""
 
     def __init__(self, reason: str):

@@ -43,7 +43,7 @@ import yaml
 from tqdm import tqdm
 
 from evomerge.checkpoints import Checkpoint, classify_tensor, open_checkpoint
-from evomerge.checkpoints.arch import Architecture, rename_layer
+from evomerge.checkpoints.arch import Architecture, rename_layer, set_layer_count
 from evomerge.checkpoints.compat import tokenizer_vocab
 from evomerge.merge.export import DEFAULT_SHARD_BYTES, check_output, model_card, write_checkpoint
 from evomerge.merge.fold import FOLDABLE_FAMILIES, all_ones, fold_factors, fold_rule, fold_tensor
@@ -52,7 +52,6 @@ from evomerge.merge.recipe import DTYPES, Recipe, RecipeError, _resolve_path, _s
 TOP_LEVEL_KEYS = ("sources", "dataflow", "dtype", "name")
 DATAFLOW_KEYS = ("embed", "head", "path")
 HOP_KEYS = ("model", "layer", "scale")
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 MERGEKIT_CONFIG = "mergekit_config.yml"
 
 
@@ -334,9 +333,7 @@ def plan_dataflow(recipe: DataflowRecipe, readers: Mapping[str, SourceReader] | 
         post.append(PathTensor("lm_head.weight", recipe.head, head_tensor or token_embedding_name(head.names())))
 
     config = json.loads(json.dumps(ref.config))
-    for key in LAYER_COUNT_KEYS:
-        if key in config:
-            config[key] = len(recipe.path)
+    set_layer_count(config, len(recipe.path))
     types = config.get("layer_types")
     if isinstance(types, list):  # each layer keeps the attention type it was trained with
         config["layer_types"] = [(rd[h.model].config.get("layer_types") or types)[h.layer] for h in recipe.path]

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from evomerge.checkpoints import Checkpoint, check_compatible, open_checkpoint
+from evomerge.checkpoints import Checkpoint, CheckpointError, check_compatible, open_checkpoint
 from evomerge.merge.methods import METHODS, merge_task_vectors, merge_tensor
 from evomerge.merge.plan import MergePlan, TensorRef, plan_merge
 from evomerge.merge.recipe import Recipe, RecipeError
@@ -32,7 +32,9 @@ def checkpoint_targets(module: nn.Module, names: Iterable[str]) -> dict[str, tor
             continue
         matches = [k for k in own if k.endswith("." + name)]
         if len(matches) != 1:
-            raise ValueError(f"cannot find the module parameter for checkpoint tensor '{name}'")
+            raise CheckpointError(f"checkpoint tensor '{name}' matches {len(matches)} parameters of the "
+                                  f"{type(module).__name__} module (needs exactly one): the model folder's config.json "
+                                  "does not describe these weights; check its model_type and architectures")
         out[name] = own[matches[0]]
     return out
 
@@ -46,7 +48,7 @@ class Materialiser:
         TIES, breadcrumbs), so later candidates find their thresholds by look-up. Costs one more float32
         copy of each such task vector; turn it off where device memory is short. Results are identical."""
         if anchor not in paths:
-            raise ValueError(f"anchor '{anchor}' is not one of the models: {', '.join(paths)}")
+            raise RecipeError(f"anchor '{anchor}' is not one of the models ({', '.join(paths)}); name one of them")
         self.device = torch.device(device)
         self.anchor = anchor
         self.checkpoints: dict[str, Checkpoint] = {k: open_checkpoint(p) for k, p in paths.items()}

@@ -18,6 +18,7 @@ import yaml
 
 from evomerge.merge.methods import METHODS, required_model_params, validate_params
 from evomerge.yamlfile import read_yaml
+from evomerge.errors import UserError
 
 if TYPE_CHECKING:
     from evomerge.merge.dataflow import DataflowRecipe
@@ -36,7 +37,7 @@ UNSUPPORTED_KEYS = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # recipe `dtype` values
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe is malformed. The message names the file and the field, and says what to do."""
 
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from evomerge.compat import quiet
 from evomerge.search.runtime import Outcome, Scorer, run_one, scorer_factory
 
 if TYPE_CHECKING:
@@ -56,9 +57,7 @@ class Worker:
     built is kept as `error` and re-raised by the driver, with its own type, before any candidate is sent."""
 
     def __init__(self, spec: "JobSpec", name: str):
-        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's bars would flood the driver's log
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self._unquiet = quiet.install()  # a worker process: lm-eval's bars and logs would flood the driver's log
         import torch
 
         torch.set_num_threads(spec.runtime.threads)

@@ -27,11 +27,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from evomerge.errors import UserError
+
 DRIVERS = ("random", "cmaes", "nsga2", "nsga3", "smsemoa")
 SINGLE_OBJECTIVE = ("cmaes",)
 
 
-class DriverError(ValueError):
+class DriverError(UserError, ValueError):
     """A driver cannot be built as configured (unknown name, wrong number of objectives, bad option)."""
 
 

@@ -17,6 +17,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
+from evomerge.errors import ConfigError
+
 if TYPE_CHECKING:
     from evomerge.fitness.objectives import ObjectiveSet
     from evomerge.runtime.stats import RuntimeStats
@@ -66,7 +68,7 @@ def load_factory(ref: str) -> Callable[..., Scorer]:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"runtime.evaluator: cannot import '{ref}' ({e})") from None
+        raise ConfigError(f"runtime.evaluator: cannot import '{ref}' ({e}); give module:function of an importable scorer factory") from None
 
 
 def scorer_factory(spec: "JobSpec") -> Callable[["JobSpec", str | None], Scorer]:

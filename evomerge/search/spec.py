@@ -46,6 +46,7 @@ from typing import Any, Mapping
 
 from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE
 from evomerge.yamlfile import read_yaml
+from evomerge.errors import UserError
 
 TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "driver", "runtime", "store", "report")
 DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row", "mode", "lag")
@@ -55,11 +56,11 @@ RUNTIME_KEYS = ("kind", "workers", "threads", "gpus", "max_retries", "device", "
 RUNTIME_KINDS = ("auto", "local", "ray")
 
 
-class JobSpecError(ValueError):
+class JobSpecError(UserError, ValueError):
     """A job spec is invalid: `FILE: field: what is wrong. What to do.`"""
 
 
-class SearchStopped(RuntimeError):
+class SearchStopped(UserError, RuntimeError):
     """A job stopped itself (too many candidates failed in a row); the message is the diagnosis."""
 
 

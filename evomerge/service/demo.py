@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from evomerge.merge.export import ExportError
     from evomerge.search.jobs import run_job
-    from evomerge.service.cli import _search_env
+    from evomerge.service.cli import search_env
     from evomerge.service.export import export
     from evomerge.zoo.build import build_zoo
 
@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nSearch: {job_path}\n  PS-then-DFS hybrid over the zoo's arithmetic and cipher experts; objectives "
           f"{TARGET} (target) and zoo_composed, IRT-reduced (30 anchors per task after calibration); "
           f"{args.workers} Ray workers on 127.0.0.1; {args.evaluations} candidates.\n", flush=True)
-    _search_env()
     t0 = time.perf_counter()
-    result = run_job(job_path)
+    with search_env():
+        result = run_job(job_path)
     search_s = time.perf_counter() - t0
 
     # The best recipe for the target task: mergekit YAML where expressible, else ours; and the checkpoint.

@@ -18,7 +18,6 @@ http(s)://HOST[:PORT]: nothing user-typed becomes part of a URL path unchecked.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import tempfile
@@ -29,6 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
+
+from evomerge.compat import quiet
+from evomerge.errors import UserError
 
 if TYPE_CHECKING:
     from evomerge.search.spec import JobSpec
@@ -42,7 +44,7 @@ SPEC_NAME = "job.yaml"  # the spec's name inside the uploaded working directory
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class ServiceError(RuntimeError):
+class ServiceError(UserError, RuntimeError):
     """The Ray head cannot be reached or used as asked: says why and what to do."""
 
 
@@ -233,9 +235,6 @@ class Jobs:
             raise ServiceError(f"{self.address} is not a Ray head's dashboard (its answer is not JSON)") from None
         from ray.job_submission import JobSubmissionClient
 
-        for noisy in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging",
-                      "ray.dashboard.modules.job.sdk"):  # "uploading package ...": our own messages say enough
-            logging.getLogger(noisy).setLevel(logging.WARNING)
         self.client = JobSubmissionClient(self.address, headers=dict(self.headers))
 
     def _check_auth(self, status: int) -> None:
@@ -274,7 +273,7 @@ class Jobs:
         with tempfile.TemporaryDirectory(prefix="evomerge-job-") as tmp:
             (Path(tmp) / SPEC_NAME).write_text(f"# {name}: submitted from {source}; paths made absolute there\n"
                                                + yaml.safe_dump(spec, sort_keys=False))
-            runtime_env: dict[str, Any] = {"working_dir": tmp, "env_vars": {"TQDM_DISABLE": "1", **(env or {})}}
+            runtime_env: dict[str, Any] = {"working_dir": tmp, "env_vars": {**quiet.job_env(), **(env or {})}}
             metadata = {"evomerge_job": name, "evomerge_spec": str(source), "evomerge_store": str(spec.get("store", ""))}
             return self._call("submit", self.client.submit_job, entrypoint=f"python -m evomerge.service.cli run {SPEC_NAME}",
                               submission_id=job_id, runtime_env=runtime_env, metadata=metadata)

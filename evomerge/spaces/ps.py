@@ -28,11 +28,12 @@ import numpy as np
 
 from evomerge.merge.methods import METHODS
 from evomerge.merge.recipe import Recipe, parse_recipe
+from evomerge.errors import UserError
 
 DIGITS = 6  # decoded values are rounded: recipes that differ below this are the same recipe
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """A search space is malformed: the message says which field and what to do."""
 
 
@@ -219,11 +220,13 @@ def _num_layers(folder: Path) -> int:
     cfg_file = Path(folder) / "config.json"
     if not cfg_file.is_file():
         raise SpaceError(f"{folder}: no config.json (is it a model folder?)")
+    from evomerge.checkpoints.arch import Architecture
+
     cfg = json.loads(cfg_file.read_text())
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(cfg.get(key), int):
-            return int(cfg[key])
-    raise SpaceError(f"{cfg_file}: no layer count (num_hidden_layers)")
+    try:
+        return Architecture.from_config(cfg).num_layers
+    except ValueError:
+        raise SpaceError(f"{cfg_file}: no layer count (num_hidden_layers)") from None
 
 
 def parent_recipe(models: Mapping[str, Path], name: str) -> Recipe:

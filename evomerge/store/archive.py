@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from evomerge.errors import UserError
+
 SCHEMA_VERSION = 2
 KEEP_CHECKPOINTS = 3
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The store cannot be opened or used as asked: says why and what to do."""
 
 
