@@ -10,7 +10,6 @@ Items have stable ids: a document's `id` field when it has one, else its index i
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from evomerge.compat import lm_eval as lm_eval_compat
+from evomerge.config import suggest
 from evomerge.fitness.objectives import FitnessConfigError, Objective, ObjectiveSet
 
 if TYPE_CHECKING:
@@ -61,10 +61,9 @@ class TaskLoader:
             if manager is None:
                 manager = self._registry()
                 if name not in manager.task_index:
-                    close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
-                    hint = f"; close names: {', '.join(close)}" if close else ""
+                    hint = suggest(name, manager.all_tasks, n=5, list_known=False)
                     folders = f" (searched {', '.join(self.include)} and lm-eval's registry)" if self.include else " (searched lm-eval's registry; add `include: [folder]` for local tasks)"
-                    raise FitnessConfigError(f"{where}: unknown task '{name}'{folders}{hint}")
+                    raise FitnessConfigError(f"{where}: unknown task '{name}'{folders}.{hint}")
             entry = manager.task_index[name]
         if getattr(entry, "kind", None) is not None and entry.kind.name not in ("TASK", "PY_TASK"):
             raise FitnessConfigError(f"{where}: '{name}' is a task group or tag; name one task per objective")
@@ -206,9 +205,9 @@ class TaskRun:
                 raise FitnessConfigError(f"{source}: objective '{obj.name}': task '{self.name}' declares no metrics")
             name = metrics[0]
         if name not in metrics:
-            close = difflib.get_close_matches(name, metrics, n=3, cutoff=0.5)
             raise FitnessConfigError(f"{source}: objective '{obj.name}'.metric: task '{self.name}' does not produce "
-                                     f"'{name}'; it produces: {', '.join(metrics)}" + (f" (did you mean {close[0]}?)" if close else ""))
+                                     f"'{name}'; it produces: {', '.join(metrics)}."
+                                     + suggest(name, metrics, cutoff=0.5, list_known=False))
         filters = [f.name for f in getattr(self.task, "_filters", [])] or ["none"]
         if not filt:
             filt = "none" if "none" in filters else filters[0]

@@ -265,8 +265,7 @@ def make_driver(name: str, n_var: int, n_obj: int, pop_size: int, seed: int, see
         return CMAES(n_var, n_obj, pop_size, seed, seeds, **options)
     if name in DRIVERS:
         return PymooDriver(name, n_var, n_obj, pop_size, seed, seeds, **options)
-    import difflib
+    from evomerge.config import suggest
 
-    close = difflib.get_close_matches(name, DRIVERS, n=1)
-    raise DriverError(f"unknown algorithm '{name}'." + (f" Did you mean '{close[0]}'?" if close else "")
+    raise DriverError(f"unknown algorithm '{name}'." + suggest(name, DRIVERS, list_known=False)
                       + f" Choose one of {', '.join(DRIVERS)}")

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Protocol, Union
 import numpy as np
 import yaml
 
+from evomerge.config import Where, check_keys
 from evomerge.merge.dataflow import DataflowRecipe
 from evomerge.merge.recipe import Recipe
 from evomerge.spaces.dataflow import DataflowSpace, source_sizes
@@ -61,13 +62,7 @@ def load_space_config(value: str | Mapping[str, Any], base_dir: Path | None = No
 
 
 def _check_keys(cfg: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    import difflib
-
-    for key in cfg:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(allowed)}."
-            raise SpaceError(f"{where}.{key}: unknown field.{hint}")
+    check_keys(cfg, allowed, Where(None, SpaceError, default=""), f"{where}.")
 
 
 def _ps(cfg: Mapping[str, Any], models: Mapping[str, Path], base: str, where: str) -> ParameterSpace:

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from evomerge.config import Where, bounds_field
 from evomerge.merge.methods import METHODS
 from evomerge.merge.recipe import Recipe, parse_recipe
 from evomerge.errors import UserError
@@ -38,10 +39,7 @@ class SpaceError(UserError, ValueError):
 
 
 def _bounds_pair(value: Any, field_name: str) -> tuple[float, float]:
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or value[0] > value[1]):
-        raise SpaceError(f"{field_name}: must be [low, high] with low <= high, got {value!r}")
-    return float(value[0]), float(value[1])
+    return bounds_field(Where(None, SpaceError, default=""), field_name, value)  # the caller adds the file
 
 
 @dataclass
