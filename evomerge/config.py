@@ -10,6 +10,7 @@ One rule each, so that every file type reports errors and resolves paths the sam
 - `resolve_path`: a relative path resolves against the folder of the file that names it first, then against the
   working directory; when neither holds it, the file's folder is the answer (so errors name that place).
 - `DTYPES`: the dtype names a recipe or a runtime may give, and their torch types.
+- `EXAMPLES`: where the shipped presets and example tasks are, in a checkout and in an installed wheel alike.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import yaml
 
 from evomerge.errors import ConfigError
 
+# Package data (pyproject.toml): `search_spaces/` (the presets, the example job) and `fitness/` (the example tasks).
+# In a checkout these are links to the repository's top-level folders; a wheel holds copies.
+EXAMPLES = Path(__file__).parent / "examples"
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # recipe `dtype`/`out_dtype`, runtime `dtype`
 
 

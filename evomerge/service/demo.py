@@ -24,7 +24,9 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from evomerge.config import EXAMPLES
+
+TASKS = EXAMPLES / "fitness"  # the example tasks, package data
 TARGET = "zoo_mix"
 MARKER = "# written by `make demo` (evomerge/service/demo.py)"
 
@@ -42,7 +44,7 @@ def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int) -> dict:
                     "scales": "none"},
         },
         "objectives": {
-            "include": [str(REPO / "fitness")],
+            "include": [str(TASKS)],
             "split": "fitness",
             "objectives": [
                 {"task": TARGET, "metric": "exact_match", "direction": "maximise", **irt},
@@ -64,8 +66,8 @@ def score_folder(folder: Path, split: str = "test") -> float:
     from evomerge.fitness.evaluator import Evaluator
     from evomerge.fitness.objectives import parse_objectives
 
-    objectives = parse_objectives({"include": [str(REPO / "fitness")], "split": split,
-                                   "objectives": [{"task": TARGET, "metric": "exact_match"}]}, base_dir=REPO)
+    objectives = parse_objectives({"include": [str(TASKS)], "split": split,
+                                   "objectives": [{"task": TARGET, "metric": "exact_match"}]}, base_dir=TASKS)
     ev = Evaluator(objectives, model=folder, backend="hf")
     try:
         return float(ev.evaluate().values[TARGET])

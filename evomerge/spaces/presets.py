@@ -17,14 +17,14 @@ from typing import Any, Mapping, Protocol, Union
 import numpy as np
 import yaml
 
-from evomerge.config import Where, check_keys
+from evomerge.config import EXAMPLES, Where, check_keys
 from evomerge.merge.dataflow import DataflowRecipe
 from evomerge.merge.recipe import Recipe
 from evomerge.spaces.dataflow import DataflowSpace, source_sizes
 from evomerge.spaces.hybrid import MERGE, HybridSpace
 from evomerge.spaces.ps import ParameterSpace, SpaceError
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+PRESET_DIR = EXAMPLES / "search_spaces"  # package data: installed with evomerge
 PS_KEYS = ("kind", "method", "layer_groups", "modules", "weight", "density", "parameters", "seed")
 DFS_KEYS = ("kind", "sources", "repeats", "min_layers", "max_layers", "pin_first", "pin_last", "embed", "head",
             "scales", "scale_bounds")
