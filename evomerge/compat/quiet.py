@@ -67,8 +67,8 @@ def install(bars: bool = True) -> Callable[[], None]:
 def _disable_tqdm() -> Callable[[], None]:
     import tqdm
 
-    original = tqdm.tqdm.__init__
-    tqdm.tqdm.__init__ = functools.partialmethod(original, disable=True)  # type: ignore[method-assign]
+    original = vars(tqdm.tqdm)["__init__"]  # the class's own attribute (tqdm wraps it in a descriptor itself)
+    tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)  # type: ignore[method-assign]
 
     def restore() -> None:
         tqdm.tqdm.__init__ = original  # type: ignore[method-assign]
