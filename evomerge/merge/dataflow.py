@@ -47,7 +47,7 @@ from evomerge.checkpoints.arch import Architecture, rename_layer, set_layer_coun
 from evomerge.checkpoints.compat import tokenizer_vocab
 from evomerge.merge.export import DEFAULT_SHARD_BYTES, check_output, model_card, write_checkpoint
 from evomerge.merge.fold import FOLDABLE_FAMILIES, all_ones, fold_factors, fold_rule, fold_tensor
-from evomerge.config import DTYPES, Where, suggest
+from evomerge.config import DTYPES, Where, check_keys
 from evomerge.merge.recipe import Recipe, RecipeError, parse_recipe, recipe_where, resolve_model_folder
 
 TOP_LEVEL_KEYS = ("sources", "dataflow", "dtype", "name")
@@ -101,13 +101,9 @@ def parse_dataflow(data: Any, source_file: Path | None = None, check_paths: bool
     base_dir = source_file.parent if source_file else None
     if not isinstance(data, dict) or not isinstance(data.get("dataflow"), dict):
         raise where.error("dataflow", "a data-flow recipe needs a 'dataflow' mapping with a 'path' list")
-    for key in data:
-        if key not in TOP_LEVEL_KEYS:
-            raise where.error(key, "unknown field in a data-flow recipe." + suggest(key, TOP_LEVEL_KEYS))
+    check_keys(data, TOP_LEVEL_KEYS, where, what="unknown field in a data-flow recipe.")
     flow = data["dataflow"]
-    for key in flow:
-        if key not in DATAFLOW_KEYS:
-            raise where.error(f"dataflow.{key}", "unknown field." + suggest(key, DATAFLOW_KEYS))
+    check_keys(flow, DATAFLOW_KEYS, where, "dataflow.")
 
     sources: dict[str, Path | Recipe] = {}
     raw_sources = data.get("sources") or {}
@@ -124,9 +120,7 @@ def parse_dataflow(data: Any, source_file: Path | None = None, check_paths: bool
         f = f"dataflow.path[{i}]"
         if not isinstance(raw, dict) or "model" not in raw or "layer" not in raw:
             raise where.error(f, f"each hop is {{model: SOURCE, layer: INDEX, scale: NUMBER}}, got {raw!r}")
-        for key in raw:
-            if key not in HOP_KEYS:
-                raise where.error(f"{f}.{key}", "unknown field." + suggest(key, HOP_KEYS))
+        check_keys(raw, HOP_KEYS, where, f"{f}.")
         model = _source_name(where, f"{f}.model", raw["model"], sources, base_dir, check_paths)
         layer = raw["layer"]
         if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:

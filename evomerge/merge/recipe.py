@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from evomerge.config import DTYPES, Where, path_candidates, read_yaml, resolve_path, suggest
+from evomerge.config import DTYPES, Where, check_keys, path_candidates, read_yaml, resolve_path, suggest
 from evomerge.errors import UserError
 from evomerge.merge.methods import METHODS, required_model_params, validate_params
 
@@ -198,9 +198,7 @@ def _parse_source(where: Where, field_path: str, raw: Any, model_keys: tuple[str
     if not isinstance(raw, dict) or "model" not in raw:
         raise where.error(field_path, "each entry needs a 'model' (a model folder path)")
     allowed = ("model", "parameters", "layer_range") if in_slice else ("model", "parameters")
-    for key in raw:
-        if key not in allowed:
-            raise where.error(f"{field_path}.{key}", "unknown field." + suggest(key, allowed))
+    check_keys(raw, allowed, where, f"{field_path}.")
     layer_range = None
     if in_slice:
         lr = raw.get("layer_range")
@@ -243,9 +241,7 @@ def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool =
         for i, sl in enumerate(data["slices"]):
             if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
                 raise where.error(f"slices[{i}]", "each slice needs a non-empty 'sources' list")
-            for key in sl:
-                if key not in ("sources", "parameters", "base_model"):
-                    raise where.error(f"slices[{i}].{key}", "unknown field." + suggest(key, ("sources", "parameters", "base_model")))
+            check_keys(sl, ("sources", "parameters", "base_model"), where, f"slices[{i}].")
             sources = tuple(
                 _parse_source(where, f"slices[{i}].sources[{j}]", s, model_keys, True) for j, s in enumerate(sl["sources"])
             )
