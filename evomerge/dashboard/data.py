@@ -27,7 +27,6 @@ from evomerge.store import CandidateRow, Store
 PROGRESS_POINTS = 300  # hypervolume is computed at most this many times per job view
 CANDIDATE_ROWS = 400  # the candidates table keeps the most recent rows only
 OTHER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "ln_1.weight", "norm.weight")
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 UNKNOWN_LAYERS = 8  # columns drawn when no model folder says how many layers there are
 
 
@@ -213,12 +212,12 @@ def recipe_summary(text: str, labels: dict[str, str]) -> str:
 def _num_layers(folder: str | None) -> int | None:
     if not folder:
         return None
+    from evomerge.checkpoints.arch import Architecture
+
     try:
-        cfg = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
+        return Architecture.from_config(json.loads((Path(folder) / "config.json").read_text())).num_layers
+    except (OSError, ValueError, TypeError):  # no folder, no JSON, no layer count: the page shows no layer axis
         return None
-    cfg = cfg.get("text_config", cfg)
-    return next((int(cfg[k]) for k in LAYER_COUNT_KEYS if isinstance(cfg.get(k), int)), None)
 
 
 def _settings(recipe: Any) -> Iterable[Any]:

@@ -128,7 +128,7 @@ def portable_spec(path: str | Path, check: bool = True) -> dict[str, Any]:
     """
     from evomerge.search.spec import JobSpecError, load_job
     from evomerge.spaces.presets import PRESET_DIR
-    from evomerge.yamlfile import read_yaml
+    from evomerge.config import read_yaml
 
     data, p = read_yaml(path, JobSpecError, "job spec")
     if not isinstance(data, dict):
