@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluations", type=int, default=72, help="search budget in candidates")
     args = ap.parse_args(argv)
 
+    from evomerge.compat.quiet import quiet_third_party
     from evomerge.merge.export import ExportError
     from evomerge.search.jobs import run_job
     from evomerge.service.cli import search_env
@@ -113,18 +114,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # The best recipe for the target task: mergekit YAML where expressible, else ours; and the checkpoint.
     recipe_out = out / "best-recipe.yaml"
-    try:
-        _, selected, notes = export(job_path, recipe_out, fmt="mergekit", best=TARGET)
-        recipe_kind = "mergekit YAML (`mergekit-yaml` accepts it)"
-    except ExportError as e:
-        _, selected, notes = export(job_path, recipe_out, fmt="recipe", best=TARGET)
-        recipe_kind = f"evomerge recipe YAML (`evomerge merge` builds it; not mergekit: {e})"
-    model_out = out / "best-model"
-    export(job_path, model_out, fmt="model", best=TARGET)
-    for note in notes:
-        print(f"note: {note}")
+    with quiet_third_party():  # the export and the final scoring print only the lines below
+        try:
+            _, selected, notes = export(job_path, recipe_out, fmt="mergekit", best=TARGET)
+            recipe_kind = "mergekit YAML (`mergekit-yaml` accepts it)"
+        except ExportError as e:
+            _, selected, notes = export(job_path, recipe_out, fmt="recipe", best=TARGET)
+            recipe_kind = f"evomerge recipe YAML (`evomerge merge` builds it; not mergekit: {e})"
+        model_out = out / "best-model"
+        export(job_path, model_out, fmt="model", best=TARGET)
+        for note in notes:
+            print(f"note: {note}")
 
-    merged = score_folder(model_out)
+        merged = score_folder(model_out)
     parents = {p["name"]: (p.get("test") or {}).get(TARGET) for p in result.report["parents"]}
     print(f"\nThe best candidate for {TARGET} (#{selected.row.id}), exported and loaded fresh from disk, on the "
           f"test split ({TARGET}: half arithmetic, half cipher items):")
