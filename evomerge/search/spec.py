@@ -43,9 +43,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE
 from evomerge.config import Where, check_keys, int_field, read_yaml, resolve_path, suggest
 from evomerge.errors import UserError
+from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE
 
 TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "driver", "runtime", "store", "report")
 DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row", "mode", "lag")
