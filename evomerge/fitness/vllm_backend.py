@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
+from evomerge.compat import lm_eval as lm_eval_compat
 from evomerge.compat.vllm import lm_eval_vllm_class
 from evomerge.fitness.objectives import CandidateFailed
 
@@ -58,16 +59,17 @@ class VLLMBackend:
         self._shm: Path | None = None
         self.forward_seconds = 0.0
         self.reload_seconds = 0.0
-        inner = self.lm._model_generate
+        def make(inner):
+            def timed(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return inner(*a, **k)
+                finally:
+                    self.forward_seconds += time.perf_counter() - t
 
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return inner(*a, **k)
-            finally:
-                self.forward_seconds += time.perf_counter() - t
+            return timed
 
-        self.lm._model_generate = timed
+        lm_eval_compat.wrap_method(self.lm, "_model_generate", make)
         from evomerge.checkpoints import open_checkpoint
         from evomerge.checkpoints.arch import Architecture
 
