@@ -66,7 +66,7 @@ def tiny_llamas(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def zoo_dir() -> Path:
     """The built tiny model zoo (`make test` builds it first; built here if missing)."""
-    path = Path(os.environ.get("EVOMERGE_ZOO", REPO / ".cache" / "zoo"))
+    path = Path(os.environ.get("EVOMERGE_ZOO", REPO / ".cache" / "zoo")).resolve()  # `make test` gives it relative
     if not (path / "manifest.json").exists():
         from evomerge.zoo.build import build_zoo
 

@@ -325,11 +325,11 @@ def test_magnitude_ties_at_the_cut_on_a_large_tensor_follow_mergekit():
 @pytest.mark.parametrize(
     "method, model_params, global_params, message",
     [
-        ("tie", [{"weight": 1.0}], {}, "did you mean 'ties'"),
-        ("ties", [{"weight": 1.0, "densty": 0.5}], {}, "densty.*did you mean 'density'"),
+        ("tie", [{"weight": 1.0}], {}, "Did you mean 'ties'"),
+        ("ties", [{"weight": 1.0, "densty": 0.5}], {}, "densty.*Did you mean 'density'"),
         ("ties", [{"weight": 1.0, "density": 1.5}], {}, r"density \(model 0\): must be in \[0, 1\]"),
         ("ties", [{"density": 0.5}], {}, r"weight \(model 0\): required"),
-        ("ties", [{"weight": 1.0}], {"lamda": 0.5}, "did you mean 'lambda'"),
+        ("ties", [{"weight": 1.0}], {"lamda": 0.5}, "Did you mean 'lambda'"),
         ("ties", [{"weight": 1.0}], {"normalize": 0.5}, "normalize: must be true or false"),
         ("breadcrumbs", [{"weight": 1.0, "gamma": -0.1}], {}, r"gamma \(model 0\): must be in \[0, 1\]"),
         ("della", [{"weight": 1.0, "density": 0.9, "epsilon": 0.15}], {}, "epsilon.*density"),

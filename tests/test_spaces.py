@@ -21,8 +21,20 @@ MODELS = {"base": GOLDEN / "base", "a": GOLDEN / "a", "b": GOLDEN / "b"}
 SPACES = {name: build_space(load_space_config(name), MODELS, "base") for name in ("sakana_ps", "layerwise_ps", "dfs", "ps_then_dfs")}
 
 
-def test_presets_are_shipped():
-    assert {"sakana_ps", "layerwise_ps", "dfs", "ps_then_dfs"} <= set(preset_names())
+def test_presets_are_package_data():
+    """Read from inside the package, where pyproject's package-data puts them in a wheel (tests/test_package.py
+    builds and installs one), not from the checkout's root."""
+    import fnmatch
+    import tomllib
+
+    import evomerge
+    from evomerge.spaces.presets import PRESET_DIR
+
+    assert PRESET_DIR == Path(evomerge.__file__).parent / "examples" / "search_spaces"
+    names = preset_names()
+    assert {"sakana_ps", "layerwise_ps", "dfs", "ps_then_dfs"} <= set(names)
+    patterns = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["evomerge"]
+    assert all(any(fnmatch.fnmatch(f"examples/search_spaces/{n}.yaml", p) for p in patterns) for n in names)
 
 
 @pytest.mark.parametrize("name", sorted(SPACES))

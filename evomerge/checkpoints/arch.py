@@ -76,6 +76,21 @@ def rename_layer(name: str, new_index: int) -> str:
     return f"{m['prefix']}.{new_index}.{m['rest']}"
 
 
+# The keys a config.json states its layer count under (Llama-style, GPT-2, others); multimodal configs nest them in
+# `text_config`. `Architecture.from_config` is the one reader and `set_layer_count` the one writer.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def set_layer_count(config: dict[str, Any], n: int) -> None:
+    """Write a merged model's layer count into its config (in place), under every key the config already uses:
+    the top-level ones, else those of `text_config` (where `from_config` reads it)."""
+    present = [k for k in LAYER_COUNT_KEYS if k in config]
+    for key in present:
+        config[key] = n
+    if not present and isinstance(config.get("text_config"), dict):
+        set_layer_count(config["text_config"], n)
+
+
 def _first(config: dict[str, Any], *keys: str) -> Any:
     for k in keys:
         if config.get(k) is not None:
@@ -98,7 +113,7 @@ class Architecture:
     @classmethod
     def from_config(cls, config: dict[str, Any], tensor_names: Iterable[str] = ()) -> "Architecture":
         model_type = str(config.get("model_type", "unknown"))
-        num_layers = _first(config, "num_hidden_layers", "n_layer", "num_layers")
+        num_layers = _first(config, *LAYER_COUNT_KEYS)
         if num_layers is None:
             raise ValueError("config.json has no layer count (num_hidden_layers / n_layer / num_layers)")
         names = list(tensor_names)

@@ -8,9 +8,10 @@ from typing import Mapping
 
 from evomerge.checkpoints.arch import Architecture
 from evomerge.checkpoints.io import Checkpoint
+from evomerge.errors import UserError
 
 
-class IncompatibleModelsError(ValueError):
+class IncompatibleModelsError(UserError, ValueError):
     """Models differ in ways a parameter-space merge cannot bridge. The message lists every difference."""
 
     def __init__(self, problems: list[str]):

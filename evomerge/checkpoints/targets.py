@@ -8,6 +8,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from evomerge.checkpoints.io import CheckpointError
+
 
 def checkpoint_targets(module: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """Checkpoint tensor name -> the module's parameter or buffer of that name (or the one name ending in it:
@@ -20,6 +22,8 @@ def checkpoint_targets(module: nn.Module, names: Iterable[str]) -> dict[str, tor
             continue
         matches = [k for k in own if k.endswith("." + name)]
         if len(matches) != 1:
-            raise ValueError(f"cannot find the module parameter for checkpoint tensor '{name}'")
+            raise CheckpointError(f"checkpoint tensor '{name}' matches {len(matches)} parameters of the "
+                                  f"{type(module).__name__} module (needs exactly one): the model folder's config.json "
+                                  "does not describe these weights; check its model_type and architectures")
         out[name] = own[matches[0]]
     return out

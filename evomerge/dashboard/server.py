@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from evomerge.dashboard import data
 from evomerge.store import Store, StoreError
+from evomerge.errors import UserError
 
 TOKEN_ENV = "EVOMERGE_DASHBOARD_TOKEN"
 COOKIE = "evomerge_dashboard_token"
@@ -47,7 +48,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-class DashboardError(ValueError):
+class DashboardError(UserError, ValueError):
     """The dashboard cannot start as asked (address, token, store): says what to do."""
 
 

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from evomerge.config import DTYPES
 from evomerge.fitness.builtin import TextDocs, latency, perplexity
 from evomerge.fitness.objectives import CandidateFailed, FitnessConfigError, Objective, ObjectiveSet, load_objectives
 from evomerge.fitness.result import FitnessResult
@@ -80,7 +81,7 @@ class Evaluator:
         self.objectives = self._resolve_directions(objectives)
         self.backend_name = backend
         self.batch_size = batch_size
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        torch_dtype = DTYPES[dtype]
         if backend == "hf":
             from evomerge.fitness.hf import HFBackend
 

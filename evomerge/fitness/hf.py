@@ -15,14 +15,14 @@ import torch
 from torch import nn
 
 from evomerge.checkpoints.targets import checkpoint_targets
+from evomerge.checkpoints.arch import Architecture
+from evomerge.compat import lm_eval as lm_eval_compat
 from evomerge.fitness.objectives import CandidateFailed
 
 
 def _quiet_generation_config(module: nn.Module) -> None:
-    """lm-eval passes max_length and max_new_tokens together: transformers warns on every batch."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    """lm-eval passes max_length and max_new_tokens together: transformers warns on every batch (the warning
+    itself is silenced by `evomerge.compat.quiet`)."""
     gc = getattr(module, "generation_config", None)
     if gc is not None:
         gc.max_length = None
@@ -30,19 +30,21 @@ def _quiet_generation_config(module: nn.Module) -> None:
 
 def memoise_tok_encode(lm, max_entries: int = 1_000_000) -> None:
     """The same prompts are tokenised for every candidate (sorting, batching): keep their ids."""
-    inner = lm.tok_encode
     cache: dict = {}
 
-    def tok_encode(string, *args, **kw):
-        key = (string, args, tuple(sorted(kw.items())))
-        hit = cache.get(key)
-        if hit is None:
-            if len(cache) >= max_entries:
-                cache.clear()
-            hit = cache[key] = inner(string, *args, **kw)
-        return list(hit)
+    def make(inner):
+        def tok_encode(string, *args, **kw):
+            key = (string, args, tuple(sorted(kw.items())))
+            hit = cache.get(key)
+            if hit is None:
+                if len(cache) >= max_entries:
+                    cache.clear()
+                hit = cache[key] = inner(string, *args, **kw)
+            return list(hit)
 
-    lm.tok_encode = tok_encode
+        return tok_encode
+
+    lm_eval_compat.wrap_method(lm, "tok_encode", make)
 
 
 class HFBackend:
@@ -70,17 +72,18 @@ class HFBackend:
         return cls(module, AutoTokenizer.from_pretrained(path), batch_size=batch_size)
 
     def _wrap_timers(self) -> None:
-        for meth in ("_model_call", "_model_generate"):
-            inner = getattr(self.lm, meth)
-
-            def timed(*a, _inner=inner, **k):
+        def make(inner):
+            def timed(*a, **k):
                 start = time.perf_counter()
                 try:
-                    return _inner(*a, **k)
+                    return inner(*a, **k)
                 finally:
                     self.forward_seconds += time.perf_counter() - start
 
-            setattr(self.lm, meth, timed)
+            return timed
+
+        for meth in ("_model_call", "_model_generate"):
+            lm_eval_compat.wrap_method(self.lm, meth, make)
 
     # ---- candidate weights
     def targets(self, names) -> dict[str, torch.Tensor]:
@@ -108,7 +111,7 @@ class HFBackend:
         return sum(p.numel() for p in self.module.parameters())
 
     def layer_count(self) -> int:
-        return int(self.module.config.num_hidden_layers)
+        return Architecture.from_config(self.module.config.to_dict()).num_layers
 
     def close(self) -> None:
         pass

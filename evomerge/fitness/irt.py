@@ -29,12 +29,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from evomerge.errors import EvomergeError
+
 ANCHOR_METHODS = ("irt", "correct", "random")
 ESTIMATORS = ("anchor", "pirt", "gpirt", "merge3", "mix")
 MIN_FIT = 8  # fewer fully scored candidates than this and there is nothing to fit a model on
 
 
-class IRTUnavailable(ValueError):
+class IRTUnavailable(EvomergeError, ValueError):
     """IRT cannot help for this task (too few candidates, too few informative items, ...): score it in full."""
 
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from evomerge.yamlfile import read_yaml
+from evomerge.config import Where, check_keys, read_yaml, resolve_path
+from evomerge.errors import CandidateError, UserError
 
 BUILTINS = ("perplexity", "params", "layers", "latency")
 _DIRECTIONS = {
@@ -48,13 +49,14 @@ _BUILTIN_KEYS = {
     "layers": {"name", "builtin", "direction"},
     "latency": {"name", "builtin", "direction", "prompt", "max_new_tokens", "repeats"},
 }
+_RELATIVE = "relative paths resolve against"  # see config.resolve_path
 
 
-class FitnessConfigError(ValueError):
+class FitnessConfigError(UserError, ValueError):
     """A user error in an objectives file or an evaluation request: says where and what to do."""
 
 
-class CandidateFailed(RuntimeError):
+class CandidateFailed(CandidateError, RuntimeError):
     """A candidate could not be scored (NaN weights or outputs, ...). The search records it as failed."""
 
     def __init__(self, reason: str):
@@ -166,16 +168,14 @@ def parse_objectives(data: Any, source: str = "<dict>", base_dir: str | Path = "
         data = {"objectives": data}
     if not isinstance(data, dict) or not isinstance(data.get("objectives"), list) or not data["objectives"]:
         raise FitnessConfigError(f"{source}: expected a mapping with a non-empty list under 'objectives'")
-    unknown = set(data) - {"objectives", "include", "split"}
-    if unknown:
-        raise FitnessConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; allowed: objectives, include, split")
+    check_keys(data, ("objectives", "include", "split"), Where(source, FitnessConfigError))
     include = data.get("include") or []
     include = [include] if isinstance(include, str) else include
     folders = []
     for i, folder in enumerate(include):
-        p = (base_dir / str(folder)).resolve()
+        p = resolve_path(folder, base_dir, accept=Path.is_dir).resolve()
         if check_paths and not p.is_dir():
-            raise FitnessConfigError(f"{source}: include[{i}] '{folder}' is not a folder (relative paths resolve against {base_dir})")
+            raise FitnessConfigError(f"{source}: include[{i}] '{folder}' is not a folder ({_RELATIVE} {base_dir}, then the working directory)")
         folders.append(str(p))
     split = data.get("split", "fitness")
     if not isinstance(split, str) or not split:
@@ -206,9 +206,9 @@ def _parse_one(raw: Any, where: str, base_dir: Path, check_paths: bool = True) -
         _check_keys(raw, _TASK_KEYS, where)
         task = str(raw["task"])
         if task.endswith((".yaml", ".yml")):
-            p = (base_dir / task).resolve()
+            p = resolve_path(task, base_dir, accept=Path.is_file).resolve()
             if check_paths and not p.is_file():
-                raise FitnessConfigError(f"{where}.task: task file '{task}' not found (relative paths resolve against {base_dir})")
+                raise FitnessConfigError(f"{where}.task: task file '{task}' not found ({_RELATIVE} {base_dir}, then the working directory)")
             task = str(p)
         metric = raw.get("metric")
         name = raw.get("name") or (Path(task).stem if task.endswith((".yaml", ".yml")) else task)
@@ -222,9 +222,9 @@ def _parse_one(raw: Any, where: str, base_dir: Path, check_paths: bool = True) -
     if kind == "perplexity":
         if "file" not in raw:
             raise FitnessConfigError(f"{where}: the perplexity objective needs 'file:' (a text file)")
-        p = (base_dir / str(raw["file"])).resolve()
+        p = resolve_path(raw["file"], base_dir, accept=Path.is_file).resolve()
         if check_paths and not p.is_file():
-            raise FitnessConfigError(f"{where}.file: '{raw['file']}' not found (relative paths resolve against {base_dir})")
+            raise FitnessConfigError(f"{where}.file: '{raw['file']}' not found ({_RELATIVE} {base_dir}, then the working directory)")
         kw["file"], kw["limit"] = str(p), limit
     if kind == "latency":
         for key in ("max_new_tokens", "repeats"):
@@ -272,7 +272,5 @@ def _parse_irt(raw: dict, where: str, limit: int | None) -> dict[str, Any]:
 
 
 def _check_keys(raw: dict, allowed: set[str], where: str) -> None:
-    unknown = set(raw) - allowed
-    if unknown:
-        raise FitnessConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed here: {', '.join(sorted(allowed))}")
+    check_keys(raw, sorted(allowed), Where(None, FitnessConfigError, default=""), f"{where}.")
 

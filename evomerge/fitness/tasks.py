@@ -10,24 +10,19 @@ Items have stable ids: a document's `id` field when it has one, else its index i
 
 from __future__ import annotations
 
-import difflib
-import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from evomerge.compat import lm_eval as lm_eval_compat
+from evomerge.config import suggest
 from evomerge.fitness.objectives import FitnessConfigError, Objective, ObjectiveSet
 
 if TYPE_CHECKING:
     from lm_eval.api.model import LM
     from lm_eval.api.task import Task
-
-
-def quiet_lm_eval() -> None:
-    for name in ("lm-eval", "lm_eval", "lm_eval.api.task", "lm_eval.evaluator", "lm_eval.tasks"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class TaskLoader:
@@ -39,7 +34,6 @@ class TaskLoader:
     def __init__(self, include: Iterable[str] = (), source: str = "<objectives>"):
         from lm_eval.tasks import TaskManager
 
-        quiet_lm_eval()
         self.source = source
         self.include = [str(p) for p in include]
         self._local = TaskManager(include_path=self.include, include_defaults=False) if self.include else None
@@ -54,13 +48,11 @@ class TaskLoader:
 
     def config(self, obj: Objective) -> tuple[dict, Path | None]:
         """The task's full config dict (includes resolved) and the YAML it came from."""
-        from lm_eval.tasks._index import TaskIndex
-
         name = obj.task
         assert name is not None
         where = f"{self.source}: objective '{obj.name}'.task"
         if name.endswith((".yaml", ".yml")):
-            entry = TaskIndex.entry_from_path(Path(name))
+            entry = lm_eval_compat.entry_from_path(Path(name))
             if entry is None:
                 raise FitnessConfigError(f"{where}: '{name}' is not an lm-eval task YAML")
             manager = self._local or self._registry_light()
@@ -69,15 +61,14 @@ class TaskLoader:
             if manager is None:
                 manager = self._registry()
                 if name not in manager.task_index:
-                    close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
-                    hint = f"; close names: {', '.join(close)}" if close else ""
+                    hint = suggest(name, manager.all_tasks, n=5, list_known=False)
                     folders = f" (searched {', '.join(self.include)} and lm-eval's registry)" if self.include else " (searched lm-eval's registry; add `include: [folder]` for local tasks)"
-                    raise FitnessConfigError(f"{where}: unknown task '{name}'{folders}{hint}")
+                    raise FitnessConfigError(f"{where}: unknown task '{name}'{folders}.{hint}")
             entry = manager.task_index[name]
         if getattr(entry, "kind", None) is not None and entry.kind.name not in ("TASK", "PY_TASK"):
             raise FitnessConfigError(f"{where}: '{name}' is a task group or tag; name one task per objective")
         # lm-eval 0.4.10+: the factory merges `include:` chains and resolves `!function` tags
-        cfg = manager._factory._load_full_config(entry, None)
+        cfg = lm_eval_compat.load_full_config(manager, entry)
         return cfg, entry.yaml_path
 
     def _registry_light(self):
@@ -157,21 +148,23 @@ def _memoise_per_doc(task: "Task") -> None:
     """`process_results` renders the target (a jinja template compiled on every call in lm-eval 0.4) for
     every document of every candidate; targets and choices depend only on the document, so keep them."""
     for attr in ("doc_to_target", "doc_to_choice"):
-        inner = getattr(task, attr, None)
-        if inner is None:
-            continue
-        cache: dict[int, tuple[Any, Any]] = {}
+        if getattr(task, attr, None) is not None:
+            lm_eval_compat.wrap_method(task, attr, _per_doc_memo)
 
-        def memo(doc, *args, _inner=inner, _cache=cache, **kw):
-            if args or kw:
-                return _inner(doc, *args, **kw)
-            hit = _cache.get(id(doc))
-            if hit is None or hit[0] is not doc:  # the doc object itself is kept, so its id stays unique
-                hit = (doc, _inner(doc))
-                _cache[id(doc)] = hit
-            return hit[1]
 
-        setattr(task, attr, memo)
+def _per_doc_memo(inner):
+    cache: dict[int, tuple[Any, Any]] = {}
+
+    def memo(doc, *args, **kw):
+        if args or kw:
+            return inner(doc, *args, **kw)
+        hit = cache.get(id(doc))
+        if hit is None or hit[0] is not doc:  # the doc object itself is kept, so its id stays unique
+            hit = (doc, inner(doc))
+            cache[id(doc)] = hit
+        return hit[1]
+
+    return memo
 
 
 @dataclass
@@ -212,9 +205,9 @@ class TaskRun:
                 raise FitnessConfigError(f"{source}: objective '{obj.name}': task '{self.name}' declares no metrics")
             name = metrics[0]
         if name not in metrics:
-            close = difflib.get_close_matches(name, metrics, n=3, cutoff=0.5)
             raise FitnessConfigError(f"{source}: objective '{obj.name}'.metric: task '{self.name}' does not produce "
-                                     f"'{name}'; it produces: {', '.join(metrics)}" + (f" (did you mean {close[0]}?)" if close else ""))
+                                     f"'{name}'; it produces: {', '.join(metrics)}."
+                                     + suggest(name, metrics, cutoff=0.5, list_known=False))
         filters = [f.name for f in getattr(self.task, "_filters", [])] or ["none"]
         if not filt:
             filt = "none" if "none" in filters else filters[0]

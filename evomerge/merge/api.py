@@ -24,7 +24,7 @@ from evomerge.merge.export import DEFAULT_SHARD_BYTES, check_output, model_card,
 from evomerge.merge.methods import METHODS
 from evomerge.merge.plan import MergePlan, plan_merge
 from evomerge.merge.recipe import Recipe, RecipeError, parse_recipe
-from evomerge.yamlfile import read_yaml
+from evomerge.config import read_yaml
 
 AnyRecipe = Union[Recipe, DataflowRecipe]
 AnyPlan = Union[MergePlan, DataflowPlan]

@@ -43,16 +43,16 @@ import yaml
 from tqdm import tqdm
 
 from evomerge.checkpoints import classify_tensor
-from evomerge.checkpoints.arch import Architecture, rename_layer
+from evomerge.checkpoints.arch import Architecture, rename_layer, set_layer_count
 from evomerge.checkpoints.compat import tokenizer_vocab
 from evomerge.merge.fold import FOLDABLE_FAMILIES, all_ones, fold_factors, fold_rule, fold_tensor
-from evomerge.merge.recipe import DTYPES, RecipeError, _resolve_path, _suggest, _Where, parse_recipe
+from evomerge.config import DTYPES, Where, check_keys
+from evomerge.merge.recipe import RecipeError, parse_recipe, recipe_where, resolve_model_folder
 from evomerge.merge.sources import FolderSource, MergeSource, Source, SourceReader, as_source
 
 TOP_LEVEL_KEYS = ("sources", "dataflow", "dtype", "name")
 DATAFLOW_KEYS = ("embed", "head", "path")
 HOP_KEYS = ("model", "layer", "scale")
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 MERGEKIT_CONFIG = "mergekit_config.yml"
 
 
@@ -100,17 +100,13 @@ class DataflowRecipe:
 def parse_dataflow(data: Any, source_file: Path | None = None, check_paths: bool = True) -> DataflowRecipe:
     """Validate a DFS recipe mapping. With `check_paths`, also resolve model folders and check the path against
     the models' headers (layer ranges, sizes), so every error surfaces before a tensor is read."""
-    where = _Where(source_file)
+    where = recipe_where(source_file)
     base_dir = source_file.parent if source_file else None
     if not isinstance(data, dict) or not isinstance(data.get("dataflow"), dict):
         raise where.error("dataflow", "a data-flow recipe needs a 'dataflow' mapping with a 'path' list")
-    for key in data:
-        if key not in TOP_LEVEL_KEYS:
-            raise where.error(key, "unknown field in a data-flow recipe." + _suggest(key, TOP_LEVEL_KEYS))
+    check_keys(data, TOP_LEVEL_KEYS, where, what="unknown field in a data-flow recipe.")
     flow = data["dataflow"]
-    for key in flow:
-        if key not in DATAFLOW_KEYS:
-            raise where.error(f"dataflow.{key}", "unknown field." + _suggest(key, DATAFLOW_KEYS))
+    check_keys(flow, DATAFLOW_KEYS, where, "dataflow.")
 
     sources: dict[str, Source] = {}
     raw_sources = data.get("sources") or {}
@@ -127,9 +123,7 @@ def parse_dataflow(data: Any, source_file: Path | None = None, check_paths: bool
         f = f"dataflow.path[{i}]"
         if not isinstance(raw, dict) or "model" not in raw or "layer" not in raw:
             raise where.error(f, f"each hop is {{model: SOURCE, layer: INDEX, scale: NUMBER}}, got {raw!r}")
-        for key in raw:
-            if key not in HOP_KEYS:
-                raise where.error(f"{f}.{key}", "unknown field." + _suggest(key, HOP_KEYS))
+        check_keys(raw, HOP_KEYS, where, f"{f}.")
         model = _source_name(where, f"{f}.model", raw["model"], sources, base_dir, check_paths)
         layer = raw["layer"]
         if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
@@ -151,21 +145,21 @@ def parse_dataflow(data: Any, source_file: Path | None = None, check_paths: bool
     return recipe
 
 
-def _parse_source(where: _Where, field_path: str, spec: Any, source_file: Path | None, base_dir: Path | None,
+def _parse_source(where: Where, field_path: str, spec: Any, source_file: Path | None, base_dir: Path | None,
                   check_paths: bool) -> Source:
     if isinstance(spec, str):
-        return FolderSource(_resolve_path(where, field_path, spec, base_dir) if check_paths else Path(spec))
+        return FolderSource(resolve_model_folder(where, field_path, spec, base_dir) if check_paths else Path(spec))
     if isinstance(spec, dict):
         try:
             return MergeSource(parse_recipe(spec, source_file, check_paths=check_paths))
         except RecipeError as e:  # re-anchor the PS recipe's field names under this source
-            prefix = f"{where.file}: "
+            prefix = f"{where.source}: "
             msg = str(e)
             raise RecipeError(f"{prefix}{field_path}.{msg[len(prefix):]}" if msg.startswith(prefix) else msg) from None
     raise where.error(field_path, "must be a model folder path or an inline merge recipe mapping (merge_method, models, ...)")
 
 
-def _source_name(where: _Where, field_path: str, value: Any, sources: dict[str, Source],
+def _source_name(where: Where, field_path: str, value: Any, sources: dict[str, Source],
                  base_dir: Path | None, check_paths: bool) -> str:
     """A hop's `model`: a source name, or a model folder that becomes a source named by the text as written."""
     if not isinstance(value, str) or not value:
@@ -176,7 +170,7 @@ def _source_name(where: _Where, field_path: str, value: Any, sources: dict[str, 
         sources[value] = FolderSource(Path(value))
         return value
     try:
-        sources[value] = FolderSource(_resolve_path(where, field_path, value, base_dir))
+        sources[value] = FolderSource(resolve_model_folder(where, field_path, value, base_dir))
     except RecipeError:
         names = f" (sources: {', '.join(sources)})" if sources else ""
         raise where.error(field_path, f"'{value}' is neither a source name{names} nor a model folder with a config.json; "
@@ -216,7 +210,7 @@ def token_embedding_name(names: list[str]) -> str:
 def plan_dataflow(recipe: DataflowRecipe, readers: Mapping[str, SourceReader] | None = None) -> DataflowPlan:
     """Check the path against the sources' headers and list every output tensor with its folded factor.
     Raises RecipeError naming the field before any tensor is read."""
-    where = _Where(recipe.source_file)
+    where = recipe_where(recipe.source_file)
     rd = dict(readers) if readers is not None else {}
     for name, spec in recipe.sources.items():
         if name not in rd:
@@ -292,9 +286,7 @@ def plan_dataflow(recipe: DataflowRecipe, readers: Mapping[str, SourceReader] | 
         post.append(PathTensor("lm_head.weight", recipe.head, head_tensor or token_embedding_name(head.names())))
 
     config = json.loads(json.dumps(ref.config))
-    for key in LAYER_COUNT_KEYS:
-        if key in config:
-            config[key] = len(recipe.path)
+    set_layer_count(config, len(recipe.path))
     types = config.get("layer_types")
     if isinstance(types, list):  # each layer keeps the attention type it was trained with
         config["layer_types"] = [(rd[h.model].config.get("layer_types") or types)[h.layer] for h in recipe.path]

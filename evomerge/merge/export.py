@@ -17,6 +17,8 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import save_file
 
+from evomerge.errors import UserError
+
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
@@ -24,7 +26,7 @@ TOKENIZER_FILES = (
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The output folder cannot be written as asked."""
 
 

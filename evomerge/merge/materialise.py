@@ -31,7 +31,7 @@ class Materialiser:
         TIES, breadcrumbs), so later candidates find their thresholds by look-up. Costs one more float32
         copy of each such task vector; turn it off where device memory is short. Results are identical."""
         if anchor not in paths:
-            raise ValueError(f"anchor '{anchor}' is not one of the models: {', '.join(paths)}")
+            raise RecipeError(f"anchor '{anchor}' is not one of the models ({', '.join(paths)}); name one of them")
         self.device = torch.device(device)
         self.anchor = anchor
         self.checkpoints: dict[str, Checkpoint] = {k: open_checkpoint(p) for k, p in paths.items()}

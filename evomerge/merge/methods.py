@@ -21,7 +21,6 @@ merge never stacks them (it accumulates model by model), so memory stays at a fe
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from evomerge.config import suggest
 from evomerge.merge.sparsify import RANKED, SPARSIFIERS, RankCache, check_epsilon
 
 ModelParams = Mapping[str, float]
@@ -521,8 +521,9 @@ _BOOLS = {"normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flat
 
 
 def _suggest(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """A parenthesised `config.suggest` (these messages go on with the allowed names)."""
+    hint = suggest(name, known, list_known=False)
+    return f" ({hint.strip()})" if hint else ""
 
 
 def _check_value(name: str, value: object, where: str) -> None:

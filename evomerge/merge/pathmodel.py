@@ -15,9 +15,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from evomerge.checkpoints import classify_tensor
+from evomerge.checkpoints import CheckpointError, classify_tensor
 from evomerge.checkpoints.arch import rename_layer
 from evomerge.merge.dataflow import DataflowRecipe
+from evomerge.merge.recipe import RecipeError
 
 
 def load_source_modules(recipe: DataflowRecipe, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
@@ -45,7 +46,8 @@ def _layer_list(model: nn.Module) -> nn.ModuleList:
         if role.kind == "layer":
             prefix = name[: name.index(f".{role.layer}.")]
             return model.get_submodule(prefix)  # type: ignore[return-value]
-    raise ValueError("the model has no layer list")
+    raise CheckpointError(f"the {type(model).__name__} model has no parameter named like a layer ('...layers.N.', "
+                          "'...h.N.'): a data-flow path needs a decoder with a layer list")
 
 
 def _scale_stream(scale: float):
@@ -84,7 +86,8 @@ def build_path_model(recipe: DataflowRecipe, modules: Mapping[str, nn.Module]) -
             source, source_name = recipe.embed, name
         tensor = own[source].get(source_name)
         if tensor is None:
-            raise ValueError(f"source '{source}' has no tensor '{source_name}' for the path model's '{name}'")
+            raise RecipeError(f"sources.{source}: has no tensor '{source_name}' (needed for the path model's '{name}'); "
+                              "data-flow sources must share the embed source's architecture")
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         if attr in owner._parameters:

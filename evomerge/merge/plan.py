@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from evomerge.checkpoints import Checkpoint, check_compatible, classify_tensor, open_checkpoint
-from evomerge.checkpoints.arch import Architecture, rename_layer
+from evomerge.checkpoints.arch import Architecture, rename_layer, set_layer_count
 from evomerge.merge.methods import METHODS, required_model_params
 from evomerge.merge.recipe import Recipe, RecipeError, Slice, Source
 from evomerge.merge.settings import NON_LAYER_POSITION, layer_position, resolve_setting
@@ -185,9 +185,7 @@ def plan_merge(recipe: Recipe, checkpoints: Mapping[str, Checkpoint] | None = No
         add_job(name, slices[-1], [name] * len(slices[-1].sources), NON_LAYER_POSITION)
 
     config = dict(ref.config)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if key in config:
-            config[key] = out_layer
+    set_layer_count(config, out_layer)
     out_dtype = recipe.out_dtype or recipe.dtype
     if out_dtype:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = out_dtype

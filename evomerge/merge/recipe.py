@@ -8,14 +8,14 @@ Relative model paths resolve against the recipe file's folder first, then the wo
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 import yaml
 
+from evomerge.config import DTYPES, Where, check_keys, path_candidates, resolve_path, suggest
+from evomerge.errors import UserError
 from evomerge.merge.methods import METHODS, required_model_params, validate_params
 
 Setting = Any  # float | int | bool | str | list[float] | list[{"filter": str, "value": ...}]
@@ -29,10 +29,9 @@ UNSUPPORTED_KEYS = {
     "tokenizer": "tokenizer surgery is not supported; models must share one tokenizer",
     "chat_template": "chat templates are copied from the tokenizer source as they are",
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # recipe `dtype` values
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe is malformed. The message names the file and the field, and says what to do."""
 
 
@@ -121,19 +120,9 @@ def _source_dict(s: Source) -> dict[str, Any]:
     return d
 
 
-class _Where:
-    """Builds error messages that name the file and the field."""
-
-    def __init__(self, source_file: Path | None):
-        self.file = str(source_file) if source_file else "<recipe>"
-
-    def error(self, field_path: str, message: str) -> RecipeError:
-        return RecipeError(f"{self.file}: {field_path}: {message}")
-
-
-def _suggest(word: str, options: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(options)}."
+def recipe_where(source_file: Path | None) -> Where:
+    """Errors of a recipe file (or of a recipe mapping, named `<recipe>`), as RecipeError."""
+    return Where(source_file, RecipeError, default="<recipe>")
 
 
 def _leaves(setting: Setting) -> list[Any]:
@@ -146,7 +135,7 @@ def _leaves(setting: Setting) -> list[Any]:
     return [setting]
 
 
-def _check_setting(where: _Where, field_path: str, setting: Setting) -> None:
+def _check_setting(where: Where, field_path: str, setting: Setting) -> None:
     def scalar(v: Any) -> bool:
         return isinstance(v, (int, float, bool, str))
 
@@ -172,14 +161,14 @@ def _check_setting(where: _Where, field_path: str, setting: Setting) -> None:
     )
 
 
-def _resolve_path(where: _Where, field_path: str, label: str, base_dir: Path | None) -> Path:
+def resolve_model_folder(where: Where, field_path: str, label: str, base_dir: Path | None) -> Path:
+    """A model folder named in a recipe (see `config.resolve_path`); it must hold a config.json."""
     if not isinstance(label, str) or not label:
         raise where.error(field_path, "must be a model folder path")
-    p = Path(label).expanduser()
-    candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir else []) + [Path.cwd() / p]
-    for c in candidates:
-        if (c / "config.json").exists():
-            return c.resolve()
+    found = resolve_path(label, base_dir, accept=lambda c: (c / "config.json").exists())
+    if (found / "config.json").exists():
+        return found.resolve()
+    candidates = path_candidates(label, base_dir)
     tried = ", ".join(str(c) for c in candidates)
     if "/" in label and not label.startswith((".", "/", "~")) and not any(c.exists() for c in candidates):
         hint = " Hub ids are not downloaded; download the model and give its local folder."
@@ -188,27 +177,25 @@ def _resolve_path(where: _Where, field_path: str, label: str, base_dir: Path | N
     raise where.error(field_path, f"no model folder with a config.json at '{label}' (looked in {tried}).{hint}")
 
 
-def _parse_params(where: _Where, field_path: str, raw: Any, allowed: tuple[str, ...]) -> dict[str, Setting]:
+def _parse_params(where: Where, field_path: str, raw: Any, allowed: tuple[str, ...]) -> dict[str, Setting]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise where.error(field_path, "must be a mapping of parameter names to values")
     for key, value in raw.items():
         if key not in allowed:
-            raise where.error(f"{field_path}.{key}", "this merge method takes no such parameter." + _suggest(key, allowed))
+            raise where.error(f"{field_path}.{key}", "this merge method takes no such parameter." + suggest(key, allowed))
         _check_setting(where, f"{field_path}.{key}", value)
     return dict(raw)
 
 
-def _parse_source(where: _Where, field_path: str, raw: Any, model_keys: tuple[str, ...], in_slice: bool) -> Source:
+def _parse_source(where: Where, field_path: str, raw: Any, model_keys: tuple[str, ...], in_slice: bool) -> Source:
     if isinstance(raw, str):
         raw = {"model": raw}
     if not isinstance(raw, dict) or "model" not in raw:
         raise where.error(field_path, "each entry needs a 'model' (a model folder path)")
     allowed = ("model", "parameters", "layer_range") if in_slice else ("model", "parameters")
-    for key in raw:
-        if key not in allowed:
-            raise where.error(f"{field_path}.{key}", "unknown field." + _suggest(key, allowed))
+    check_keys(raw, allowed, where, f"{field_path}.")
     layer_range = None
     if in_slice:
         lr = raw.get("layer_range")
@@ -221,17 +208,17 @@ def _parse_source(where: _Where, field_path: str, raw: Any, model_keys: tuple[st
 
 def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool = True) -> Recipe:
     """Validate a recipe mapping and return a Recipe. Raises RecipeError naming file and field."""
-    where = _Where(source_file)
+    where = recipe_where(source_file)
     if not isinstance(data, dict):
         raise where.error("(top level)", "a recipe is a YAML mapping with at least 'merge_method' and 'models' or 'slices'")
     for key in data:
         if key in UNSUPPORTED_KEYS:
             raise where.error(key, UNSUPPORTED_KEYS[key])
         if key not in TOP_LEVEL_KEYS:
-            raise where.error(key, "unknown field." + _suggest(key, TOP_LEVEL_KEYS))
+            raise where.error(key, "unknown field." + suggest(key, TOP_LEVEL_KEYS))
     method = data.get("merge_method")
     if method not in METHODS:
-        raise where.error("merge_method", f"unknown method {method!r}." + _suggest(str(method), sorted(METHODS)))
+        raise where.error("merge_method", f"unknown method {method!r}." + suggest(str(method), sorted(METHODS)))
     spec = METHODS[method]
     model_keys = tuple(spec.model_params)
     all_keys = tuple(dict.fromkeys((*spec.model_params, *spec.global_params)))
@@ -251,9 +238,7 @@ def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool =
         for i, sl in enumerate(data["slices"]):
             if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
                 raise where.error(f"slices[{i}]", "each slice needs a non-empty 'sources' list")
-            for key in sl:
-                if key not in ("sources", "parameters", "base_model"):
-                    raise where.error(f"slices[{i}].{key}", "unknown field." + _suggest(key, ("sources", "parameters", "base_model")))
+            check_keys(sl, ("sources", "parameters", "base_model"), where, f"slices[{i}].")
             sources = tuple(
                 _parse_source(where, f"slices[{i}].sources[{j}]", s, model_keys, True) for j, s in enumerate(sl["sources"])
             )
@@ -292,7 +277,7 @@ def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool =
         base_dir = source_file.parent if source_file else None
         for label, field_path in _label_fields(recipe):
             if label not in recipe.paths:
-                recipe.paths[label] = _resolve_path(where, field_path, label, base_dir)
+                recipe.paths[label] = resolve_model_folder(where, field_path, label, base_dir)
     return recipe
 
 
@@ -311,7 +296,7 @@ def _label_fields(recipe: Recipe) -> list[tuple[str, str]]:
     return out
 
 
-def _check_values(where: _Where, recipe: Recipe) -> None:
+def _check_values(where: Where, recipe: Recipe) -> None:
     """Run the method's own range checks on every value a setting can take, naming the field where the value
     is written, and check that every non-base model gets each required parameter from somewhere."""
     spec = METHODS[recipe.merge_method]
@@ -346,7 +331,7 @@ def _check_values(where: _Where, recipe: Recipe) -> None:
                 )
 
 
-def _validate_one(where: _Where, field_path: str, method: str, model_params: dict, global_params: dict) -> None:
+def _validate_one(where: Where, field_path: str, method: str, model_params: dict, global_params: dict) -> None:
     """Check one value with the method's own validator, the other parameters at their defaults."""
     spec = METHODS[method]
     full_model = {k: (d if d is not None else 1.0) for k, d in spec.model_params.items()} | model_params

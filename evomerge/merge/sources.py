@@ -50,7 +50,7 @@ class SourceReader:
 def _folder_layers(folder: Path) -> int | None:
     try:
         return Architecture.from_config(json.loads((Path(folder) / "config.json").read_text())).num_layers
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):  # no folder, no JSON, no layer count
         return None
 
 

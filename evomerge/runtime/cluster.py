@@ -22,6 +22,8 @@ import secrets
 import sys
 from dataclasses import dataclass
 
+from evomerge.compat import ray as compat_ray
+
 
 def address_from(cli_address: str | None = None) -> str | None:
     """The cluster to join: the command line's `--address`, else `RAY_ADDRESS`, else None (private Ray)."""
@@ -35,18 +37,13 @@ def _private_environment() -> None:
     """Loopback-only listeners and a per-process token; must run before `import ray` for the first one."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     if "ray" in sys.modules:  # imported earlier: Ray read the switch then, so set what it read too
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        compat_ray.set_loopback_only()
     if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         _SET_BY_US[:] = ["RAY_AUTH_MODE", "RAY_AUTH_TOKEN"]
         if "ray" in sys.modules:  # Ray cached its auth settings at import: make it read them again, as it does itself
-            from ray._raylet import AuthenticationTokenLoader, Config
-
-            Config.initialize("")
-            AuthenticationTokenLoader.instance().reset_cache()
+            compat_ray.reload_auth_settings()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private run reports nothing anywhere
 
 

@@ -27,6 +27,7 @@ from evomerge.runtime.base import Items, Outcome, OutcomeStream, ScorerFactory
 from evomerge.runtime.cluster import Cluster, connect
 from evomerge.runtime.stats import RuntimeStats
 from evomerge.runtime.worker import actor_class
+from evomerge.errors import UserError
 
 if TYPE_CHECKING:
     from evomerge.merge.api import AnyRecipe
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 STARTUP_FAILURES = 3  # workers in a row dying before they are ready: the cluster cannot host them, stop
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(UserError, RuntimeError):
     """No worker can run: they die while starting, or the cluster lacks the resources they ask for."""
 
 

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from evomerge.runtime.base import Items, Outcome, Scorer, ScorerFactory, close_scorer, run_one
+from evomerge.compat import quiet
 
 if TYPE_CHECKING:
     from evomerge.merge.api import AnyRecipe
@@ -24,9 +25,7 @@ class Worker:
     re-raised by the driver, with its own type, before any candidate is sent."""
 
     def __init__(self, scorer: ScorerFactory, threads: int, name: str):
-        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's bars would flood the driver's log
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self._unquiet = quiet.install()  # a worker process: lm-eval's bars and logs would flood the driver's log
         import torch
 
         torch.set_num_threads(threads)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
+from evomerge.errors import ConfigError
 from evomerge.scoring.recipe_scorer import RecipeScorer, default_scorer
 
 
@@ -20,7 +21,8 @@ def load_factory(ref: str) -> Callable[..., Any]:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"runtime.evaluator: cannot import '{ref}' ({e})") from None
+        raise ConfigError(f"runtime.evaluator: cannot import '{ref}' ({e}); give module:function of an importable "
+                          "scorer factory") from None
 
 
 __all__ = ["RecipeScorer", "default_scorer", "load_factory"]

@@ -28,11 +28,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from evomerge.errors import UserError
+
 DRIVERS = ("random", "cmaes", "nsga2", "nsga3", "smsemoa")
 SINGLE_OBJECTIVE = ("cmaes",)
 
 
-class DriverError(ValueError):
+class DriverError(UserError, ValueError):
     """A driver cannot be built as configured (unknown name, wrong number of objectives, bad option)."""
 
 
@@ -259,8 +261,7 @@ def make_driver(name: str, n_var: int, n_obj: int, pop_size: int, seed: int, see
         return CMAES(n_var, n_obj, pop_size, seed, seeds, **options)
     if name in DRIVERS:
         return PymooDriver(name, n_var, n_obj, pop_size, seed, seeds, **options)
-    import difflib
+    from evomerge.config import suggest
 
-    close = difflib.get_close_matches(name, DRIVERS, n=1)
-    raise DriverError(f"unknown algorithm '{name}'." + (f" Did you mean '{close[0]}'?" if close else "")
+    raise DriverError(f"unknown algorithm '{name}'." + suggest(name, DRIVERS, list_known=False)
                       + f" Choose one of {', '.join(DRIVERS)}")

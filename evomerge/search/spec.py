@@ -39,15 +39,15 @@ driver) and raises `JobSpecError` naming the file, the field and what to do.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
+from evomerge.config import Where, check_keys, int_field, read_yaml, resolve_path, suggest
+from evomerge.errors import UserError
 from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE
-from evomerge.yamlfile import read_yaml
 
 if TYPE_CHECKING:
     from evomerge.fitness.objectives import ObjectiveSet
@@ -60,11 +60,11 @@ RUNTIME_KEYS = ("kind", "workers", "threads", "gpus", "max_retries", "device", "
 RUNTIME_KINDS = ("auto", "local", "ray")
 
 
-class JobSpecError(ValueError):
+class JobSpecError(UserError, ValueError):
     """A job spec is invalid: `FILE: field: what is wrong. What to do.`"""
 
 
-class SearchStopped(RuntimeError):
+class SearchStopped(UserError, RuntimeError):
     """A job stopped itself (too many candidates failed in a row); the message is the diagnosis."""
 
 
@@ -164,35 +164,6 @@ def _from_field_dump(d: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-class _Where:
-    def __init__(self, source: str):
-        self.source = source
-
-    def error(self, field_path: str, message: str) -> JobSpecError:
-        return JobSpecError(f"{self.source}: {field_path}: {message}")
-
-    def unknown(self, raw: Mapping[str, Any], allowed: tuple[str, ...], prefix: str) -> None:
-        for key in raw:
-            if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else f" Known fields: {', '.join(allowed)}."
-                raise self.error(f"{prefix}{key}", "unknown field." + hint)
-
-
-def _resolve(base_dir: Path, value: Any) -> Path:
-    p = Path(str(value)).expanduser()
-    if p.is_absolute():
-        return p
-    here = (base_dir / p)
-    return here if here.exists() or not (Path.cwd() / p).exists() else Path.cwd() / p
-
-
-def _int(where: _Where, field_path: str, value: Any, low: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise where.error(field_path, f"must be a whole number >= {low}, got {value!r}")
-    return value
-
-
 def load_job(path: str | Path) -> JobSpec:
     """Read and check a job spec file; every relative path resolves against the file's folder."""
     data, p = read_yaml(path, JobSpecError, "job spec")
@@ -203,10 +174,10 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     """Check a job spec mapping. `check_paths=False` checks its structure and values but not the files it names
     (models, objectives' folders): a stored spec read on another machine, a spec bound for a cluster."""
     base_dir = Path(base_dir).resolve()
-    where = _Where(source)
+    where = Where(source, JobSpecError)
     if not isinstance(data, dict):
         raise where.error("(top level)", "a job spec is a YAML mapping with name, models, search_space, objectives, driver, store")
-    where.unknown(data, TOP_KEYS, "")
+    check_keys(data, TOP_KEYS, where, "")
     for key in ("name", "models", "search_space", "store"):
         if data.get(key) in (None, ""):
             raise where.error(key, "required." + {"name": " Give the job a name (unique in its store).",
@@ -220,13 +191,13 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     raw = data["models"]
     if not isinstance(raw, dict) or "base" not in raw or not isinstance(raw.get("sources"), dict) or not raw["sources"]:
         raise where.error("models", "give `base: FOLDER` and `sources: {name: FOLDER, ...}` (at least one source)")
-    where.unknown(raw, ("base", "base_name", "sources"), "models.")
+    check_keys(raw, ("base", "base_name", "sources"), where, "models.")
     base = str(raw.get("base_name", "base"))
-    models: dict[str, Path] = {base: _resolve(base_dir, raw["base"])}
+    models: dict[str, Path] = {base: resolve_path(raw["base"], base_dir)}
     for k, v in raw["sources"].items():
         if str(k) in models:
             raise where.error(f"models.sources.{k}", f"the name '{k}' is taken (the base is '{base}'); rename it")
-        models[str(k)] = _resolve(base_dir, v)
+        models[str(k)] = resolve_path(v, base_dir)
     for label, folder in models.items() if check_paths else ():
         field_path = "models.base" if label == base else f"models.sources.{label}"
         if not (folder / "config.json").is_file():
@@ -258,7 +229,7 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     rt = data.get("runtime") or {}
     if not isinstance(rt, dict):
         raise where.error("runtime", "must be a mapping (workers, threads, device, backend, batch_size, evaluator)")
-    where.unknown(rt, RUNTIME_KEYS, "runtime.")
+    check_keys(rt, RUNTIME_KEYS, where, "runtime.")
     kind = str(rt.get("kind", "auto"))
     if kind not in RUNTIME_KINDS:
         raise where.error("runtime.kind", f"must be auto, local or ray, got {kind!r}")
@@ -268,11 +239,11 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
         raise where.error("runtime.gpus", f"must be a number of GPUs per worker >= 0 (e.g. 1, or 0.5 to share one), "
                           f"got {gpus!r}")
     runtime = RuntimeSpec(
-        kind=kind, workers=_int(where, "runtime.workers", rt.get("workers", 1)),
-        threads=_int(where, "runtime.threads", rt.get("threads", 1)), gpus=float(gpus),
-        max_retries=_int(where, "runtime.max_retries", rt.get("max_retries", 2), 0),
+        kind=kind, workers=int_field(where, "runtime.workers", rt.get("workers", 1)),
+        threads=int_field(where, "runtime.threads", rt.get("threads", 1)), gpus=float(gpus),
+        max_retries=int_field(where, "runtime.max_retries", rt.get("max_retries", 2), 0),
         device=device, backend=str(rt.get("backend", "hf")),
-        batch_size=_int(where, "runtime.batch_size", rt.get("batch_size", 64)), evaluator=rt.get("evaluator"),
+        batch_size=int_field(where, "runtime.batch_size", rt.get("batch_size", 64)), evaluator=rt.get("evaluator"),
         evaluator_options=dict(rt.get("evaluator_options") or {}))
     if runtime.backend not in ("hf", "vllm", "auto"):
         raise where.error("runtime.backend", f"must be hf, vllm or auto, got {runtime.backend!r}")
@@ -290,7 +261,7 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
 
         if isinstance(obj, str):
             try:  # a syntax error in the objectives file is reported too, not only a missing one
-                objectives, f = read_yaml(_resolve(base_dir, obj), FitnessConfigError, "objectives")
+                objectives, f = read_yaml(resolve_path(obj, base_dir), FitnessConfigError, "objectives")
             except FitnessConfigError as e:
                 raise where.error("objectives", str(e)) from None
             objectives_dir, obj_source = f.parent, str(f)
@@ -308,12 +279,11 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     dr = data.get("driver") or {}
     if not isinstance(dr, dict):
         raise where.error("driver", "must be a mapping (algorithm, population, budget, seed, options)")
-    where.unknown(dr, DRIVER_KEYS, "driver.")
+    check_keys(dr, DRIVER_KEYS, where, "driver.")
     algorithm = str(dr.get("algorithm", "nsga2"))
     if algorithm not in DRIVERS:
-        close = difflib.get_close_matches(algorithm, DRIVERS, n=1)
         raise where.error("driver.algorithm", f"unknown algorithm '{algorithm}'."
-                          + (f" Did you mean '{close[0]}'?" if close else "") + f" Choose one of {', '.join(DRIVERS)}")
+                          + suggest(algorithm, DRIVERS, list_known=False) + f" Choose one of {', '.join(DRIVERS)}")
     if algorithm in SINGLE_OBJECTIVE and n_obj is not None and n_obj != 1:
         raise where.error("driver.algorithm", f"{algorithm} optimises one objective and the job has {n_obj}; use nsga2, "
                           "nsga3 or smsemoa, or keep one objective")
@@ -326,7 +296,7 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     if evals is None and secs is None:
         raise where.error("driver.budget", "give a budget: {evaluations: N} and/or {seconds: S}, or the search never ends")
     if evals is not None:
-        _int(where, "driver.budget.evaluations", evals)
+        int_field(where, "driver.budget.evaluations", evals)
     if secs is not None and (isinstance(secs, bool) or not isinstance(secs, (int, float)) or secs <= 0):
         raise where.error("driver.budget.seconds", f"must be a number of seconds > 0, got {secs!r}")
     options = dr.get("options") or {}
@@ -336,18 +306,18 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     mode = str(dr.get("mode", "generational"))
     if mode not in DRIVER_MODES:
         raise where.error("driver.mode", f"must be generational or steady, got {mode!r}")
-    driver = DriverSpec(algorithm=algorithm, population=_int(where, "driver.population", dr.get("population", 12), 2),
+    driver = DriverSpec(algorithm=algorithm, population=int_field(where, "driver.population", dr.get("population", 12), 2),
                         max_evaluations=evals, max_seconds=None if secs is None else float(secs),
-                        seed=_int(where, "driver.seed", seed, 0), options=dict(options),
-                        max_failures_in_a_row=_int(where, "driver.max_failures_in_a_row", dr.get("max_failures_in_a_row", 10)),
-                        mode=mode, lag=_int(where, "driver.lag", dr.get("lag", 1), 0))
+                        seed=int_field(where, "driver.seed", seed, 0), options=dict(options),
+                        max_failures_in_a_row=int_field(where, "driver.max_failures_in_a_row", dr.get("max_failures_in_a_row", 10)),
+                        mode=mode, lag=int_field(where, "driver.lag", dr.get("lag", 1), 0))
     if algorithm == "cmaes" and space is not None and space.num_genes < 2:
         raise where.error("driver.algorithm", "cmaes needs a space of at least 2 genes; use random or nsga2")
 
-    store = _resolve(base_dir, data["store"])
+    store = resolve_path(data["store"], base_dir)
     if store.exists() and store.is_dir():
         raise where.error("store", f"{store} is a folder; give the path of a file (e.g. {store}/store.sqlite)")
-    report = _resolve(base_dir, data["report"]) if data.get("report") else store.parent
+    report = resolve_path(data["report"], base_dir) if data.get("report") else store.parent
     split = str(data.get("report_split", "test"))
     if parsed is not None and split == parsed.split:
         raise where.error("report_split", f"the report must score a held-out split, not the fitness split '{split}'")

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
-from evomerge.checkpoints import CheckpointError, IncompatibleModelsError
-from evomerge.fitness.objectives import FitnessConfigError
-from evomerge.merge.export import DEFAULT_SHARD_BYTES, ExportError, parse_size
-from evomerge.merge.recipe import RecipeError
-from evomerge.runtime.scheduler import WorkerStartError
-from evomerge.search.drivers import DriverError
-from evomerge.search.spec import JobSpecError, SearchStopped
+from evomerge.compat.quiet import quiet_third_party
+from evomerge.errors import UserError
+from evomerge.merge.export import DEFAULT_SHARD_BYTES, parse_size
 from evomerge.service.submit import ServiceError
-from evomerge.spaces.ps import SpaceError
-from evomerge.store import StoreError
 
 ADDRESS_HELP = ("Ray cluster to run the workers on (host:port of its head, or 'auto'); default: RAY_ADDRESS if set, "
                 "else a private Ray on 127.0.0.1 when the job has more than one worker (runtime.kind: auto)")
-
-# Errors a user can fix: print the message, no traceback.
-USER_ERRORS = (RecipeError, CheckpointError, IncompatibleModelsError, ExportError, FitnessConfigError,
-               JobSpecError, SpaceError, DriverError, StoreError, SearchStopped, WorkerStartError,
-               ServiceError)
+RAY_JOBS_COMMANDS = ("submit", "jobs", "status", "logs", "stop")  # quieted: Ray's job SDK logs every upload
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -39,13 +33,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from evomerge.fitness.evaluator import default_backend
+
+    hf = (default_backend() if args.backend == "auto" else args.backend) == "hf"
+    with quiet_third_party(bars=hf):  # not vLLM's bars: its offline runner divides by the bar's time
+        return _score_and_print(args)
+
+
+def _score_and_print(args: argparse.Namespace) -> int:
     import json
-    import os
 
-    from evomerge.fitness.evaluator import Evaluator, default_backend
-
-    if (default_backend() if args.backend == "auto" else args.backend) == "hf":
-        os.environ.setdefault("TQDM_DISABLE", "1")  # not for vLLM: its offline runner divides by the bar's time
+    from evomerge.fitness.evaluator import Evaluator
     from evomerge.fitness.objectives import CandidateFailed, load_objectives
 
     objectives = load_objectives(args.objectives, split=args.split)
@@ -76,33 +74,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search_env() -> None:
-    """Quiet third-party progress bars; SIGTERM interrupts like Ctrl-C (the job stays resumable)."""
-    import os
-    import signal
-
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    import functools
-
-    import tqdm
-
-    # lm-eval and datasets draw their own bars per task load; the search's progress line is the one to read.
-    # TQDM_DISABLE alone is not enough: tqdm reads TQDM_* variables once, when it is imported.
-    tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)  # type: ignore[method-assign]
-
+@contextlib.contextmanager
+def search_env() -> Iterator[None]:
+    """Around a search in the foreground: third-party output quieted, SIGTERM interrupts like Ctrl-C (the job stays
+    resumable). Both are undone on exit, so a caller in a longer-lived process (the demo, tests calling `main`)
+    keeps its own SIGTERM handler and progress bars afterwards."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works there only
+    previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
+    try:
+        with quiet_third_party():
+            yield
+    finally:
+        if main_thread:  # None: a handler not installed from Python; the default is the closest one can restore
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from evomerge.search.jobs import run_job
 
-    _search_env()
     try:
-        run_job(args.job, address=args.address)
+        with search_env():
+            run_job(args.job, address=args.address)
     except KeyboardInterrupt:
         print(f"interrupted: the job is resumable with `evomerge resume {args.job}`", file=sys.stderr)
         return 130
@@ -112,9 +107,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.search.jobs import resume_job
 
-    _search_env()
     try:
-        resume_job(args.job, args.name, address=args.address)
+        with search_env():
+            resume_job(args.job, args.name, address=args.address)
     except KeyboardInterrupt:
         print(f"interrupted: the job is resumable with `evomerge resume {args.job}" + (f" --job {args.name}" if args.name else "") + "`", file=sys.stderr)
         return 130
@@ -122,13 +117,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from evomerge.dashboard import DashboardError, serve
+    from evomerge.dashboard import serve
 
     try:
         serve(args.store, host=args.host, port=args.port, token=args.token, quiet=not args.verbose)
-    except DashboardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 0
     return 0
@@ -364,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except USER_ERRORS as e:
+        with quiet_third_party(bars=False) if args.command in RAY_JOBS_COMMANDS else contextlib.nullcontext():
+            return args.func(args)
+    except UserError as e:  # bad input: its message names the file, field and fix; a traceback would bury it
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from evomerge.config import EXAMPLES
+
+TASKS = EXAMPLES / "fitness"  # the example tasks, package data
 TARGET = "zoo_mix"
 MARKER = "# written by `make demo` (evomerge/service/demo.py)"
 
@@ -42,7 +44,7 @@ def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int) -> dict:
                     "scales": "none"},
         },
         "objectives": {
-            "include": [str(REPO / "fitness")],
+            "include": [str(TASKS)],
             "split": "fitness",
             "objectives": [
                 {"task": TARGET, "metric": "exact_match", "direction": "maximise", **irt},
@@ -64,8 +66,8 @@ def score_folder(folder: Path, split: str = "test") -> float:
     from evomerge.fitness.evaluator import Evaluator
     from evomerge.fitness.objectives import parse_objectives
 
-    objectives = parse_objectives({"include": [str(REPO / "fitness")], "split": split,
-                                   "objectives": [{"task": TARGET, "metric": "exact_match"}]}, base_dir=REPO)
+    objectives = parse_objectives({"include": [str(TASKS)], "split": split,
+                                   "objectives": [{"task": TARGET, "metric": "exact_match"}]}, base_dir=TASKS)
     ev = Evaluator(objectives, model=folder, backend="hf")
     try:
         return float(ev.evaluate().values[TARGET])
@@ -81,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluations", type=int, default=72, help="search budget in candidates")
     args = ap.parse_args(argv)
 
+    from evomerge.compat.quiet import quiet_third_party
     from evomerge.merge.export import ExportError
     from evomerge.search.jobs import run_job
-    from evomerge.service.cli import _search_env
+    from evomerge.service.cli import search_env
     from evomerge.service.export import export
     from evomerge.zoo.build import build_zoo
 
@@ -104,25 +107,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nSearch: {job_path}\n  PS-then-DFS hybrid over the zoo's arithmetic and cipher experts; objectives "
           f"{TARGET} (target) and zoo_composed, IRT-reduced (30 anchors per task after calibration); "
           f"{args.workers} Ray workers on 127.0.0.1; {args.evaluations} candidates.\n", flush=True)
-    _search_env()
     t0 = time.perf_counter()
-    result = run_job(job_path)
+    with search_env():
+        result = run_job(job_path)
     search_s = time.perf_counter() - t0
 
     # The best recipe for the target task: mergekit YAML where expressible, else ours; and the checkpoint.
     recipe_out = out / "best-recipe.yaml"
-    try:
-        _, selected, notes = export(job_path, recipe_out, fmt="mergekit", best=TARGET)
-        recipe_kind = "mergekit YAML (`mergekit-yaml` accepts it)"
-    except ExportError as e:
-        _, selected, notes = export(job_path, recipe_out, fmt="recipe", best=TARGET)
-        recipe_kind = f"evomerge recipe YAML (`evomerge merge` builds it; not mergekit: {e})"
-    model_out = out / "best-model"
-    export(job_path, model_out, fmt="model", best=TARGET)
-    for note in notes:
-        print(f"note: {note}")
+    with quiet_third_party():  # the export and the final scoring print only the lines below
+        try:
+            _, selected, notes = export(job_path, recipe_out, fmt="mergekit", best=TARGET)
+            recipe_kind = "mergekit YAML (`mergekit-yaml` accepts it)"
+        except ExportError as e:
+            _, selected, notes = export(job_path, recipe_out, fmt="recipe", best=TARGET)
+            recipe_kind = f"evomerge recipe YAML (`evomerge merge` builds it; not mergekit: {e})"
+        model_out = out / "best-model"
+        export(job_path, model_out, fmt="model", best=TARGET)
+        for note in notes:
+            print(f"note: {note}")
 
-    merged = score_folder(model_out)
+        merged = score_folder(model_out)
     parents = {p["name"]: (p.get("test") or {}).get(TARGET) for p in result.report["parents"]}
     print(f"\nThe best candidate for {TARGET} (#{selected.row.id}), exported and loaded fresh from disk, on the "
           f"test split ({TARGET}: half arithmetic, half cipher items):")

@@ -18,7 +18,6 @@ http(s)://HOST[:PORT]: nothing user-typed becomes part of a URL path unchecked.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import tempfile
@@ -30,6 +29,9 @@ from typing import Any, Iterator
 
 import yaml
 
+from evomerge.compat import quiet
+from evomerge.errors import UserError
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"  # what `ray job` reads too
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # Ray submission ids and evomerge job names
@@ -39,7 +41,7 @@ SPEC_NAME = "job.yaml"  # the spec's name inside the uploaded working directory
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class ServiceError(RuntimeError):
+class ServiceError(UserError, RuntimeError):
     """The Ray head cannot be reached or used as asked: says why and what to do."""
 
 
@@ -94,8 +96,8 @@ def portable_spec(path: str | Path, check: bool = True) -> dict[str, Any]:
     makes): a job that cannot start is refused before it is sent. Without it (models only on the cluster), the
     structure, the values and the name are checked, not the files the spec names.
     """
+    from evomerge.config import read_yaml
     from evomerge.search.spec import JobSpecError, parse_job
-    from evomerge.yamlfile import read_yaml
 
     data, p = read_yaml(path, JobSpecError, "job spec")
     if not isinstance(data, dict):
@@ -154,9 +156,6 @@ class Jobs:
             raise ServiceError(f"{self.address} is not a Ray head's dashboard (its answer is not JSON)") from None
         from ray.job_submission import JobSubmissionClient
 
-        for noisy in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging",
-                      "ray.dashboard.modules.job.sdk"):  # "uploading package ...": our own messages say enough
-            logging.getLogger(noisy).setLevel(logging.WARNING)
         self.client = JobSubmissionClient(self.address, headers=dict(self.headers))
 
     def _check_auth(self, status: int) -> None:
@@ -195,7 +194,7 @@ class Jobs:
         with tempfile.TemporaryDirectory(prefix="evomerge-job-") as tmp:
             (Path(tmp) / SPEC_NAME).write_text(f"# {name}: submitted from {source}; paths made absolute there\n"
                                                + yaml.safe_dump(spec, sort_keys=False))
-            runtime_env: dict[str, Any] = {"working_dir": tmp, "env_vars": {"TQDM_DISABLE": "1", **(env or {})}}
+            runtime_env: dict[str, Any] = {"working_dir": tmp, "env_vars": {**quiet.job_env(), **(env or {})}}
             metadata = {"evomerge_job": name, "evomerge_spec": str(source), "evomerge_store": str(spec.get("store", ""))}
             return self._call("submit", self.client.submit_job, entrypoint=f"python -m evomerge.service.cli run {SPEC_NAME}",
                               submission_id=job_id, runtime_env=runtime_env, metadata=metadata)

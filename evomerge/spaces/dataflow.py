@@ -27,6 +27,7 @@ from evomerge.merge.dataflow import DataflowRecipe, Hop
 from evomerge.merge.fold import fold_factors
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.sources import Source, as_source
+from evomerge.spaces.ps import SpaceError
 
 EMBED = "embed"
 
@@ -85,25 +86,26 @@ class DataflowSpace:
 
     def __post_init__(self) -> None:
         if len(self.sources) < 1 or set(self.sources) != set(self.sizes):
-            raise ValueError("give the sizes of every source, and at least one source")
+            raise SpaceError("sources: give at least one source, and the sizes of every source")
         self.embed = self.embed or next(iter(self.sources))
         self.head = self.head or self.embed
         for role, name in (("embed", self.embed), ("head", self.head)):
             if name not in self.sources:
-                raise ValueError(f"{role} source '{name}' is not one of the sources: {', '.join(self.sources)}")
+                raise SpaceError(f"{role}: '{name}' is not one of the sources ({', '.join(self.sources)}); name one of them")
         if self.repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+            raise SpaceError(f"repeats: must be >= 1 (how often each source's layers may appear), got {self.repeats}")
         lo, hi = self.scale_bounds
         if not 0 < lo <= hi:
-            raise ValueError(f"scale_bounds must satisfy 0 < low <= high (scales must be positive), got {self.scale_bounds}")
+            raise SpaceError(f"scale_bounds: must satisfy 0 < low <= high (scales must be positive), got {self.scale_bounds}")
         self.slots = [(n, i) for _ in range(self.repeats) for n in self.sources for i in range(self.sizes[n].num_layers)]
         self.units = [f"{n}.{i}" for n in self.sources for i in range(self.sizes[n].num_layers)]
         pins = int(self.pin_first) + int(self.pin_last)
         if self.max_layers is None:
             self.max_layers = len(self.slots) + pins
         if not 1 <= self.min_layers <= self.max_layers or self.max_layers < pins or self.min_layers > len(self.slots) + pins:
-            raise ValueError(f"path length bounds [{self.min_layers}, {self.max_layers}] are impossible with "
-                             f"{len(self.slots)} slots and {pins} pinned hops")
+            raise SpaceError(f"min_layers, max_layers: path length bounds [{self.min_layers}, {self.max_layers}] are "
+                             f"impossible with {len(self.slots)} slots and {pins} pinned hops; need "
+                             f"1 <= min_layers <= max_layers, max_layers >= {pins}, min_layers <= {len(self.slots) + pins}")
 
     # ------------------------------------------------------------ genes
 

@@ -17,13 +17,14 @@ from typing import Any, Mapping, Protocol, Union
 import numpy as np
 import yaml
 
+from evomerge.config import EXAMPLES, Where, check_keys
 from evomerge.merge.dataflow import DataflowRecipe
 from evomerge.merge.recipe import Recipe
 from evomerge.spaces.dataflow import DataflowSpace, source_sizes
 from evomerge.spaces.hybrid import MERGE, HybridSpace
 from evomerge.spaces.ps import ParameterSpace, SpaceError
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+PRESET_DIR = EXAMPLES / "search_spaces"  # package data: installed with evomerge
 PS_KEYS = ("kind", "method", "layer_groups", "modules", "weight", "density", "parameters", "seed")
 DFS_KEYS = ("kind", "sources", "repeats", "min_layers", "max_layers", "pin_first", "pin_last", "embed", "head",
             "scales", "scale_bounds")
@@ -61,13 +62,7 @@ def load_space_config(value: str | Mapping[str, Any], base_dir: Path | None = No
 
 
 def _check_keys(cfg: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    import difflib
-
-    for key in cfg:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(allowed)}."
-            raise SpaceError(f"{where}.{key}: unknown field.{hint}")
+    check_keys(cfg, allowed, Where(None, SpaceError, default=""), f"{where}.")
 
 
 def _ps(cfg: Mapping[str, Any], models: Mapping[str, Path], base: str, where: str) -> ParameterSpace:

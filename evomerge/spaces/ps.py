@@ -26,21 +26,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from evomerge.config import Where, bounds_field
 from evomerge.merge.methods import METHODS
 from evomerge.merge.recipe import Recipe, parse_recipe
+from evomerge.errors import UserError
 
 DIGITS = 6  # decoded values are rounded: recipes that differ below this are the same recipe
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """A search space is malformed: the message says which field and what to do."""
 
 
 def _bounds_pair(value: Any, field_name: str) -> tuple[float, float]:
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or value[0] > value[1]):
-        raise SpaceError(f"{field_name}: must be [low, high] with low <= high, got {value!r}")
-    return float(value[0]), float(value[1])
+    return bounds_field(Where(None, SpaceError, default=""), field_name, value)  # the caller adds the file
 
 
 @dataclass
@@ -219,11 +218,13 @@ def _num_layers(folder: Path) -> int:
     cfg_file = Path(folder) / "config.json"
     if not cfg_file.is_file():
         raise SpaceError(f"{folder}: no config.json (is it a model folder?)")
+    from evomerge.checkpoints.arch import Architecture
+
     cfg = json.loads(cfg_file.read_text())
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(cfg.get(key), int):
-            return int(cfg[key])
-    raise SpaceError(f"{cfg_file}: no layer count (num_hidden_layers)")
+    try:
+        return Architecture.from_config(cfg).num_layers
+    except ValueError:
+        raise SpaceError(f"{cfg_file}: no layer count (num_hidden_layers)") from None
 
 
 def parent_recipe(models: Mapping[str, Path], name: str) -> Recipe:

@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from evomerge.errors import UserError
 from evomerge.store.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The store cannot be opened or used as asked: says why and what to do."""
 
 

@@ -1,0 +1,138 @@
+"""The plumbing every YAML reader shares (recipes, data-flow recipes, objectives, search spaces, job specs).
+
+One rule each, so that every file type reports errors and resolves paths the same way:
+
+- `read_yaml`: a missing file or a syntax error names the file.
+- `Where`: messages read `FILE: field.path: what is wrong; what to do`, raised as the file type's own error class.
+- `suggest`: the one "did you mean" format, ` Did you mean 'x'?` (else ` Known: a, b.`).
+- `check_keys`: an unknown key is an error naming it, with a suggestion.
+- `int_field`, `float_field`, `bounds_field`: numbers and `[low, high]` pairs, checked with the field named.
+- `resolve_path`: a relative path resolves against the folder of the file that names it first, then against the
+  working directory; when neither holds it, the file's folder is the answer (so errors name that place).
+- `DTYPES`: the dtype names a recipe or a runtime may give, and their torch types.
+- `EXAMPLES`: where the shipped presets and example tasks are, in a checkout and in an installed wheel alike.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+from evomerge.errors import ConfigError
+
+# Package data (pyproject.toml): `search_spaces/` (the presets, the example job) and `fitness/` (the example tasks).
+# In a checkout these are links to the repository's top-level folders; a wheel holds copies.
+EXAMPLES = Path(__file__).parent / "examples"
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # recipe `dtype`/`out_dtype`, runtime `dtype`
+
+
+def _torch_dtypes() -> dict[str, Any]:
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+DTYPES = _torch_dtypes()  # name -> torch.dtype
+
+
+def read_yaml(path: str | Path, error: type[Exception], what: str) -> tuple[Any, Path]:
+    """(parsed data, absolute path). A missing file or a syntax error raises `error` naming the file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise error(f"{p}: no such {what} file")
+    try:
+        return yaml.safe_load(p.read_text()), p.resolve()
+    except yaml.YAMLError as e:
+        raise error(f"{p}: not valid YAML ({e})") from None
+
+
+class Where:
+    """Builds the errors of one file: `FILE: field.path: message`, as the file type's error class."""
+
+    def __init__(self, source: str | Path | None, error: type[Exception] = ConfigError, default: str = "<config>"):
+        """`default` names a mapping that came from no file; "" gives messages with no file part (a caller that
+        adds its own, as the space presets do)."""
+        self.source = str(source) if source else default
+        self.error_class = error
+
+    def error(self, field_path: str, message: str) -> Exception:
+        parts = [p for p in (self.source, field_path, message) if p]
+        return self.error_class(": ".join(parts))
+
+
+def suggest(word: Any, options: Iterable[str], n: int = 1, cutoff: float = 0.6, list_known: bool = True) -> str:
+    """` Did you mean 'x'?` (up to `n` close names), else ` Known: a, b.` (or "" with `list_known=False`, for
+    long lists such as lm-eval's registry). Starts with a space: append it to a sentence."""
+    options = list(options)
+    close = difflib.get_close_matches(str(word), options, n=n, cutoff=cutoff)
+    if close:
+        names = [f"'{c}'" for c in close]
+        return f" Did you mean {names[0] if len(names) == 1 else ', '.join(names[:-1]) + ' or ' + names[-1]}?"
+    return f" Known: {', '.join(options)}." if list_known and options else ""
+
+
+def check_keys(raw: Mapping[str, Any], allowed: Iterable[str], where: Where, prefix: str = "",
+               what: str = "unknown field.") -> None:
+    """The first key of `raw` not in `allowed` is an error at `prefix + key`, with a suggestion."""
+    allowed = tuple(allowed)
+    for key in raw:
+        if key not in allowed:
+            raise where.error(f"{prefix}{key}", what + suggest(key, allowed))
+
+
+def _span(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f" in [{low}, {high}]"
+    return f" >= {low}" if low is not None else (f" <= {high}" if high is not None else "")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _within(value: float, low: float | None, high: float | None) -> bool:
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def int_field(where: Where, field_path: str, value: Any, low: int | None = 1, high: int | None = None) -> int:
+    """A whole number (booleans are not) within [low, high]."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and _within(value, low, high)):
+        raise where.error(field_path, f"must be a whole number{_span(low, high)}, got {value!r}")
+    return value
+
+
+def float_field(where: Where, field_path: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+    """A finite number (booleans are not) within [low, high]."""
+    if not (_number(value) and _within(value, low, high)):
+        raise where.error(field_path, f"must be a finite number{_span(low, high)}, got {value!r}")
+    return float(value)
+
+
+def bounds_field(where: Where, field_path: str, value: Any, low: float | None = None,
+                 high: float | None = None) -> tuple[float, float]:
+    """A `[low, high]` pair of finite numbers, low <= high, both within [low, high] when those are given."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) and _within(v, low, high) for v in value):
+        if value[0] <= value[1]:
+            return float(value[0]), float(value[1])
+    within = f", both{_span(low, high)}" if low is not None or high is not None else ""
+    raise where.error(field_path, f"must be [low, high] with low <= high{within}, got {value!r}")
+
+
+def path_candidates(value: str | Path, base_dir: Path | None) -> list[Path]:
+    """Where a path named in a file may be: itself when absolute, else the file's folder, then the working directory."""
+    p = Path(str(value)).expanduser()
+    if p.is_absolute():
+        return [p]
+    return ([base_dir / p] if base_dir is not None else []) + [Path.cwd() / p]
+
+
+def resolve_path(value: str | Path, base_dir: Path | None,
+                 accept: Callable[[Path], bool] = Path.exists) -> Path:
+    """The first of `path_candidates` that `accept` takes (default: that exists); when none does, the first (the
+    file's folder), so that the caller's error names it. Not made absolute or resolved: callers decide."""
+    candidates = path_candidates(value, base_dir)
+    return next((c for c in candidates if accept(c)), candidates[0])
