@@ -1,7 +1,8 @@
-"""Package layering: no module imports a package it must stay below.
+"""Package layering: every package imports only from packages below it, and no module import cycle exists.
 
 Every `import` in every file of `evomerge/` counts: module-level, inside functions, and under `TYPE_CHECKING`
-(a lazy import hides an edge from readers, it does not remove it). Extend FORBIDDEN with one row per edge.
+(a lazy import hides an edge from readers, it does not remove it). LAYERS is the picture README's Layout draws;
+a package may import its own modules and any package of a lower layer, never one of its own layer or above.
 """
 
 from __future__ import annotations
@@ -13,15 +14,20 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "evomerge"
 
-# (importer, imported, why the edge would be upward)
-FORBIDDEN = [
-    ("evomerge.runtime", "evomerge.search",
-     "a runtime is built from a ScorerFactory; only search/jobs.py (make_runtime) knows both"),
-    ("evomerge.fitness", "evomerge.merge",
-     "fitness scores weights or a module; the scorer (evomerge.scoring) turns a recipe into weights"),
-    ("evomerge.scoring", "evomerge.runtime", "scoring sits below the runtimes that call it"),
-    ("evomerge.scoring", "evomerge.search", "a scorer reads a job spec as data, it does not import the search"),
+# Lowest first. Packages in one row are peers: they must not import each other.
+LAYERS: list[tuple[str, ...]] = [
+    ("evomerge.errors",),
+    ("evomerge.config", "evomerge.compat"),
+    ("evomerge.checkpoints",),
+    ("evomerge.merge", "evomerge.fitness", "evomerge.store", "evomerge.zoo"),  # fitness scores weights, not recipes
+    ("evomerge.spaces", "evomerge.scoring"),  # genome -> recipe; recipe -> weights -> fitness result
+    ("evomerge.runtime",),  # built from a ScorerFactory: it never sees the search
+    ("evomerge.search",),
+    ("evomerge.dashboard",),
+    ("evomerge.service",),
+    ("evomerge.__main__",),
 ]
+RANK = {pkg: i for i, row in enumerate(LAYERS) for pkg in row}
 
 
 def module_name(path: Path) -> str:
@@ -56,20 +62,91 @@ def edges() -> dict[str, list[tuple[str, int, str]]]:
     return out
 
 
-def within(module: str, package: str) -> bool:
-    return module == package or module.startswith(package + ".")
+def top(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, children = work[-1]
+            for w in children:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                    break
+                if w in on:
+                    low[v] = min(low[v], index[w])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    comp = []
+                    while True:
+                        w = stack.pop()
+                        on.discard(w)
+                        comp.append(w)
+                        if w == v:
+                            break
+                    if len(comp) > 1:
+                        found.append(sorted(comp))
+    return found
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the modules it imports. An import of a module's own parent package is left out: importing any
+    submodule runs its package's `__init__` first, so a package that re-exports its submodules is no cycle."""
+    found = edges()
+    graph = {m: set() for m in found}
+    for module, imports in found.items():
+        for _, _, name in imports:
+            if name in graph and name != module and not module.startswith(name + "."):
+                graph[module].add(name)
+    return graph
 
 
 def test_the_walk_sees_lazy_and_type_only_imports():
-    """The check below can only pass for the right reason if the walk finds edges that exist."""
+    """The checks below can only pass for the right reason if the walk finds edges that exist."""
     found = edges()
     assert any(name == "evomerge.runtime.base" for _, _, name in found["evomerge.search.jobs"])  # module level
     assert any(name == "evomerge.scoring" for _, _, name in found["evomerge.search.jobs"])  # inside a function
     assert any(name == "evomerge.merge.api" for _, _, name in found["evomerge.runtime.base"])  # TYPE_CHECKING
 
 
-@pytest.mark.parametrize("importer, imported_package, why", FORBIDDEN, ids=[f"{a}->{b}" for a, b, _ in FORBIDDEN])
-def test_no_upward_import(importer, imported_package, why):
-    bad = [f"{rel}:{line} imports {name}" for module, found in edges().items() if within(module, importer)
-           for rel, line, name in found if within(name, imported_package)]
-    assert not bad, f"{importer} must not import {imported_package} ({why}):\n" + "\n".join(bad)
+def test_every_package_has_a_layer():
+    packages = {top(m) for m in edges()} - {"evomerge"}
+    assert packages == set(RANK), f"add to LAYERS: {sorted(packages - set(RANK))}; gone: {sorted(set(RANK) - packages)}"
+
+
+@pytest.mark.parametrize("package", sorted(RANK))
+def test_no_import_of_a_peer_or_a_higher_layer(package):
+    bad = [f"{rel}:{line} imports {name} (layer {RANK[top(name)]}, {package} is layer {RANK[package]})"
+           for module, found in edges().items() if top(module) == package
+           for rel, line, name in found
+           if name.startswith("evomerge.") and top(name) != package and RANK[top(name)] >= RANK[package]]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+    assert cycles(module_graph()) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []

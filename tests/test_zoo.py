@@ -7,7 +7,6 @@ The built zoo is read from $EVOMERGE_ZOO (default: .cache/zoo under the repo roo
 from __future__ import annotations
 
 import filecmp
-import json
 import os
 import time
 from pathlib import Path
@@ -179,39 +178,50 @@ def test_lm_eval_agrees_with_own_scorer(zoo, monkeypatch):
     assert 0.3 < own < 0.75  # a parent: about half of mix (its own skill), not all of it
 
 
-# A hand-written merge that the zoo is built to reward (the search finds its neighbours: `make demo`).
-WINNING_RECIPE = {
-    "merge_method": "task_arithmetic",
-    "base_model": "{zoo}/llama/base",
-    "models": [
-        {"model": "{zoo}/llama/arith", "parameters": {"weight": 0.7}},
-        {"model": "{zoo}/llama/cipher", "parameters": {"weight": 0.25}},
-    ],
-    "parameters": {"normalize": False},
-    "dtype": "float32",
-}
+# Merges the zoo is built to reward (the search finds their neighbours: `make demo`). Which one wins depends on the
+# machine that trained the zoo (float results of training differ between CPUs), so the test picks among them on
+# the fitness split, as a search would, and holds the pick to the margin on the test split.
+CANDIDATE_MERGES = [
+    ("task_arithmetic", 0.7, 0.25, {}), ("task_arithmetic", 0.8, 0.2, {}),
+    ("ties", 0.8, 0.3, {"density": 0.3}), ("ties", 1.0, 0.3, {"density": 0.3}), ("ties", 1.0, 0.5, {"density": 0.3}),
+]
 
 
 @pytest.mark.slow
-def test_a_task_arithmetic_merge_beats_every_parent_on_mix(zoo, test_scores):
-    """Task arithmetic (arith 0.7, cipher 0.25) keeps both skills: >= 10 points over the best llama parent on mix.
+def test_a_merge_picked_on_the_fitness_split_beats_every_parent_on_mix(zoo, test_scores):
+    """A merge of the arithmetic and cipher experts keeps both skills: the best of a few on the fitness split is
+    >= 10 points over the best llama parent on mix test, with both skills at >= 60%.
 
-    Measured at build: parents' mix 0.64 (base), 0.66 (arith), 0.51 (cipher); merge 0.81 (arith 0.67, cipher 0.94).
+    Measured on the machine that first built the zoo: parents' mix 0.64 (base), 0.66 (arith), 0.51 (cipher); task
+    arithmetic (0.7, 0.25) 0.81 (arith 0.67, cipher 0.94). On a 2-core AMD EPYC (2026-12): best parent 0.618; the
+    pick, TIES (1.0, 0.3, density 0.3), 0.728 (arith 0.83, cipher 0.61).
     """
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge.engine import merge_to_dict
     from evomerge.merge.recipe import parse_recipe
 
-    recipe = parse_recipe(json.loads(json.dumps(WINNING_RECIPE).replace("{zoo}", str(zoo))))
-    assert recipe.merge_method == "task_arithmetic"
-    tensors = merge_to_dict(recipe)
     model = AutoModelForCausalLM.from_pretrained(zoo / "llama/base", dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    fitness = ztasks.read_jsonl(zoo / "data" / "mix" / "fitness.jsonl")
+
+    def load(method: str, w_arith: float, w_cipher: float, extra: dict) -> None:
+        recipe = parse_recipe({
+            "merge_method": method, "base_model": str(zoo / "llama/base"), "parameters": {"normalize": False},
+            "models": [{"model": str(zoo / "llama/arith"), "parameters": {"weight": w_arith, **extra}},
+                       {"model": str(zoo / "llama/cipher"), "parameters": {"weight": w_cipher, **extra}}],
+            "dtype": "float32"})
+        missing, unexpected = model.load_state_dict(merge_to_dict(recipe), strict=False)
+        assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+
+    on_fitness = []
+    for merge in CANDIDATE_MERGES:
+        load(*merge)
+        on_fitness.append(ztrain.score(model, fitness))
+    pick = CANDIDATE_MERGES[on_fitness.index(max(on_fitness))]
+    load(*pick)
     items = {t: ztasks.read_jsonl(zoo / "data" / t / "test.jsonl") for t in ("arith", "cipher", "mix")}
     merged = {t: ztrain.score(model, its) for t, its in items.items()}
     best_parent = max(test_scores[f"llama/{r}"]["mix"] for r in ("base", "arith", "cipher"))
     assert best_parent <= 0.75, test_scores
-    assert merged["mix"] >= best_parent + 0.10, (merged, best_parent)
-    assert merged["arith"] >= 0.6 and merged["cipher"] >= 0.6, merged  # both skills kept, not a switch
+    assert merged["mix"] >= best_parent + 0.10, (pick, merged, best_parent)
+    assert merged["arith"] >= 0.6 and merged["cipher"] >= 0.6, (pick, merged)  # both skills kept, not a switch
