@@ -14,6 +14,7 @@ import yaml
 from evomerge.checkpoints import CheckpointError, IncompatibleModelsError
 from evomerge.compat import ThirdPartyAPIError
 from evomerge.dashboard.server import DashboardError
+from evomerge.scoring import toy
 from evomerge.errors import CandidateError, ConfigError, EvomergeError, InternalError, UserError
 from evomerge.fitness.irt import IRTUnavailable
 from evomerge.fitness.objectives import CandidateFailed, FitnessConfigError
@@ -88,3 +89,48 @@ def test_a_command_restores_the_sigterm_handler_and_progress_bars(tmp_path, caps
     finally:
         signal.signal(signal.SIGTERM, previous)
     capsys.readouterr()
+
+
+class BrokenScorer(toy.ToyScorer):
+    """The toy, with a failure for every candidate whose first weight is 1 (the seeds): `error: bug` raises what a
+    bug raises (AttributeError), `error: value` what a candidate's numbers can raise (ValueError)."""
+
+    def evaluate(self, recipe):
+        if (toy.numbers(recipe) or [0.0])[0] > 0.99:
+            if self.options["error"] == "bug":
+                return self.options.no_such_attribute
+            raise ValueError("weights out of range for this scorer")
+        return super().evaluate(recipe)
+
+
+def broken(spec, split=None) -> BrokenScorer:
+    return BrokenScorer(dict(spec.runtime.evaluator_options), split)
+
+
+def test_a_bug_stops_the_job_with_its_frames_and_a_candidate_error_does_not(tmp_path, capsys):
+    from evomerge.store import Store
+
+    for error, rc in (("bug", 1), ("value", 0)):
+        folder = tmp_path / error
+        folder.mkdir()
+        path = write_job(folder, evaluator=f"{__name__}:broken", evaluator_options={"error": error})
+        spec = yaml.safe_load(path.read_text())
+        spec["driver"].update(population=4, budget={"evaluations": 8}, max_failures_in_a_row=50)
+        path.write_text(yaml.safe_dump(spec))
+        assert main(["run", str(path)]) == rc
+        err = capsys.readouterr().err
+        store = Store(folder / "out" / "store.sqlite", readonly=True)
+        rows = store.candidates("toy")
+        failed = [r for r in rows if r.status == "failed"]
+        if error == "bug":
+            first = next(r.id for r in rows if r.status not in ("done", "cached"))  # the first seed of weight 1
+            assert err.startswith(f"internal error: job 'toy' stopped by an internal error while scoring candidate {first}")
+            assert "AttributeError" in err and "test_errors.py" in err  # the failing frame, not only the message
+            assert store.job("toy")["status"] == "stopped" and "internal error" in store.job("toy")["reason"]
+            assert [r.id for r in failed] == [first] and failed[0].reason.startswith("internal error AttributeError")
+            assert all(r.status in ("pending", "running") for r in rows if r.id > first)  # the job stopped there
+        else:
+            assert store.job("toy")["status"] == "done" and len(rows) == 8
+            assert failed and all(r.reason.startswith("ValueError: weights out of range") for r in failed)
+            assert len(failed) < len(rows)  # the others were scored
+        store.close()

@@ -18,6 +18,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
+from evomerge.errors import CandidateError, UserError
 from evomerge.fitness.objectives import CandidateFailed, ObjectiveSet
 from evomerge.fitness.result import FitnessResult, Items
 
@@ -38,6 +39,7 @@ class Outcome:
     seconds: float = 0.0  # the scorer's evaluate call (failed candidates too)
     estimated: bool = False  # set by the search's IRT policy, never by a scorer
     materialise_seconds: float = 0.0  # of `seconds`: writing the candidate's weights into the model
+    internal: str | None = None  # a bug, not the candidate: the failing frames (the search stops on it)
 
     @property
     def ok(self) -> bool:
@@ -72,9 +74,22 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
+# What a candidate can fail with: its own errors, bad input it carries (a recipe the planner refuses), and what
+# torch and the scoring libraries raise on its weights (NaN, out of memory, shape errors). Anything else
+# (AttributeError, TypeError, KeyError, ...) is a bug in evomerge or in a scorer plug-in: the outcome says so, and
+# the search stops on it instead of failing candidate after candidate for the same reason.
+CANDIDATE_FAILURES = (CandidateError, UserError, RuntimeError, ValueError, ArithmeticError, MemoryError)
+
+
+def _where(e: BaseException) -> str:
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+
+
 def run_one(scorer: Scorer, cid: int, recipe: "AnyRecipe", split: str | None, worker: str,
             items: Items | None = None) -> Outcome:
-    """Evaluate one candidate, turning every failure into a recorded reason (the search goes on)."""
+    """Evaluate one candidate. A candidate's failure becomes its recorded reason (the search goes on); a bug becomes
+    an `internal` outcome with its frames (the search records the candidate, then stops)."""
     start = time.perf_counter()
     try:
         result = scorer.evaluate(recipe, items) if items is not None else scorer.evaluate(recipe)
@@ -82,10 +97,13 @@ def run_one(scorer: Scorer, cid: int, recipe: "AnyRecipe", split: str | None, wo
         return Outcome(cid, split, reason=e.reason, worker=worker, seconds=time.perf_counter() - start)
     except KeyboardInterrupt:
         raise
-    except Exception as e:  # noqa: BLE001 - a broken candidate must not stop the search
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        reason = f"{type(e).__name__}: {e} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
+    except CANDIDATE_FAILURES as e:
+        reason = f"{type(e).__name__}: {e} (at {_where(e)})"
         return Outcome(cid, split, reason=reason, worker=worker, seconds=time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001 - a bug: reported with its frames, never swallowed as a failed candidate
+        frames = "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=-6))
+        return Outcome(cid, split, reason=f"internal error {type(e).__name__}: {e} (at {_where(e)})", worker=worker,
+                       seconds=time.perf_counter() - start, internal=frames)
     seconds = time.perf_counter() - start
     values = {k: float(v) for k, v in result.values.items()}
     per_item = {k: {i: float(x) for i, x in d.items()} for k, d in result.items.items()}

@@ -8,6 +8,7 @@ replaying the archive), and the two loops as peers: `generational.py` and `stead
 
 from __future__ import annotations
 
+from evomerge.errors import InternalError
 from evomerge.search.context import Progress, SearchContext
 from evomerge.search.generational import GenerationalLoop
 from evomerge.search.irt_policy import IRTPolicy
@@ -34,7 +35,8 @@ class Search:
         self.budget = Budget(spec.driver.max_evaluations, spec.driver.max_seconds)
 
     def run(self) -> LoopState:
-        """Run (or continue) until the budget is spent. Raises SearchStopped, KeyboardInterrupt."""
+        """Run (or continue) until the budget is spent. Raises SearchStopped (too many candidates failed in a row),
+        InternalError (a bug stopped the job), KeyboardInterrupt."""
         state = load_state(self.ctx)
         job = self.store.job(self.job)
         if job and job["status"] == "stopped":  # the user resumed after fixing the cause: a fresh chance
@@ -54,7 +56,7 @@ class Search:
             self.store.set_status(self.job, "interrupted", "interrupted (Ctrl-C); `evomerge resume` continues from "
                                   f"generation {told}")
             raise
-        except SearchStopped as e:
+        except (SearchStopped, InternalError) as e:
             self.store.set_status(self.job, "stopped", str(e))
             raise
         except Exception as e:  # the runtime or the store broke (not a candidate): the job says why, resumable

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from evomerge.errors import InternalError
 from evomerge.search.front import hypervolume, pareto_mask
 from evomerge.search.state import Batch, FailureCount, LoopState, Verdict
 from evomerge.store import CandidateRow
@@ -110,6 +111,11 @@ class Recorder:
         if self.irt:  # IRT: anchor-only scores become estimates (what the driver sees)
             out = self.irt.finish(out)
         self.record(out)
+        if out.internal:  # a bug, not this candidate: recorded as failed (a resume retries it), then the job stops
+            raise InternalError(f"job '{self.job}' stopped by an internal error while scoring candidate {out.cid} on "
+                                f"worker {out.worker}: {out.reason}. This is a bug in evomerge or in the scorer "
+                                f"plug-in, not in the candidate; `evomerge resume` retries it once fixed.\n"
+                                f"{out.internal}")
         batch.results[out.cid] = out.values if out.ok else None
         batch.verdicts[out.cid] = Verdict(out.ok, out.reason)
         waiting = self.duplicates.pop(out.cid, [])

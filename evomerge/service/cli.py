@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from evomerge.compat.quiet import quiet_third_party
-from evomerge.errors import UserError
+from evomerge.errors import InternalError, UserError
 from evomerge.merge.export import DEFAULT_SHARD_BYTES, parse_size
 from evomerge.service.submit import ServiceError
 
@@ -361,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # bad input: its message names the file, field and fix; a traceback would bury it
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except InternalError as e:  # a bug: the message carries the failing frames; the job is stopped, resumable
+        print(f"internal error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
