@@ -126,7 +126,7 @@ def search_modes(zoo: Path, cluster, limit: int, population: int, n: int) -> dic
     from evomerge.store import Store
 
     spec = job_spec(zoo, limit, 2)
-    spec.runtime.evaluator = "runtime_scaling:varying_scorer"
+    spec.runtime.scorer = "runtime_scaling:varying_scorer"
     rt = ray_runtime(spec, cluster=Cluster(cluster.address, owned=False, private=True))
     out: dict[str, object] = {}
     seen: list[list[str]] = []

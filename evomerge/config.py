@@ -64,6 +64,27 @@ class Where:
         return self.error_class(": ".join(parts))
 
 
+class EvomergeDeprecationWarning(FutureWarning):
+    """A renamed config key or value that still works (shown by default: it is meant for users, not developers)."""
+
+
+def renamed_keys(raw: Mapping[str, Any], renames: Mapping[str, str], where: Where, prefix: str = "") -> dict[str, Any]:
+    """`raw` with each old key in `renames` (old -> new) under its new name, warning once per key; both at once
+    is an error."""
+    import warnings
+
+    out = dict(raw)
+    for old, new in renames.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise where.error(f"{prefix}{old}", f"'{old}' is the old name of '{new}' and both are given; keep '{new}'")
+        warnings.warn(f"{where.source}: {prefix}{old}: renamed to '{new}'; the old name still works for now, rename "
+                      "it in the file", EvomergeDeprecationWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
+
+
 def suggest(word: Any, options: Iterable[str], n: int = 1, cutoff: float = 0.6, list_known: bool = True) -> str:
     """` Did you mean 'x'?` (up to `n` close names), else ` Known: a, b.` (or "" with `list_known=False`, for
     long lists such as lm-eval's registry). Starts with a space: append it to a sentence."""

@@ -28,7 +28,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "out" / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-TOY = {"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": {"fail_above": 0.9}}  # a parent fails
+TOY = {"scorer": "evomerge.scoring.toy:scorer", "scorer_options": {"fail_above": 0.9}}  # a parent fails
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,7 @@ class GatedScorer(toy.ToyScorer):
 
 
 def gated(spec, split=None):
-    return GatedScorer(dict(spec.runtime.evaluator_options), split)
+    return GatedScorer(dict(spec.runtime.scorer_options), split)
 
 
 def test_the_page_follows_a_running_job(page, tmp_path):
@@ -283,7 +283,7 @@ def test_the_page_follows_a_running_job(page, tmp_path):
     reload (the page polls while a job runs)."""
     GatedScorer.calls = 0
     GatedScorer.gate.clear()
-    spec = write_job(tmp_path, name="live", runtime={"evaluator": f"{__name__}:gated"})
+    spec = write_job(tmp_path, name="live", runtime={"scorer": f"{__name__}:gated"})
     search = threading.Thread(target=run_job, args=(spec,), kwargs=quiet(), daemon=True)
     search.start()
     store = tmp_path / "out" / "store.sqlite"

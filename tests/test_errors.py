@@ -53,17 +53,17 @@ def test_each_error_class_has_one_category(cls, category, builtin):
 def write_job(folder: Path, **runtime) -> Path:
     spec = {"name": "toy", "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a")}},
             "search_space": "sakana_ps", "driver": {"algorithm": "random", "population": 2, "budget": {"evaluations": 2}},
-            "runtime": {"evaluator": "evomerge.scoring.toy:scorer", **runtime}, "store": "out/store.sqlite"}
+            "runtime": {"scorer": "evomerge.scoring.toy:scorer", **runtime}, "store": "out/store.sqlite"}
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
 def test_a_bad_scorer_factory_is_one_line_and_exit_2(tmp_path, capsys):
-    assert main(["run", str(write_job(tmp_path, evaluator="nosuch:factory"))]) == 2
+    assert main(["run", str(write_job(tmp_path, scorer="nosuch:factory"))]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("error: runtime.evaluator: cannot import 'nosuch:factory'") and "module:function" in err
+    assert err.startswith("error: runtime.scorer: cannot import 'nosuch:factory'") and "module:function" in err
 
 
 def bar_disabled() -> bool:
@@ -84,7 +84,7 @@ def test_a_command_restores_the_sigterm_handler_and_progress_bars(tmp_path, caps
         assert main(["run", str(write_job(tmp_path))]) == 0
         assert signal.getsignal(signal.SIGTERM) is mine
         assert vars(tqdm.tqdm)["__init__"] is init and not bar_disabled()
-        assert main(["run", str(write_job(bad, evaluator="nosuch:factory"))]) == 2  # a failed command as well
+        assert main(["run", str(write_job(bad, scorer="nosuch:factory"))]) == 2  # a failed command as well
         assert signal.getsignal(signal.SIGTERM) is mine and vars(tqdm.tqdm)["__init__"] is init
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -104,7 +104,7 @@ class BrokenScorer(toy.ToyScorer):
 
 
 def broken(spec, split=None) -> BrokenScorer:
-    return BrokenScorer(dict(spec.runtime.evaluator_options), split)
+    return BrokenScorer(dict(spec.runtime.scorer_options), split)
 
 
 def test_a_bug_stops_the_job_with_its_frames_and_a_candidate_error_does_not(tmp_path, capsys):
@@ -113,7 +113,7 @@ def test_a_bug_stops_the_job_with_its_frames_and_a_candidate_error_does_not(tmp_
     for error, rc in (("bug", 1), ("value", 0)):
         folder = tmp_path / error
         folder.mkdir()
-        path = write_job(folder, evaluator=f"{__name__}:broken", evaluator_options={"error": error})
+        path = write_job(folder, scorer=f"{__name__}:broken", scorer_options={"error": error})
         spec = yaml.safe_load(path.read_text())
         spec["driver"].update(population=4, budget={"evaluations": 8}, max_failures_in_a_row=50)
         path.write_text(yaml.safe_dump(spec))
@@ -134,3 +134,19 @@ def test_a_bug_stops_the_job_with_its_frames_and_a_candidate_error_does_not(tmp_
             assert failed and all(r.reason.startswith("ValueError: weights out of range") for r in failed)
             assert len(failed) < len(rows)  # the others were scored
         store.close()
+
+
+def test_the_old_scorer_keys_still_work_with_a_warning(tmp_path):
+    from evomerge.config import EvomergeDeprecationWarning
+    from evomerge.search.spec import JobSpecError, load_job, parse_job
+
+    path = write_job(tmp_path, scorer_options={"delay": 0.0})
+    data = yaml.safe_load(path.read_text())
+    data["runtime"] = {"evaluator": data["runtime"]["scorer"], "evaluator_options": {"delay": 0.0}}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.warns(EvomergeDeprecationWarning, match="runtime.evaluator: renamed to 'scorer'"):
+        spec = load_job(path)
+    assert (spec.runtime.scorer, spec.runtime.scorer_options) == ("evomerge.scoring.toy:scorer", {"delay": 0.0})
+    data["runtime"]["scorer"] = "evomerge.scoring.toy:scorer"
+    with pytest.raises(JobSpecError, match="both are given"):
+        parse_job(data, source="job.yaml", base_dir=tmp_path)

@@ -39,7 +39,7 @@ def job(tmp_path_factory) -> Path:
         "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
         "search_space": "sakana_ps",
         "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 24}, "seed": 1},
-        "runtime": {"kind": "local", "evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": {"fail_above": 0.8}},
+        "runtime": {"kind": "local", "scorer": "evomerge.scoring.toy:scorer", "scorer_options": {"fail_above": 0.8}},
         "store": "out/store.sqlite",
     }
     path = folder / "toy.yaml"

@@ -230,7 +230,7 @@ class QuizScorer:
 
 
 def quiz_scorer(spec, split=None):
-    return QuizScorer(dict(spec.runtime.evaluator_options), split)
+    return QuizScorer(dict(spec.runtime.scorer_options), split)
 
 
 def quiz_job(folder: Path, **options) -> Path:
@@ -239,7 +239,7 @@ def quiz_job(folder: Path, **options) -> Path:
     spec = {"name": "quiz", "search_space": "sakana_ps",
             "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
             "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 48}, "seed": 2},
-            "runtime": {"evaluator": f"{__name__}:quiz_scorer", "evaluator_options": {"irt": settings, **options}},
+            "runtime": {"scorer": f"{__name__}:quiz_scorer", "scorer_options": {"irt": settings, **options}},
             "store": "store.sqlite"}
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -377,7 +377,7 @@ def zoo_job(folder: Path, zoo: Path) -> Path:
                 {"task": "zoo_mix", "metric": "exact_match", "direction": "maximise", "limit": 100, "estimator": "irt",
                  "anchors": 10, "seed_candidates": 8, "calibrate_every": 2, "calibrate_count": 1}]},
             "driver": {"algorithm": "cmaes", "population": 4, "budget": {"evaluations": 20}, "seed": 1},
-            "runtime": {"threads": 1, "backend": "hf", "evaluator": f"{__name__}:zoo_scorer"},
+            "runtime": {"threads": 1, "backend": "hf", "scorer": f"{__name__}:zoo_scorer"},
             "store": "store.sqlite"}
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(spec))

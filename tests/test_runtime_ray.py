@@ -96,7 +96,7 @@ class Sleeper:
 
 
 def sleeper(spec: Any, split: str | None = None) -> Sleeper:
-    return Sleeper(dict(spec.runtime.evaluator_options), split)
+    return Sleeper(dict(spec.runtime.scorer_options), split)
 
 
 def job_dict(folder: Path, workers: int = 2, population: int = 4, evaluations: int = 12, **options: Any) -> dict:
@@ -105,8 +105,8 @@ def job_dict(folder: Path, workers: int = 2, population: int = 4, evaluations: i
         "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
         "search_space": "sakana_ps",
         "driver": {"algorithm": "nsga2", "population": population, "budget": {"evaluations": evaluations}, "seed": 3},
-        "runtime": {"kind": "ray", "workers": workers, "max_retries": 2, "evaluator": "test_runtime_ray:sleeper",
-                    "evaluator_options": {"objectives": 2, "fail_above": 0.9, **options}},
+        "runtime": {"kind": "ray", "workers": workers, "max_retries": 2, "scorer": "test_runtime_ray:sleeper",
+                    "scorer_options": {"objectives": 2, "fail_above": 0.9, **options}},
         "store": str(folder / "store.sqlite"),
     }
 

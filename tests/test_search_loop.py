@@ -28,7 +28,7 @@ def write_job(tmp_path: Path, name: str = "toy", **overrides) -> Path:
         "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
         "search_space": "sakana_ps",
         "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 24}, "seed": 1},
-        "runtime": {"evaluator": "evomerge.scoring.toy:scorer"},
+        "runtime": {"scorer": "evomerge.scoring.toy:scorer"},
         "store": "out/store.sqlite",
     }
     for key, value in overrides.items():
@@ -72,14 +72,14 @@ def test_a_job_runs_and_reports_the_front_on_the_test_split(tmp_path):
 
 
 def test_identical_recipes_are_evaluated_once(tmp_path):
-    space = {"kind": "ps", "method": "ties", "weight": [0.5, 0.5], "density": [1.0, 1.0]}  # one recipe only
+    space = {"kind": "ps", "method": "ties", "weight_bounds": [0.5, 0.5], "density_bounds": [1.0, 1.0]}  # one recipe only
     result = run_job(write_job(tmp_path, search_space=space, driver={"algorithm": "random"}), **quiet())
     counts = Store(result.store).counts("toy")
     assert counts == {"done": 1, "cached": 23}
 
 
 def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path):
-    path = write_job(tmp_path, runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": {"fail_above": 0.5}})
+    path = write_job(tmp_path, runtime={"scorer": "evomerge.scoring.toy:scorer", "scorer_options": {"fail_above": 0.5}})
     result = run_job(path, **quiet())
     store = Store(result.store)
     failed = store.candidates("toy", status="failed")
@@ -89,7 +89,7 @@ def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path):
 
 
 def test_too_many_failures_in_a_row_stop_the_job_with_a_diagnosis(tmp_path):
-    path = write_job(tmp_path, runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": {"fail_all": True}},
+    path = write_job(tmp_path, runtime={"scorer": "evomerge.scoring.toy:scorer", "scorer_options": {"fail_all": True}},
                      driver={"max_failures_in_a_row": 4})
     with pytest.raises(SearchStopped, match="4 candidates failed in a row.*fail_all.*evomerge resume"):
         run_job(path, **quiet())
@@ -108,14 +108,14 @@ class InterruptingScorer(toy.ToyScorer):
 
 
 def interrupting(spec, split=None):
-    return InterruptingScorer(dict(spec.runtime.evaluator_options), split)
+    return InterruptingScorer(dict(spec.runtime.scorer_options), split)
 
 
 def test_ctrl_c_leaves_a_resumable_job_that_ends_like_an_uninterrupted_one(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     straight = run_job(write_job(tmp_path / "a"), **quiet())
-    path = write_job(tmp_path / "b", runtime={"evaluator": f"{__name__}:interrupting"})
+    path = write_job(tmp_path / "b", runtime={"scorer": f"{__name__}:interrupting"})
     with pytest.raises(KeyboardInterrupt):
         run_job(path, **quiet())
     store = Store(tmp_path / "b" / "out" / "store.sqlite")
@@ -131,14 +131,14 @@ def test_ctrl_c_leaves_a_resumable_job_that_ends_like_an_uninterrupted_one(tmp_p
 def test_each_driver_and_space_runs_a_job(tmp_path, algorithm, space):
     options = {"objectives": 1} if algorithm == "cmaes" else {}
     path = write_job(tmp_path, search_space=space, driver={"algorithm": algorithm, "budget": {"evaluations": 12}},
-                     runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": options})
+                     runtime={"scorer": "evomerge.scoring.toy:scorer", "scorer_options": options})
     result = run_job(path, **quiet())
     assert Store(result.store).counts("toy").get("done", 0) >= 1 and result.report["front"]
 
 
 def test_a_time_budget_ends_the_search(tmp_path):
     path = write_job(tmp_path, driver={"budget": {"seconds": 0.3}},
-                     runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": {"delay": 0.05}})
+                     runtime={"scorer": "evomerge.scoring.toy:scorer", "scorer_options": {"delay": 0.05}})
     result = run_job(path, **quiet())
     assert 1 <= Store(result.store).last_checkpoint("toy")[0] <= 3
 
@@ -156,7 +156,7 @@ def test_a_time_budget_ends_the_search(tmp_path):
     ({"driver": {"populaton": 4}}, "driver.populaton", "Did you mean 'population'"),
     ({"driver": {"mode": "async"}}, "driver.mode", "generational or steady"),
     ({"driver": {"mode": "steady", "lag": -1}}, "driver.lag", "whole number >= 0"),
-    ({"runtime": {"evaluator": None}}, "objectives", "objectives file"),
+    ({"runtime": {"scorer": None}}, "objectives", "objectives file"),
     ({"objectives": {"objectives": [{"task": "zoo_mix"}, {"builtin": "params"}]}, "driver": {"algorithm": "cmaes"}},
      "driver.algorithm", "one objective"),
     ({"objectives": {"objectives": [{"tsk": "zoo_mix"}]}}, "objectives", "task"),
@@ -170,7 +170,7 @@ def test_invalid_specs_name_file_field_and_hint(tmp_path, overrides, field, hint
 
 
 def test_a_job_that_cannot_start_records_nothing(tmp_path, capsys):
-    path = write_job(tmp_path, runtime={"evaluator": "no_such_module:scorer"})
+    path = write_job(tmp_path, runtime={"scorer": "no_such_module:scorer"})
     with pytest.raises(ValueError, match="cannot import"):
         run_job(path, **quiet())
     assert Store(tmp_path / "out" / "store.sqlite").jobs() == []
@@ -205,7 +205,7 @@ def archive(store_path: Path, job: str = "toy") -> list[tuple]:
 def test_steady_mode_reaches_the_budget_evaluating_every_candidate_once(tmp_path, algorithm, space, lag):
     options = {"objectives": 1} if algorithm == "cmaes" else {}
     path = write_job(tmp_path, search_space=space, driver={"algorithm": algorithm, "mode": "steady", "lag": lag},
-                     runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": options})
+                     runtime={"scorer": "evomerge.scoring.toy:scorer", "scorer_options": options})
     result = run_job(path, **quiet())
     store = Store(result.store)
     rows = store.candidates("toy")
@@ -241,7 +241,7 @@ class InterruptAt(toy.ToyScorer):
 
 
 def interrupt_at(spec, split=None):
-    return InterruptAt(dict(spec.runtime.evaluator_options), split)
+    return InterruptAt(dict(spec.runtime.scorer_options), split)
 
 
 @pytest.mark.parametrize("lag", [1, 2])
@@ -251,11 +251,11 @@ def test_a_steady_search_interrupted_then_resumed_ends_like_an_uninterrupted_one
     driver = {"mode": "steady", "lag": lag, "budget": {"evaluations": 36}}
     options = {"fail_above": 0.8}
     straight = run_job(write_job(tmp_path / "a", driver=driver,
-                                 runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": options}),
+                                 runtime={"scorer": "evomerge.scoring.toy:scorer", "scorer_options": options}),
                        **quiet())
     InterruptAt.calls = 0
     path = write_job(tmp_path / "b", driver=driver,
-                     runtime={"evaluator": f"{__name__}:interrupt_at", "evaluator_options": {**options, "interrupt_at": 16}})
+                     runtime={"scorer": f"{__name__}:interrupt_at", "scorer_options": {**options, "interrupt_at": 16}})
     with pytest.raises(KeyboardInterrupt):
         run_job(path, **quiet())
     store = Store(tmp_path / "b" / "out" / "store.sqlite")
@@ -283,7 +283,7 @@ def test_the_failure_counter_does_not_depend_on_completion_order(tmp_path, mode)
     states, archives = [], []
     for name, kind in (("inorder", LocalRuntime), ("reversed", ReversedRuntime)):
         path = write_job(tmp_path, name=name, driver={"mode": mode, "max_failures_in_a_row": 50},
-                         runtime={"evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": {"fail_above": 0.3}})
+                         runtime={"scorer": "evomerge.scoring.toy:scorer", "scorer_options": {"fail_above": 0.3}})
         spec = load_job(path)
         store = Store(spec.store)
         store.create_job(spec.name, spec.to_dict(), spec.driver.seed)

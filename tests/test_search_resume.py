@@ -33,8 +33,8 @@ def job(folder: Path, algorithm: str, space: str, zoo: Path | None = None, mode:
         "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
         "search_space": space,
         "driver": {"algorithm": algorithm, "population": 6, "budget": {"evaluations": 48}, "seed": 7, "mode": mode},
-        "runtime": {"evaluator": "evomerge.scoring.toy:scorer",
-                    "evaluator_options": {"delay": 0.04, "objectives": 1 if algorithm == "cmaes" else 2,
+        "runtime": {"scorer": "evomerge.scoring.toy:scorer",
+                    "scorer_options": {"delay": 0.04, "objectives": 1 if algorithm == "cmaes" else 2,
                                           "fail_above": 0.9}},
         "store": "store.sqlite",
     }

@@ -139,7 +139,7 @@ def toy_spec(folder: Path, name: str, **options) -> Path:
         "search_space": "sakana_ps",
         "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": options.pop("evaluations", 24)},
                    "seed": 1},
-        "runtime": {"kind": "local", "evaluator": "evomerge.scoring.toy:scorer", "evaluator_options": options},
+        "runtime": {"kind": "local", "scorer": "evomerge.scoring.toy:scorer", "scorer_options": options},
         "store": "out/store.sqlite",
     }
     path = folder / f"{name}.yaml"

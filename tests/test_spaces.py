@@ -125,7 +125,7 @@ def test_hybrid_offers_the_merge_as_a_layer_source():
     ({"kind": "ps", "method": "slerp"}, "cannot be searched"),
     ({"kind": "ps", "methd": "ties"}, "Did you mean 'method'"),
     ({"kind": "ps", "layer_groups": 9}, "layer_groups"),
-    ({"kind": "ps", "density": [0.5, 2]}, "density"),
+    ({"kind": "ps", "density_bounds": [0.5, 2]}, "density_bounds"),
     ({"kind": "dfs", "sources": ["nope"]}, "not models of the job"),
     ({"kind": "dfs", "repeats": 0}, "repeats"),
     ({"kind": "tree"}, "ps, dfs or hybrid"),
@@ -133,3 +133,14 @@ def test_hybrid_offers_the_merge_as_a_layer_source():
 def test_bad_space_configs_say_which_field(cfg, match):
     with pytest.raises(SpaceError, match=match):
         build_space(cfg, MODELS, "base")
+
+
+def test_the_old_bounds_keys_still_work_with_a_warning():
+    from evomerge.config import EvomergeDeprecationWarning
+
+    new = build_space({"kind": "ps", "weight_bounds": [0.2, 0.8], "density_bounds": [0.3, 0.9]}, MODELS, "base")
+    with pytest.warns(EvomergeDeprecationWarning, match="weight: renamed to 'weight_bounds'"):
+        old = build_space({"kind": "ps", "weight": [0.2, 0.8], "density": [0.3, 0.9]}, MODELS, "base")
+    assert (old.weight_bounds, old.density_bounds) == (new.weight_bounds, new.density_bounds) == ((0.2, 0.8), (0.3, 0.9))
+    with pytest.raises(SpaceError, match="both are given"):
+        build_space({"kind": "ps", "weight": [0.2, 0.8], "weight_bounds": [0.2, 0.8]}, MODELS, "base")

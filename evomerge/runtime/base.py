@@ -1,7 +1,7 @@
 """The evaluation interface: what a runtime is given, what it does with one candidate, what comes back.
 
 A runtime is built from a `ScorerFactory` (picklable: `functools.partial(factory, spec)` over the default scorer,
-`evomerge.scoring.default_scorer`, or the plug-in named by `runtime.evaluator: "module:factory"`; the search
+`evomerge.scoring.default_scorer`, or the plug-in named by `runtime.scorer: "module:factory"`; the search
 builds it, `evomerge.search.jobs.make_runtime`). Each worker calls the factory once per split and keeps the
 `Scorer` it returns (models resident, tasks loaded). The loop only calls `submit(cid, recipe, split, items)` and
 iterates `as_completed()` (the steady loop takes one outcome at a time with `next_outcome()`); `run_one` scores

@@ -2,7 +2,7 @@
 
 A scorer is per-worker state built by a factory `factory(spec, split)`: `default_scorer` (`recipe_scorer`: the
 job's models resident, the fitness Evaluator), `evomerge.scoring.toy:scorer` (synthetic, for tests and demos), or
-a plug-in named by `runtime.evaluator: "package.module:factory"` (`load_factory`). Importing this package loads
+a plug-in named by `runtime.scorer: "package.module:factory"` (`load_factory`). Importing this package loads
 neither torch nor a model.
 """
 
@@ -21,7 +21,7 @@ def load_factory(ref: str) -> Callable[..., Any]:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"runtime.evaluator: cannot import '{ref}' ({e}); give module:function of an importable "
+        raise ConfigError(f"runtime.scorer: cannot import '{ref}' ({e}); give module:function of an importable "
                           "scorer factory") from None
 
 

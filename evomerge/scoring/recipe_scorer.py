@@ -86,7 +86,7 @@ class RecipeScorer:
 
 
 def default_scorer(spec: Any, split: str | None = None) -> RecipeScorer:
-    """The scorer of a job that names no `runtime.evaluator`: its objectives on its models, on its runtime's
+    """The scorer of a job that names no `runtime.scorer`: its objectives on its models, on its runtime's
     device, backend and batch size. `spec` is the job's `JobSpec` (read, never imported: the search sits above)."""
     from evomerge.merge.materialise import Materialiser
 

@@ -1,8 +1,8 @@
 """A synthetic scorer: objectives computed from a recipe's numbers, no model run. It lets the loop, the store
-and resume be tested (and demonstrated) in seconds. Use it with `runtime.evaluator: evomerge.scoring.toy:scorer`.
+and resume be tested (and demonstrated) in seconds. Use it with `runtime.scorer: evomerge.scoring.toy:scorer`.
 
 Objectives: `fit` (maximise): 1 - mean squared distance of the recipe's weights and densities from `target`
-(default 0.6); `size` (minimise): the mean weight. Options (`runtime.evaluator_options`): `objectives` (1 or 2),
+(default 0.6); `size` (minimise): the mean weight. Options (`runtime.scorer_options`): `objectives` (1 or 2),
 `target`, `delay` (seconds per evaluation), `fail_above` (candidates whose first weight is above it fail:
 a stand-in for merges that break a model), `fail_all` (every candidate fails).
 """
@@ -62,4 +62,4 @@ class ToyScorer:
 
 
 def scorer(spec: Any, split: str | None = None) -> ToyScorer:
-    return ToyScorer(dict(spec.runtime.evaluator_options), split)
+    return ToyScorer(dict(spec.runtime.scorer_options), split)

@@ -36,12 +36,12 @@ class JobResult:
 
 
 def scorer_factory(spec: JobSpec) -> ScorerFactory:
-    """What every worker builds its scorers with: `runtime.evaluator`'s factory (else the default scorer) with the
+    """What every worker builds its scorers with: `runtime.scorer`'s factory (else the default scorer) with the
     spec bound, so a runtime calls it with the split alone and never sees the job (the spec is plain data and
     pickles to Ray actors)."""
     from evomerge.scoring import default_scorer, load_factory
 
-    factory = load_factory(spec.runtime.evaluator) if spec.runtime.evaluator else default_scorer
+    factory = load_factory(spec.runtime.scorer) if spec.runtime.scorer else default_scorer
     return partial(factory, spec)
 
 

@@ -28,8 +28,8 @@
       device: cpu
       backend: hf                    # hf | vllm | auto
       batch_size: 64
-      evaluator: null                # "package.module:factory" for a custom evaluator (plug-ins, tests)
-      evaluator_options: {}          # handed to that factory (spec.runtime.evaluator_options)
+      scorer: null                   # "package.module:factory": a custom scorer (plug-ins, tests); was `evaluator`
+      scorer_options: {}             # handed to that factory (spec.runtime.scorer_options); was `evaluator_options`
     store: ../../out/zoo-mix/store.sqlite
     report: ../../out/zoo-mix        # report.html and report.json go here (default: the store's folder)
 
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from evomerge.config import Where, check_keys, int_field, read_yaml, resolve_path, suggest
+from evomerge.config import Where, check_keys, int_field, read_yaml, renamed_keys, resolve_path, suggest
 from evomerge.errors import UserError
 from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE
 
@@ -55,8 +55,9 @@ if TYPE_CHECKING:
 TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "driver", "runtime", "store", "report")
 DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row", "mode", "lag")
 DRIVER_MODES = ("generational", "steady")
-RUNTIME_KEYS = ("kind", "workers", "threads", "gpus", "max_retries", "device", "backend", "batch_size", "evaluator",
-                "evaluator_options")
+RUNTIME_KEYS = ("kind", "workers", "threads", "gpus", "max_retries", "device", "backend", "batch_size", "scorer",
+                "scorer_options")
+RENAMED_RUNTIME_KEYS = {"evaluator": "scorer", "evaluator_options": "scorer_options"}  # old name -> new name
 RUNTIME_KINDS = ("auto", "local", "ray")
 
 
@@ -91,8 +92,8 @@ class RuntimeSpec:
     device: str = "cpu"
     backend: str = "hf"
     batch_size: int = 64
-    evaluator: str | None = None
-    evaluator_options: dict[str, Any] = field(default_factory=dict)
+    scorer: str | None = None  # "package.module:factory"; None: the default scorer (the objectives on the models)
+    scorer_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,7 +161,8 @@ def _from_field_dump(d: Mapping[str, Any]) -> dict[str, Any]:
         "search_space": d["search_space"], "objectives": objectives, "report_split": d["report_split"],
         "driver": {k: v for k, v in dr.items() if k not in ("max_evaluations", "max_seconds")}
                   | {"budget": {"evaluations": dr.get("max_evaluations"), "seconds": dr.get("max_seconds")}},
-        "runtime": d["runtime"], "store": d["store"], "report": d["report"],
+        "runtime": {RENAMED_RUNTIME_KEYS.get(k, k): v for k, v in d["runtime"].items()},
+        "store": d["store"], "report": d["report"],
     }
 
 
@@ -228,7 +230,8 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     # runtime
     rt = data.get("runtime") or {}
     if not isinstance(rt, dict):
-        raise where.error("runtime", "must be a mapping (workers, threads, device, backend, batch_size, evaluator)")
+        raise where.error("runtime", "must be a mapping (workers, threads, device, backend, batch_size, scorer)")
+    rt = renamed_keys(rt, RENAMED_RUNTIME_KEYS, where, "runtime.")
     check_keys(rt, RUNTIME_KEYS, where, "runtime.")
     kind = str(rt.get("kind", "auto"))
     if kind not in RUNTIME_KINDS:
@@ -243,17 +246,17 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
         threads=int_field(where, "runtime.threads", rt.get("threads", 1)), gpus=float(gpus),
         max_retries=int_field(where, "runtime.max_retries", rt.get("max_retries", 2), 0),
         device=device, backend=str(rt.get("backend", "hf")),
-        batch_size=int_field(where, "runtime.batch_size", rt.get("batch_size", 64)), evaluator=rt.get("evaluator"),
-        evaluator_options=dict(rt.get("evaluator_options") or {}))
+        batch_size=int_field(where, "runtime.batch_size", rt.get("batch_size", 64)), scorer=rt.get("scorer"),
+        scorer_options=dict(rt.get("scorer_options") or {}))
     if runtime.backend not in ("hf", "vllm", "auto"):
         raise where.error("runtime.backend", f"must be hf, vllm or auto, got {runtime.backend!r}")
-    if runtime.evaluator is not None and (not isinstance(runtime.evaluator, str) or ":" not in runtime.evaluator):
-        raise where.error("runtime.evaluator", f"must be 'package.module:factory', got {runtime.evaluator!r}")
+    if runtime.scorer is not None and (not isinstance(runtime.scorer, str) or ":" not in runtime.scorer):
+        raise where.error("runtime.scorer", f"must be 'package.module:factory', got {runtime.scorer!r}")
 
     # objectives
     objectives, objectives_dir, parsed = None, base_dir, None
     obj = data.get("objectives")
-    if obj is None and runtime.evaluator is None:
+    if obj is None and runtime.scorer is None:
         raise where.error("objectives", "required: an objectives file (see fitness/README.md) or an inline mapping "
                           "{include: [...], objectives: [{task: ...}]}")
     if obj is not None:

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Protocol, Union
 import numpy as np
 import yaml
 
-from evomerge.config import EXAMPLES, Where, check_keys
+from evomerge.config import EXAMPLES, Where, check_keys, renamed_keys
 from evomerge.merge.dataflow import DataflowRecipe
 from evomerge.merge.recipe import Recipe
 from evomerge.spaces.dataflow import DataflowSpace, source_sizes
@@ -25,7 +25,9 @@ from evomerge.spaces.hybrid import MERGE, HybridSpace
 from evomerge.spaces.ps import ParameterSpace, SpaceError
 
 PRESET_DIR = EXAMPLES / "search_spaces"  # package data: installed with evomerge
-PS_KEYS = ("kind", "method", "layer_groups", "modules", "weight", "density", "parameters", "seed")
+PS_KEYS = ("kind", "method", "layer_groups", "modules", "weight_bounds", "density_bounds", "parameters", "seed")
+# `weight: [a, b]` read like a recipe's layer gradient; the bounds of a gene say what they are
+RENAMED_PS_KEYS = {"weight": "weight_bounds", "density": "density_bounds"}
 DFS_KEYS = ("kind", "sources", "repeats", "min_layers", "max_layers", "pin_first", "pin_last", "embed", "head",
             "scales", "scale_bounds")
 AnyRecipe = Union[Recipe, DataflowRecipe]
@@ -66,13 +68,14 @@ def _check_keys(cfg: Mapping[str, Any], allowed: tuple[str, ...], where: str) ->
 
 
 def _ps(cfg: Mapping[str, Any], models: Mapping[str, Path], base: str, where: str) -> ParameterSpace:
+    cfg = renamed_keys(cfg, RENAMED_PS_KEYS, Where(None, SpaceError, default=""), f"{where}.")
     _check_keys(cfg, PS_KEYS, where)
     method = cfg.get("method", "ties")
     try:
         return ParameterSpace(
             models=models, base=base, methods=[method] if isinstance(method, str) else list(method),
             layer_groups=int(cfg.get("layer_groups", 1)), modules=list(cfg.get("modules", ["*"])),
-            weight_bounds=cfg.get("weight", (0.0, 1.0)), density_bounds=cfg.get("density", (0.1, 1.0)),
+            weight_bounds=cfg.get("weight_bounds", (0.0, 1.0)), density_bounds=cfg.get("density_bounds", (0.1, 1.0)),
             parameters=dict(cfg.get("parameters") or {}), seed=int(cfg.get("seed", 0)))
     except SpaceError as e:
         raise SpaceError(f"{where}.{e}") from None

@@ -83,10 +83,10 @@ class ParameterSpace:
             raise SpaceError(f"layer_groups: must be between 1 and the model's {self.num_layers} layers, got {self.layer_groups}")
         edges = np.linspace(0, self.num_layers, self.layer_groups + 1).round().astype(int)
         self.groups = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-        self.weight_bounds = _bounds_pair(self.weight_bounds, "weight")
-        self.density_bounds = _bounds_pair(self.density_bounds, "density")
+        self.weight_bounds = _bounds_pair(self.weight_bounds, "weight_bounds")
+        self.density_bounds = _bounds_pair(self.density_bounds, "density_bounds")
         if not 0 <= self.density_bounds[0] <= self.density_bounds[1] <= 1:
-            raise SpaceError(f"density: bounds must lie in [0, 1], got {list(self.density_bounds)}")
+            raise SpaceError(f"density_bounds: bounds must lie in [0, 1], got {list(self.density_bounds)}")
         self.parameters = dict(sorted(dict(self.parameters).items()))  # one order: equal recipes, equal text
         allowed = set().union(*(METHODS[m].global_params for m in self.methods))
         for key in self.parameters:
