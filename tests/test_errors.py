@@ -144,7 +144,7 @@ def test_the_old_scorer_keys_still_work_with_a_warning(tmp_path):
     data = yaml.safe_load(path.read_text())
     data["runtime"] = {"evaluator": data["runtime"]["scorer"], "evaluator_options": {"delay": 0.0}}
     path.write_text(yaml.safe_dump(data))
-    with pytest.warns(EvomergeDeprecationWarning, match="runtime.evaluator: renamed to 'scorer'"):
+    with pytest.warns(EvomergeDeprecationWarning, match=r"runtime\.evaluator(_options)?: renamed to 'scorer"):
         spec = load_job(path)
     assert (spec.runtime.scorer, spec.runtime.scorer_options) == ("evomerge.scoring.toy:scorer", {"delay": 0.0})
     data["runtime"]["scorer"] = "evomerge.scoring.toy:scorer"

@@ -139,7 +139,7 @@ def test_the_old_bounds_keys_still_work_with_a_warning():
     from evomerge.config import EvomergeDeprecationWarning
 
     new = build_space({"kind": "ps", "weight_bounds": [0.2, 0.8], "density_bounds": [0.3, 0.9]}, MODELS, "base")
-    with pytest.warns(EvomergeDeprecationWarning, match="weight: renamed to 'weight_bounds'"):
+    with pytest.warns(EvomergeDeprecationWarning, match=r"(weight|density): renamed to '(weight|density)_bounds'"):
         old = build_space({"kind": "ps", "weight": [0.2, 0.8], "density": [0.3, 0.9]}, MODELS, "base")
     assert (old.weight_bounds, old.density_bounds) == (new.weight_bounds, new.density_bounds) == ((0.2, 0.8), (0.3, 0.9))
     with pytest.raises(SpaceError, match="both are given"):
