@@ -21,7 +21,7 @@ from evomerge.scoring import toy
 from evomerge.search.jobs import run_job
 from evomerge.service.cli import main
 from evomerge.store import Store, StoreError
-from test_search_loop import quiet, write_job
+from helpers import quiet, quiz_job, write_job
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -329,10 +329,8 @@ def test_the_page_follows_a_running_job(page, tmp_path):
 @pytest.fixture(scope="module")
 def irt_store(tmp_path_factory) -> Path:
     """A real IRT search (test_irt's quiz task: 200 items, 20 anchors, a second objective measured in full)."""
-    from test_irt import quiet as irt_quiet
-    from test_irt import quiz_job
 
-    return run_job(quiz_job(tmp_path_factory.mktemp("irt")), **irt_quiet()).store
+    return run_job(quiz_job(tmp_path_factory.mktemp("irt")), **quiet()).store
 
 
 def test_the_api_says_which_values_are_estimated_with_sd_estimator_and_items(irt_store):

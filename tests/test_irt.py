@@ -5,7 +5,6 @@ resume identity), on a synthetic task and on the zoo."""
 from __future__ import annotations
 
 import io
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +12,11 @@ import pytest
 import yaml
 
 from evomerge.fitness import irt
-from evomerge.fitness.objectives import FitnessConfigError, Objective, ObjectiveSet, parse_objectives
-from evomerge.fitness.result import FitnessResult
-from evomerge.scoring import toy
+from evomerge.fitness.objectives import FitnessConfigError, parse_objectives
 from evomerge.search.front import knee_index
 from evomerge.search.jobs import resume_job, run_job
-from evomerge.search.loop import Progress
 from evomerge.store import Store
+from helpers import ITEMS, QuizScorer, quiet, quiz_job
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
 REPO = Path(__file__).resolve().parent.parent
@@ -190,65 +187,6 @@ def test_irt_settings_parse():
 
 
 # ------------------------------------------------------------------------------------------------ the search
-
-ITEMS = 200
-
-
-class QuizScorer:
-    """A stand-in for an lm-eval task: 200 right/wrong items from a two-dimensional 2PL model; a candidate's ability
-    comes from its recipe's numbers, its answers from a generator seeded by them (same recipe, same answers)."""
-
-    calls = 0
-    interrupt_at: int | None = None
-
-    def __init__(self, options: dict, split: str | None = None):
-        rng = np.random.default_rng(5)
-        self.a = rng.lognormal(0.6, 0.3, (ITEMS, 2)) * np.where(np.arange(2)[None, :] == np.arange(ITEMS)[:, None] % 2, 1, 0.1)
-        self.b = rng.normal(0, 1, ITEMS)
-        self.ids = [f"q{i:03d}" for i in range(ITEMS)]
-        self.options = options
-        quiz = Objective("quiz", kind="task", task="quiz", direction="maximise", **options.get("irt", {}))
-        self.objectives = ObjectiveSet((quiz, Objective("size", kind="task", task="toy", direction="minimise")),
-                                       split=split or "fitness", source="<quiz>")
-
-    def answers(self, recipe) -> np.ndarray:
-        xs = np.round(toy.numbers(recipe), 6)
-        theta = np.array([3 * (xs[0] - 0.5) + (xs[2] - 0.5), 3 * (xs[1] - 0.5) - (xs[3] - 0.5)])
-        p = 1 / (1 + np.exp(-(self.a @ theta - self.b)))
-        y = (np.random.default_rng(zlib.crc32(xs.tobytes())).random(ITEMS) < p).astype(float)
-        return np.ones(ITEMS) if self.options.get("constant") else y
-
-    def evaluate(self, recipe, items=None):
-        QuizScorer.calls += 1
-        if QuizScorer.interrupt_at is not None and QuizScorer.calls == QuizScorer.interrupt_at:
-            raise KeyboardInterrupt
-        y = self.answers(recipe)
-        keep = [self.ids.index(i) for i in items["quiz"]] if items and "quiz" in items else list(range(ITEMS))
-        xs = toy.numbers(recipe)
-        return FitnessResult({"quiz": float(y[keep].mean()), "size": sum(xs) / len(xs)},
-                             {"quiz": {self.ids[i]: float(y[i]) for i in keep}})
-
-
-def quiz_scorer(spec, split=None):
-    return QuizScorer(dict(spec.runtime.scorer_options), split)
-
-
-def quiz_job(folder: Path, **options) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2}
-    spec = {"name": "quiz", "search_space": "sakana_ps",
-            "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
-            "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 48}, "seed": 2},
-            "runtime": {"scorer": f"{__name__}:quiz_scorer", "scorer_options": {"irt": settings, **options}},
-            "store": "store.sqlite"}
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def quiet(stream: io.StringIO | None = None) -> dict:
-    return {"out": io.StringIO(), "progress": Progress(stream or io.StringIO(), live=False)}
-
 
 def test_search_scores_anchors_only_after_calibration_and_stores_estimates(tmp_path):
     log = io.StringIO()

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from evomerge.scoring import toy
 from evomerge.search.jobs import resume_job, run_job, scorer_factory
@@ -18,34 +17,7 @@ from evomerge.search.spec import JobSpecError, SearchStopped, load_job
 from evomerge.search.state import LoopState
 from evomerge.service.cli import main
 from evomerge.store import Store, StoreError
-
-GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
-
-
-def write_job(tmp_path: Path, name: str = "toy", **overrides) -> Path:
-    spec = {
-        "name": name,
-        "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
-        "search_space": "sakana_ps",
-        "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 24}, "seed": 1},
-        "runtime": {"scorer": "evomerge.scoring.toy:scorer"},
-        "store": "out/store.sqlite",
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(spec.get(key), dict):
-            spec[key] = {**spec[key], **value}
-        elif value is None:
-            spec.pop(key, None)
-        else:
-            spec[key] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def quiet() -> dict:
-    return {"out": io.StringIO(), "progress": Progress(io.StringIO(), live=False)}
-
+from helpers import GOLDEN, quiet, write_job
 
 def test_a_job_runs_and_reports_the_front_on_the_test_split(tmp_path):
     path = write_job(tmp_path)

@@ -20,6 +20,9 @@ standard deviation):
 `DRAWS` seeded anchor sets chosen on it, and for each set k-fold cross-validation over the fitted candidates (never
 the parents: merge3 needs them) to set `lam` and the mix's weights and pick the estimator; the anchor set with the
 least cross-validated error is kept. Everything is seeded and deterministic on CPU (float64, one torch thread).
+
+Why one module of about 500 lines: it is one numerical library (fit, anchors, estimators, calibration) whose parts
+share the fitted parameters' layout; the search's policy around it lives in `evomerge/search/irt_policy.py`.
 """
 
 from __future__ import annotations

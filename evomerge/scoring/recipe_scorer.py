@@ -50,10 +50,10 @@ class RecipeScorer:
         self._merge_module = None
 
     def evaluate(self, recipe: "AnyRecipe", items: Items | None = None) -> "FitnessResult":
-        from evomerge.merge.dataflow import DataflowRecipe
+        from evomerge.merge.api import layer_path
 
-        if isinstance(recipe, DataflowRecipe):
-            return self._evaluate_path(recipe, items)
+        if (path := layer_path(recipe)) is not None:  # a layer path runs through the sources' modules
+            return self._evaluate_path(path, items)
         start = time.perf_counter()
         self.materialiser.apply(recipe, None, self._targets)
         merged = time.perf_counter() - start

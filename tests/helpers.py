@@ -1,0 +1,102 @@
+"""Helpers the test modules share (tests import from here or conftest, never from each other): toy job specs over
+the golden models, quiet progress, and the quiz scorer, an lm-eval stand-in with known item parameters for IRT."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from evomerge.fitness.objectives import Objective, ObjectiveSet
+from evomerge.fitness.result import FitnessResult
+from evomerge.scoring import toy
+from evomerge.search.loop import Progress
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
+
+
+def write_job(tmp_path: Path, name: str = "toy", **overrides) -> Path:
+    """A toy job over the golden models (the toy scorer, 24 candidates); `overrides` merge into its sections."""
+    spec = {
+        "name": name,
+        "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
+        "search_space": "sakana_ps",
+        "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 24}, "seed": 1},
+        "runtime": {"scorer": "evomerge.scoring.toy:scorer"},
+        "store": "out/store.sqlite",
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        elif value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def quiet(stream: io.StringIO | None = None) -> dict:
+    """`run_job`'s output and progress into memory (`stream`: where the progress lines go)."""
+    return {"out": io.StringIO(), "progress": Progress(stream or io.StringIO(), live=False)}
+
+
+# ------------------------------------------------------------------------------------------------ the quiz scorer
+
+ITEMS = 200
+
+
+class QuizScorer:
+    """A stand-in for an lm-eval task: 200 right/wrong items from a two-dimensional 2PL model; a candidate's ability
+    comes from its recipe's numbers, its answers from a generator seeded by them (same recipe, same answers)."""
+
+    calls = 0
+    interrupt_at: int | None = None
+
+    def __init__(self, options: dict, split: str | None = None):
+        rng = np.random.default_rng(5)
+        self.a = rng.lognormal(0.6, 0.3, (ITEMS, 2)) * np.where(np.arange(2)[None, :] == np.arange(ITEMS)[:, None] % 2, 1, 0.1)
+        self.b = rng.normal(0, 1, ITEMS)
+        self.ids = [f"q{i:03d}" for i in range(ITEMS)]
+        self.options = options
+        quiz = Objective("quiz", kind="task", task="quiz", direction="maximise", **options.get("irt", {}))
+        self.objectives = ObjectiveSet((quiz, Objective("size", kind="task", task="toy", direction="minimise")),
+                                       split=split or "fitness", source="<quiz>")
+
+    def answers(self, recipe) -> np.ndarray:
+        xs = np.round(toy.numbers(recipe), 6)
+        theta = np.array([3 * (xs[0] - 0.5) + (xs[2] - 0.5), 3 * (xs[1] - 0.5) - (xs[3] - 0.5)])
+        p = 1 / (1 + np.exp(-(self.a @ theta - self.b)))
+        y = (np.random.default_rng(zlib.crc32(xs.tobytes())).random(ITEMS) < p).astype(float)
+        return np.ones(ITEMS) if self.options.get("constant") else y
+
+    def evaluate(self, recipe, items=None):
+        QuizScorer.calls += 1
+        if QuizScorer.interrupt_at is not None and QuizScorer.calls == QuizScorer.interrupt_at:
+            raise KeyboardInterrupt
+        y = self.answers(recipe)
+        keep = [self.ids.index(i) for i in items["quiz"]] if items and "quiz" in items else list(range(ITEMS))
+        xs = toy.numbers(recipe)
+        return FitnessResult({"quiz": float(y[keep].mean()), "size": sum(xs) / len(xs)},
+                             {"quiz": {self.ids[i]: float(y[i]) for i in keep}})
+
+
+def quiz_scorer(spec, split=None):
+    return QuizScorer(dict(spec.runtime.scorer_options), split)
+
+
+def quiz_job(folder: Path, **options) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2}
+    spec = {"name": "quiz", "search_space": "sakana_ps",
+            "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
+            "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 48}, "seed": 2},
+            "runtime": {"scorer": "helpers:quiz_scorer", "scorer_options": {"irt": settings, **options}},
+            "store": "store.sqlite"}
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
