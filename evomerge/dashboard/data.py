@@ -229,7 +229,7 @@ def heatmaps(recipe: Any, labels: dict[str, str], title: str = "") -> list[dict[
     method default) at the layer's gradient position, as `evomerge merge` resolves it."""
     from evomerge.merge.methods import METHODS
     from evomerge.merge.plan import ParameterResolver
-    from evomerge.merge.recipe import Slice, Source
+    from evomerge.merge.recipe import Slice, ModelEntry
     from evomerge.merge.settings import layer_position
 
     spec = METHODS[recipe.merge_method]
@@ -243,7 +243,7 @@ def heatmaps(recipe: Any, labels: dict[str, str], title: str = "") -> list[dict[
         if n is None:
             n, note = UNKNOWN_LAYERS, (f"no model folder readable here to count layers: {UNKNOWN_LAYERS} columns "
                                        "at evenly spaced gradient positions")
-        slices = [Slice(tuple(Source(s.model, s.parameters, (0, n)) for s in recipe.models or ()))]
+        slices = [Slice(tuple(ModelEntry(s.model, s.parameters, (0, n)) for s in recipe.models or ()))]
     resolver = ParameterResolver(recipe)
     groups = _module_groups(recipe)
     # rows keyed by (model, group); columns appended slice by slice (output layers)

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 from evomerge.checkpoints import Checkpoint, check_compatible, classify_tensor, open_checkpoint
 from evomerge.checkpoints.arch import Architecture, rename_layer, set_layer_count
 from evomerge.merge.methods import METHODS, required_model_params
-from evomerge.merge.recipe import Recipe, RecipeError, Slice, Source
+from evomerge.merge.recipe import Recipe, RecipeError, Slice, ModelEntry
 from evomerge.merge.settings import NON_LAYER_POSITION, layer_position, resolve_setting
 
 
@@ -71,10 +71,10 @@ def _normalised_slices(recipe: Recipe, cks: Mapping[str, Checkpoint]) -> list[Sl
     assert recipe.models is not None
     def n_layers(label: str) -> int:
         return Architecture.from_config(cks[label].config).num_layers
-    sources = [Source(m.model, m.parameters, (0, n_layers(m.model))) for m in recipe.models]
+    sources = [ModelEntry(m.model, m.parameters, (0, n_layers(m.model))) for m in recipe.models]
     # The base joins as a source only where the method takes one: for linear it is not a contributor.
     if recipe.base_model and METHODS[recipe.merge_method].accepts_base and recipe.base_model not in {s.model for s in sources}:
-        sources.append(Source(recipe.base_model, {}, (0, n_layers(recipe.base_model))))
+        sources.append(ModelEntry(recipe.base_model, {}, (0, n_layers(recipe.base_model))))
     return [Slice(tuple(sources))]
 
 
@@ -92,7 +92,7 @@ class ParameterResolver:
         self.spec = METHODS[recipe.merge_method]
         self.required = set(required_model_params(recipe.merge_method))
 
-    def model_params(self, sl: Slice, src: Source, tensor_name: str, t: float, is_base: bool) -> dict[str, Any]:
+    def model_params(self, sl: Slice, src: ModelEntry, tensor_name: str, t: float, is_base: bool) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, default in self.spec.model_params.items():
             value = None

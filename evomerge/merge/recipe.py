@@ -36,8 +36,9 @@ class RecipeError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
-class Source:
-    """One model's contribution: a whole model (`layer_range` None) or a layer range of it."""
+class ModelEntry:
+    """One model's entry in a recipe (`models[i]`, `slices[i].sources[j]`): a whole model (`layer_range` None) or a
+    layer range of it, with its parameters. (A data-flow path's "source" is another idea: merge/sources.py.)"""
 
     model: str
     parameters: Mapping[str, Setting] = field(default_factory=dict)
@@ -46,7 +47,7 @@ class Source:
 
 @dataclass(frozen=True)
 class Slice:
-    sources: tuple[Source, ...]
+    sources: tuple[ModelEntry, ...]
     parameters: Mapping[str, Setting] = field(default_factory=dict)
     base_model: str | None = None
 
@@ -55,7 +56,7 @@ class Slice:
 class Recipe:
     merge_method: str
     base_model: str | None = None
-    models: tuple[Source, ...] | None = None
+    models: tuple[ModelEntry, ...] | None = None
     slices: tuple[Slice, ...] | None = None
     parameters: Mapping[str, Setting] = field(default_factory=dict)
     dtype: str | None = None
@@ -74,7 +75,7 @@ class Recipe:
                 labels.append(src.model)
         return labels
 
-    def all_sources(self) -> list[Source]:
+    def all_sources(self) -> list[ModelEntry]:
         if self.models is not None:
             return list(self.models)
         return [s for sl in self.slices or () for s in sl.sources]
@@ -111,7 +112,7 @@ def _plain(params: Mapping[str, Setting]) -> dict[str, Setting]:
     return {k: v for k, v in params.items()}
 
 
-def _source_dict(s: Source) -> dict[str, Any]:
+def _source_dict(s: ModelEntry) -> dict[str, Any]:
     d: dict[str, Any] = {"model": s.model}
     if s.layer_range is not None:
         d["layer_range"] = list(s.layer_range)
@@ -189,7 +190,7 @@ def _parse_params(where: Where, field_path: str, raw: Any, allowed: tuple[str, .
     return dict(raw)
 
 
-def _parse_source(where: Where, field_path: str, raw: Any, model_keys: tuple[str, ...], in_slice: bool) -> Source:
+def _parse_source(where: Where, field_path: str, raw: Any, model_keys: tuple[str, ...], in_slice: bool) -> ModelEntry:
     if isinstance(raw, str):
         raw = {"model": raw}
     if not isinstance(raw, dict) or "model" not in raw:
@@ -203,7 +204,7 @@ def _parse_source(where: Where, field_path: str, raw: Any, model_keys: tuple[str
             raise where.error(f"{field_path}.layer_range", f"must be [start, end) with 0 <= start < end, got {lr!r}")
         layer_range = (lr[0], lr[1])
     params = _parse_params(where, f"{field_path}.parameters", raw.get("parameters"), model_keys)
-    return Source(model=str(raw["model"]), parameters=params, layer_range=layer_range)
+    return ModelEntry(model=str(raw["model"]), parameters=params, layer_range=layer_range)
 
 
 def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool = True) -> Recipe:
