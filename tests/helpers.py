@@ -45,6 +45,19 @@ def quiet(stream: io.StringIO | None = None) -> dict:
     return {"out": io.StringIO(), "progress": Progress(stream or io.StringIO(), live=False)}
 
 
+class StopAfter(Progress):
+    """Ctrl-C in the middle of a search, whatever the runtime: KeyboardInterrupt at the n-th recorded outcome."""
+
+    def __init__(self, n: int):
+        super().__init__(io.StringIO(), live=False)
+        self.n = n
+
+    def candidate(self, text: str) -> None:
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+
+
 # ------------------------------------------------------------------------------------------------ the quiz scorer
 
 ITEMS = 200

@@ -29,6 +29,7 @@ from evomerge.fitness.objectives import FitnessConfigError
 from evomerge.search.loop import Progress
 from evomerge.search.spec import parse_job
 from evomerge.store import Store
+from helpers import StopAfter
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "tests" / "golden" / "models"
@@ -547,19 +548,6 @@ def test_a_zoo_search_with_two_ray_workers_through_evomerge_run(tmp_path, zoo_di
     assert len(rows) == 8 and all(r.status in ("done", "cached") for r in rows)
     assert {r.worker for r in rows if r.status == "done"} == {"ray-0", "ray-1"}
     assert all(0.0 <= r.values["zoo_mix"] <= 1.0 for r in rows)
-
-
-class StopAfter(Progress):
-    """Ctrl-C in the middle of a search, whatever the runtime: KeyboardInterrupt at the n-th recorded outcome."""
-
-    def __init__(self, n: int):
-        super().__init__(io.StringIO(), live=False)
-        self.n = n
-
-    def candidate(self, text: str) -> None:
-        self.n -= 1
-        if self.n == 0:
-            raise KeyboardInterrupt
 
 
 def test_steady_search_on_ray_matches_the_in_process_one_also_interrupted_and_resumed(tmp_path, cluster):

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import as_schema_2, planted_pickle
+from helpers import StopAfter
 from evomerge.search.jobs import resume_job, run_job
 from evomerge.search.loop import Progress
 from evomerge.store import Store, StoreError
@@ -119,19 +120,6 @@ def kill_and_resume(tmp_path: Path, algorithm: str, space: str, zoo: Path | None
 
 
 # ---------------------------------------------------------------- resume never unpickles
-
-
-class StopAfter(Progress):
-    """Ctrl-C after the `n`-th recorded candidate."""
-
-    def __init__(self, n: int):
-        super().__init__(io.StringIO(), live=False)
-        self.n = n
-
-    def candidate(self, text: str) -> None:
-        self.n -= 1
-        if self.n == 0:
-            raise KeyboardInterrupt
 
 
 def interrupted(folder: Path, mode: str = "generational", after: int = 20) -> Path:
