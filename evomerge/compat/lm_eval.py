@@ -8,8 +8,9 @@ for either: `TaskIndex.entry_from_path` and `TaskManager._factory._load_full_con
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from evomerge.compat import missing
 
@@ -53,3 +54,20 @@ def wrap_method(obj: Any, name: str, make: Callable[[Callable], Callable]) -> Ca
             delattr(obj, name)
 
     return restore
+
+
+def time_methods(obj: Any, names: Iterable[str], add: Callable[[float], None]) -> None:
+    """Wrap each method `names` of `obj` (see `wrap_method`) so that every call's seconds go to `add`: how the
+    backends measure their forward passes apart from lm-eval's own bookkeeping."""
+    def make(inner: Callable) -> Callable:
+        def timed(*a: Any, **k: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                add(time.perf_counter() - start)
+
+        return timed
+
+    for name in names:
+        wrap_method(obj, name, make)

@@ -7,7 +7,6 @@ touches the disk and no model is rebuilt. `forward_seconds` accumulates the time
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Mapping
 
@@ -72,18 +71,10 @@ class HFBackend:
         return cls(module, AutoTokenizer.from_pretrained(path), batch_size=batch_size)
 
     def _wrap_timers(self) -> None:
-        def make(inner):
-            def timed(*a, **k):
-                start = time.perf_counter()
-                try:
-                    return inner(*a, **k)
-                finally:
-                    self.forward_seconds += time.perf_counter() - start
+        def add(seconds: float) -> None:
+            self.forward_seconds += seconds
 
-            return timed
-
-        for meth in ("_model_call", "_model_generate"):
-            lm_eval_compat.wrap_method(self.lm, meth, make)
+        lm_eval_compat.time_methods(self.lm, ("_model_call", "_model_generate"), add)
 
     # ---- candidate weights
     def targets(self, names) -> dict[str, torch.Tensor]:

@@ -59,17 +59,11 @@ class VLLMBackend:
         self._shm: Path | None = None
         self.forward_seconds = 0.0
         self.reload_seconds = 0.0
-        def make(inner):
-            def timed(*a, **k):
-                t = time.perf_counter()
-                try:
-                    return inner(*a, **k)
-                finally:
-                    self.forward_seconds += time.perf_counter() - t
 
-            return timed
+        def add(seconds: float) -> None:
+            self.forward_seconds += seconds
 
-        lm_eval_compat.wrap_method(self.lm, "_model_generate", make)
+        lm_eval_compat.time_methods(self.lm, ("_model_generate",), add)
         from evomerge.checkpoints import open_checkpoint
         from evomerge.checkpoints.arch import Architecture
 
