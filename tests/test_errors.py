@@ -14,6 +14,7 @@ import yaml
 from evomerge.checkpoints import CheckpointError, IncompatibleModelsError
 from evomerge.compat import ThirdPartyAPIError
 from evomerge.dashboard.server import DashboardError
+from evomerge.fitness.result import FitnessResult
 from evomerge.scoring import toy
 from evomerge.errors import CandidateError, ConfigError, EvomergeError, InternalError, UserError
 from evomerge.fitness.irt import IRTUnavailable
@@ -93,12 +94,16 @@ def test_a_command_restores_the_sigterm_handler_and_progress_bars(tmp_path, caps
 
 class BrokenScorer(toy.ToyScorer):
     """The toy, with a failure for every candidate whose first weight is 1 (the seeds): `error: bug` raises what a
-    bug raises (AttributeError), `error: value` what a candidate's numbers can raise (ValueError)."""
+    bug raises (AttributeError), `error: value` what a candidate's numbers can raise (ValueError), `error: nan`
+    returns a NaN value (a broken model's accuracy)."""
 
     def evaluate(self, recipe):
         if (toy.numbers(recipe) or [0.0])[0] > 0.99:
             if self.options["error"] == "bug":
                 return self.options.no_such_attribute
+            if self.options["error"] == "nan":
+                result = super().evaluate(recipe)
+                return FitnessResult({**result.values, "fit": float("nan")}, result.items)
             raise ValueError("weights out of range for this scorer")
         return super().evaluate(recipe)
 
@@ -110,7 +115,7 @@ def broken(spec, split=None) -> BrokenScorer:
 def test_a_bug_stops_the_job_with_its_frames_and_a_candidate_error_does_not(tmp_path, capsys):
     from evomerge.store import Store
 
-    for error, rc in (("bug", 1), ("value", 0)):
+    for error, rc in (("bug", 1), ("value", 0), ("nan", 0)):
         folder = tmp_path / error
         folder.mkdir()
         path = write_job(folder, scorer=f"{__name__}:broken", scorer_options={"error": error})
@@ -131,8 +136,10 @@ def test_a_bug_stops_the_job_with_its_frames_and_a_candidate_error_does_not(tmp_
             assert all(r.status in ("pending", "running") for r in rows if r.id > first)  # the job stopped there
         else:
             assert store.job("toy")["status"] == "done" and len(rows) == 8
-            assert failed and all(r.reason.startswith("ValueError: weights out of range") for r in failed)
+            expected = "ValueError: weights out of range" if error == "value" else "objective fit is nan (not a finite"
+            assert failed and all(r.reason.startswith(expected) for r in failed), [r.reason for r in failed]
             assert len(failed) < len(rows)  # the others were scored
+            assert not set(store.front("toy")) & {r.id for r in failed}  # a NaN is never on the front
         store.close()
 
 

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from evomerge.scoring import toy
@@ -56,8 +57,21 @@ def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path):
     store = Store(result.store)
     failed = store.candidates("toy", status="failed")
     assert failed and all("fail_above" in r.reason for r in failed)
-    assert all(r.losses == [1e9, 1e9] for r in failed)
-    assert store.candidates("toy", status="done") and store.job("toy")["status"] == "done"
+    done = store.candidates("toy", status="done")
+    assert done and store.job("toy")["status"] == "done"
+    for r in failed:  # told a loss worse, per objective, than every real one told up to its generation
+        seen = np.array([d.losses for d in done if d.generation <= r.generation])
+        assert np.all(np.array(r.losses) >= seen.max(axis=0) + 1.0), (r.losses, seen.max(axis=0))
+
+
+def test_a_failure_is_told_a_loss_worse_than_any_real_one_whatever_the_units():
+    from evomerge.search.problem import FAIL_LOSS, Problem
+
+    problem = Problem.__new__(Problem)  # only the loss rule: no space or objectives needed
+    problem.objectives = type("Objs", (), {"objectives": (None, None)})()
+    assert problem.failure_losses([[-0.9, 7.05e9], [-0.2, 3e9]]) == pytest.approx([0.8, 1.41e10])  # params of 7e9: worse still
+    assert problem.failure_losses([[-5.0, 2.0]]) == [0.0, 4.0]
+    assert problem.failure_losses([]) == [FAIL_LOSS, FAIL_LOSS]  # nothing real yet: any one constant
 
 
 def test_too_many_failures_in_a_row_stop_the_job_with_a_diagnosis(tmp_path):

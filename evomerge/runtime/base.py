@@ -13,6 +13,7 @@ Nothing here imports torch, Ray or the search: a runtime knows scorers and outco
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -106,6 +107,10 @@ def run_one(scorer: Scorer, cid: int, recipe: "AnyRecipe", split: str | None, wo
                        seconds=time.perf_counter() - start, internal=frames)
     seconds = time.perf_counter() - start
     values = {k: float(v) for k, v in result.values.items()}
+    bad = [f"{k} is {v}" for k, v in values.items() if not math.isfinite(v)]
+    if bad:  # a NaN would rank anywhere: on the front, picked by --knee
+        return Outcome(cid, split, reason=f"objective {', '.join(bad)} (not a finite number)", worker=worker,
+                       seconds=seconds)
     per_item = {k: {i: float(x) for i, x in d.items()} for k, d in result.items.items()}
     return Outcome(cid, split, values=values, items=per_item, worker=worker, seconds=seconds,
                    materialise_seconds=min(float(result.load_seconds), seconds))

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from evomerge.fitness.objectives import ObjectiveSet
     from evomerge.spaces.presets import Space
 
-FAIL_LOSS = 1e9  # what a driver sees for a failed candidate: worse than anything real, still finite
+FAIL_LOSS = 1.0  # what a driver sees for a failed candidate while no candidate has a real loss yet (any constant)
 
 
 class Problem:
@@ -45,10 +45,17 @@ class Problem:
     def seed_units(self) -> np.ndarray | None:
         return np.array([self.to_unit(g) for _, g in self.seeds]) if self.seeds else None
 
-    def losses(self, values: dict[str, float] | None) -> list[float]:
-        if values is None:
-            return [FAIL_LOSS] * self.n_obj
+    def losses(self, values: dict[str, float]) -> list[float]:
         return [float(o.loss(values[o.name])) for o in self.objectives.objectives]
+
+    def failure_losses(self, seen: list[list[float]]) -> list[float]:
+        """What a driver is told for a failed candidate: per objective, worse than every real loss in `seen` (by at
+        least 1, and by the worst's own size), so a failure never outranks a real candidate whatever the units
+        (a `params` objective of 7e9 included)."""
+        if not seen:
+            return [FAIL_LOSS] * self.n_obj
+        worst = np.max(np.asarray(seen, dtype=float), axis=0)
+        return [float(w + max(1.0, abs(w))) for w in worst]
 
     def decode(self, genome: Any) -> Any:
         return self.space.decode(np.asarray(genome, dtype=float))

@@ -140,7 +140,7 @@ class Recorder:
                               items=out.items, worker=out.worker, eval_seconds=out.seconds,
                               estimated=out.estimated if estimated is None else estimated)
         else:
-            self.store.finish(self.job, out.cid, "failed", losses=self.problem.losses(None), reason=out.reason,
+            self.store.finish(self.job, out.cid, "failed", reason=out.reason,  # losses: when told (told_losses)
                               worker=out.worker, eval_seconds=out.seconds)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in (out.values or {}).items()) or f"FAILED: {out.reason}"
         self.ctx.progress.candidate(f"candidate {out.cid}: {shown[:120]}")
@@ -162,9 +162,20 @@ class Recorder:
         return True
 
     def told_losses(self, batch: Batch) -> np.ndarray:
-        """The losses a driver is told for a complete batch (rows in id order)."""
-        return np.array([self.problem.losses(batch.results[r.id]) for r in batch.rows])
-
+        """The losses a driver is told for a complete batch (rows in id order). A failed candidate is told a loss
+        worse than every real one of the batches told so far and of this one (deterministic: never what else
+        finished meanwhile), and that loss is stored with it: the replay on resume tells what was told."""
+        real = {r.id: self.problem.losses(batch.results[r.id]) for r in batch.rows if batch.results[r.id] is not None}
+        out = [real.get(r.id) for r in batch.rows]
+        if len(real) < len(batch.rows):
+            earlier = [r.losses for r in self.store.candidates(self.job, status="done")
+                       if r.generation < batch.generation and r.losses is not None]
+            penalty = self.problem.failure_losses(earlier + list(real.values()))
+            for i, r in enumerate(batch.rows):
+                if out[i] is None:
+                    out[i] = penalty
+                    self.store.set_losses(self.job, r.id, penalty)
+        return np.array(out, dtype=float)
     def ref_point(self, state: LoopState, batch: Batch) -> list[float] | None:
         """The hypervolume reference: the worst losses of generation 0's evaluated candidates."""
         if state.ref_point is not None or batch.generation != 0:

@@ -244,6 +244,10 @@ class Store:
             for objective, vals in (items or {}).items():
                 self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)", (job, cid, objective, json.dumps(vals)))
 
+    def set_losses(self, job: str, cid: int, losses: list[float]) -> None:
+        """The losses a driver was told for a failed candidate (decided when its batch is told, after it finished)."""
+        self.db.execute("UPDATE candidates SET losses=? WHERE job=? AND id=?", (json.dumps(losses), job, cid))
+
     def _row(self, r: tuple) -> CandidateRow:
         return CandidateRow(id=r[0], generation=r[1], idx=r[2], genome=json.loads(r[3]), recipe=r[4], recipe_hash=r[5],
                             origin=r[6], status=r[7], parents=_loads(r[8]) or [], reason=r[9], values=_loads(r[10]),
