@@ -141,6 +141,9 @@ def test_a_time_budget_ends_the_search(tmp_path):
     ({"driver": {"budget": {}}}, "driver.budget", "never ends"),
     ({"driver": {"populaton": 4}}, "driver.populaton", "Did you mean 'population'"),
     ({"driver": {"mode": "async"}}, "driver.mode", "generational or steady"),
+    ({"driver": {"algorithm": "cmaes", "options": {"sigma": 0.3}}}, "driver.options", "Did you mean 'sigma0'"),
+    ({"driver": {"options": {"eliminate_duplicate": False}}}, "driver.options", "Did you mean 'eliminate_duplicates'"),
+    ({"driver": {"algorithm": "random", "options": {"seed": 3}}}, "driver.options", "it takes none"),
     ({"driver": {"mode": "steady", "lag": -1}}, "driver.lag", "whole number >= 0"),
     ({"runtime": {"scorer": None}}, "objectives", "objectives file"),
     ({"objectives": {"objectives": [{"task": "zoo_mix"}, {"builtin": "params"}]}, "driver": {"algorithm": "cmaes"}},
@@ -153,6 +156,13 @@ def test_invalid_specs_name_file_field_and_hint(tmp_path, overrides, field, hint
     with pytest.raises(JobSpecError) as e:
         load_job(path)
     assert str(e.value).startswith(f"{path}: {field}") and hint in str(e.value)
+
+
+def test_an_accepted_driver_option_reaches_the_algorithm(tmp_path):
+    path = write_job(tmp_path, driver={"options": {"n_offsprings": 3}, "budget": {"evaluations": 12}})
+    store = Store(run_job(path, **quiet()).store)
+    sizes = [len(store.candidates("toy", generation=g)) for g in range(3)]
+    assert sizes == [6, 3, 3]  # the first population, then pymoo's 3 offspring per generation
 
 
 def test_a_job_that_cannot_start_records_nothing(tmp_path, capsys):

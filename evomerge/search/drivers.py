@@ -214,7 +214,7 @@ class PymooDriver(Driver):
 
 
 def _pymoo_algorithm(name: str, n_obj: int, pop_size: int, init: np.ndarray, options: dict[str, Any]):
-    common = dict(pop_size=pop_size, sampling=init, eliminate_duplicates=True, **options)
+    common = {"pop_size": pop_size, "sampling": init, "eliminate_duplicates": True, **options}
     if name == "nsga2":
         from pymoo.algorithms.moo.nsga2 import NSGA2
 
@@ -251,6 +251,44 @@ def UnitProblem(n_var: int, n_obj: int):
     from pymoo.core.problem import Problem
 
     return Problem(n_var=n_var, n_obj=n_obj, xl=0.0, xu=1.0)
+
+
+# Options evomerge sets itself: a spec's `driver.options` may not override them (the population, the seeds, the
+# budget and the evaluation loop are the search's).
+_OWN_OPTIONS = {"pop_size", "sampling", "seed", "termination", "evaluator", "output", "display", "callback",
+                "verbose", "save_history", "archive"}
+
+
+def accepted_options(name: str) -> list[str]:
+    """The `driver.options` an algorithm takes: cmaes its sigma0, a pymoo algorithm the named parameters of its
+    constructors (pymoo passes unknown keywords on and ignores them, so a misspelt option would do nothing)."""
+    import inspect
+
+    if name == "random":
+        return []
+    if name == "cmaes":
+        return ["sigma0"]
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.algorithms.moo.nsga3 import NSGA3
+    from pymoo.algorithms.moo.sms import SMSEMOA
+
+    cls = {"nsga2": NSGA2, "nsga3": NSGA3, "smsemoa": SMSEMOA}[name]
+    names = {p for c in cls.__mro__ if "__init__" in vars(c)
+             for p, v in inspect.signature(c.__init__).parameters.items()
+             if p != "self" and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)}
+    return sorted(names - _OWN_OPTIONS - ({"ref_dirs"} if name == "nsga3" else set()))
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise DriverError for an option the algorithm does not take, with the closest one it does."""
+    from evomerge.config import suggest
+
+    known = accepted_options(name)
+    for key in options:
+        if key not in known:
+            taken = f"it takes {', '.join(known)}" if known else "it takes none"
+            raise DriverError(f"{key}: not an option of {name}." + suggest(key, known, list_known=False)
+                              + f" ({taken})")
 
 
 def make_driver(name: str, n_var: int, n_obj: int, pop_size: int, seed: int, seeds: np.ndarray | None = None,

@@ -47,7 +47,7 @@ import yaml
 
 from evomerge.config import Where, check_keys, int_field, read_yaml, renamed_keys, resolve_path, suggest
 from evomerge.errors import UserError
-from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE
+from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE, DriverError, check_options
 
 if TYPE_CHECKING:
     from evomerge.fitness.objectives import ObjectiveSet
@@ -305,6 +305,10 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     options = dr.get("options") or {}
     if not isinstance(options, dict):
         raise where.error("driver.options", "must be a mapping of algorithm options")
+    try:
+        check_options(algorithm, options)
+    except DriverError as e:
+        raise where.error("driver.options", str(e)) from None
     seed = dr.get("seed", 0)
     mode = str(dr.get("mode", "generational"))
     if mode not in DRIVER_MODES:
