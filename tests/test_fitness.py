@@ -230,6 +230,30 @@ def test_cli_eval_json_and_errors(llama, tmp_path):
     assert "no split 'dev'" in bad.stderr and str(spec) in bad.stderr
 
 
+def test_cli_eval_refuses_pickles_and_custom_code_without_asking(llama, tmp_path):
+    """`evomerge eval` loads what `merge` loads: safetensors, no custom code. It never prompts (stdin says `y`)."""
+    import shutil
+
+    spec = tmp_path / "objectives.yaml"
+    spec.write_text(yaml.safe_dump({"include": [str(FITNESS)], "objectives": [{"task": "zoo_arith", "limit": 4}]}))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(llama / "arith", pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")  # a folder of pickle weights only
+    custom = tmp_path / "custom"
+    shutil.copytree(llama / "arith", custom)
+    marker = tmp_path / "RAN"
+    (custom / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    for folder, said in ((pickled, "holds only pickle weights"), (custom, "'auto_map' names custom code")):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        res = subprocess.run([sys.executable, "-m", "evomerge.service.cli", "eval", str(folder), "--objectives", str(spec)],
+                             capture_output=True, text=True, env=env, cwd=REPO, input="y\ny\n", timeout=300)
+        assert res.returncode == 2 and res.stderr.startswith(f"error: {folder}") and said in res.stderr, res.stderr
+        assert res.stderr.count("\n") == 1 and "[y/N]" not in res.stdout + res.stderr
+    assert not marker.exists()
+
+
 def test_example_objectives_file_parses():
     from evomerge.fitness.objectives import load_objectives
 

@@ -77,6 +77,11 @@ class Evaluator:
         self.model_dir = Path(model)
         if not (self.model_dir / "config.json").is_file():
             raise FitnessConfigError(f"{self.model_dir}: not a model folder (no config.json)")
+        from evomerge.checkpoints import open_checkpoint
+        from evomerge.checkpoints.hf import check_no_custom_code
+
+        open_checkpoint(self.model_dir)  # safetensors only, for every backend (vLLM would load a .bin too)
+        check_no_custom_code(self.model_dir)
         self.suite = TaskSuite(objectives)
         self.objectives = self._resolve_directions(objectives)
         self.backend_name = backend
@@ -86,9 +91,9 @@ class Evaluator:
             from evomerge.fitness.hf import HFBackend
 
             if module is not None:
-                from transformers import AutoTokenizer
+                from evomerge.checkpoints.hf import load_tokenizer
 
-                self.backend = HFBackend(module, AutoTokenizer.from_pretrained(self.model_dir), batch_size=batch_size)
+                self.backend = HFBackend(module, load_tokenizer(self.model_dir), batch_size=batch_size)
             else:
                 self.backend = HFBackend.from_dir(self.model_dir, torch_dtype, device, batch_size)
         else:

@@ -65,10 +65,9 @@ class HFBackend:
 
     @classmethod
     def from_dir(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", batch_size: int = 64) -> "HFBackend":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from evomerge.checkpoints.hf import load_model, load_tokenizer
 
-        module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        return cls(module, AutoTokenizer.from_pretrained(path), batch_size=batch_size)
+        return cls(load_model(path, dtype, device), load_tokenizer(path), batch_size=batch_size)
 
     def _wrap_timers(self) -> None:
         def add(seconds: float) -> None:

@@ -23,8 +23,7 @@ from evomerge.merge.recipe import RecipeError
 
 def load_source_modules(recipe: DataflowRecipe, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
     """One float32 module per source: a checkpoint loaded as it is, or a PS merge materialised in memory."""
-    from transformers import AutoModelForCausalLM
-
+    from evomerge.checkpoints.hf import load_model
     from evomerge.merge.materialise import Materialiser
 
     out: dict[str, nn.Module] = {}
@@ -35,7 +34,7 @@ def load_source_modules(recipe: DataflowRecipe, device: str | torch.device = "cp
             module = mat.build_module()
             mat.apply(ps, module)
         else:
-            module = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).to(device)
+            module = load_model(source.path, torch.float32, device)
         out[name] = module.eval()
     return out
 

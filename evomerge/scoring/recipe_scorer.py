@@ -62,7 +62,8 @@ class RecipeScorer:
 
     def _source_module(self, name: str, source: "Source"):
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from evomerge.checkpoints.hf import load_model
 
         if (ps := source.merge_recipe) is not None:
             if self._merge_module is None:
@@ -71,8 +72,8 @@ class RecipeScorer:
             return self._merge_module
         key = str(Path(source.path).resolve())
         if key not in self._modules:
-            self._modules[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).to(
-                self.materialiser.device).eval()  # beside the merge module: a path may mix both
+            self._modules[key] = load_model(key, torch.float32, self.materialiser.device).eval()  # beside the
+            # merge module: a path may mix both
         return self._modules[key]
 
     def _evaluate_path(self, recipe: "DataflowRecipe", items: Items | None = None) -> "FitnessResult":

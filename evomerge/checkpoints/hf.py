@@ -1,0 +1,47 @@
+"""transformers loading with evomerge's security defaults, in one place: safetensors only, no custom code.
+
+Every model or tokenizer evomerge builds from a folder goes through these functions, so no call site can forget
+a flag: the folder must hold safetensors (`open_checkpoint` refuses pickle-only folders, with the conversion
+command), a config that names custom code (`auto_map`) is refused before transformers could offer to run it, and
+`trust_remote_code=False` and `use_safetensors=True` are always passed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from evomerge.checkpoints.io import CheckpointError, open_checkpoint
+
+
+def check_no_custom_code(folder: str | Path) -> None:
+    """Refuse a model folder whose config or tokenizer config asks for Python code of its own (`auto_map`)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(folder) / name
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise CheckpointError(f"{path}: 'auto_map' names custom code ({', '.join(map(str, data['auto_map']))}); "
+                                  "evomerge never runs a model folder's Python. Use a model of a transformers "
+                                  "architecture, or convert it to one in a trusted environment")
+
+
+def load_model(folder: str | Path, dtype: Any = None, device: str = "cpu") -> Any:
+    """A causal LM from a model folder (safetensors, no custom code), on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    open_checkpoint(folder)  # safetensors only: a pickle-only folder is refused with the command to convert it
+    check_no_custom_code(folder)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, use_safetensors=True, **kw).to(device)
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The folder's tokenizer (no custom code)."""
+    from transformers import AutoTokenizer
+
+    check_no_custom_code(folder)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
