@@ -79,8 +79,9 @@ def renamed_keys(raw: Mapping[str, Any], renames: Mapping[str, str], where: Wher
             continue
         if new in out:
             raise where.error(f"{prefix}{old}", f"'{old}' is the old name of '{new}' and both are given; keep '{new}'")
-        warnings.warn(f"{where.source}: {prefix}{old}: renamed to '{new}'; the old name still works for now, rename "
-                      "it in the file", EvomergeDeprecationWarning, stacklevel=3)
+        here = f"{where.source}: " if where.source else ""
+        warnings.warn(f"{here}{prefix}{old}: renamed to '{new}'; the old name still works for now, rename it where "
+                      "it is written", EvomergeDeprecationWarning, stacklevel=3)
         out[new] = out.pop(old)
     return out
 

@@ -39,7 +39,7 @@ def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int) -> dict:
                    "sources": {"arith": str(zoo / "llama/arith"), "cipher": str(zoo / "llama/cipher")}},
         "search_space": {
             "kind": "hybrid",
-            "ps": {"method": "task_arithmetic", "weight": [0.0, 1.0], "parameters": {"normalize": False}},
+            "ps": {"method": "task_arithmetic", "weight_bounds": [0.0, 1.0], "parameters": {"normalize": False}},
             "dfs": {"repeats": 1, "min_layers": 2, "max_layers": 8, "embed": "merge", "head": "merge",
                     "scales": "none"},
         },
