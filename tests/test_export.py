@@ -282,3 +282,51 @@ def test_a_path_that_is_its_merge_in_order_exports_as_that_merge():
         changed = {**identity, "dataflow": {**identity["dataflow"], "path": [{"model": "merge", "layer": i} for i in hops]}}
         with pytest.raises(ExportError, match="parameter-space merge"):
             mergekit_yaml(yaml.safe_dump(changed))
+
+
+def test_force_never_replaces_an_input_or_what_evomerge_did_not_write(job, tmp_path, capsys):
+    """The review's reproductions: `--force` deleted the store's folder, replaced the store with YAML, replaced a
+    merge's own input model. Each is refused now, before any work, and nothing changes."""
+    store_bytes = job.read_bytes()
+    folder = job.parent
+    before = sorted(p.name for p in folder.iterdir())
+    for fmt, out, said in (("model", folder, "holds the input"), ("recipe", job, "is the input"),
+                           ("model", folder / "inside-the-report", None)):
+        rc, _, err = cli(capsys, "export", job, "--knee", "--format", fmt, "-o", out, "--force")
+        if said is None:  # the report folder is the store's folder here: writing beside the store is fine
+            assert rc == 0, err
+            continue
+        assert rc == 2 and said in err, err
+    assert job.read_bytes() == store_bytes and set(before) <= {p.name for p in folder.iterdir()}
+
+    mine = tmp_path / "someone-elses.yaml"  # a file evomerge did not write is not replaced, even with --force
+    mine.write_text("precious: true\n")
+    rc, _, err = cli(capsys, "export", job, "--knee", "-o", mine, "--force")
+    assert rc == 2 and "not written by `evomerge export`" in err and mine.read_text() == "precious: true\n"
+    theirs = tmp_path / "a-model"
+    theirs.mkdir()
+    (theirs / "weights.bin").write_text("theirs")
+    rc, _, err = cli(capsys, "export", job, "--knee", "--format", "model", "-o", theirs, "--force", "-q")
+    assert rc == 2 and "not written by evomerge" in err and (theirs / "weights.bin").read_text() == "theirs"
+    ours = tmp_path / "ours.yaml"  # what evomerge wrote, it replaces
+    assert cli(capsys, "export", job, "--knee", "-o", ours)[0] == 0
+    assert ours.read_text().startswith("# evomerge export: job toy")
+    assert cli(capsys, "export", job, "--best", "size", "-o", ours, "--force")[0] == 0
+
+
+def test_merge_never_writes_over_or_into_its_inputs(tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "a"
+    shutil.copytree(GOLDEN / "a", model)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(model), "parameters": {"weight": 0.5}}, {"model": str(GOLDEN / "b"), "parameters": {"weight": 0.5}}]}))
+    weights = (model / "model.safetensors").read_bytes()
+    for out, said in ((model, "is the input"), (model / "merged", "lies inside the input"), (tmp_path, "holds the input")):
+        rc, _, err = cli(capsys, "merge", recipe, "-o", out, "--force", "-q")
+        assert rc == 2 and said in err, (out, err)
+    assert (model / "model.safetensors").read_bytes() == weights and not (model / "merged").exists()
+    assert cli(capsys, "merge", recipe, "-o", tmp_path / "m", "-q")[0] == 0
+    assert (tmp_path / "m" / ".evomerge-output").is_file()
+    assert cli(capsys, "merge", recipe, "-o", tmp_path / "m", "-q", "--force")[0] == 0  # its own output: replaced

@@ -114,11 +114,13 @@ def checkpoint_parts(recipe: AnyRecipe, device: str | torch.device = "cpu", prog
 def write_recipe(recipe: AnyRecipe, out: Path, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  device: str | torch.device = "cpu", progress: bool = False, title: str | None = None,
                  card_extra: str = "", recipe_text: str | None = None,
-                 extra_files: dict[str, str] | None = None) -> Path:
+                 extra_files: dict[str, str] | None = None, inputs: list[str | Path] | None = None) -> Path:
     """`evomerge merge` and `evomerge export --format model`: the output folder is checked, the recipe planned
     (every error before a tensor is read), then merged tensors stream into a new checkpoint (atomic). The model
-    card shows `recipe_text` (default: the recipe's YAML) and ends with `card_extra`."""
-    check_output(Path(out).expanduser().absolute(), force)
+    card shows `recipe_text` (default: the recipe's YAML) and ends with `card_extra`. OUT may not be, hold or lie
+    inside the model folders the recipe reads, nor any of `inputs` (the recipe file, a store)."""
+    inputs = [*model_folders(recipe), *(inputs or [])]
+    check_output(Path(out).expanduser().absolute(), force, inputs)
     parts = checkpoint_parts(recipe, device, progress)
     if title is None:
         title = recipe.name or ("Data-flow merged model" if isinstance(recipe, DataflowRecipe) else "Merged model")
@@ -126,7 +128,8 @@ def write_recipe(recipe: AnyRecipe, out: Path, force: bool = False, max_shard_by
     if card_extra:
         card = card.rstrip() + "\n\n" + card_extra
     return write_checkpoint(out, parts.tensors, parts.config, parts.tokenizer_dir, card, force=force,
-                            max_shard_bytes=max_shard_bytes, extra_files={**parts.extra_files, **(extra_files or {})})
+                            max_shard_bytes=max_shard_bytes, extra_files={**parts.extra_files, **(extra_files or {})},
+                            inputs=inputs)
 
 
 def to_mergekit(recipe: AnyRecipe) -> tuple[str, list[str]]:

@@ -40,14 +40,37 @@ def parse_size(text: str) -> int:
         raise ExportError(f"cannot read size {text!r}; write it like 500MB or 2GB") from None
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Refuse an existing OUT unless forced; call before any heavy work."""
+MARKER = ".evomerge-output"  # in every folder evomerge writes: `--force` replaces such a folder and no other
+FILE_MARKER = "# evomerge export"  # the first line of every file `evomerge export` writes, for the same rule
+
+
+def check_output(out: Path, force: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse an existing OUT unless forced, a forced OUT that evomerge did not write, and an OUT that is, holds or
+    lies inside one of the `inputs` (model folders, the recipe, the store); call before any heavy work."""
+    check_not_an_input(out, inputs)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; choose another folder or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
+    if out.exists() and not (out / MARKER).is_file():
+        raise ExportError(f"{out} was not written by evomerge (no {MARKER} in it): --force replaces only evomerge's "
+                          "own output; remove it yourself or choose another folder")
     if not out.parent.exists():
         raise ExportError(f"{out.parent}: parent folder does not exist")
+
+
+def check_not_an_input(out: Path, inputs: Iterable[str | Path], keep: Iterable[str | Path] = ()) -> None:
+    """An output must never replace what it is made from: refuse OUT when it is an input, holds one, or lies
+    inside an input folder. `keep`: folders OUT may lie in but not be or hold (a job's report folder)."""
+    o = Path(out).expanduser().absolute().resolve()
+    kept = {Path(k).expanduser().absolute().resolve() for k in keep}
+    for given in [*inputs, *keep]:
+        p = Path(given).expanduser().absolute().resolve()
+        inside = p.is_dir() and o.is_relative_to(p) and p not in kept
+        if o == p or p.is_relative_to(o) or inside:
+            how = "is" if o == p else ("holds" if p.is_relative_to(o) else "lies inside")
+            raise ExportError(f"{out} {how} the input {given}: an output never replaces or enters what it is made "
+                              "from; choose a path outside the inputs")
 
 
 def _write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> dict[str, Any]:
@@ -95,10 +118,13 @@ def write_checkpoint(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     extra_files: dict[str, str] | None = None,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
-    """Write the folder atomically; `extra_files` (name -> text) are added before the rename."""
+    """Write the folder atomically; `extra_files` (name -> text) are added before the rename. The folder carries
+    MARKER, so a later `--force` knows it may replace it."""
     out = Path(out).expanduser().absolute()
-    check_output(out, force)
+    inputs = list(inputs) + ([tokenizer_dir] if tokenizer_dir is not None else [])
+    check_output(out, force, inputs)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -111,6 +137,7 @@ def write_checkpoint(
         (tmp / "README.md").write_text(model_card)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        (tmp / MARKER).write_text(json.dumps({"written_by": "evomerge"}) + "\n")
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)

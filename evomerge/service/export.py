@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.merge.export import DEFAULT_SHARD_BYTES, ExportError
+from evomerge.merge.export import DEFAULT_SHARD_BYTES, FILE_MARKER, ExportError, check_not_an_input
 from evomerge.search.front import knee_index
 from evomerge.search.spec import JobSpec
 from evomerge.store import CandidateRow, Store
@@ -159,7 +159,18 @@ def check_out(out: str | Path, force: bool, folder: bool) -> Path:
         raise ExportError(f"{out} is a file; a model is a folder: give a folder path")
     if out.exists() and not folder and out.is_dir():
         raise ExportError(f"{out} is a folder; this format is one file: give a file path")
+    if out.exists() and not folder and not _written_by_us(out):
+        raise ExportError(f"{out} was not written by `evomerge export` (its first line is not '{FILE_MARKER} ...'): "
+                          "--force replaces only evomerge's own output; remove it yourself or choose another path")
     return out
+
+
+def _written_by_us(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.readline().startswith(FILE_MARKER.encode())
+    except OSError:
+        return False
 
 
 def write_text(out: Path, text: str, force: bool) -> Path:
@@ -209,17 +220,21 @@ def export(target: str | Path, out: str | Path, fmt: str = "recipe", name: str |
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_not_an_input(Path(out), [target])  # the spec or the store named on the command line
     check_out(out, force, folder=fmt == "model")  # before opening anything: a refused OUT costs nothing
     store, spec = find_job(target, name)
     try:
         selected = select(store, spec.name, candidate, best, knee)
         text, notes = selected.row.recipe, []
+        check_not_an_input(Path(out), [store.path, *spec.models.values()], keep=[spec.report])
+        about = f"job {spec.name}, candidate {selected.row.id} ({selected.why})"
         if fmt == "recipe":
-            header = f"# job {spec.name}, candidate {selected.row.id} ({selected.why}); `evomerge merge` builds it\n"
+            header = f"{FILE_MARKER}: {about}; `evomerge merge` builds it\n"
             return write_text(Path(out), header + text, force), selected, notes
         if fmt == "mergekit":
             config, notes = mergekit_yaml(text)
-            return write_text(Path(out), config, force), selected, notes
+            header = f"{FILE_MARKER}: {about}, in mergekit's format; `mergekit-yaml` builds it\n"
+            return write_text(Path(out), header + config, force), selected, notes
         title = f"{spec.name} candidate {selected.row.id}"
         path = write_model(Path(out), text, card_sections(store, spec.name, spec, selected), title, force,
                            max_shard_bytes, device, progress)
