@@ -20,7 +20,7 @@ from conftest import as_schema_2, planted_pickle
 from helpers import StopAfter
 from evomerge.search.jobs import resume_job, run_job
 from evomerge.search.loop import Progress
-from evomerge.store import Store, StoreError
+from evomerge.store import SCHEMA_VERSION, Store, StoreError
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
 REPO = Path(__file__).resolve().parent.parent
@@ -161,7 +161,7 @@ def test_a_schema_2_store_with_pickled_checkpoints_resumes_by_replay_without_unp
     assert not marker.exists()
     assert archive(store_path) == archive(straight.store) and len(archive(store_path)[0]) == 48
     store = Store(store_path, readonly=True)
-    assert store.schema_version == 3 and store.objectives("killme") == [("fit", "maximise"), ("size", "minimise")]
+    assert store.schema_version == SCHEMA_VERSION and store.objectives("killme") == [("fit", "maximise"), ("size", "minimise")]
     assert [g for g, state in store.checkpoints("killme") if state is None] == [1, 2, 3]  # upgraded, unread
 
 
@@ -183,3 +183,43 @@ def test_a_replay_that_asks_other_genomes_than_the_stored_ones_is_refused(tmp_pa
     store.close()
     with pytest.raises(StoreError, match="generation 1 asked 6 genomes that are not the 6 stored ones"):
         resume_job(path, out=io.StringIO(), progress=Progress(io.StringIO(), live=False))
+
+
+# ---------------------------------------------------------------- one writer per job
+
+
+def test_one_writer_per_job_a_second_is_refused_a_dead_or_silent_one_is_taken_over(tmp_path):
+    import socket
+    import sqlite3
+
+    from evomerge.store.lock import WriterLock
+
+    path = interrupted(tmp_path / "job")
+    store_path = tmp_path / "job" / "store.sqlite"
+    with WriterLock(store_path, "killme"):  # a live writer (this very process)
+        with pytest.raises(StoreError, match=rf"job 'killme' is being written by pid {os.getpid()} on "):
+            resume_job(path, out=io.StringIO(), progress=Progress(io.StringIO(), live=False))
+        assert Store(store_path, readonly=True).job("killme")["status"] == "interrupted"  # refused before any work
+
+    def plant(host: str, pid: int, heartbeat: float) -> None:
+        db = sqlite3.connect(store_path, isolation_level=None)
+        db.execute("INSERT OR REPLACE INTO writers VALUES ('killme', ?, ?, ?, ?, 'theirs')", (host, pid, heartbeat, heartbeat))
+        db.close()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid of this host that no longer runs: a writer killed with -9
+    plant(socket.gethostname(), gone.pid, time.time())
+    lines = io.StringIO()
+    resume_job(path, out=io.StringIO(), progress=Progress(lines, live=False))
+    assert f"took over job 'killme' from pid {gone.pid} on {socket.gethostname()} (its process is gone)" in lines.getvalue()
+    db = sqlite3.connect(store_path)
+    assert db.execute("SELECT COUNT(*) FROM writers").fetchone()[0] == 0  # released when the job ended
+    db.close()
+
+    plant("another-host", 1, time.time())  # alive, as far as anyone here can tell
+    with pytest.raises(StoreError, match="being written by pid 1 on another-host"):
+        resume_job(path, out=io.StringIO(), progress=Progress(io.StringIO(), live=False))
+    plant("another-host", 1, time.time() - 3600)  # silent for an hour: taken over
+    lines = io.StringIO()
+    resume_job(path, out=io.StringIO(), progress=Progress(lines, live=False))
+    assert "took over job 'killme' from pid 1 on another-host (silent for 3600 s)" in lines.getvalue()

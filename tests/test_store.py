@@ -99,7 +99,7 @@ def test_a_schema_2_store_upgrades_dropping_its_pickles_unread(tmp_path):
     with pytest.raises(StoreError, match="open it once for writing"):
         Store(path, readonly=True)
     store = Store(path)
-    assert store.schema_version == 3
+    assert store.schema_version == SCHEMA_VERSION
     assert store.checkpoints("j") == [(3, None), (4, None), (5, None)]  # generations kept, pickles gone
     assert store.job("j")["spec"] == {"a": 1} and store.objectives("j") is None and store.job("j")["spec_yaml"] is None
     assert [r.id for r in store.candidates("j")] == [0] and store.front("j") == [0]

@@ -20,6 +20,7 @@ from evomerge.runtime.base import Runtime, ScorerFactory
 from evomerge.runtime.local import LocalRuntime
 from evomerge.search.spec import JobSpec, JobSpecError, load_job
 from evomerge.store import Store, StoreError
+from evomerge.store.lock import WriterLock
 
 if TYPE_CHECKING:
     from evomerge.runtime.scheduler import RayRuntime
@@ -79,17 +80,18 @@ def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | No
     spec = load_job(path)
     store = Store(spec.store)
     try:
-        if store.job(spec.name) is not None:
-            raise StoreError(f"{spec.store}: a job named '{spec.name}' exists already; `evomerge resume {path}` continues "
-                             "it, or give the new job another name")
-        runtime = make_runtime(spec, address)
-        try:
-            store.create_job(spec.name, spec.to_dict(), spec.driver.seed, objectives=objective_table(runtime),
-                             spec_yaml=spec.to_yaml())
-            spec = JobSpec.from_dict(store.job(spec.name)["spec"])  # run from the stored spec, as resume does
-            return _search_and_report(spec, store, runtime, out, progress)
-        finally:
-            runtime.close()
+        with WriterLock(spec.store, spec.name):  # one writer per job: a second `run` of it waits for no one
+            if store.job(spec.name) is not None:
+                raise StoreError(f"{spec.store}: a job named '{spec.name}' exists already; `evomerge resume {path}` "
+                                 "continues it, or give the new job another name")
+            runtime = make_runtime(spec, address)
+            try:
+                store.create_job(spec.name, spec.to_dict(), spec.driver.seed, objectives=objective_table(runtime),
+                                 spec_yaml=spec.to_yaml())
+                spec = JobSpec.from_dict(store.job(spec.name)["spec"])  # run from the stored spec, as resume does
+                return _search_and_report(spec, store, runtime, out, progress)
+            finally:
+                runtime.close()
     finally:
         store.close()
 
@@ -128,13 +130,16 @@ def resume_job(target: str | Path, name: str | None = None, out: TextIO | None =
                progress: Progress | None = None, address: str | None = None) -> JobResult:
     store, spec = find_job(target, name)
     try:
-        runtime = make_runtime(spec, address)
-        try:
-            if store.objectives(spec.name) is None:  # a job stored before schema 3
-                store.set_objectives(spec.name, objective_table(runtime))
-            return _search_and_report(spec, store, runtime, out, progress)
-        finally:
-            runtime.close()
+        with WriterLock(store.path, spec.name) as lock:  # refused while another process writes this job
+            if lock.note:
+                (progress or Progress()).line(f"note: {lock.note}")
+            runtime = make_runtime(spec, address)
+            try:
+                if store.objectives(spec.name) is None:  # a job stored before schema 3
+                    store.set_objectives(spec.name, objective_table(runtime))
+                return _search_and_report(spec, store, runtime, out, progress)
+            finally:
+                runtime.close()
     finally:
         store.close()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Callable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -41,7 +41,12 @@ CREATE TABLE IF NOT EXISTS estimates (
     estimator TEXT NOT NULL, anchor_mean REAL, measured REAL, scored INTEGER, total INTEGER, fit_generation INTEGER,
     PRIMARY KEY (job, candidate, objective));
 """
-SCHEMA += _IRT_SCHEMA
+_WRITERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS writers (
+    job TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, started REAL NOT NULL, heartbeat REAL NOT NULL,
+    token TEXT NOT NULL);
+"""
+SCHEMA += _IRT_SCHEMA + _WRITERS_SCHEMA
 
 
 def _add_irt_tables(db: sqlite3.Connection) -> None:
@@ -70,5 +75,11 @@ def _json_checkpoints(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE checkpoints_v3 RENAME TO checkpoints")
 
 
+def _add_writers(db: sqlite3.Connection) -> None:
+    """Schema 3 -> 4: the writers table (one writer per job, `lock.py`)."""
+    db.execute(_WRITERS_SCHEMA.strip().rstrip(";"))
+
+
 # version -> function upgrading a store of that version to version + 1
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_irt_tables, 2: _json_checkpoints}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_irt_tables, 2: _json_checkpoints,
+                                                               3: _add_writers}

@@ -1,0 +1,97 @@
+"""One writer per job: a `run` or `resume` holds the job's row in the store's `writers` table while it searches.
+
+The row names the holder (host, pid, start) and carries a heartbeat that a thread of the holder refreshes every
+`HEARTBEAT` seconds, over a connection of its own. A second writer is refused with who holds the job. A lock whose
+holder is gone is taken over, with a message: on this host when its process no longer exists (a kill -9, a
+crash: resumable at once), elsewhere when its heartbeat is older than `STALE_AFTER` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from evomerge.store.archive import StoreError
+
+HEARTBEAT = 5.0  # seconds between a holder's signs of life
+STALE_AFTER = 60.0  # seconds without one before another host may take the job over
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+class WriterLock:
+    """`with WriterLock(store_path, job) as lock:` -- `lock.note` says whose stale lock was taken over, if any."""
+
+    def __init__(self, path: str | Path, job: str, stale_after: float = STALE_AFTER, beat: float = HEARTBEAT):
+        self.path, self.job, self.stale_after, self.beat = Path(path), job, stale_after, beat
+        self.host, self.pid, self.token = socket.gethostname(), os.getpid(), uuid.uuid4().hex
+        self.note: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    def __enter__(self) -> "WriterLock":
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT host, pid, started, heartbeat FROM writers WHERE job=?", (self.job,)).fetchone()
+            now = time.time()
+            if row is not None:
+                host, pid, started, heartbeat = row
+                silent = now - heartbeat
+                gone = (host == self.host and not _alive(pid)) or silent > self.stale_after
+                if not gone:
+                    db.execute("ROLLBACK")
+                    raise StoreError(
+                        f"{self.path}: job '{self.job}' is being written by pid {pid} on {host} since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))} (last heartbeat {silent:.0f} s "
+                        f"ago); one writer per job: wait for it to end or stop it (`evomerge stop` for a Ray job). "
+                        f"A holder silent for {self.stale_after:.0f} s is taken over")
+                why = "its process is gone" if host == self.host and not _alive(pid) else f"silent for {silent:.0f} s"
+                self.note = f"took over job '{self.job}' from pid {pid} on {host} ({why})"
+            db.execute("INSERT OR REPLACE INTO writers VALUES (?, ?, ?, ?, ?, ?)",
+                       (self.job, self.host, self.pid, now, now, self.token))
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        self._thread = threading.Thread(target=self._heartbeat, name=f"evomerge-writer-{self.job}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        db = self._connect()
+        try:
+            while not self._stop.wait(self.beat):
+                try:
+                    db.execute("UPDATE writers SET heartbeat=? WHERE job=? AND token=?", (time.time(), self.job, self.token))
+                except sqlite3.Error:  # a busy or vanished store: the next beat tries again
+                    pass
+        finally:
+            db.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        db = self._connect()
+        try:
+            db.execute("DELETE FROM writers WHERE job=? AND token=?", (self.job, self.token))
+        finally:
+            db.close()
