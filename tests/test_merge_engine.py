@@ -231,3 +231,14 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
     assert res.returncode == 2
     assert "error:" in res.stderr and "Traceback" not in res.stderr
     assert str(path) in res.stderr
+
+
+def test_a_merge_that_overflows_is_refused_with_the_tensor_and_writes_nothing(tiny_llamas, tmp_path):
+    data = ta_recipe(tiny_llamas)
+    data["dtype"] = "float16"
+    for m in data["models"]:
+        m["parameters"]["weight"] = 1e30  # float16 tops out at 65504
+    out = tmp_path / "huge"
+    with pytest.raises(RecipeError, match=r"merged tensor '[^']+' has \d+ of \d+ values inf or NaN \(torch.float16\)"):
+        api.write_recipe(load_recipe(write_recipe(tmp_path, data)), out)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # nothing half-written

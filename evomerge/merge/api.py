@@ -111,6 +111,17 @@ def checkpoint_parts(recipe: AnyRecipe, device: str | torch.device = "cpu", prog
     return CheckpointParts(iter_merged(p, device, progress), p.config, p.tokenizer_dir, recipe.base_model)
 
 
+def finite(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stream, refusing the first tensor with an inf or NaN (a merge whose weights overflow its dtype): an
+    all-inf model must never be written as if it were one."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise RecipeError(f"merged tensor '{name}' has {bad} of {tensor.numel()} values inf or NaN ({tensor.dtype}): "
+                              "the recipe's weights overflow; lower them, or merge to float32 (`dtype: float32`)")
+        yield name, tensor
+
+
 def write_recipe(recipe: AnyRecipe, out: Path, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  device: str | torch.device = "cpu", progress: bool = False, title: str | None = None,
                  card_extra: str = "", recipe_text: str | None = None,
@@ -127,7 +138,7 @@ def write_recipe(recipe: AnyRecipe, out: Path, force: bool = False, max_shard_by
     card = model_card(recipe_text or recipe.to_yaml(), parts.base_model, title=title)
     if card_extra:
         card = card.rstrip() + "\n\n" + card_extra
-    return write_checkpoint(out, parts.tensors, parts.config, parts.tokenizer_dir, card, force=force,
+    return write_checkpoint(out, finite(parts.tensors), parts.config, parts.tokenizer_dir, card, force=force,
                             max_shard_bytes=max_shard_bytes, extra_files={**parts.extra_files, **(extra_files or {})},
                             inputs=inputs)
 
