@@ -205,3 +205,17 @@ def test_a_reader_in_another_process_while_the_writer_writes(tmp_path):
     assert errors == []
     assert seen == sorted(seen) and seen[-1] == 200  # counts only grow: every read saw a committed state
     assert len(set(seen)) >= 3  # and it read while the writer was writing
+
+
+def test_store_paths_with_uri_characters_open_that_file_and_no_other(tmp_path):
+    for name in ("a#b.sqlite", "a?mode=rw.sqlite", "100%.sqlite"):
+        path = tmp_path / name
+        store = Store(path)
+        store.create_job("j", {"a": 1}, 0)
+        store.close()
+        before = {p.name for p in tmp_path.iterdir()}
+        assert Store(path, readonly=True).job("j")["spec"] == {"a": 1}
+        created = {p.name for p in tmp_path.iterdir()} - before
+        assert created <= {f"{name}-wal", f"{name}-shm"}, created  # its own WAL files; no other file opened
+    with pytest.raises(StoreError, match="no such store"):
+        Store(tmp_path / "missing#x.sqlite", readonly=True)

@@ -27,6 +27,7 @@ Tables (schema version in `meta`):
 from __future__ import annotations
 
 import json
+import urllib.parse
 import math
 import sqlite3
 import time
@@ -83,8 +84,9 @@ class Store:
             if readonly:
                 if not self.path.is_file():
                     raise StoreError(f"{self.path}: no such store")
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
-                                          check_same_thread=False)
+                # a URI: the path quoted, so that '#', '?' or '%' in it name this file and no other
+                uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode=ro"
+                self.db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
