@@ -142,6 +142,8 @@ def test_a_time_budget_ends_the_search(tmp_path):
     ({"driver": {"populaton": 4}}, "driver.populaton", "Did you mean 'population'"),
     ({"driver": {"mode": "async"}}, "driver.mode", "generational or steady"),
     ({"driver": {"algorithm": "cmaes", "options": {"sigma": 0.3}}}, "driver.options", "Did you mean 'sigma0'"),
+    ({"runtime": {"device": "cdua"}}, "runtime.device", "Did you mean 'cuda'"),
+    ({"runtime": {"kind": "local", "backend": "vllm"}}, "runtime.backend", "vllm is not installed"),
     ({"driver": {"options": {"eliminate_duplicate": False}}}, "driver.options", "Did you mean 'eliminate_duplicates'"),
     ({"driver": {"algorithm": "random", "options": {"seed": 3}}}, "driver.options", "it takes none"),
     ({"driver": {"mode": "steady", "lag": -1}}, "driver.lag", "whole number >= 0"),

@@ -39,6 +39,8 @@ driver) and raises `JobSpecError` naming the file, the field and what to do.
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -237,6 +239,9 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     if kind not in RUNTIME_KINDS:
         raise where.error("runtime.kind", f"must be auto, local or ray, got {kind!r}")
     device = str(rt.get("device", "cpu"))
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise where.error("runtime.device", f"must be cpu, cuda, cuda:N or mps, got {device!r}."
+                          + suggest(device, ("cpu", "cuda", "mps"), list_known=False))
     gpus = rt.get("gpus", 1 if device.startswith("cuda") else 0)
     if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0:
         raise where.error("runtime.gpus", f"must be a number of GPUs per worker >= 0 (e.g. 1, or 0.5 to share one), "
@@ -250,6 +255,10 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
         scorer_options=dict(rt.get("scorer_options") or {}))
     if runtime.backend not in ("hf", "vllm", "auto"):
         raise where.error("runtime.backend", f"must be hf, vllm or auto, got {runtime.backend!r}")
+    if runtime.backend == "vllm" and runtime.kind == "local" and importlib.util.find_spec("vllm") is None:
+        raise where.error("runtime.backend", "vllm is not installed in this Python environment; install it "
+                          "(`pip install vllm` on a GPU machine, `make venv-vllm` for the CPU build), or use "
+                          "backend hf or auto (vLLM when installed, else transformers)")
     if runtime.scorer is not None and (not isinstance(runtime.scorer, str) or ":" not in runtime.scorer):
         raise where.error("runtime.scorer", f"must be 'package.module:factory', got {runtime.scorer!r}")
 
