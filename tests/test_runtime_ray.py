@@ -314,6 +314,43 @@ def test_a_candidate_that_kills_its_worker_every_time_is_failed_after_the_retrie
         rt.close()
 
 
+def test_a_hung_candidate_is_killed_at_its_deadline_retried_then_failed_and_the_others_go_on(tmp_path, cluster):
+    from evomerge.search.jobs import ray_runtime
+
+    spec = spec_for(tmp_path, workers=2)
+    spec.runtime.candidate_timeout, spec.runtime.max_retries = 4.0, 1
+    rt = ray_runtime(spec, cluster=cluster_view(cluster))
+    rt.wait_ready()
+    try:
+        rt.submit(0, {"key": "hang", "sleep": 3600})  # hangs: its worker is killed at 4 s, twice
+        for i in range(1, 6):
+            rt.submit(i, {"key": i, "sleep": 0.2, "value": 0.3})
+        outs = {o.cid: o for o in rt.as_completed()}
+        assert sorted(outs) == list(range(6)) and all(outs[i].ok for i in range(1, 6))
+        assert not outs[0].ok and outs[0].reason.startswith("timed out after 4 s, 2 times (runtime.candidate_timeout")
+        s = rt.stats()
+        assert s.worker_deaths == 2 and s.retried == 1
+        assert rt.wait_ready() == 2 and len(rt.worker_pids()) == 2  # both killed workers were replaced
+        rt.submit(6, {"key": 6, "sleep": 0.1, "value": 0.4})  # the replacements take work
+        assert [o.ok for o in rt.as_completed()] == [True]
+    finally:
+        rt.close()
+
+
+def test_the_default_deadline_comes_from_the_times_seen():
+    from evomerge.runtime.scheduler import AUTO_AFTER, AUTO_FLOOR, RayRuntime
+
+    rt = RayRuntime.__new__(RayRuntime)  # the rule alone: no workers needed
+    rt.candidate_timeout, rt._times = None, [2.0] * (AUTO_AFTER - 1)
+    assert rt.deadline() is None  # too few candidates to tell what is slow
+    rt._times = [8.0, 10.0, 12.0, 9.0, 30.0]
+    assert rt.deadline() == 100.0  # 10x the median
+    rt._times = [0.1] * AUTO_AFTER
+    assert rt.deadline() == AUTO_FLOOR
+    rt.candidate_timeout = 7.0
+    assert rt.deadline() == 7.0
+
+
 def test_killing_a_worker_mid_search_loses_nothing_and_repeats_nothing(tmp_path, cluster):
     """SIGKILL a worker while it scores a candidate: the search completes, every candidate is evaluated exactly
     once (the killed one again on a fresh worker, never twice to completion)."""
@@ -500,7 +537,8 @@ def test_runtime_fields_are_checked_with_file_and_field(tmp_path):
 
     for field_name, value, message in [("kind", "spark", "runtime.kind: must be auto, local or ray"),
                                        ("gpus", -1, "runtime.gpus: must be a number"),
-                                       ("max_retries", -1, "runtime.max_retries: must be a whole number >= 0")]:
+                                       ("max_retries", -1, "runtime.max_retries: must be a whole number >= 0"),
+                                       ("candidate_timeout", 0, "runtime.candidate_timeout: must be a finite number")]:
         data = job_dict(tmp_path)
         data["runtime"][field_name] = value
         with pytest.raises(JobSpecError, match=field_name) as e:

@@ -8,6 +8,9 @@ The loop sees the same `submit` / `as_completed` / `close` as with `LocalRuntime
 - a worker that dies (killed, out of memory, node lost) is killed for good and replaced by a fresh actor; its
   candidate goes back to the front of the queue, up to `max_retries` times, then is recorded as failed with the
   reason. A candidate that raises is failed at once (deterministic: `run_one` turns it into a reason);
+- every candidate has a deadline (`candidate_timeout` seconds; by default 10x the median of the first candidates'
+  times, within [60 s, 4 h]): a worker past it is killed and replaced like a dead one, and the candidate, once out
+  of retries, is failed as "timed out after N s" (a hung candidate never stalls the search);
 - outcomes carry only what the scorer measured, so their content does not depend on which worker ran them or in
   which order they finished (the loop records them by candidate id).
 
@@ -33,6 +36,9 @@ if TYPE_CHECKING:
     from evomerge.merge.api import AnyRecipe
 
 STARTUP_FAILURES = 3  # workers in a row dying before they are ready: the cluster cannot host them, stop
+# The default candidate deadline (`candidate_timeout=None`): none until AUTO_AFTER candidates have come back, then
+# AUTO_FACTOR x their median time, at least AUTO_FLOOR and at most AUTO_CAP seconds.
+AUTO_AFTER, AUTO_FACTOR, AUTO_FLOOR, AUTO_CAP = 5, 10.0, 60.0, 4 * 3600.0
 
 
 class WorkerStartError(UserError, RuntimeError):
@@ -72,8 +78,10 @@ class RayRuntime(OutcomeStream):
 
     def __init__(self, scorer: ScorerFactory, workers: int = 1, threads: int = 1, gpus: float = 0,
                  max_retries: int = 2, address: str | None = None, cluster: Cluster | None = None,
-                 dashboard: bool = False, start_timeout: float = 600.0):
+                 dashboard: bool = False, start_timeout: float = 600.0, candidate_timeout: float | None = None):
         self._factory = scorer
+        self.candidate_timeout = candidate_timeout  # None: derived from the times seen (see AUTO_*)
+        self._times: list[float] = []
         self.workers = workers
         self.threads = threads
         self.max_retries = max_retries
@@ -275,7 +283,13 @@ class RayRuntime(OutcomeStream):
                 raise WorkerStartError("candidates are queued but no Ray worker is alive or starting")
             return
         wait = 5.0 if timeout is None else min(timeout, 5.0)
+        deadline = self.deadline()
+        if deadline is not None:
+            busy = [time.perf_counter() - s.sent for s in self._slots if s.state == "busy"]
+            wait = min([wait] + [max(deadline - b, 0.0) + 0.05 for b in busy])
         ready, _ = ray.wait(list(watched), num_returns=1, timeout=wait)
+        if deadline is not None:
+            self._expire(deadline, ready)
         if not ready:
             if (not any(s.state in ("idle", "busy") for s in self._slots)
                     and time.monotonic() - self._last_ready > self.start_timeout):
@@ -287,6 +301,35 @@ class RayRuntime(OutcomeStream):
         else:
             self._finished(slot)
         self._dispatch()
+
+    def deadline(self) -> float | None:
+        """Seconds a candidate may take before its worker is killed: the given timeout, else derived from the
+        median time of the candidates seen so far (None until there are AUTO_AFTER of them)."""
+        if self.candidate_timeout is not None:
+            return self.candidate_timeout
+        if len(self._times) < AUTO_AFTER:
+            return None
+        median = sorted(self._times)[len(self._times) // 2]
+        return min(max(AUTO_FACTOR * median, AUTO_FLOOR), AUTO_CAP)
+
+    def _expire(self, deadline: float, ready: list[Any]) -> None:
+        """Kill and replace each worker whose candidate is past the deadline (the candidate retried, or failed)."""
+        now = time.perf_counter()
+        for slot in [s for s in self._slots if s.state == "busy" and s.ref not in ready and now - s.sent > deadline]:
+            task = slot.task
+            assert task is not None
+            self._stats.lost += now - slot.sent
+            self._bury(slot, TimeoutError())
+            self._start_worker()
+            task.deaths.append(f"timed out after {deadline:.0f} s")
+            if len(task.deaths) > self.max_retries:
+                self._deliver(Outcome(task.cid, task.split, worker=slot.name, reason=(
+                    f"timed out after {deadline:.0f} s, {len(task.deaths)} times (runtime.candidate_timeout; "
+                    f"runtime.max_retries = {self.max_retries}): its worker was killed each time")),
+                    slot, now - slot.sent, 0.0)
+            else:
+                self._stats.retried += 1
+                self._queue.appendleft(task)
 
     def _finished(self, slot: _Slot) -> None:
         import ray
@@ -315,6 +358,7 @@ class RayRuntime(OutcomeStream):
                 self._queue.appendleft(task)
             return
         slot.state, slot.task, slot.ref = "idle", None, None
+        self._times.append(span)
         self._deliver(out, slot, span, busy)
 
     def _deliver(self, out: Outcome, slot: _Slot, span: float, busy: float) -> None:

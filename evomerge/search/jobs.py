@@ -55,7 +55,8 @@ def ray_runtime(spec: JobSpec, address: str | None = None, **options: Any) -> "R
     from evomerge.runtime.scheduler import RayRuntime
 
     rt = spec.runtime
-    kw = {"workers": rt.workers, "threads": rt.threads, "gpus": rt.gpus, "max_retries": rt.max_retries, **options}
+    kw = {"workers": rt.workers, "threads": rt.threads, "gpus": rt.gpus, "max_retries": rt.max_retries,
+          "candidate_timeout": rt.candidate_timeout, **options}
     return RayRuntime(scorer_factory(spec), address=address, **kw)
 
 
@@ -71,6 +72,9 @@ def make_runtime(spec: JobSpec, address: str | None = None) -> Runtime:
     if kind == "auto":
         kind = "ray" if spec.runtime.workers > 1 or address else "local"
     if kind == "local":
+        if spec.runtime.candidate_timeout is not None:
+            print("note: runtime.candidate_timeout is enforced on Ray workers only: the in-process runtime cannot stop "
+                  "a candidate that hangs (use runtime.kind: ray)", file=sys.stderr)
         return local_runtime(spec)
     return ray_runtime(spec, address)
 

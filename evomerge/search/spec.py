@@ -25,6 +25,8 @@
       threads: 1                     # torch threads (= Ray CPU slots) per worker
       gpus: 0                        # GPUs per Ray worker (default 1 with device cuda)
       max_retries: 2                 # a candidate whose worker died is sent again this many times, then failed
+      candidate_timeout: null        # seconds a candidate may take before its Ray worker is killed and replaced;
+                                     # null: 10x the median of the first candidates' times, within [60 s, 4 h]
       device: cpu
       backend: hf                    # hf | vllm | auto
       batch_size: 64
@@ -47,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from evomerge.config import Where, check_keys, int_field, read_yaml, renamed_keys, resolve_path, suggest
+from evomerge.config import Where, check_keys, float_field, int_field, read_yaml, renamed_keys, resolve_path, suggest
 from evomerge.errors import UserError
 from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE, DriverError, check_options
 
@@ -58,7 +60,7 @@ TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "dri
 DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row", "mode", "lag")
 DRIVER_MODES = ("generational", "steady")
 RUNTIME_KEYS = ("kind", "workers", "threads", "gpus", "max_retries", "device", "backend", "batch_size", "scorer",
-                "scorer_options")
+                "scorer_options", "candidate_timeout")
 RENAMED_RUNTIME_KEYS = {"evaluator": "scorer", "evaluator_options": "scorer_options"}  # old name -> new name
 RUNTIME_KINDS = ("auto", "local", "ray")
 
@@ -94,6 +96,7 @@ class RuntimeSpec:
     device: str = "cpu"
     backend: str = "hf"
     batch_size: int = 64
+    candidate_timeout: float | None = None  # seconds; None: 10x the median candidate time (Ray workers only)
     scorer: str | None = None  # "package.module:factory"; None: the default scorer (the objectives on the models)
     scorer_options: dict[str, Any] = field(default_factory=dict)
 
@@ -252,7 +255,9 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
         max_retries=int_field(where, "runtime.max_retries", rt.get("max_retries", 2), 0),
         device=device, backend=str(rt.get("backend", "hf")),
         batch_size=int_field(where, "runtime.batch_size", rt.get("batch_size", 64)), scorer=rt.get("scorer"),
-        scorer_options=dict(rt.get("scorer_options") or {}))
+        scorer_options=dict(rt.get("scorer_options") or {}),
+        candidate_timeout=None if rt.get("candidate_timeout") is None else float_field(
+            where, "runtime.candidate_timeout", rt["candidate_timeout"], low=1e-3))
     if runtime.backend not in ("hf", "vllm", "auto"):
         raise where.error("runtime.backend", f"must be hf, vllm or auto, got {runtime.backend!r}")
     if runtime.backend == "vllm" and runtime.kind == "local" and importlib.util.find_spec("vllm") is None:
