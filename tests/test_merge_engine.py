@@ -242,3 +242,26 @@ def test_a_merge_that_overflows_is_refused_with_the_tensor_and_writes_nothing(ti
     with pytest.raises(RecipeError, match=r"merged tensor '[^']+' has \d+ of \d+ values inf or NaN \(torch.float16\)"):
         api.write_recipe(load_recipe(write_recipe(tmp_path, data)), out)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # nothing half-written
+
+
+def test_a_tokenizer_file_linked_outside_its_model_folder_is_refused_before_any_work(tmp_path):
+    import shutil
+
+    from evomerge.merge.export import ExportError
+
+    golden = Path(__file__).resolve().parent / "golden" / "models"
+    model = tmp_path / "a"
+    shutil.copytree(golden / "a", model)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not copy me")
+    (model / "merges.txt").symlink_to(secret)
+    recipe = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 1.0}}]}
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="merges.txt is a symbolic link to .*secret.txt, outside the model folder"):
+        api.write_recipe(load_recipe(write_recipe(tmp_path, recipe)), out)
+    assert not out.exists()
+    (model / "merges.txt").unlink()
+    (model / "vocab-real.json").write_text('{"a": 0}')
+    (model / "vocab.json").symlink_to(model / "vocab-real.json")  # inside the folder: copied as the file it names
+    api.write_recipe(load_recipe(write_recipe(tmp_path, recipe)), out)
+    assert not (out / "vocab.json").is_symlink() and (out / "vocab.json").read_text() == '{"a": 0}'

@@ -44,6 +44,22 @@ MARKER = ".evomerge-output"  # in every folder evomerge writes: `--force` replac
 FILE_MARKER = "# evomerge export"  # the first line of every file `evomerge export` writes, for the same rule
 
 
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files to copy from `folder`. A symbolic link is followed only when it stays inside the folder:
+    one that points elsewhere (a `merges.txt` linked to a secret) is refused, before any work."""
+    found = []
+    root = folder.resolve()
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise ExportError(f"{path} is a symbolic link to {path.resolve()}, outside the model folder; evomerge copies "
+                              "a model's own files only: replace the link with the file itself")
+        found.append(path)
+    return found
+
+
 def check_output(out: Path, force: bool, inputs: Iterable[str | Path] = ()) -> None:
     """Refuse an existing OUT unless forced, a forced OUT that evomerge did not write, and an OUT that is, holds or
     lies inside one of the `inputs` (model folders, the recipe, the store); call before any heavy work."""
@@ -125,15 +141,14 @@ def write_checkpoint(
     out = Path(out).expanduser().absolute()
     inputs = list(inputs) + ([tokenizer_dir] if tokenizer_dir is not None else [])
     check_output(out, force, inputs)
+    tokenizer = tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         _write_shards(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (tokenizer_dir / name).exists():
-                    shutil.copy2(tokenizer_dir / name, tmp / name)
+        for path in tokenizer:
+            shutil.copyfile(path, tmp / path.name)  # the file's bytes (a link inside the folder: what it names)
         (tmp / "README.md").write_text(model_card)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
