@@ -294,3 +294,20 @@ def test_the_failure_counter_does_not_depend_on_completion_order(tmp_path, mode)
     assert states[0] == states[1] and len(states[0]) == 4
     assert any(n > 0 for _, n, _ in states[0])  # the counter was exercised: some batch ends on a failure
     assert archives[0] == archives[1]
+
+
+def test_a_moved_store_resumes_with_its_report_beside_it_not_at_the_old_place(tmp_path):
+    import shutil
+
+    (tmp_path / "first").mkdir()
+    result = run_job(write_job(tmp_path / "first"), **quiet())
+    old_report = result.json_path
+    before = old_report.read_text()
+    moved = tmp_path / "elsewhere" / "copy.sqlite"
+    moved.parent.mkdir()
+    shutil.copy(result.store, moved)
+    lines = io.StringIO()
+    again = resume_job(moved, out=io.StringIO(), progress=Progress(lines, live=False))
+    assert again.json_path == moved.parent / "report.json" and again.json_path.is_file()
+    assert old_report.read_text() == before  # the old place was not written to
+    assert "its reports now go beside it" in lines.getvalue()

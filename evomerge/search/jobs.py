@@ -8,7 +8,7 @@ first candidate evaluated.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -135,8 +135,13 @@ def resume_job(target: str | Path, name: str | None = None, out: TextIO | None =
     store, spec = find_job(target, name)
     try:
         with WriterLock(store.path, spec.name) as lock:  # refused while another process writes this job
+            say = (progress or Progress()).line
             if lock.note:
-                (progress or Progress()).line(f"note: {lock.note}")
+                say(f"note: {lock.note}")
+            if Path(spec.store).absolute().resolve() != store.path.absolute().resolve():  # a moved or copied store
+                say(f"note: the store was written at {spec.store}; its reports now go beside it, to "
+                    f"{store.path.absolute().parent}, never to the old place")
+                spec = replace(spec, store=store.path.absolute(), report=store.path.absolute().parent)
             runtime = make_runtime(spec, address)
             try:
                 if store.objectives(spec.name) is None:  # a job stored before schema 3
