@@ -142,17 +142,33 @@ def test_static_files_cannot_reach_outside_the_package(server):
         assert b"root:" not in body and b"import" not in body
 
 
+def test_a_token_file_keeps_the_token_out_of_the_process_list(tmp_path):
+    from evomerge.dashboard.server import read_token_file
+
+    path = tmp_path / "token"
+    path.write_text("a-token-of-some-length-0123\n")
+    assert read_token_file(path) == "a-token-of-some-length-0123"
+    path.write_text("\n")
+    with pytest.raises(DashboardError, match="the file is empty"):
+        read_token_file(path)
+    with pytest.raises(DashboardError, match="cannot read it"):
+        read_token_file(tmp_path / "missing")
+
+
 def test_a_token_is_required_off_loopback(store):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
     assert resolve_token("127.0.0.1", None, env={}) == (None, False)
     token, generated = resolve_token("0.0.0.0", None, env={})
     assert generated and len(token) >= 24
-    assert resolve_token("0.0.0.0", None, env={"EVOMERGE_DASHBOARD_TOKEN": "from-the-env"}) == ("from-the-env", False)
-    with pytest.raises(DashboardError, match="shorter than 8"):
+    assert resolve_token("0.0.0.0", None, env={"EVOMERGE_DASHBOARD_TOKEN": "from-the-environment"}) == (
+        "from-the-environment", False)
+    with pytest.raises(DashboardError, match="shorter than 16"):
+        resolve_token("0.0.0.0", "fifteen-chars-x", env={})
+    with pytest.raises(DashboardError, match="shorter than 16"):
         resolve_token("0.0.0.0", "short", env={})
     with pytest.raises(DashboardError, match="only letters, digits"):  # it goes into a cookie: no ; , or spaces
-        resolve_token("0.0.0.0", "secret; Path=/x", env={})
+        resolve_token("0.0.0.0", "a-long-secret; Path=/x", env={})
 
     srv, generated = start(store, host="0.0.0.0", env={})  # off loopback, no token given: one is generated
     try:

@@ -168,6 +168,21 @@ def test_ids_and_addresses_are_validated():
             check_address(bad)
 
 
+def test_the_ray_token_never_travels_over_plain_http_to_another_host(monkeypatch):
+    from evomerge.service.submit import PLAIN_HTTP_ENV, check_token_transport
+
+    monkeypatch.delenv(PLAIN_HTTP_ENV, raising=False)
+    for fine in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265", "https://head.example.org"):
+        check_token_transport(fine)
+    with pytest.raises(ServiceError, match="refusing to send the Ray token over plain http to 10.0.0.5.*ssh -L"):
+        check_token_transport("http://10.0.0.5:8265")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)  # the client itself refuses before it sends anything
+    with pytest.raises(ServiceError, match="refusing to send"):
+        Jobs("http://head.example.org:8265")
+    monkeypatch.setenv(PLAIN_HTTP_ENV, "1")  # told: a network the user trusts
+    check_token_transport("http://10.0.0.5:8265")
+
+
 def test_the_spec_travels_with_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # resolution must not depend on the working directory
     path = toy_spec(tmp_path / "jobs", "travel")

@@ -62,14 +62,29 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+MIN_TOKEN = 16  # characters: a token guessable in an afternoon protects nothing
+
+
+def read_token_file(path: str | Path) -> str:
+    """A token kept in a file (its first line): out of the process list, unlike `--token`."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text().strip().splitlines()
+    except OSError as e:
+        raise DashboardError(f"--token-file {p}: cannot read it ({e.strerror}); give a file holding the token") from None
+    if not text or not text[0].strip():
+        raise DashboardError(f"--token-file {p}: the file is empty; write the token on its first line")
+    return text[0].strip()
+
+
 def resolve_token(host: str, token: str | None, env: dict[str, str] | None = None) -> tuple[str | None, bool]:
     """The token to require, and whether it was generated here (so the caller prints it). Loopback: the given
     token if any, else none. Any other address: the given one, the environment's, or a fresh one."""
     env = os.environ if env is None else env
     token = token or env.get(TOKEN_ENV) or None
-    if token is not None and len(token) < 8:
-        raise DashboardError("the dashboard token is shorter than 8 characters; give a longer --token (or "
-                             f"{TOKEN_ENV}), or leave it out to have one generated")
+    if token is not None and len(token) < MIN_TOKEN:
+        raise DashboardError(f"the dashboard token is shorter than {MIN_TOKEN} characters; give a longer one "
+                             f"({TOKEN_ENV} or --token-file), or leave it out to have one generated")
     if token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]+", token):
         raise DashboardError("the dashboard token may hold only letters, digits and . _ ~ - (it travels in URLs and "
                              "a cookie); choose another --token, or leave it out to have one generated")

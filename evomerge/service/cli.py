@@ -118,9 +118,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from evomerge.dashboard import serve
+    from evomerge.dashboard.server import DashboardError, read_token_file
 
+    if args.token and args.token_file:
+        raise DashboardError("give the token once: --token-file or --token (or EVOMERGE_DASHBOARD_TOKEN)")
+    if args.token:
+        print("warning: --token is visible to every user of this machine (the process list); prefer "
+              "EVOMERGE_DASHBOARD_TOKEN or --token-file", file=sys.stderr)
+    token = read_token_file(args.token_file) if args.token_file else args.token
     try:
-        serve(args.store, host=args.host, port=args.port, token=args.token, quiet=not args.verbose)
+        serve(args.store, host=args.host, port=args.port, token=token, quiet=not args.verbose)
     except KeyboardInterrupt:
         return 0
     return 0
@@ -266,13 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Pareto front and progress curves, and per candidate its recipe, per-layer weights and densities (or its "
         "layer path), scores beside the parents, lineage and export command. Plotly is served from the installed "
         "package (no CDN). Listens on 127.0.0.1 unless --host says otherwise; on any other address every request "
-        "needs a token (--token, EVOMERGE_DASHBOARD_TOKEN, or one generated and printed).",
+        "needs a token of 16 characters or more (EVOMERGE_DASHBOARD_TOKEN, --token-file, or one generated and "
+        "printed; --token works too but shows in the process list).",
     )
     d.add_argument("--store", default=None, help="the store file (SQLite) of a job (default: the one store under ./out)")
     d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     d.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    d.add_argument("--token", default=None, help="token every request must carry (required off 127.0.0.1; "
-                   "default: EVOMERGE_DASHBOARD_TOKEN, else generated)")
+    d.add_argument("--token-file", default=None, help="a file whose first line is the token every request must "
+                   "carry (required off 127.0.0.1; default: EVOMERGE_DASHBOARD_TOKEN, else generated)")
+    d.add_argument("--token", default=None, help="the token itself (visible in the process list: prefer "
+                   "--token-file or EVOMERGE_DASHBOARD_TOKEN)")
     d.add_argument("-v", "--verbose", action="store_true", help="log every request")
     d.set_defaults(func=cmd_dashboard)
 

@@ -66,6 +66,23 @@ def check_address(address: str | None) -> str:
     return address.rstrip("/")
 
 
+PLAIN_HTTP_ENV = "EVOMERGE_ALLOW_PLAIN_HTTP_TOKEN"  # "1": send the token over http to another host all the same
+
+
+def check_token_transport(address: str) -> None:
+    """A bearer token over plain http can be read by anyone on the path: only to this machine, over https, or when
+    told (a network the user trusts)."""
+    from urllib.parse import urlsplit
+
+    from evomerge.dashboard.server import is_loopback
+
+    parts = urlsplit(address)
+    if parts.scheme == "http" and not is_loopback(parts.hostname or "") and os.environ.get(PLAIN_HTTP_ENV) != "1":
+        raise ServiceError(f"refusing to send the Ray token over plain http to {parts.hostname}: anyone on the way "
+                           "can read it. Use https://, or an SSH tunnel to the head (`ssh -L 8265:127.0.0.1:8265 "
+                           f"HEAD`, then --address {DEFAULT_ADDRESS}), or set {PLAIN_HTTP_ENV}=1 on a network you trust")
+
+
 def find_token() -> tuple[str | None, str]:
     """(token, where it came from), looked up as Ray looks it up; (None, '') when there is none."""
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
@@ -138,6 +155,8 @@ class Jobs:
 
         self.address = check_address(address)
         token, self.token_source = find_token()
+        if token:
+            check_token_transport(self.address)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             r = requests.get(f"{self.address}/api/version", headers=self.headers, timeout=PROBE_TIMEOUT)
