@@ -101,6 +101,8 @@ class BrokenScorer(toy.ToyScorer):
         if (toy.numbers(recipe) or [0.0])[0] > 0.99:
             if self.options["error"] == "bug":
                 return self.options.no_such_attribute
+            if self.options["error"] == "garbage":  # not numbers: a bug in the scorer, however it came about
+                return FitnessResult({"fit": "high", "size": 0.1}, {})
             if self.options["error"] == "nan":
                 result = super().evaluate(recipe)
                 return FitnessResult({**result.values, "fit": float("nan")}, result.items)
@@ -115,7 +117,7 @@ def broken(spec, split=None) -> BrokenScorer:
 def test_a_bug_stops_the_job_with_its_frames_and_a_candidate_error_does_not(tmp_path, capsys):
     from evomerge.store import Store
 
-    for error, rc in (("bug", 1), ("value", 0), ("nan", 0)):
+    for error, rc in (("bug", 1), ("value", 0), ("nan", 0), ("garbage", 1)):
         folder = tmp_path / error
         folder.mkdir()
         path = write_job(folder, scorer=f"{__name__}:broken", scorer_options={"error": error})
@@ -127,7 +129,10 @@ def test_a_bug_stops_the_job_with_its_frames_and_a_candidate_error_does_not(tmp_
         store = Store(folder / "out" / "store.sqlite", readonly=True)
         rows = store.candidates("toy")
         failed = [r for r in rows if r.status == "failed"]
-        if error == "bug":
+        if error == "garbage":
+            assert "the scorer returned a result evomerge cannot read (ValueError" in err
+            assert store.job("toy")["status"] == "stopped" and len(failed) == 1
+        elif error == "bug":
             first = next(r.id for r in rows if r.status not in ("done", "cached"))  # the first seed of weight 1
             assert err.startswith(f"internal error: job 'toy' stopped by an internal error while scoring candidate {first}")
             assert "AttributeError" in err and "test_errors.py" in err  # the failing frame, not only the message

@@ -261,6 +261,15 @@ def test_a_tokenizer_file_linked_outside_its_model_folder_is_refused_before_any_
         api.write_recipe(load_recipe(write_recipe(tmp_path, recipe)), out)
     assert not out.exists()
     (model / "merges.txt").unlink()
+    (model / "merges.txt").symlink_to(model / "gone.txt")  # dangling: the output would silently lack it
+    with pytest.raises(ExportError, match="merges.txt is a symbolic link to .*gone.txt, which does not exist"):
+        api.write_recipe(load_recipe(write_recipe(tmp_path, recipe)), out)
+    (model / "merges.txt").unlink()
+    link = tmp_path / "link-out"
+    link.symlink_to(tmp_path / "real-out")
+    with pytest.raises(ExportError, match="link-out is a symbolic link"):  # never written through
+        api.write_recipe(load_recipe(write_recipe(tmp_path, recipe)), link, force=True)
+    assert not (tmp_path / "real-out").exists()
     (model / "vocab-real.json").write_text('{"a": 0}')
     (model / "vocab.json").symlink_to(model / "vocab-real.json")  # inside the folder: copied as the file it names
     api.write_recipe(load_recipe(write_recipe(tmp_path, recipe)), out)

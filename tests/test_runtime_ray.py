@@ -337,18 +337,21 @@ def test_a_hung_candidate_is_killed_at_its_deadline_retried_then_failed_and_the_
         rt.close()
 
 
-def test_the_default_deadline_comes_from_the_times_seen():
-    from evomerge.runtime.scheduler import AUTO_AFTER, AUTO_FLOOR, RayRuntime
+def test_the_default_deadline_comes_from_the_times_of_calls_of_the_same_kind():
+    from evomerge.runtime.scheduler import AUTO_AFTER, AUTO_FLOOR, RayRuntime, _Task
 
     rt = RayRuntime.__new__(RayRuntime)  # the rule alone: no workers needed
-    rt.candidate_timeout, rt._times = None, [2.0] * (AUTO_AFTER - 1)
-    assert rt.deadline() is None  # too few candidates to tell what is slow
-    rt._times = [8.0, 10.0, 12.0, 9.0, 30.0]
-    assert rt.deadline() == 100.0  # 10x the median
-    rt._times = [0.1] * AUTO_AFTER
-    assert rt.deadline() == AUTO_FLOOR
+    full, anchors = _Task(0, None, None, None), _Task(1, None, None, {"quiz": ["q1", "q2"]})
+    test = _Task(2, None, "test", None)
+    rt.candidate_timeout, rt._times = None, {rt._kind(full): [2.0] * (AUTO_AFTER - 1)}
+    assert rt.deadline(full) is None  # too few candidates to tell what is slow
+    rt._times = {rt._kind(anchors): [8.0, 10.0, 12.0, 9.0, 30.0]}
+    assert rt.deadline(anchors) == 100.0  # 10x the median
+    assert rt.deadline(full) is None and rt.deadline(test) is None  # a full scoring, a new split: their own clocks
+    rt._times[rt._kind(full)] = [0.1] * AUTO_AFTER
+    assert rt.deadline(full) == AUTO_FLOOR
     rt.candidate_timeout = 7.0
-    assert rt.deadline() == 7.0
+    assert rt.deadline(full) == rt.deadline(test) == 7.0
 
 
 def test_killing_a_worker_mid_search_loses_nothing_and_repeats_nothing(tmp_path, cluster):

@@ -196,7 +196,7 @@ def test_one_writer_per_job_a_second_is_refused_a_dead_or_silent_one_is_taken_ov
 
     path = interrupted(tmp_path / "job")
     store_path = tmp_path / "job" / "store.sqlite"
-    with WriterLock(store_path, "killme"):  # a live writer (this very process)
+    with WriterLock(Store(store_path), "killme"):  # a live writer (this very process)
         with pytest.raises(StoreError, match=rf"job 'killme' is being written by pid {os.getpid()} on "):
             resume_job(path, out=io.StringIO(), progress=Progress(io.StringIO(), live=False))
         assert Store(store_path, readonly=True).job("killme")["status"] == "interrupted"  # refused before any work
@@ -223,3 +223,10 @@ def test_one_writer_per_job_a_second_is_refused_a_dead_or_silent_one_is_taken_ov
     lines = io.StringIO()
     resume_job(path, out=io.StringIO(), progress=Progress(lines, live=False))
     assert "took over job 'killme' from pid 1 on another-host (silent for 3600 s)" in lines.getvalue()
+
+    paused = Store(store_path)  # a holder paused past the stale time and taken over stops at its next checkpoint
+    with WriterLock(paused, "killme"):
+        plant("another-host", 1, time.time())  # the successor's row
+        with pytest.raises(StoreError, match="now held by pid 1 on another-host: this process lost its writer lock"):
+            paused.save_checkpoint("killme", 99, {"generation": 99})
+    assert [g for g, _ in paused.checkpoints("killme")][-1] != 99

@@ -51,6 +51,9 @@ def tokenizer_files(folder: Path) -> list[Path]:
     root = folder.resolve()
     for name in TOKENIZER_FILES:
         path = folder / name
+        if path.is_symlink() and not path.exists():
+            raise ExportError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; the output "
+                              "would lack it: restore the file or remove the link")
         if not path.exists():
             continue
         if path.is_symlink() and not path.resolve().is_relative_to(root):
@@ -64,6 +67,9 @@ def check_output(out: Path, force: bool, inputs: Iterable[str | Path] = ()) -> N
     """Refuse an existing OUT unless forced, a forced OUT that evomerge did not write, and an OUT that is, holds or
     lies inside one of the `inputs` (model folders, the recipe, the store); call before any heavy work."""
     check_not_an_input(out, inputs)
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link (to {os.readlink(out)}); evomerge never writes through a link: "
+                          "give the real path")
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; choose another folder or pass --force to replace it")
     if out.exists() and not out.is_dir():

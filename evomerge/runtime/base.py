@@ -79,7 +79,7 @@ class Runtime(Protocol):
 # torch and the scoring libraries raise on its weights (NaN, out of memory, shape errors). Anything else
 # (AttributeError, TypeError, KeyError, ...) is a bug in evomerge or in a scorer plug-in: the outcome says so, and
 # the search stops on it instead of failing candidate after candidate for the same reason.
-CANDIDATE_FAILURES = (CandidateError, UserError, RuntimeError, ValueError, ArithmeticError, MemoryError)
+CANDIDATE_FAILURES = (CandidateError, UserError, RuntimeError, ValueError, ArithmeticError, MemoryError, OSError)
 
 
 def _where(e: BaseException) -> str:
@@ -106,14 +106,23 @@ def run_one(scorer: Scorer, cid: int, recipe: "AnyRecipe", split: str | None, wo
         return Outcome(cid, split, reason=f"internal error {type(e).__name__}: {e} (at {_where(e)})", worker=worker,
                        seconds=time.perf_counter() - start, internal=frames)
     seconds = time.perf_counter() - start
-    values = {k: float(v) for k, v in result.values.items()}
+    try:  # what the scorer returned must be numbers for its objectives: anything else is a bug in the scorer
+        values = {k: float(v) for k, v in result.values.items()}
+        per_item = {k: {i: float(x) for i, x in d.items()} for k, d in result.items.items()}
+        load = float(result.load_seconds)
+        missing = [n for n in getattr(getattr(scorer, "objectives", None), "names", []) if n not in values]
+        if missing:
+            raise KeyError(f"no value for objective(s) {', '.join(missing)}")
+    except Exception as e:  # noqa: BLE001
+        return Outcome(cid, split, reason=f"internal error: the scorer returned a result evomerge cannot read "
+                       f"({type(e).__name__}: {e})", worker=worker, seconds=seconds,
+                       internal="".join(traceback.format_exception(type(e), e, e.__traceback__, limit=-3)))
     bad = [f"{k} is {v}" for k, v in values.items() if not math.isfinite(v)]
     if bad:  # a NaN would rank anywhere: on the front, picked by --knee
         return Outcome(cid, split, reason=f"objective {', '.join(bad)} (not a finite number)", worker=worker,
                        seconds=seconds)
-    per_item = {k: {i: float(x) for i, x in d.items()} for k, d in result.items.items()}
     return Outcome(cid, split, values=values, items=per_item, worker=worker, seconds=seconds,
-                   materialise_seconds=min(float(result.load_seconds), seconds))
+                   materialise_seconds=min(load, seconds))
 
 
 def close_scorer(scorer: Any) -> None:

@@ -81,7 +81,7 @@ class RayRuntime(OutcomeStream):
                  dashboard: bool = False, start_timeout: float = 600.0, candidate_timeout: float | None = None):
         self._factory = scorer
         self.candidate_timeout = candidate_timeout  # None: derived from the times seen (see AUTO_*)
-        self._times: list[float] = []
+        self._times: dict[tuple, list[float]] = {}  # per kind of call (`_kind`): anchors-only and full differ
         self.workers = workers
         self.threads = threads
         self.max_retries = max_retries
@@ -283,13 +283,14 @@ class RayRuntime(OutcomeStream):
                 raise WorkerStartError("candidates are queued but no Ray worker is alive or starting")
             return
         wait = 5.0 if timeout is None else min(timeout, 5.0)
-        deadline = self.deadline()
-        if deadline is not None:
-            busy = [time.perf_counter() - s.sent for s in self._slots if s.state == "busy"]
-            wait = min([wait] + [max(deadline - b, 0.0) + 0.05 for b in busy])
+        now = time.perf_counter()
+        for s in self._slots:
+            limit = self.deadline(s.task) if s.state == "busy" else None
+            if limit is not None:
+                wait = min(wait, max(limit - (now - s.sent), 0.0) + 0.05)
         ready, _ = ray.wait(list(watched), num_returns=1, timeout=wait)
-        if deadline is not None:
-            self._expire(deadline, ready)
+        if self._expire(ready):
+            self._dispatch()
         if not ready:
             if (not any(s.state in ("idle", "busy") for s in self._slots)
                     and time.monotonic() - self._last_ready > self.start_timeout):
@@ -302,22 +303,35 @@ class RayRuntime(OutcomeStream):
             self._finished(slot)
         self._dispatch()
 
-    def deadline(self) -> float | None:
+    @staticmethod
+    def _kind(task: _Task) -> tuple:
+        """Calls that take alike long: one split, the same number of items (IRT anchors) or all of them."""
+        return task.split, None if task.items is None else sum(len(v) for v in task.items.values())
+
+    def deadline(self, task: _Task | None = None) -> float | None:
         """Seconds a candidate may take before its worker is killed: the given timeout, else derived from the
-        median time of the candidates seen so far (None until there are AUTO_AFTER of them)."""
+        median time of the calls of its kind seen so far (None until there are AUTO_AFTER of them: a first call
+        on a new split, which builds that split's scorer, or a first full scoring among anchor-only ones, runs
+        without one)."""
         if self.candidate_timeout is not None:
             return self.candidate_timeout
-        if len(self._times) < AUTO_AFTER:
+        seen = self._times.get(self._kind(task), []) if task is not None else []
+        if len(seen) < AUTO_AFTER:
             return None
-        median = sorted(self._times)[len(self._times) // 2]
+        median = sorted(seen)[len(seen) // 2]
         return min(max(AUTO_FACTOR * median, AUTO_FLOOR), AUTO_CAP)
 
-    def _expire(self, deadline: float, ready: list[Any]) -> None:
-        """Kill and replace each worker whose candidate is past the deadline (the candidate retried, or failed)."""
-        now = time.perf_counter()
-        for slot in [s for s in self._slots if s.state == "busy" and s.ref not in ready and now - s.sent > deadline]:
+    def _expire(self, ready: list[Any]) -> bool:
+        """Kill and replace each worker whose candidate is past its deadline (the candidate retried, or failed);
+        True when any was."""
+        now, expired = time.perf_counter(), False
+        for slot in [s for s in self._slots if s.state == "busy" and s.ref not in ready]:
             task = slot.task
             assert task is not None
+            deadline = self.deadline(task)
+            if deadline is None or now - slot.sent <= deadline:
+                continue
+            expired = True
             self._stats.lost += now - slot.sent
             self._bury(slot, TimeoutError())
             self._start_worker()
@@ -330,6 +344,7 @@ class RayRuntime(OutcomeStream):
             else:
                 self._stats.retried += 1
                 self._queue.appendleft(task)
+        return expired
 
     def _finished(self, slot: _Slot) -> None:
         import ray
@@ -358,7 +373,7 @@ class RayRuntime(OutcomeStream):
                 self._queue.appendleft(task)
             return
         slot.state, slot.task, slot.ref = "idle", None, None
-        self._times.append(span)
+        self._times.setdefault(self._kind(task), []).append(span)
         self._deliver(out, slot, span, busy)
 
     def _deliver(self, out: Outcome, slot: _Slot, span: float, busy: float) -> None:

@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from evomerge.errors import InternalError
 from evomerge.search.confirm import confirm_front
 from evomerge.search.loop import Progress, Search
 from evomerge.search.report import build_report, front_table, runtime_summary, write_report
@@ -84,7 +85,7 @@ def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | No
     spec = load_job(path)
     store = Store(spec.store)
     try:
-        with WriterLock(spec.store, spec.name):  # one writer per job: a second `run` of it waits for no one
+        with WriterLock(store, spec.name):  # one writer per job: a second `run` of it waits for no one
             if store.job(spec.name) is not None:
                 raise StoreError(f"{spec.store}: a job named '{spec.name}' exists already; `evomerge resume {path}` "
                                  "continues it, or give the new job another name")
@@ -134,7 +135,7 @@ def resume_job(target: str | Path, name: str | None = None, out: TextIO | None =
                progress: Progress | None = None, address: str | None = None) -> JobResult:
     store, spec = find_job(target, name)
     try:
-        with WriterLock(store.path, spec.name) as lock:  # refused while another process writes this job
+        with WriterLock(store, spec.name) as lock:  # refused while another process writes this job
             say = (progress or Progress()).line
             if lock.note:
                 say(f"note: {lock.note}")
@@ -159,10 +160,14 @@ def _search_and_report(spec: JobSpec, store: Store, runtime: Runtime, out: TextI
     search = Search(spec, store, runtime, progress)
     search.run()
     measured = runtime_summary(spec, runtime)  # the search's own window, before the report scores anything
-    confirmed = confirm_front(search.recorder)  # IRT: the front's estimated members scored in full (else a no-op)
-    if measured is not None:
-        out.write(f"runtime: {measured['summary']}\n")
-    report = build_report(search.ctx, runtime=measured)
+    try:
+        confirmed = confirm_front(search.recorder)  # IRT: the front's estimated members scored in full (else a no-op)
+        if measured is not None:
+            out.write(f"runtime: {measured['summary']}\n")
+        report = build_report(search.ctx, runtime=measured)
+    except InternalError as e:  # a bug while confirming or scoring the report split: the job says so, resumable
+        store.set_status(spec.name, "stopped", str(e))
+        raise
     json_path, html_path = write_report(report, Path(spec.report))
     store.set_status(spec.name, "done")
     out.write(f"\nPareto front of job '{spec.name}' ({len(report['front'])} recipes), beside the parents:\n")

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from evomerge.fitness.objectives import ObjectiveSet
     from evomerge.spaces.presets import Space
 
-FAIL_LOSS = 1.0  # what a driver sees for a failed candidate while no candidate has a real loss yet (any constant)
+FAIL_LOSS = 1e300  # what a failed candidate is told while no real loss has been seen: worse than any, still finite
 
 
 class Problem:

@@ -26,6 +26,13 @@ if TYPE_CHECKING:
     from evomerge.runtime.base import Outcome
 
 
+def internal_error(job: str, out: "Outcome", what: str) -> InternalError:
+    """The error that stops a job when a scorer hit a bug (`Outcome.internal`), with the failing frames."""
+    return InternalError(f"job '{job}' stopped by an internal error while scoring {what} on worker {out.worker}: "
+                         f"{out.reason}. This is a bug in evomerge or in the scorer plug-in, not in the candidate; "
+                         f"`evomerge resume` retries it once fixed.\n{out.internal}")
+
+
 def recipe_text(recipe: Any) -> str:
     return recipe.to_yaml()
 
@@ -111,11 +118,6 @@ class Recorder:
         if self.irt:  # IRT: anchor-only scores become estimates (what the driver sees)
             out = self.irt.finish(out)
         self.record(out)
-        if out.internal:  # a bug, not this candidate: recorded as failed (a resume retries it), then the job stops
-            raise InternalError(f"job '{self.job}' stopped by an internal error while scoring candidate {out.cid} on "
-                                f"worker {out.worker}: {out.reason}. This is a bug in evomerge or in the scorer "
-                                f"plug-in, not in the candidate; `evomerge resume` retries it once fixed.\n"
-                                f"{out.internal}")
         batch.results[out.cid] = out.values if out.ok else None
         batch.verdicts[out.cid] = Verdict(out.ok, out.reason)
         waiting = self.duplicates.pop(out.cid, [])
@@ -134,7 +136,8 @@ class Recorder:
             results[cid] = hit.values
 
     def record(self, out: "Outcome", estimated: bool | None = None) -> None:
-        """Store an outcome: values and losses, or the failure reason (with the failure's losses)."""
+        """Store an outcome: values and losses, or the failure reason; an internal error, once recorded as a
+        failure (a resume retries it), stops the job."""
         if out.ok:
             self.store.finish(self.job, out.cid, "done", values=out.values, losses=self.problem.losses(out.values),
                               items=out.items, worker=out.worker, eval_seconds=out.seconds,
@@ -144,6 +147,8 @@ class Recorder:
                               worker=out.worker, eval_seconds=out.seconds)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in (out.values or {}).items()) or f"FAILED: {out.reason}"
         self.ctx.progress.candidate(f"candidate {out.cid}: {shown[:120]}")
+        if out.internal:
+            raise internal_error(self.job, out, f"candidate {out.cid}")
 
     def tally(self, counter: FailureCount, batch: Batch) -> bool:
         """Walk the failure counter over the batch's rows in id order, as far as their outcomes are in (cached

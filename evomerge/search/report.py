@@ -13,6 +13,7 @@ import numpy as np
 
 from evomerge.search.context import SearchContext
 from evomerge.search.irt_policy import irt_summary
+from evomerge.search.recorder import internal_error
 from evomerge.spaces.ps import parent_recipe
 
 
@@ -37,6 +38,8 @@ def score_report_split(search: SearchContext) -> dict[str, dict[str, Any]]:
             tokens[k] = subject
             search.runtime.submit(k, recipe, split=split)
     for out in search.runtime.as_completed():
+        if out.internal:  # a bug: never stored as if the subject had failed on the split
+            raise internal_error(job, out, f"{tokens[out.cid]} on the {split} split")
         store.save_score(job, tokens[out.cid], split, out.values, out.items, out.reason)
     scores = store.scores(job, split)
     return {s: scores[s] for s in subjects if s in scores}

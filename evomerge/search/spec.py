@@ -178,8 +178,9 @@ def load_job(path: str | Path) -> JobSpec:
 
 
 def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", check_paths: bool = True) -> JobSpec:
-    """Check a job spec mapping. `check_paths=False` checks its structure and values but not the files it names
-    (models, objectives' folders): a stored spec read on another machine, a spec bound for a cluster."""
+    """Check a job spec mapping. `check_paths=False` checks its structure and values but not what it needs of this
+    machine (the models and objectives' files, an installed vLLM, the installed optimisers' option names): a stored
+    spec read on another machine, a spec bound for a cluster."""
     base_dir = Path(base_dir).resolve()
     where = Where(source, JobSpecError)
     if not isinstance(data, dict):
@@ -260,7 +261,7 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
             where, "runtime.candidate_timeout", rt["candidate_timeout"], low=1e-3))
     if runtime.backend not in ("hf", "vllm", "auto"):
         raise where.error("runtime.backend", f"must be hf, vllm or auto, got {runtime.backend!r}")
-    if runtime.backend == "vllm" and runtime.kind == "local" and importlib.util.find_spec("vllm") is None:
+    if check_paths and runtime.backend == "vllm" and runtime.kind == "local" and importlib.util.find_spec("vllm") is None:
         raise where.error("runtime.backend", "vllm is not installed in this Python environment; install it "
                           "(`pip install vllm` on a GPU machine, `make venv-vllm` for the CPU build), or use "
                           "backend hf or auto (vLLM when installed, else transformers)")
@@ -320,7 +321,8 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     if not isinstance(options, dict):
         raise where.error("driver.options", "must be a mapping of algorithm options")
     try:
-        check_options(algorithm, options)
+        if check_paths:  # against the installed optimisers: a stored spec is read as it was accepted
+            check_options(algorithm, options)
     except DriverError as e:
         raise where.error("driver.options", str(e)) from None
     seed = dr.get("seed", 0)

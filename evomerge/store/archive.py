@@ -80,6 +80,7 @@ class Store:
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly
+        self.writer_tokens: dict[str, str] = {}  # job -> this process's writer lock token (lock.WriterLock)
         try:
             if readonly:
                 if not self.path.is_file():
@@ -293,8 +294,16 @@ class Store:
     def save_checkpoint(self, job: str, generation: int, state: dict[str, Any],
                         front: Iterable[int] | None = None) -> None:
         """The search's state (JSON) after `generation` (and the front then), in one transaction. Every one is
-        kept: together they are the ask/tell order a resume replays (a few hundred bytes each)."""
+        kept: together they are the ask/tell order a resume replays (a few hundred bytes each). Refused when this
+        store's writer lock on the job (`lock.WriterLock`) was taken over by another process meanwhile."""
         with self.transaction():
+            token = self.writer_tokens.get(job)
+            if token is not None:
+                row = self.db.execute("SELECT host, pid, token FROM writers WHERE job=?", (job,)).fetchone()
+                if row is None or row[2] != token:
+                    who = f"pid {row[1]} on {row[0]}" if row else "no one"
+                    raise StoreError(f"{self.path}: job '{job}' is now held by {who}: this process lost its writer "
+                                     "lock (its heartbeat was not seen for too long) and stops without writing")
             self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
                             (job, generation, time.time(), json.dumps(state)))
             if front is not None:

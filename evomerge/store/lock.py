@@ -3,7 +3,12 @@
 The row names the holder (host, pid, start) and carries a heartbeat that a thread of the holder refreshes every
 `HEARTBEAT` seconds, over a connection of its own. A second writer is refused with who holds the job. A lock whose
 holder is gone is taken over, with a message: on this host when its process no longer exists (a kill -9, a
-crash: resumable at once), elsewhere when its heartbeat is older than `STALE_AFTER` seconds.
+crash: resumable at once), elsewhere when its heartbeat is older than `STALE_AFTER` seconds. A holder that was
+taken over (paused that long) finds out at its next checkpoint and stops (`Store.save_checkpoint`).
+
+Limits: "older" compares the holder's clock with the reader's (hosts with clocks more than a minute apart can take a
+live job over); "this host" is the host name, so containers that share one host name but not their process ids see
+each other's holders as gone. Keep one store's writers on one machine, as README says for network filesystems.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from evomerge.store.archive import StoreError
+from evomerge.store.archive import Store, StoreError
 
 HEARTBEAT = 5.0  # seconds between a holder's signs of life
 STALE_AFTER = 60.0  # seconds without one before another host may take the job over
@@ -33,10 +38,12 @@ def _alive(pid: int) -> bool:
 
 
 class WriterLock:
-    """`with WriterLock(store_path, job) as lock:` -- `lock.note` says whose stale lock was taken over, if any."""
+    """`with WriterLock(store, job) as lock:` -- `lock.note` says whose stale lock was taken over, if any. The store
+    then checks, at every checkpoint, that the lock is still this process's (a holder paused past STALE_AFTER and
+    taken over stops instead of writing beside its successor)."""
 
-    def __init__(self, path: str | Path, job: str, stale_after: float = STALE_AFTER, beat: float = HEARTBEAT):
-        self.path, self.job, self.stale_after, self.beat = Path(path), job, stale_after, beat
+    def __init__(self, store: Store, job: str, stale_after: float = STALE_AFTER, beat: float = HEARTBEAT):
+        self.store, self.path, self.job, self.stale_after, self.beat = store, Path(store.path), job, stale_after, beat
         self.host, self.pid, self.token = socket.gethostname(), os.getpid(), uuid.uuid4().hex
         self.note: str | None = None
         self._stop = threading.Event()
@@ -71,6 +78,7 @@ class WriterLock:
             db.execute("COMMIT")
         finally:
             db.close()
+        self.store.writer_tokens[self.job] = self.token
         self._thread = threading.Thread(target=self._heartbeat, name=f"evomerge-writer-{self.job}", daemon=True)
         self._thread.start()
         return self
@@ -87,6 +95,7 @@ class WriterLock:
             db.close()
 
     def __exit__(self, *exc: object) -> None:
+        self.store.writer_tokens.pop(self.job, None)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
