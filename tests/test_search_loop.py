@@ -18,6 +18,7 @@ from evomerge.search.spec import JobSpecError, SearchStopped, load_job
 from evomerge.search.state import LoopState
 from evomerge.service.cli import main
 from evomerge.store import Store, StoreError
+from conftest import REPO
 from helpers import GOLDEN, quiet, write_job
 
 def test_a_job_runs_and_reports_the_front_on_the_test_split(tmp_path):
@@ -311,3 +312,22 @@ def test_a_moved_store_resumes_with_its_report_beside_it_not_at_the_old_place(tm
     assert again.json_path == moved.parent / "report.json" and again.json_path.is_file()
     assert old_report.read_text() == before  # the old place was not written to
     assert "its reports now go beside it" in lines.getvalue()
+
+
+def test_a_spec_stored_by_an_older_evomerge_reads_back_as_the_same_job(tmp_path):
+    """Stores of schema 1-2 kept the JobSpec's fields (`asdict`), objectives unparsed beside their folder and the
+    scorer under its old name: `JobSpec.from_dict` reads that form as the job it was."""
+    from evomerge.search.spec import JobSpec
+
+    objectives = {"include": ["fitness"], "objectives": [{"task": "zoo_mix", "limit": 10}, {"builtin": "params"}]}
+    path = write_job(tmp_path, objectives={**objectives, "include": [str(REPO / "fitness")]})
+    spec = load_job(path)
+    old = {"name": spec.name, "base": spec.base, "models": {k: str(v) for k, v in spec.models.items()},
+           "search_space": spec.search_space, "objectives": objectives, "objectives_dir": str(REPO),
+           "driver": {"algorithm": "nsga2", "population": 6, "max_evaluations": 24, "max_seconds": None, "seed": 1,
+                      "options": {}, "max_failures_in_a_row": 10, "mode": "generational", "lag": 1},
+           "runtime": {"kind": "auto", "workers": 1, "threads": 1, "gpus": 0.0, "max_retries": 2, "device": "cpu",
+                       "backend": "hf", "batch_size": 64, "evaluator": "evomerge.scoring.toy:scorer",
+                       "evaluator_options": {}},
+           "store": str(spec.store), "report": str(spec.report), "report_split": "test", "source": str(path)}
+    assert JobSpec.from_dict(old).to_dict() == spec.to_dict()
