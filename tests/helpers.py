@@ -82,7 +82,10 @@ class QuizScorer:
 
     def answers(self, recipe) -> np.ndarray:
         xs = np.round(toy.numbers(recipe), 6)
-        theta = np.array([3 * (xs[0] - 0.5) + (xs[2] - 0.5), 3 * (xs[1] - 0.5) - (xs[3] - 0.5)])
+        # a parent's recipe (the report scores the parents) has one number: the others at the middle of their range.
+        # (This used to raise IndexError, recorded as the parents' test score; a bug now stops the job instead.)
+        theta_in = np.pad(xs, (0, max(0, 4 - len(xs))), constant_values=0.5)
+        theta = np.array([3 * (theta_in[0] - 0.5) + (theta_in[2] - 0.5), 3 * (theta_in[1] - 0.5) - (theta_in[3] - 0.5)])
         p = 1 / (1 + np.exp(-(self.a @ theta - self.b)))
         y = (np.random.default_rng(zlib.crc32(xs.tobytes())).random(ITEMS) < p).astype(float)
         return np.ones(ITEMS) if self.options.get("constant") else y
