@@ -11,16 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.merge.api import describe
 from evomerge.search.context import SearchContext
 from evomerge.search.irt_policy import irt_summary
 from evomerge.search.recorder import internal_error
 from evomerge.spaces.ps import parent_recipe
-
-
-def describe_recipe(recipe: Any) -> str:
-    from evomerge.merge.api import describe
-
-    return describe(recipe)
 
 
 def score_report_split(search: SearchContext) -> dict[str, dict[str, Any]]:
@@ -68,7 +63,7 @@ def build_report(search: SearchContext, runtime: dict[str, Any] | None = None) -
         row = store.candidate(job, cid)
         assert row is not None
         recipe = search.space.decode(np.array(row.genome))
-        front.append({"id": cid, "generation": row.generation, "origin": row.origin, "recipe": describe_recipe(recipe),
+        front.append({"id": cid, "generation": row.generation, "origin": row.origin, "recipe": describe(recipe),
                       "recipe_yaml": row.recipe, "fitness": row.values,
                       "estimated": row.estimated,  # IRT: fitness estimated from anchor items (test split: measured)
                       "items_scored": {o: len(v) for o, v in store.items(job, row.cached_from or cid).items()},

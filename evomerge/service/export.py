@@ -31,7 +31,9 @@ EXPORTABLE = ("done", "cached")
 
 
 @dataclass
-class Objective:
+class ObjectiveColumn:
+    """An objective as the store records it: its name, its place in a candidate's losses, its direction."""
+
     name: str
     index: int  # position in a candidate's losses
     direction: str  # maximise | minimise
@@ -46,13 +48,13 @@ class Selected:
 # ---------------------------------------------------------------- objectives and selection
 
 
-def objectives_of(store: Store, job: str) -> list[Objective]:
+def objectives_of(store: Store, job: str) -> list[ObjectiveColumn]:
     """The job's objectives as the store records them (names and directions), in the order of a candidate's
     losses."""
     table = store.directions(job)
     if not table:
         raise ExportError(f"{store.path}: job '{job}' has no evaluated candidates yet")
-    return [Objective(name, k, direction) for k, (name, direction) in enumerate(table)]
+    return [ObjectiveColumn(name, k, direction) for k, (name, direction) in enumerate(table)]
 
 
 def select(store: Store, job: str, candidate: int | None = None, best: str | None = None,
