@@ -63,22 +63,39 @@ def tokenizer_files(folder: Path) -> list[Path]:
     return found
 
 
-def check_output(out: Path, force: bool, inputs: Iterable[str | Path] = ()) -> None:
-    """Refuse an existing OUT unless forced, a forced OUT that evomerge did not write, and an OUT that is, holds or
-    lies inside one of the `inputs` (model folders, the recipe, the store); call before any heavy work."""
+def check_output(out: Path, force: bool, inputs: Iterable[str | Path] = (), folder: bool = True) -> None:
+    """The one set of rules for what evomerge writes (a model folder, or with `folder=False` one file): never through
+    a link, never over an existing OUT unless forced, and forced only over what evomerge wrote (MARKER in a folder,
+    FILE_MARKER as a file's first line), never as, around or inside one of the `inputs` (model folders, the recipe,
+    the store). Call before any heavy work."""
     check_not_an_input(out, inputs)
     if out.is_symlink():
         raise ExportError(f"{out} is a symbolic link (to {os.readlink(out)}); evomerge never writes through a link: "
                           "give the real path")
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; choose another folder or pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
-    if out.exists() and not (out / MARKER).is_file():
+    if not out.parent.is_dir():
+        raise ExportError(f"{out.parent}: the folder to write into does not exist; create it first")
+    if not out.exists():
+        return
+    if not force:
+        raise ExportError(f"{out} already exists; choose another path or pass --force to replace it")
+    if folder and not out.is_dir():
+        raise ExportError(f"{out} is a file; a model is a folder: give a folder path")
+    if not folder and out.is_dir():
+        raise ExportError(f"{out} is a folder; this format is one file: give a file path")
+    if folder and not (out / MARKER).is_file():
         raise ExportError(f"{out} was not written by evomerge (no {MARKER} in it): --force replaces only evomerge's "
                           "own output; remove it yourself or choose another folder")
-    if not out.parent.exists():
-        raise ExportError(f"{out.parent}: parent folder does not exist")
+    if not folder and not _first_line_is(out, FILE_MARKER):
+        raise ExportError(f"{out} was not written by `evomerge export` (its first line is not '{FILE_MARKER} ...'): "
+                          "--force replaces only evomerge's own output; remove it yourself or choose another path")
+
+
+def _first_line_is(path: Path, prefix: str) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.readline().startswith(prefix.encode())
+    except OSError:
+        return False
 
 
 def check_not_an_input(out: Path, inputs: Iterable[str | Path], keep: Iterable[str | Path] = ()) -> None:

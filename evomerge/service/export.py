@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.merge.export import DEFAULT_SHARD_BYTES, FILE_MARKER, ExportError, check_not_an_input
+from evomerge.merge.export import DEFAULT_SHARD_BYTES, FILE_MARKER, ExportError, check_not_an_input, check_output
 from evomerge.search.front import knee_index
 from evomerge.search.spec import JobSpec
 from evomerge.store import CandidateRow, Store
@@ -148,31 +148,11 @@ def card_sections(store: Store, job: str, spec: JobSpec, selected: Selected) -> 
 
 
 def check_out(out: str | Path, force: bool, folder: bool) -> Path:
-    """OUT as an absolute path, after the checks that keep an export from writing anywhere but OUT."""
+    """OUT as an absolute path, after the checks that keep an export from writing anywhere but OUT
+    (`merge.export.check_output`)."""
     out = Path(out).expanduser().absolute()
-    if out.is_symlink():
-        raise ExportError(f"{out} is a symbolic link (to {os.readlink(out)}); an export never writes through a link: "
-                          "give the real path")
-    if not out.parent.is_dir():
-        raise ExportError(f"{out.parent}: the folder to write into does not exist; create it first")
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; choose another path or pass --force to replace it")
-    if out.exists() and folder and not out.is_dir():
-        raise ExportError(f"{out} is a file; a model is a folder: give a folder path")
-    if out.exists() and not folder and out.is_dir():
-        raise ExportError(f"{out} is a folder; this format is one file: give a file path")
-    if out.exists() and not folder and not _written_by_us(out):
-        raise ExportError(f"{out} was not written by `evomerge export` (its first line is not '{FILE_MARKER} ...'): "
-                          "--force replaces only evomerge's own output; remove it yourself or choose another path")
+    check_output(out, force, folder=folder)
     return out
-
-
-def _written_by_us(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.readline().startswith(FILE_MARKER.encode())
-    except OSError:
-        return False
 
 
 def write_text(out: Path, text: str, force: bool) -> Path:
