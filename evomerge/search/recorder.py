@@ -59,12 +59,12 @@ class Recorder:
         rows, recipes = [], {}
         seed_units = [(label, self.problem.to_unit(genome)) for label, genome in self.problem.seeds] if g == 0 else []
         for i, x in enumerate(X):
-            genome = self.problem.to_genome(x)
-            recipe = self.problem.space.decode(genome)
+            genome = self.problem.stored_genome(x)  # what the store keeps, a resume decodes and the replay compares
+            recipe = self.problem.decode(genome)
             text = recipe_text(recipe)
             origin = next((label for label, u in seed_units if np.allclose(u, x, atol=1e-9)), "driver")
             cid = next_id + i
-            rows.append(CandidateRow(id=cid, generation=g, idx=i, genome=[float(v) for v in genome], recipe=text,
+            rows.append(CandidateRow(id=cid, generation=g, idx=i, genome=genome, recipe=text,
                                      recipe_hash=recipe_hash(text), origin=origin, status="pending", parents=pool))
             recipes[cid] = recipe
         self.store.add_candidates(self.job, rows)
