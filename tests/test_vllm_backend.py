@@ -220,3 +220,31 @@ def test_dataflow_export_loads_in_vllm_and_matches_transformers(zoo_dir, tmp_pat
     got = json.loads(lines[-1][len("RESULT "):])
     assert got == expected
     assert sum(g == it["answer"] for g, it in zip(got, items)) >= 30  # the path model still does the task
+
+
+def test_candidates_stream_into_the_engine_without_a_staging_copy(worker, recipes):
+    """vLLM's reload consumes the merge as it is produced: a handful of merged tensors alive at once (its loader
+    holds a fused group, q/k/v, while it fills qkv_proj: 4 measured, of 39), no copy of the model kept by the
+    scorer, and the scores those of the same candidate pushed as a whole mapping."""
+    import gc
+    import weakref
+
+    assert worker._targets is None and not hasattr(worker, "_weights")
+    mat, recipe = worker.materialiser, recipes[0]
+    alive: list = []
+    peak = produced = 0
+
+    def watched():
+        nonlocal peak, produced
+        for name, t in mat.iter_merged(recipe, worker._torch_dtype):
+            gc.collect()
+            alive[:] = [r for r in alive if r() is not None]
+            alive.append(weakref.ref(t))
+            peak, produced = max(peak, len(alive)), produced + 1
+            yield name, t
+            del t
+
+    streamed = worker.evaluator.evaluate(watched())
+    assert produced == len(mat.checkpoints[mat.anchor].names()) >= 30 and peak <= 4, (produced, peak)
+    whole = worker.evaluator.evaluate(dict(mat.iter_merged(recipe, worker._torch_dtype)))
+    assert streamed.items == whole.items

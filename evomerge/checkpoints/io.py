@@ -88,6 +88,15 @@ class Checkpoint:
     def num_params(self) -> int:
         return sum(t.numel for t in self.tensors.values())
 
+    @cached_property
+    def float_dtype(self) -> str:
+        """The floating dtype most of the checkpoint's bytes are in ('bfloat16', 'float32', ...)."""
+        by: dict[torch.dtype, int] = {}
+        for t in self.tensors.values():
+            if t.dtype.is_floating_point:
+                by[t.dtype] = by.get(t.dtype, 0) + t.numel * t.dtype.itemsize
+        return str(max(by, key=by.get)).removeprefix("torch.") if by else "float32"
+
     def close(self) -> None:
         self._handles.clear()
 

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -67,6 +67,7 @@ class Evaluator:
         device: str = "cpu",
         dtype: str = "float32",
         vllm_args: Mapping[str, Any] | None = None,
+        max_length: int | None = None,
     ):
         if not isinstance(objectives, ObjectiveSet):
             objectives = load_objectives(objectives)
@@ -93,13 +94,17 @@ class Evaluator:
             if module is not None:
                 from evomerge.checkpoints.hf import load_tokenizer
 
-                self.backend = HFBackend(module, load_tokenizer(self.model_dir), batch_size=batch_size)
+                self.backend = HFBackend(module, load_tokenizer(self.model_dir), batch_size=batch_size,
+                                         max_length=max_length)
             else:
                 self.backend = HFBackend.from_dir(self.model_dir, torch_dtype, device, batch_size)
         else:
             from evomerge.fitness.vllm_backend import VLLMBackend
 
-            self.backend = VLLMBackend(self.model_dir, dtype=dtype, **dict(vllm_args or {}))
+            args = dict(vllm_args or {})
+            if max_length and "max_model_len" not in args:
+                args["max_model_len"] = max_length
+            self.backend = VLLMBackend(self.model_dir, dtype=dtype, **args)
         self._texts: dict[str, TextDocs] = {}
 
     def _resolve_directions(self, objectives: ObjectiveSet) -> ObjectiveSet:
@@ -119,7 +124,8 @@ class Evaluator:
     def evaluate(self, candidate: Any = None, items: Mapping[str, Iterable[str]] | None = None,
                  objectives: Iterable[str] | None = None) -> FitnessResult:
         """Score `candidate` (None: the weights already loaded or written in place; a {tensor name: tensor}
-        mapping; a checkpoint folder; an `nn.Module` scored as it is, e.g. a data-flow path model of another depth,
+        mapping, or an iterator of (name, tensor) pairs, streamed into the backend one tensor at a time; a
+        checkpoint folder; an `nn.Module` scored as it is, e.g. a data-flow path model of another depth,
         hf backend only). `items`: {task or objective name: [item ids]} scores only those items.
         `objectives`: names to score (default all). Raises `CandidateFailed` for NaN candidates."""
         start = time.perf_counter()
@@ -176,9 +182,15 @@ class Evaluator:
         if candidate is None:
             return
         if isinstance(candidate, (str, Path)):
-            weights = read_weights(Path(candidate))
+            weights: Any = read_weights(Path(candidate))
         elif isinstance(candidate, Mapping):
             weights = candidate
+        elif isinstance(candidate, Iterator):
+            bad: list[str] = []
+            self.backend.load(_finite_checked(candidate, bad))  # the engine gets every tensor, then the verdict
+            if bad:
+                raise CandidateFailed(f"the candidate's weights hold NaN or inf (first: {bad[0]})")
+            return
         else:
             raise TypeError(f"cannot evaluate a {type(candidate).__name__}: give a tensor mapping, a folder or a module "
                             "(a recipe is turned into weights by its scorer, evomerge.scoring)")
@@ -189,6 +201,15 @@ class Evaluator:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _finite_checked(pairs: Iterator[tuple[str, torch.Tensor]], bad: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The pairs passed on unchanged, the names of non-finite tensors noted in `bad` (a streamed candidate is
+    judged after the push, so the engine never holds half of one)."""
+    for name, tensor in pairs:
+        if tensor.is_floating_point() and not bad and not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
+        yield name, tensor
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

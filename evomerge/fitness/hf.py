@@ -8,7 +8,7 @@ touches the disk and no model is rebuilt. `forward_seconds` accumulates the time
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -62,6 +62,7 @@ class HFBackend:
         self._wrap_timers()
         memoise_tok_encode(self.lm)
         self._targets: dict[str, torch.Tensor] | None = None
+        self._all: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", batch_size: int = 64) -> "HFBackend":
@@ -77,16 +78,29 @@ class HFBackend:
 
     # ---- candidate weights
     def targets(self, names) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> the module's tensor, for `names` (None: every parameter and buffer, by its own name)."""
+        if names is None:
+            if self._all is None:
+                self._all = dict(self.module.state_dict(keep_vars=True))
+            return self._all
         if self._targets is None or set(self._targets) != set(names):
             self._targets = checkpoint_targets(self.module, names)
         return self._targets
 
     @torch.no_grad()
-    def load(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Copy checkpoint-named tensors into the module in place."""
-        targets = self.targets(list(weights))
-        for name, tensor in weights.items():
-            targets[name].copy_(tensor)
+    def load(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint-named tensors (a mapping, or (name, tensor) pairs consumed one at a time) into the
+        module in place."""
+        if isinstance(weights, Mapping):
+            targets = self.targets(list(weights))
+            pairs: Iterable[tuple[str, torch.Tensor]] = weights.items()
+        else:
+            targets, pairs = self.targets(None), weights
+        for name, tensor in pairs:
+            target = targets.get(name)
+            if target is None:  # a name the module spells otherwise (GPT-2 hub checkpoints): resolved, or a clear error
+                target = targets[name] = checkpoint_targets(self.module, [name])[name]
+            target.copy_(tensor)
 
     @torch.no_grad()
     def probe(self) -> None:

@@ -6,10 +6,11 @@ any kernel-specific repacking. Nothing is hard-coded per architecture here.
 
 Two paths, chosen once:
 - in-process (default here: the engine core runs in this process, `VLLM_ENABLE_V1_MULTIPROCESSING=0`):
-  `reload_weights(weights_iterator=...)` with the tensors themselves; no copy leaves the process.
+  `reload_weights(weights_iterator=...)` with the tensors themselves; no copy leaves the process. Given an
+  iterator (the scorer's merge, tensor by tensor), the engine consumes it as it is produced: no staging copy.
 - multi-process engines (set VLLM_ENABLE_V1_MULTIPROCESSING=1, tensor parallel): the tensors cannot be
-  sent as an iterator, so they are written as safetensors to a folder in /dev/shm (RAM) and reloaded
-  with `reload_weights(weights_path=...)`.
+  sent as an iterator, so they are written as safetensors shards of at most `SHM_SHARD_BYTES` to a folder
+  in /dev/shm (RAM) and reloaded with `reload_weights(weights_path=...)`.
 After each push the prefix cache is reset: cached KV blocks belong to the previous candidate.
 
 The script that builds this backend must guard its entry point with `if __name__ == "__main__":`.
@@ -24,13 +25,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
 from evomerge.compat import lm_eval as lm_eval_compat
 from evomerge.compat.vllm import lm_eval_vllm_class
 from evomerge.fitness.objectives import CandidateFailed
+
+
+SHM_SHARD_BYTES = 1 << 30  # a multi-process hand-off holds one shard being built at a time, not the model
 
 
 class VLLMBackend:
@@ -72,19 +76,49 @@ class VLLMBackend:
         self._layers = Architecture.from_config(ck.config).num_layers
 
     @torch.no_grad()
-    def load(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Push checkpoint-named tensors into the engine in place, then drop cached prefixes."""
+    def load(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push checkpoint-named tensors (a mapping, or (name, tensor) pairs produced one at a time) into the
+        engine in place, then drop cached prefixes."""
         start = time.perf_counter()
+        pairs = iter(list(weights.items())) if isinstance(weights, Mapping) else iter(weights)
         if self.weights_via == "iterator":
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(weights.items()))})
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
         else:
             folder = self._shm_dir()
-            from safetensors.torch import save_file
-
-            save_file({n: t.detach().contiguous().cpu() for n, t in weights.items()}, str(folder / "model.safetensors"))
+            self._write_shards(folder, pairs)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
         self.llm.reset_prefix_cache()
         self.reload_seconds += time.perf_counter() - start
+
+    @staticmethod
+    def _write_shards(folder: Path, pairs: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """The pairs as safetensors shards of at most SHM_SHARD_BYTES (one shard in memory at a time) plus the
+        index vLLM's loader reads; the previous candidate's shards are replaced."""
+        import json
+
+        from safetensors.torch import save_file
+
+        for old in folder.glob("model*.safetensors*"):
+            old.unlink()
+        shard: dict[str, torch.Tensor] = {}
+        size, weight_map, n = 0, {}, 0
+
+        def flush() -> None:
+            nonlocal shard, size, n
+            if shard:
+                name = f"model-{n:05d}.safetensors"
+                save_file(shard, str(folder / name))
+                weight_map.update({k: name for k in shard})
+                shard, size, n = {}, 0, n + 1
+
+        for name, tensor in pairs:
+            t = tensor.detach().contiguous().cpu()
+            if size and size + t.numel() * t.element_size() > SHM_SHARD_BYTES:
+                flush()
+            shard[name] = t
+            size += t.numel() * t.element_size()
+        flush()
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
     def _shm_dir(self) -> Path:
         if self._shm is None:
