@@ -154,6 +154,10 @@ def to_mergekit(recipe: AnyRecipe) -> tuple[str, list[str]]:
                      "parameter-space merge, exported as such")
         recipe = inner
     if isinstance(recipe, Recipe):
+        if recipe.evomerge_only_params():
+            notes.append("stable_ties: true (equal magnitudes at a threshold kept by position) is evomerge's own; "
+                         "mergekit picks among them by its sort, so its tensors differ where such ties fall on a "
+                         "threshold; --format model reproduces ours")
         if METHODS[recipe.merge_method].random:
             notes.append(f"{recipe.merge_method} draws random masks: mergekit draws its own, so its tensors differ "
                          f"from evomerge's (which seeds them with seed {recipe.seed}); --format model reproduces ours")

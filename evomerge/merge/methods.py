@@ -111,8 +111,10 @@ def _merge_deltas(
                 kwargs["epsilon"] = float(params["epsilon"])
             if spec.random:
                 kwargs["generator"] = generator
-            if ranks is not None and spec.sparsifier in RANKED:
-                kwargs["rank"] = ranks[i]
+            if spec.sparsifier in RANKED:
+                if ranks is not None:
+                    kwargs["rank"] = ranks[i]
+                kwargs["stable_ties"] = bool(global_params.get("stable_ties", False))
             delta = sparsify(delta, float(params["density"]), **kwargs)
         # Callers' deltas are never written: scale in place only a tensor the sparsifier made.
         contributions.append(delta * weight if delta is original else delta.mul_(weight))
@@ -329,11 +331,15 @@ _SPARSIFIER_PARAMS: dict[str, dict[str, float]] = {
 def _task_vector_method(name, sparsifier, consensus, normalize, rescale, reference) -> MethodSpec:
     model_params: dict[str, float | None] = {"weight": None, "density": 1.0}
     model_params.update(_SPARSIFIER_PARAMS.get(sparsifier or "", {}))
+    # int8_mask is accepted for mergekit recipes; it only saves memory there. stable_ties (magnitude methods
+    # only; evomerge's own): equal magnitudes at a threshold kept by position, without mergekit's full sort.
+    global_params = {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}
+    if sparsifier in RANKED:
+        global_params["stable_ties"] = False
     return MethodSpec(
         name=name,
         model_params=model_params,
-        # int8_mask is accepted for mergekit recipes; it only saves memory there.
-        global_params={"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
+        global_params=global_params,
         needs_base=True,
         accepts_base=True,
         random=sparsifier in _RANDOM_SPARSIFIERS,
@@ -521,7 +527,8 @@ _RANGES: dict[str, _Range] = {
     "t": _Range(0, 1),
     "scale": _ANY,
 }
-_BOOLS = {"normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten", "filter_wise"}
+_BOOLS = {"normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten", "filter_wise", "stable_ties"}
+EVOMERGE_ONLY_PARAMS = ("stable_ties",)  # not mergekit's: left out of mergekit YAML (to_mergekit says so)
 
 
 def _suggest(name: str, known) -> str:

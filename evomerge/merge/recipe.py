@@ -16,7 +16,7 @@ import yaml
 
 from evomerge.config import DTYPES, Where, check_keys, path_candidates, resolve_path, suggest
 from evomerge.errors import UserError
-from evomerge.merge.methods import METHODS, required_model_params, validate_params
+from evomerge.merge.methods import EVOMERGE_ONLY_PARAMS, METHODS, required_model_params, validate_params
 
 Setting = Any  # float | int | bool | str | list[float] | list[{"filter": str, "value": ...}]
 
@@ -102,10 +102,26 @@ class Recipe:
         return out
 
     def to_yaml(self, mergekit_only: bool = False) -> str:
+        """The recipe as YAML; `mergekit_only`: what mergekit reads (no seed, no evomerge-only parameter)."""
         data = self.to_dict()
         if not mergekit_only and self.seed:
             data["seed"] = self.seed
+        if mergekit_only:
+            for holder in [data, *data.get("slices", [])]:
+                params = holder.get("parameters")
+                if params:
+                    for key in EVOMERGE_ONLY_PARAMS:
+                        params.pop(key, None)
+                    if not params:
+                        holder.pop("parameters")
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+    def evomerge_only_params(self) -> list[str]:
+        """The evomerge-only parameters this recipe sets to a non-default value (mergekit would not apply them)."""
+        found = []
+        for params in [self.parameters, *(sl.parameters for sl in self.slices or ())]:
+            found += [k for k in EVOMERGE_ONLY_PARAMS if params.get(k) not in (None, False, 0)]
+        return sorted(set(found))
 
 
 def _plain(params: Mapping[str, Setting]) -> dict[str, Setting]:

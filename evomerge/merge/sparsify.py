@@ -17,7 +17,12 @@ recipes written for mergekit give the same models here.
 Selection by rank uses `torch.kthvalue` thresholds instead of a full sort: one selection pass
 and a few elementwise passes. When equal magnitudes straddle a threshold (rare in float32, but it
 happens in large tensors), which of them survive is decided by the same sort call mergekit makes,
-so recipes give the same tensors in both tools; that case alone pays for a full sort.
+so recipes give the same tensors in both tools; that case alone pays for a full sort. With bf16 or fp16
+checkpoints that case is the rule, not the exception (task vectors live on a coarse grid, so many entries share
+the threshold magnitude), and a full sort per tensor per candidate dominates a search. `stable=True` (the
+methods' `stable_ties` parameter) breaks such ties by position instead, as a stable sort would (the lower index
+ranks first among equal values), in one cumulative-sum pass: exact, deterministic, O(n), but not the entries
+mergekit's unstable CPU sort happens to pick.
 """
 
 from __future__ import annotations
@@ -116,15 +121,42 @@ def _cached_window(flat: Tensor, lo: int, hi: int, tie_order: str, rank: RankCac
     return mask
 
 
+def _stable_first(flat: Tensor, count: int, descending: bool) -> Tensor:
+    """Mask of the first `count` entries of a stable sort of `flat` (equal values: lower index first)."""
+    n = flat.numel()
+    if count <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if count >= n:
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    v = kth_smallest(flat, n - count if descending else count - 1)
+    mask = flat > v if descending else flat < v
+    need = count - int(torch.count_nonzero(mask))
+    if need > 0:
+        eq = flat == v
+        mask |= eq & (torch.cumsum(eq, 0, dtype=torch.int32 if n < 2**31 else torch.int64) <= need)
+    return mask
+
+
+def _stable_window(flat: Tensor, lo: int, hi: int, tie_order: str) -> Tensor:
+    """The rank window [lo, hi) with ties broken by index, in the sort direction mergekit uses for `tie_order`."""
+    n = flat.numel()
+    if tie_order == "descending":  # ascending ranks [lo, hi) are descending positions [n - hi, n - lo)
+        top = _stable_first(flat, n - lo, True)
+        return top if hi >= n else top & ~_stable_first(flat, n - hi, True)
+    bottom = _stable_first(flat, hi, False)
+    return bottom if lo <= 0 else bottom & ~_stable_first(flat, lo, False)
+
+
 def rank_window_mask(
-    magnitudes: Tensor, lo: int, hi: int, tie_order: str = "ascending", rank: RankCache | None = None
+    magnitudes: Tensor, lo: int, hi: int, tie_order: str = "ascending", rank: RankCache | None = None,
+    stable: bool = False,
 ) -> Tensor:
     """Mask of the entries whose ascending rank r satisfies lo <= r < hi.
 
     Costs one or two order-statistic selections plus elementwise passes (with `rank`, look-ups plus one or
     two passes). When equal values straddle a boundary, ranks come from a full sort as mergekit computes
     them: `tie_order="descending"` is `argsort(descending=True)` (mergekit's top-k), "ascending" is
-    `sort().indices` (its outlier window).
+    `sort().indices` (its outlier window). `stable=True` breaks those ties by index instead (no sort).
     """
     flat = magnitudes.reshape(-1)
     n = flat.numel()
@@ -133,19 +165,20 @@ def rank_window_mask(
         return torch.zeros(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
     if lo == 0 and hi == n:
         return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
-    if rank is not None:
+    if rank is not None and not stable:
         return _cached_window(flat, lo, hi, tie_order, rank).reshape(magnitudes.shape)
+    ties = _stable_window if stable else _sorted_window
     mask: Tensor | None = None
     if lo > 0:
         # Drop the `lo` smallest entries: keep those >= v, unless ties at v make that too many.
         mask = flat >= kth_smallest(flat, lo)
         if int(torch.count_nonzero(mask)) != n - lo:
-            return _sorted_window(flat, lo, hi, tie_order).reshape(magnitudes.shape)
+            return ties(flat, lo, hi, tie_order).reshape(magnitudes.shape)
     if hi < n:
         # Keep the `hi` smallest entries: those <= v, unless ties at v make that too many.
         upper = flat <= kth_smallest(flat, hi - 1)
         if int(torch.count_nonzero(upper)) != hi:
-            return _sorted_window(flat, lo, hi, tie_order).reshape(magnitudes.shape)
+            return ties(flat, lo, hi, tie_order).reshape(magnitudes.shape)
         mask = upper if mask is None else mask & upper
     assert mask is not None
     return mask.reshape(magnitudes.shape)
@@ -170,15 +203,17 @@ def _sorted_window(flat: Tensor, lo: int, hi: int, tie_order: str) -> Tensor:
     return _window_from_order(_mergekit_order(flat, tie_order), flat.numel(), lo, hi, tie_order)
 
 
-def magnitude(delta: Tensor, density: float, rescale: bool = False, rank: RankCache | None = None) -> Tensor:
-    """Keep the `density` fraction of entries with the largest |x| (at least one if density > 0)."""
+def magnitude(delta: Tensor, density: float, rescale: bool = False, rank: RankCache | None = None,
+              stable_ties: bool = False) -> Tensor:
+    """Keep the `density` fraction of entries with the largest |x| (at least one if density > 0). `stable_ties`:
+    equal magnitudes at the threshold are kept by position (see the module docstring), not by mergekit's sort."""
     if density >= 1:
         return delta
     n = delta.numel()
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    mask = rank_window_mask(delta.abs(), n - k, n, tie_order="descending", rank=rank)
+    mask = rank_window_mask(delta.abs(), n - k, n, tie_order="descending", rank=rank, stable=stable_ties)
     return _apply(delta, mask, rescale)
 
 
@@ -202,7 +237,8 @@ def random(
 
 
 def magnitude_outliers(
-    delta: Tensor, density: float, gamma: float = 0.01, rescale: bool = False, rank: RankCache | None = None
+    delta: Tensor, density: float, gamma: float = 0.01, rescale: bool = False, rank: RankCache | None = None,
+    stable_ties: bool = False,
 ) -> Tensor:
     """Drop the `gamma` fraction of largest |x| as outliers, then the smallest, keeping `density`.
 
@@ -215,7 +251,7 @@ def magnitude_outliers(
     n_keep = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - n_keep - n_top)
-    mask = rank_window_mask(delta.abs(), n_bottom, n_bottom + n_keep, rank=rank)
+    mask = rank_window_mask(delta.abs(), n_bottom, n_bottom + n_keep, rank=rank, stable=stable_ties)
     return _apply(delta, mask, rescale)
 
 
