@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("evomerge.errors",),
     ("evomerge.config", "evomerge.compat"),
     ("evomerge.checkpoints",),
-    ("evomerge.merge", "evomerge.fitness", "evomerge.store", "evomerge.zoo"),  # fitness scores weights, not recipes
+    ("evomerge.merge", "evomerge.fitness", "evomerge.store", "evomerge.zoo", "evomerge.memory"),  # fitness scores weights, not recipes
     ("evomerge.spaces", "evomerge.scoring"),  # genome -> recipe; recipe -> weights -> fitness result
     ("evomerge.runtime",),  # built from a ScorerFactory: it never sees the search
     ("evomerge.search",),

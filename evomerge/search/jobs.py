@@ -24,6 +24,7 @@ from evomerge.store import Store, StoreError
 from evomerge.store.lock import WriterLock
 
 if TYPE_CHECKING:
+    from evomerge.memory import MemoryPlan
     from evomerge.runtime.scheduler import RayRuntime
 
 
@@ -61,6 +62,73 @@ def ray_runtime(spec: JobSpec, address: str | None = None, **options: Any) -> "R
     return RayRuntime(scorer_factory(spec), address=address, **kw)
 
 
+def memory_plan(spec: JobSpec, address: str | None = None, gpu_memory: Any = None, host_memory: Any = None,
+                measure: bool = True) -> "MemoryPlan":
+    """The memory plan of one worker of this job (`evomerge plan`): the job's models (headers only), the methods and
+    paths its space can produce, its engine and batch, on this machine or the sizes given (`gpu_memory`,
+    `host_memory`: bytes or '80GiB'; default the job's runtime.gpu_memory / host_memory, then what is here)."""
+    import math
+
+    from evomerge.fitness.evaluator import resolve_backend
+    from evomerge.memory import GiB, Machine, Workload, parse_size, plan_worker
+    from evomerge.runtime.cluster import address_from
+    from evomerge.spaces.presets import build_space, space_demands
+
+    rt = spec.runtime
+    methods, path_layers, path_sources = space_demands(build_space(spec.search_space, spec.models, spec.base))
+    gpu = parse_size(gpu_memory, "--gpu-memory") if gpu_memory is not None else (
+        int(rt.gpu_memory * GiB) if rt.gpu_memory else None)
+    host = parse_size(host_memory, "--host-memory") if host_memory is not None else (
+        int(rt.host_memory * GiB) if rt.host_memory else None)
+    private = address_from(address) is None  # a private Ray starts every worker on this machine
+    machine = Machine.detect(rt.device, gpu_memory=gpu, host_memory=host, gpus=max(1, math.ceil(rt.gpus)),
+                             workers_per_host=rt.workers if private and rt.kind != "local" else 1,
+                             measure=measure)
+    backend = resolve_backend(rt.backend) if rt.backend == "auto" else rt.backend
+    workload = Workload(backend=backend, engine_dtype=rt.dtype, sources_dtype=rt.sources_dtype,
+                        batch_size=rt.batch_size, max_length=rt.max_length, methods=methods,
+                        path_layers=path_layers, path_sources=path_sources)
+    models = [spec.models[spec.base], *(p for k, p in spec.models.items() if k != spec.base)]
+    return plan_worker(models, workload, machine, sources=rt.sources, rank_cache=rt.rank_cache)
+
+
+def planned(spec: JobSpec, address: str | None = None, say: Any = None) -> JobSpec:
+    """The spec the workers are built from: the memory plan run (a job that fits no placement is refused here,
+    before any worker starts) and its choices written into `runtime` (sources, rank caches, the engine's memory).
+    A job with its own `runtime.scorer` is handed on as it is: its memory is the plug-in's business."""
+    if spec.runtime.scorer:
+        return spec
+    from evomerge.memory import GiB, PlanError
+
+    plan = memory_plan(spec, address, measure=False)  # the bandwidths only time candidates; `evomerge plan` measures
+    if plan.chosen is None:
+        raise PlanError(plan.refusal(spec.source))
+    chosen, rt = plan.chosen, spec.runtime
+    if say is not None:
+        say(f"memory plan: sources on {chosen.placement} ({rt.sources_dtype}), rank caches "
+            f"{'on' if chosen.rank_cache else 'off'}; a worker needs {chosen.total('device') / GiB:.1f} of "
+            f"{chosen.device_capacity / GiB:.1f} GiB on its device (`evomerge plan` prints every part)")
+    engine = rt.engine_memory or (plan.engine_memory / GiB if plan.machine.device == "cuda" else None)
+    return replace(spec, runtime=replace(rt, sources=chosen.placement, rank_cache=chosen.rank_cache,
+                                         engine_memory=engine))
+
+
+def check_plan_for_cluster(spec: JobSpec) -> None:
+    """`evomerge submit`: the memory plan against the sizes the job states for the cluster's workers
+    (`runtime.gpu_memory` per GPU for a CUDA job, `runtime.host_memory`), refusing a job that cannot fit before it
+    is sent. Sizes the job does not state are the cluster's to check: its `evomerge run` plans again there."""
+    from evomerge.memory import GiB, PlanError
+
+    rt = spec.runtime
+    if rt.scorer or (rt.device.startswith("cuda") and rt.gpu_memory is None) or (
+            not rt.device.startswith("cuda") and rt.host_memory is None):
+        return
+    host = rt.host_memory * GiB if rt.host_memory else 1 << 60  # unstated: not checked here
+    plan = memory_plan(spec, address="cluster", host_memory=int(host), measure=False)
+    if plan.chosen is None:
+        raise PlanError(plan.refusal(spec.source))
+
+
 def make_runtime(spec: JobSpec, address: str | None = None) -> Runtime:
     """`runtime.kind`: `local` evaluates in this process; `ray` runs `runtime.workers` Ray actors (joining
     `address`, else RAY_ADDRESS, else a private loopback Ray); `auto` (the default) is `ray` when there is more
@@ -89,7 +157,7 @@ def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | No
             if store.job(spec.name) is not None:
                 raise StoreError(f"{spec.store}: a job named '{spec.name}' exists already; `evomerge resume {path}` "
                                  "continues it, or give the new job another name")
-            runtime = make_runtime(spec, address)
+            runtime = make_runtime(planned(spec, address, (progress or Progress()).line), address)
             try:
                 store.create_job(spec.name, spec.to_dict(), spec.driver.seed, objectives=objective_table(runtime),
                                  spec_yaml=spec.to_yaml())
@@ -143,7 +211,7 @@ def resume_job(target: str | Path, name: str | None = None, out: TextIO | None =
                 say(f"note: the store was written at {spec.store}; its reports now go beside it, to "
                     f"{store.path.absolute().parent}, never to the old place")
                 spec = replace(spec, store=store.path.absolute(), report=store.path.absolute().parent)
-            runtime = make_runtime(spec, address)
+            runtime = make_runtime(planned(spec, address, say), address)
             try:
                 if store.objectives(spec.name) is None:  # a job stored before schema 3
                     store.set_objectives(spec.name, objective_table(runtime))

@@ -30,6 +30,15 @@
       device: cpu
       backend: hf                    # hf | vllm | auto
       batch_size: 64
+      max_length: null               # tokens per sequence the memory plan budgets for; null: 2048 (say yours)
+      dtype: auto                    # the scoring engine's weights: auto (the base checkpoint's) | bfloat16 | float32
+      sources: auto                  # where each worker keeps the models: auto (the fastest that fits) | device
+                                     # | host (CPU memory, streamed to the GPU) | disk (memory-mapped checkpoints)
+      sources_dtype: native          # native (the checkpoints' own dtype) | float32 (exact float32 task vectors)
+      rank_cache: auto               # magnitude rank caches: auto (where the device has room) | true | false
+      gpu_memory: null               # GiB per GPU the plan may fill; null: what the GPU here reports
+      host_memory: null              # GiB of host memory; null: what this machine has available
+      engine_memory: null            # GiB per GPU the scoring engine may take (vLLM's budget); null: the plan's
       scorer: null                   # "package.module:factory": a custom scorer (plug-ins, tests); was `evaluator`
       scorer_options: {}             # handed to that factory (spec.runtime.scorer_options); was `evaluator_options`
     store: ../../out/zoo-mix/store.sqlite
@@ -43,13 +52,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from evomerge.config import Where, check_keys, float_field, int_field, read_yaml, renamed_keys, resolve_path, suggest
+from evomerge.config import DTYPES, Where, check_keys, float_field, int_field, read_yaml, renamed_keys, resolve_path, suggest
 from evomerge.errors import UserError
 from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE, DriverError, check_options
 
@@ -60,9 +69,36 @@ TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "dri
 DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row", "mode", "lag")
 DRIVER_MODES = ("generational", "steady")
 RUNTIME_KEYS = ("kind", "workers", "threads", "gpus", "max_retries", "device", "backend", "batch_size", "scorer",
-                "scorer_options", "candidate_timeout")
+                "scorer_options", "candidate_timeout", "max_length", "dtype", "sources", "sources_dtype", "rank_cache",
+                "gpu_memory", "host_memory", "engine_memory")
 RENAMED_RUNTIME_KEYS = {"evaluator": "scorer", "evaluator_options": "scorer_options"}  # old name -> new name
 RUNTIME_KINDS = ("auto", "local", "ray")
+
+
+def _memory_fields(rt: Mapping[str, Any], where: Where) -> dict[str, Any]:
+    """The memory plan's fields of `runtime`, checked (evomerge.memory reads them)."""
+    out: dict[str, Any] = {}
+    if rt.get("max_length") is not None:
+        out["max_length"] = int_field(where, "runtime.max_length", rt["max_length"])
+    dtype = str(rt.get("dtype", "auto"))
+    if dtype != "auto" and dtype not in DTYPES:
+        raise where.error("runtime.dtype", f"must be auto or one of {', '.join(DTYPES)}, got {dtype!r}"
+                          + suggest(dtype, list(DTYPES), list_known=False))
+    out["dtype"] = dtype
+    for key, allowed in (("sources", ("auto", "device", "host", "disk")), ("sources_dtype", ("native", "float32"))):
+        value = str(rt.get(key, allowed[0]))
+        if value not in allowed:
+            raise where.error(f"runtime.{key}", f"must be {', '.join(allowed)}; got {value!r}"
+                              + suggest(value, allowed, list_known=False))
+        out[key] = value
+    rc = rt.get("rank_cache", "auto")
+    if rc not in ("auto", True, False):
+        raise where.error("runtime.rank_cache", f"must be auto, true or false, got {rc!r}")
+    out["rank_cache"] = rc
+    for key in ("gpu_memory", "host_memory", "engine_memory"):
+        if rt.get(key) is not None:
+            out[key] = float_field(where, f"runtime.{key}", rt[key], low=1e-3)
+    return out
 
 
 class JobSpecError(UserError, ValueError):
@@ -99,6 +135,15 @@ class RuntimeSpec:
     candidate_timeout: float | None = None  # seconds; None: 10x the median candidate time (Ray workers only)
     scorer: str | None = None  # "package.module:factory"; None: the default scorer (the objectives on the models)
     scorer_options: dict[str, Any] = field(default_factory=dict)
+    # the memory plan's inputs and choices (evomerge.memory; `evomerge plan JOB.yaml` prints them)
+    max_length: int | None = None  # tokens per sequence; None: the plan assumes 2048
+    dtype: str = "auto"  # the scoring engine's weights; auto: the base checkpoint's dtype
+    sources: str = "auto"  # auto | device | host | disk; a worker is handed the placement the plan picked
+    sources_dtype: str = "native"  # native | float32
+    rank_cache: Any = "auto"  # auto | True | False; a worker is handed the plan's choice
+    gpu_memory: float | None = None  # GiB per GPU; None: what the GPU reports
+    host_memory: float | None = None  # GiB; None: what this machine has available
+    engine_memory: float | None = None  # GiB per GPU the scoring engine may take (set by the plan, for vLLM)
 
 
 @dataclass
@@ -259,6 +304,8 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
         scorer_options=dict(rt.get("scorer_options") or {}),
         candidate_timeout=None if rt.get("candidate_timeout") is None else float_field(
             where, "runtime.candidate_timeout", rt["candidate_timeout"], low=1e-3))
+    mem = _memory_fields(rt, where)
+    runtime = replace(runtime, **mem)
     if runtime.backend not in ("hf", "vllm", "auto"):
         raise where.error("runtime.backend", f"must be hf, vllm or auto, got {runtime.backend!r}")
     if check_paths and runtime.backend == "vllm" and runtime.kind == "local" and importlib.util.find_spec("vllm") is None:

@@ -104,6 +104,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import replace
+
+    from evomerge.memory import PlanError
+    from evomerge.search.jobs import memory_plan
+    from evomerge.search.spec import load_job
+
+    spec = load_job(args.job)
+    rt = spec.runtime
+    if args.gpus_per_worker is not None:
+        spec = replace(spec, runtime=replace(rt, gpus=float(args.gpus_per_worker)))
+    if args.gpu_memory is not None and not rt.device.startswith("cuda"):
+        spec = replace(spec, runtime=replace(spec.runtime, device="cuda"))  # planning for a GPU from anywhere
+    if args.sources:
+        spec = replace(spec, runtime=replace(spec.runtime, sources=args.sources))
+    plan = memory_plan(spec, args.address, gpu_memory=args.gpu_memory, host_memory=args.host_memory)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+    else:
+        print(plan.render(str(args.job)))
+    if plan.chosen is None:
+        raise PlanError(plan.refusal(str(args.job)))
+    return 0
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.search.jobs import resume_job
 
@@ -254,6 +280,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job spec YAML (example: search_spaces/jobs/zoo_mix.yaml)")
     r.add_argument("--address", default=None, help=ADDRESS_HELP)
     r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser(
+        "plan",
+        help="print a job's memory plan per worker: what it holds where, which placements fit, which one runs",
+        description="Print the memory plan of one worker of a job, from config files and safetensors headers only (no "
+        "weights are read, so a 70B job plans in a second): the bytes of each part (the resident sources, rank "
+        "caches, the scoring engine's weights, KV cache and activations for runtime.batch_size x runtime.max_length "
+        "tokens, the per-candidate transient, the runtime itself), for each placement of the sources (device: on "
+        "the GPU; host: CPU memory, streamed to the GPU tensor by tensor; disk: memory-mapped checkpoints), which "
+        "fit, which one `evomerge run` picks (runtime.sources: auto takes the fastest that fits) and the least "
+        "time a candidate's materialisation can take there. `evomerge run` and `submit` run this same plan before "
+        "any worker starts and refuse a job that fits nowhere, naming the part, the shortfall and what to change. "
+        "Exit status 2 when nothing fits. Plan for a machine you are not on with --gpu-memory/--host-memory.",
+    )
+    pl.add_argument("job", help="job spec YAML")
+    pl.add_argument("--gpu-memory", default=None, help="memory of each GPU, e.g. 80GiB (implies runtime.device cuda; "
+                    "default: runtime.gpu_memory, else what the GPU here reports)")
+    pl.add_argument("--host-memory", default=None, help="host memory a worker may use, e.g. 512GiB (default: "
+                    "runtime.host_memory, else this machine's available memory)")
+    pl.add_argument("--gpus-per-worker", type=int, default=None, help="GPUs per worker (vLLM tensor parallel; "
+                    "default runtime.gpus)")
+    pl.add_argument("--sources", default=None, choices=["auto", "device", "host", "disk"],
+                    help="plan with this placement instead of runtime.sources")
+    pl.add_argument("--address", default=None, help="the Ray cluster the job will run on (workers then do not share "
+                    "this host's memory)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
 
     s = sub.add_parser(
         "resume",

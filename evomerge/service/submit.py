@@ -120,7 +120,12 @@ def portable_spec(path: str | Path, check: bool = True) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise JobSpecError(f"{path}: a job spec is a YAML mapping with name, models, search_space, objectives, driver, store")
     check_id(str(data.get("name", "")), f"{path}: name: job name")
-    return parse_job(data, source=str(path), base_dir=p.parent, check_paths=check).to_dict()
+    job = parse_job(data, source=str(path), base_dir=p.parent, check_paths=check)
+    if check:  # the memory plan, against the worker sizes the job states (runtime.gpu_memory, host_memory)
+        from evomerge.search.jobs import check_plan_for_cluster
+
+        check_plan_for_cluster(job)
+    return job.to_dict()
 
 
 # ---------------------------------------------------------------- the client

@@ -20,6 +20,7 @@ import yaml
 from evomerge.config import EXAMPLES, Where, check_keys, renamed_keys
 from evomerge.merge.dataflow import DataflowRecipe
 from evomerge.merge.recipe import Recipe
+from evomerge.merge.sources import as_source
 from evomerge.spaces.dataflow import DataflowSpace, source_sizes
 from evomerge.spaces.hybrid import MERGE, HybridSpace
 from evomerge.spaces.ps import ParameterSpace, SpaceError
@@ -131,3 +132,16 @@ def build_space(cfg: Mapping[str, Any], models: Mapping[str, Path], base: str, w
         dfs = _dfs({"kind": "dfs", **(cfg.get("dfs") or {})}, models, f"{where}.dfs", extra={MERGE: Path(models[base])})
         return HybridSpace(ps, dfs)
     raise SpaceError(f"{where}.kind: must be ps, dfs or hybrid, got {kind!r}")
+
+
+def space_demands(space: Space) -> tuple[tuple[str, ...], int | None, int]:
+    """What a space's candidates ask of a worker, for the memory plan: the merge methods they may use, the longest
+    data-flow path (None: no paths) and how many model folders a path reads layers from."""
+    if isinstance(space, HybridSpace):
+        methods, _, _ = space_demands(space.ps)
+        _, layers, folders = space_demands(DataflowSeeds(space.dfs))
+        return methods, layers, folders
+    if isinstance(space, DataflowSeeds):
+        folders = sum(1 for s in space.space.sources.values() if as_source(s).merge_recipe is None)
+        return (), space.space.max_layers, folders
+    return tuple(getattr(space, "methods", ())), None, 0
