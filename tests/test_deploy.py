@@ -134,8 +134,11 @@ def test_the_rayjob_runs_evomerge_on_its_spec():
     assert volume["configMap"]["name"] == config["metadata"]["name"]
     spec = yaml.safe_load(config["data"]["job.yaml"])
     assert spec["runtime"]["backend"] == "vllm" and spec["runtime"]["device"] == "cuda"
-    paths = [spec["store"], spec["report"], spec["models"]["base"], *spec["models"]["sources"].values()]
+    paths = [spec["report"], spec["models"]["base"], *spec["models"]["sources"].values()]
     assert all(p.startswith("/data/") for p in paths)  # on the shared volume: the same on every pod
+    assert spec["store"].startswith("/local/")  # the store: the head pod's own disk, never the network volume
+    assert mounts["/local"] == "local" and {"name": "local", "emptyDir": {"sizeLimit": "20Gi"}} in head["volumes"]
+    assert "cp /local/zoo-mix/store.sqlite /data/out/zoo-mix/" in entry
 
 
 def test_the_image_installs_evomerge_with_vllm_and_no_remote_code():

@@ -330,3 +330,26 @@ def test_merge_never_writes_over_or_into_its_inputs(tmp_path, capsys):
     assert cli(capsys, "merge", recipe, "-o", tmp_path / "m", "-q")[0] == 0
     assert (tmp_path / "m" / ".evomerge-output").is_file()
     assert cli(capsys, "merge", recipe, "-o", tmp_path / "m", "-q", "--force")[0] == 0  # its own output: replaced
+
+
+def test_export_opens_the_store_read_only_and_never_changes_it(job, tmp_path, capsys):
+    """Export reads the store without writing a byte, and an old store is refused with the command that upgrades
+    it rather than upgraded behind the user's back."""
+    import hashlib
+    import shutil
+
+    from conftest import as_schema_2
+
+    copy = tmp_path / "store.sqlite"
+    shutil.copy(job, copy)
+    digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+    rc, _, err = cli(capsys, "export", copy, "--best", "fit", "--format", "recipe", "-o", tmp_path / "r.yaml")
+    assert rc == 0, err
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == digest
+    wal = tmp_path / "store.sqlite-wal"  # a WAL reader's side files (SQLite's), with nothing written into them
+    assert not wal.exists() or wal.stat().st_size == 0
+    as_schema_2(copy, b"unused")
+    old = copy.read_bytes()
+    rc, _, err = cli(capsys, "export", copy, "--best", "fit", "--format", "recipe", "-o", tmp_path / "r2.yaml")
+    assert rc == 2 and "older than" in err and "evomerge resume" in err and err.count("\n") == 1
+    assert copy.read_bytes() == old and not (tmp_path / "r2.yaml").exists()

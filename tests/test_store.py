@@ -219,3 +219,25 @@ def test_store_paths_with_uri_characters_open_that_file_and_no_other(tmp_path):
         assert created <= {f"{name}-wal", f"{name}-shm"}, created  # its own WAL files; no other file opened
     with pytest.raises(StoreError, match="no such store"):
         Store(tmp_path / "missing#x.sqlite", readonly=True)
+
+
+MOUNTS = """/dev/vda / ext4 rw,relatime 0 0
+proc /proc proc rw 0 0
+nfs-server:/export /mnt/shared nfs4 rw,vers=4.2 0 0
+fs-1.efs:/ /mnt/shared/efs\\040data efs rw 0 0
+tmpfs /mnt/shared/tmp tmpfs rw 0 0
+"""
+
+
+def test_network_filesystems_are_told_from_the_mount_table(tmp_path):
+    from pathlib import Path
+
+    from evomerge.store.archive import filesystem_of, network_filesystem
+
+    assert network_filesystem(Path("/mnt/shared/out/store.sqlite"), MOUNTS) == "nfs4"
+    assert network_filesystem(Path("/mnt/shared/efs data/s.sqlite"), MOUNTS) == "efs"  # the longest mount wins
+    assert network_filesystem(Path("/mnt/shared/tmp/s.sqlite"), MOUNTS) is None
+    assert network_filesystem(Path("/mnt/sharedx/s.sqlite"), MOUNTS) is None  # a prefix of a name is no mount
+    assert filesystem_of(Path("/home/u/s.sqlite"), MOUNTS) == "ext4"
+    assert network_filesystem(tmp_path / "s.sqlite") is None  # this machine's temp folder is local
+    Store(tmp_path / "s.sqlite").close()  # and a store opens there

@@ -175,8 +175,9 @@ def objective_table(runtime: Runtime) -> list[tuple[str, str]]:
     return [(o.name, o.direction) for o in runtime.objectives.objectives]
 
 
-def find_job(target: str | Path, name: str | None = None) -> tuple[Store, JobSpec]:
-    """A job from its spec file (its store and name) or from a store file (`name` needed if it holds several)."""
+def find_job(target: str | Path, name: str | None = None, readonly: bool = False) -> tuple[Store, JobSpec]:
+    """A job from its spec file (its store and name) or from a store file (`name` needed if it holds several).
+    `readonly`: the store opened read-only (export, reports), so it is never changed, not even upgraded."""
     p = Path(target)
     if p.suffix in (".yaml", ".yml"):
         spec = load_job(p)
@@ -185,7 +186,7 @@ def find_job(target: str | Path, name: str | None = None) -> tuple[Store, JobSpe
         store_path = p
     if not Path(store_path).is_file():
         raise StoreError(f"{store_path}: no store there (has the job been started? `evomerge run JOB.yaml` starts it)")
-    store = Store(store_path)
+    store = Store(store_path, readonly=readonly)
     names = store.jobs()
     if name is None:
         if len(names) != 1:

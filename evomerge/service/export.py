@@ -204,7 +204,7 @@ def export(target: str | Path, out: str | Path, fmt: str = "recipe", name: str |
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     check_not_an_input(Path(out), [target])  # the spec or the store named on the command line
     check_out(out, force, folder=fmt == "model")  # before opening anything: a refused OUT costs nothing
-    store, spec = find_job(target, name)
+    store, spec = find_job(target, name, readonly=True)  # export never changes a store (nor upgrades one)
     try:
         selected = select(store, spec.name, candidate, best, knee)
         text, notes = selected.row.recipe, []

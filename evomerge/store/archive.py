@@ -27,8 +27,9 @@ Tables (schema version in `meta`):
 from __future__ import annotations
 
 import json
-import urllib.parse
 import math
+import os
+import urllib.parse
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,39 @@ from typing import Any, Iterable
 
 from evomerge.errors import UserError
 from evomerge.store.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
+
+# Filesystems where SQLite's WAL mode is unsafe (its index lives in shared memory on one host; locks over these
+# are unreliable or absent): a store written there can be corrupted by a second host's reader or writer.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "lustre", "gpfs", "ceph",
+                       "glusterfs", "fuse.glusterfs", "beegfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "efs")
+ALLOW_NETWORK_STORE = "EVOMERGE_ALLOW_NETWORK_STORE"  # =1: write anyway, in rollback-journal mode, one host only
+
+
+def filesystem_of(path: Path, mounts: str | None = None) -> str | None:
+    """The filesystem type holding `path`, from /proc/mounts (`mounts`: its text; read when None); None where
+    there is no mount table (not Linux)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    target = str(Path(path).absolute().resolve())
+    best, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def network_filesystem(path: Path, mounts: str | None = None) -> str | None:
+    """The network filesystem type holding `path`'s folder, or None for a local one."""
+    kind = filesystem_of(path.parent if not path.exists() else path, mounts)
+    return kind if kind is not None and kind.lower() in NETWORK_FILESYSTEMS else None
 
 
 class StoreError(UserError, RuntimeError):
@@ -90,8 +124,15 @@ class Store:
                 self.db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                remote = network_filesystem(self.path)
+                if remote and os.environ.get(ALLOW_NETWORK_STORE) != "1":
+                    raise StoreError(f"{self.path}: on a network filesystem ({remote}); SQLite's WAL mode, which the "
+                                     "store uses, is unsafe there (a reader or writer on another host can corrupt "
+                                     "it). Keep the store on a local disk of the driver's node (copy it elsewhere "
+                                     f"when the job is done), or set {ALLOW_NETWORK_STORE}=1 to write it from one "
+                                     "host only in rollback-journal mode")
                 self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA journal_mode=DELETE" if remote else "PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=30000")
         except sqlite3.DatabaseError as e:
