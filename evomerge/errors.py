@@ -37,3 +37,12 @@ class CandidateError(EvomergeError):
 
 class InternalError(EvomergeError):
     """A bug in evomerge: stops the job with a clear message instead of failing candidates one by one."""
+
+
+class Terminated(KeyboardInterrupt):
+    """A stop request by signal (SIGTERM: `evomerge stop`, a Ray job stop, a pod shutdown), handled as Ctrl-C is:
+    the job is left `interrupted` and resumable. A KeyboardInterrupt, so every Ctrl-C path handles it too."""
+
+    def __init__(self, signal_name: str = "SIGTERM"):
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -307,6 +307,32 @@ def test_a_submitted_search_runs_and_the_cli_follows_it(token, head, tmp_path, c
 
 
 @pytest.mark.slow
+def test_stop_of_a_search_on_ray_workers_ends_it_interrupted_within_the_grace_period(token, head, tmp_path, capsys):
+    """SIGTERM (what `evomerge stop` sends) reaches a driver whose workers are Ray actors: Ray's own SIGTERM handler
+    would kill it on the spot, leaving the job `running`; it ends `interrupted (SIGTERM)`, resumable, before Ray's
+    SIGKILL."""
+    spec = toy_spec(tmp_path / "jobs", "ray-toy", evaluations=600, delay=0.2)
+    data = yaml.safe_load(spec.read_text())
+    data["runtime"].update(kind="ray", workers=2)
+    spec.write_text(yaml.safe_dump(data))
+    rc, out, err = cli(capsys, "submit", str(spec), "--address", head.address, "--id", "evomerge-ray-toy-1")
+    assert rc == 0, err
+    jobs = Jobs(head.address)
+    deadline = time.monotonic() + 180
+    while "generation 1:" not in jobs.logs("evomerge-ray-toy-1"):
+        assert time.monotonic() < deadline, jobs.logs("evomerge-ray-toy-1")[-2000:]
+        assert jobs.info("evomerge-ray-toy-1").status in ("PENDING", "RUNNING"), jobs.logs("evomerge-ray-toy-1")[-2000:]
+        time.sleep(0.5)
+    rc, out, _ = cli(capsys, "stop", "evomerge-ray-toy-1", "--wait", "60", "--address", head.address)
+    assert rc == 0 and "evomerge-ray-toy-1: STOPPED" in out
+    store = Store(tmp_path / "jobs" / "out" / "store.sqlite", readonly=True)
+    job = store.job("ray-toy")
+    assert job["status"] == "interrupted" and job["reason"].startswith("interrupted (SIGTERM)"), job
+    assert store.last_checkpoint("ray-toy") is not None
+    store.close()
+
+
+@pytest.mark.slow
 def test_stop_ends_a_longer_job_and_leaves_it_resumable(token, head, tmp_path, capsys):
     spec = toy_spec(tmp_path / "jobs", "long-toy", evaluations=600, delay=0.2)
     rc, out, err = cli(capsys, "submit", str(spec), "--address", head.address, "--id", "evomerge-long-toy-1")

@@ -17,10 +17,14 @@ If Ray is already initialised in this process (a test fixture, a service), it is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import sys
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 from evomerge.compat import ray as compat_ray
 
@@ -86,9 +90,24 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     if ray.is_initialized():
         return Cluster(ray.get_runtime_context().gcs_address, owned=False, private=address is None)
     quiet = {"log_to_driver": True, "logging_level": "WARNING"}
-    if address is None:
-        ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=dashboard,
-                       dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
-        return Cluster(ctx.address_info["gcs_address"], owned=True, private=True)
-    ray.init(address=address, **quiet)
-    return Cluster(address, owned=True, private=False)
+    with _keep_sigterm_handler():
+        if address is None:
+            ctx = ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=dashboard,
+                           dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
+            return Cluster(ctx.address_info["gcs_address"], owned=True, private=True)
+        ray.init(address=address, **quiet)
+        return Cluster(address, owned=True, private=False)
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Ray's core worker installs its own C++ SIGTERM handler when it starts (it logs and re-raises, killing the
+    driver on the spot): the process's Python handler (the CLI's, which stops a search as resumable) is put back,
+    so `evomerge stop`, a Ray job stop or a pod shutdown ends the job `interrupted`, not dead and `running`."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread and callable(before):
+            signal.signal(signal.SIGTERM, before)

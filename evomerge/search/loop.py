@@ -8,7 +8,7 @@ replaying the archive), and the two loops as peers: `generational.py` and `stead
 
 from __future__ import annotations
 
-from evomerge.errors import InternalError
+from evomerge.errors import InternalError, Terminated
 from evomerge.search.context import Progress, SearchContext
 from evomerge.search.generational import GenerationalLoop
 from evomerge.search.irt_policy import IRTPolicy
@@ -51,9 +51,10 @@ class Search:
             else GenerationalLoop(self.recorder, self.budget, state, driver))
         try:
             state = loop.run()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             told = loop.state.generation  # the last checkpoint
-            self.store.set_status(self.job, "interrupted", "interrupted (Ctrl-C); `evomerge resume` continues from "
+            how = e.signal_name if isinstance(e, Terminated) else "Ctrl-C"
+            self.store.set_status(self.job, "interrupted", f"interrupted ({how}); `evomerge resume` continues from "
                                   f"generation {told}")
             raise
         except (SearchStopped, InternalError) as e:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from evomerge.compat.quiet import quiet_third_party
-from evomerge.errors import InternalError, UserError
+from evomerge.errors import InternalError, Terminated, UserError
 from evomerge.merge.export import DEFAULT_SHARD_BYTES, parse_size
 from evomerge.service.submit import ServiceError
 
@@ -80,7 +80,7 @@ def search_env() -> Iterator[None]:
     resumable). Both are undone on exit, so a caller in a longer-lived process (the demo, tests calling `main`)
     keeps its own SIGTERM handler and progress bars afterwards."""
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated(signal.Signals(signum).name)
 
     main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works there only
     previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
