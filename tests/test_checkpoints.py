@@ -117,3 +117,25 @@ def test_incompatible_models_report_every_mismatch(tmp_path, tiny_llamas):
     assert any(p.startswith("gpt2") and "lacks" in p for p in problems)
     assert len(problems) >= 4
     check_compatible({"base": base, "a": open_checkpoint(tiny_llamas["a"])})  # fine-tunes are compatible
+
+
+def test_a_config_without_a_layer_count_and_a_broken_tokenizer_are_clear_errors(zoo_dir, tmp_path):
+    import json
+    import shutil
+
+    from evomerge.checkpoints import CheckpointError, open_checkpoint
+    from evomerge.checkpoints.compat import tokenizer_vocab
+    from evomerge.checkpoints.hf import load_tokenizer
+
+    model = tmp_path / "m"
+    shutil.copytree(zoo_dir / "llama" / "arith", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "num_hidden_layers"}))
+    with pytest.raises(CheckpointError, match=r"m/config.json: config.json has no layer count"):
+        open_checkpoint(model)
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"m/tokenizer.json: not valid JSON"):
+        tokenizer_vocab(model)
+    with pytest.raises(CheckpointError, match=r"m/tokenizer.json: not valid JSON"):
+        load_tokenizer(model)

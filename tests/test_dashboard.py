@@ -103,6 +103,9 @@ def test_the_api_shows_jobs_front_failures_and_candidates(server, store):
     assert [s["objective"] for s in c["scores"]] == ["fit", "size"]
     assert c["scores"][0]["test"] == pytest.approx(c["scores"][0]["fitness"] - 0.01)  # the toy's test split
     assert request(server, "/api/candidate?job=toy&id=9999")[0] == 404
+    for odd in ("%C2%B2", "99999999999999999999", "-1", "1.0", "%00"):  # a superscript digit, beyond int64, ...
+        assert request(server, f"/api/candidate?job=toy&id={odd}")[0] == 400, odd
+    assert request(server, "/api/candidate?job=%00&id=1")[0] == 404
     assert request(server, "/api/job?name=nope")[0] == 404
 
 

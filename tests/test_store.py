@@ -241,3 +241,21 @@ def test_network_filesystems_are_told_from_the_mount_table(tmp_path):
     assert filesystem_of(Path("/home/u/s.sqlite"), MOUNTS) == "ext4"
     assert network_filesystem(tmp_path / "s.sqlite") is None  # this machine's temp folder is local
     Store(tmp_path / "s.sqlite").close()  # and a store opens there
+
+
+def test_a_damaged_page_deep_in_a_store_is_an_error_naming_it(tmp_path):
+    """Pages zeroed in the middle of a store: opening may still work, the query that reaches them fails with a
+    StoreError that names the file and the salvage command, never an sqlite3 traceback."""
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    store.create_job("j", {"name": "j"}, 0)
+    store.db.executemany("INSERT INTO meta VALUES (?, ?)", [(f"k{i}", "x" * 500) for i in range(400)])
+    store.close()
+    raw = bytearray(path.read_bytes())
+    page = 4096
+    assert len(raw) > 20 * page
+    raw[20 * page:60 * page] = b"\x5a" * (40 * page)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"s.sqlite: the store is damaged .*\.recover"):
+        s = Store(path, readonly=True)
+        s.db.execute("SELECT key, value FROM meta").fetchall()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Mapping
 
 from evomerge.checkpoints.arch import Architecture
-from evomerge.checkpoints.io import Checkpoint
+from evomerge.checkpoints.io import Checkpoint, CheckpointError
 from evomerge.errors import UserError
 
 
@@ -28,8 +28,13 @@ def tokenizer_vocab(folder: Path) -> dict[str, int] | None:
     path = folder / "tokenizer.json"
     if not path.exists():
         return None
-    model = json.loads(path.read_text()).get("model", {})
-    vocab = model.get("vocab")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); restore the model's tokenizer.json (or delete it to "
+                              "use its other tokenizer files)") from None
+    model = data.get("model", {}) if isinstance(data, dict) else {}
+    vocab = model.get("vocab") if isinstance(model, dict) else None
     if isinstance(vocab, list):  # unigram tokenizers store [token, score] pairs
         return {tok: i for i, (tok, _) in enumerate(vocab)}
     return vocab if isinstance(vocab, dict) else None

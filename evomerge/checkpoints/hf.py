@@ -44,4 +44,16 @@ def load_tokenizer(folder: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     check_no_custom_code(folder)
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # transformers' own error would be a JSON traceback
+        path = Path(folder) / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path}: not valid JSON ({e}); restore the model's tokenizer files") from None
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{folder}: its tokenizer cannot be loaded ({first}); a model folder needs its "
+                              "tokenizer files (tokenizer.json or the slow tokenizer's) beside config.json") from None

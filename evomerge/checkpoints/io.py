@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from evomerge.checkpoints.arch import Architecture
 from evomerge.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -150,6 +151,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not config_path.exists():
         raise CheckpointError(f"{folder}: config.json is missing; a Hugging Face model folder needs one")
     config = _read_json(config_path)
+    try:
+        Architecture.from_config(config)
+    except ValueError as e:
+        raise CheckpointError(f"{config_path}: {e}; a decoder's config.json states how many layers it has") from None
 
     tensors: dict[str, TensorInfo] = {}
     for shard in _shard_files(folder):

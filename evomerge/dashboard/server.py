@@ -278,7 +278,7 @@ class Handler(BaseHTTPRequestHandler):
                     self._json(200, detail)
             elif route == "candidate":
                 job, cid = arg("job"), arg("id")
-                if job is None or cid is None or not cid.isdigit():
+                if job is None or cid is None or not re.fullmatch(r"[0-9]{1,18}", cid):  # ASCII, fits SQLite
                     self._error(400, "give ?job=NAME&id=NUMBER")
                     return
                 detail = data.candidate_detail(store, job, int(cid))

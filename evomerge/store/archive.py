@@ -77,6 +77,48 @@ class StoreError(UserError, RuntimeError):
     """The store cannot be opened or used as asked: says why and what to do."""
 
 
+def _damaged(path: Path, e: sqlite3.DatabaseError) -> Exception:
+    """A damaged file (a corrupt page, a truncated copy) as a StoreError naming it; other SQLite errors unchanged."""
+    text = str(e)
+    if "malformed" in text or "disk image" in text:  # ("file is not a database": not ours, said on open)
+        return StoreError(f"{path}: the store is damaged (SQLite says: {text}); restore it from a copy, or salvage "
+                          f"what is readable with `sqlite3 {path} .recover | sqlite3 recovered.sqlite`")
+    return e
+
+
+class _Guarded:
+    """A SQLite connection (or cursor) whose damaged-file errors, at execute time or while rows are read, are
+    StoreErrors naming the store: a corrupt page deep in a big store is found only when a query reaches it."""
+
+    def __init__(self, inner: Any, path: Path):
+        self._inner, self._path = inner, path
+
+    def _call(self, fn, *args):
+        try:
+            out = fn(*args)
+        except sqlite3.DatabaseError as e:
+            raise _damaged(self._path, e) from None
+        return _Guarded(out, self._path) if isinstance(out, sqlite3.Cursor) else out
+
+    def execute(self, *args):
+        return self._call(self._inner.execute, *args)
+
+    def executemany(self, *args):
+        return self._call(self._inner.executemany, *args)
+
+    def fetchone(self):
+        return self._call(self._inner.fetchone)
+
+    def fetchall(self):
+        return self._call(self._inner.fetchall)
+
+    def __iter__(self):
+        return iter(self.fetchall())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 @dataclass
 class CandidateRow:
     """One candidate as the store holds it (JSON columns decoded)."""
@@ -135,6 +177,7 @@ class Store:
                 self.db.execute("PRAGMA journal_mode=DELETE" if remote else "PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=30000")
+            self.db = _Guarded(self.db, self.path)
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: not an evomerge store (SQLite says: {e}); give another store path") from None
         self._check_version()
