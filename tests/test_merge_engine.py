@@ -274,3 +274,22 @@ def test_a_tokenizer_file_linked_outside_its_model_folder_is_refused_before_any_
     (model / "vocab.json").symlink_to(model / "vocab-real.json")  # inside the folder: copied as the file it names
     api.write_recipe(load_recipe(write_recipe(tmp_path, recipe)), out)
     assert not (out / "vocab.json").is_symlink() and (out / "vocab.json").read_text() == '{"a": 0}'
+
+
+def test_a_merge_transformers_could_not_load_is_refused_before_writing(zoo_dir, tmp_path):
+    """Every input's config.json disagrees with its tensors (intermediate_size doubled): the merge would write a
+    model that does not load. It is refused naming the tensor and both shapes, and nothing is written."""
+    import shutil
+
+    from evomerge.checkpoints import CheckpointError
+
+    model = tmp_path / "m"
+    shutil.copytree(zoo_dir / "llama" / "arith", model)
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = parse_recipe({"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(CheckpointError, match=r"out: would not load: tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has "
+                                              r"shape \[\d+, \d+\], its config.json makes it"):
+        api.write_recipe(recipe, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

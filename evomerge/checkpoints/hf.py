@@ -57,3 +57,38 @@ def load_tokenizer(folder: str | Path) -> Any:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder}: its tokenizer cannot be loaded ({first}); a model folder needs its "
                               "tokenizer files (tokenizer.json or the slow tokenizer's) beside config.json") from None
+
+
+def check_loadable(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Refuse, before anything is written, tensors that transformers could not load under `config`: the model is
+    built on the meta device (no memory) and every tensor must have a place of its shape, every weight a tensor.
+    `where`: what is being written, for the message."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from evomerge.checkpoints.targets import checkpoint_targets
+
+    cfg_data = {k: v for k, v in config.items() if k not in ("architectures", "auto_map")}
+    model_type = cfg_data.pop("model_type", None)
+    try:
+        cfg = AutoConfig.for_model(model_type, **cfg_data)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: transformers cannot build a model from its config.json ({e}); the inputs' "
+                              "config.json must name a transformers architecture") from None
+    try:
+        targets = checkpoint_targets(model, shapes)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: would not load: {e}") from None
+    for name, shape in shapes.items():
+        want = tuple(targets[name].shape)
+        if tuple(shape) != want:
+            raise CheckpointError(f"{where}: would not load: tensor '{name}' has shape {list(shape)}, its config.json "
+                                  f"makes it {list(want)}; the inputs' config.json does not describe their weights "
+                                  "(hidden_size, num_attention_heads, intermediate_size, vocab_size)")
+    have = {id(t) for t in targets.values()}
+    missing = [n for n, p in model.named_parameters() if id(p) not in have]
+    if missing:
+        raise CheckpointError(f"{where}: would not load: no tensor for the model's '{missing[0]}' "
+                              f"({len(missing)} missing); the inputs lack weights their config.json asks for")

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Union
 import torch
 import yaml
 
+from evomerge.checkpoints.hf import check_loadable
 from evomerge.merge.dataflow import (MERGEKIT_CONFIG, DataflowPlan, DataflowRecipe, iter_dataflow, parse_dataflow,
                                      passthrough_config, plan_dataflow, whole_source)
 from evomerge.merge.engine import iter_merged
@@ -96,6 +97,7 @@ class CheckpointParts:
     tokenizer_dir: Path
     base_model: str | None  # named in the model card
     extra_files: dict[str, str] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of every output tensor, from the plan
 
 
 def checkpoint_parts(recipe: AnyRecipe, device: str | torch.device = "cpu", progress: bool = False) -> CheckpointParts:
@@ -106,9 +108,13 @@ def checkpoint_parts(recipe: AnyRecipe, device: str | torch.device = "cpu", prog
         mk = passthrough_config(recipe)
         if mk is not None:  # the same path in mergekit's words, beside the checkpoint
             extra[MERGEKIT_CONFIG] = yaml.safe_dump(mk, sort_keys=False, default_flow_style=None)
-        return CheckpointParts(iter_dataflow(p, device, progress), p.config, p.tokenizer_dir, None, extra)
+        shapes = {t.out_name: p.readers[t.source].shapes[t.name] for t in p.tensors}
+        return CheckpointParts(iter_dataflow(p, device, progress), p.config, p.tokenizer_dir, None, extra, shapes)
     p = plan_merge(recipe)
-    return CheckpointParts(iter_merged(p, device, progress), p.config, p.tokenizer_dir, recipe.base_model)
+    shapes = {j.out_name: p.checkpoints[(j.base or j.inputs[0]).model].info((j.base or j.inputs[0]).name).shape
+              for j in p.jobs}
+    return CheckpointParts(iter_merged(p, device, progress), p.config, p.tokenizer_dir, recipe.base_model,
+                           shapes=shapes)
 
 
 def finite(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -133,6 +139,7 @@ def write_recipe(recipe: AnyRecipe, out: Path, force: bool = False, max_shard_by
     inputs = [*model_folders(recipe), *(inputs or [])]
     check_output(Path(out).expanduser().absolute(), force, inputs)
     parts = checkpoint_parts(recipe, device, progress)
+    check_loadable(parts.config, parts.shapes, str(out))  # an unloadable model is refused before a tensor is read
     if title is None:
         title = recipe.name or ("Data-flow merged model" if isinstance(recipe, DataflowRecipe) else "Merged model")
     card = model_card(recipe_text or recipe.to_yaml(), parts.base_model, title=title)
