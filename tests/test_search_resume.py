@@ -230,3 +230,33 @@ def test_one_writer_per_job_a_second_is_refused_a_dead_or_silent_one_is_taken_ov
         with pytest.raises(StoreError, match="now held by pid 1 on another-host: this process lost its writer lock"):
             paused.save_checkpoint("killme", 99, {"generation": 99})
     assert [g for g, _ in paused.checkpoints("killme")][-1] != 99
+
+
+def test_a_store_whose_disk_fills_mid_search_stops_with_one_line_and_resumes_to_the_same_archive(tmp_path):
+    """The store's disk fills mid-search (a file-size limit in the run's process: every write past it fails as on
+    a full disk): one line naming the store and what to do, exit 2, no traceback; the store is consistent, and a
+    resume with room gives the uninterrupted run's archive."""
+    import resource
+
+    straight = run_job(job(tmp_path / "straight", "nsga2", "sakana_ps"), out=io.StringIO(),
+                       progress=Progress(io.StringIO(), live=False))
+    path = job(tmp_path / "full", "nsga2", "sakana_ps")
+    limit = 1_000_000  # bytes per file: the store's WAL passes it about two thirds into this search (measured)
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    run = subprocess.run(cli("run", str(path)), env=env(), capture_output=True, text=True, timeout=300,
+                         preexec_fn=small_disk)
+    assert run.returncode == 2, (limit, run.stderr[-2000:])
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "store.sqlite: the store could not be written" in last, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    partial = Store(path.parent / "store.sqlite", readonly=True)
+    told = partial.last_checkpoint("killme")[0]
+    assert 0 < len(partial.candidates("killme")) < 48 and told >= 1
+    partial.close()
+    resumed = subprocess.run(cli("resume", str(path)), env=env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert archive(path.parent / "store.sqlite") == archive(Path(straight.store))

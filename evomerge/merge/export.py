@@ -7,6 +7,7 @@ renamed into place only when complete, so a crash never leaves a half-written mo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -28,6 +29,15 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 class ExportError(UserError, ValueError):
     """The output folder cannot be written as asked."""
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether a write failed for want of space: ENOSPC, a quota, a file-size limit (safetensors reports these in
+    its own error type, with the OS's words)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "File too large" in text or "Disk quota exceeded" in text
 
 
 def parse_size(text: str) -> int:
@@ -183,8 +193,11 @@ def write_checkpoint(
             shutil.rmtree(old)
         else:
             os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            raise ExportError(f"{out}: the disk ran out of space while writing it ({e}); nothing was written (the "
+                              "partial folder is removed): free space there or write the model elsewhere") from None
         raise
     return out
 

@@ -8,7 +8,10 @@ replaying the archive), and the two loops as peers: `generational.py` and `stead
 
 from __future__ import annotations
 
+import sqlite3
+
 from evomerge.errors import InternalError, Terminated
+from evomerge.store import StoreError
 from evomerge.search.context import Progress, SearchContext
 from evomerge.search.generational import GenerationalLoop
 from evomerge.search.irt_policy import IRTPolicy
@@ -54,18 +57,24 @@ class Search:
         except KeyboardInterrupt as e:
             told = loop.state.generation  # the last checkpoint
             how = e.signal_name if isinstance(e, Terminated) else "Ctrl-C"
-            self.store.set_status(self.job, "interrupted", f"interrupted ({how}); `evomerge resume` continues from "
-                                  f"generation {told}")
+            self._mark("interrupted", f"interrupted ({how}); `evomerge resume` continues from generation {told}")
             raise
         except (SearchStopped, InternalError) as e:
-            self.store.set_status(self.job, "stopped", str(e))
+            self._mark("stopped", str(e))
             raise
         except Exception as e:  # the runtime or the store broke (not a candidate): the job says why, resumable
             told = loop.state.generation
-            self.store.set_status(self.job, "interrupted", f"{type(e).__name__}: {e}; `evomerge resume` continues "
-                                  f"from generation {told}")
+            self._mark("interrupted", f"{type(e).__name__}: {e}; `evomerge resume` continues from generation {told}")
             raise
         return state
+
+    def _mark(self, status: str, reason: str) -> None:
+        """Record why the search ended, if the store still takes a write (a full disk may not): the error that
+        ended it is what the user must see, never one raised while recording it."""
+        try:
+            self.store.set_status(self.job, status, reason)
+        except (StoreError, sqlite3.Error):
+            pass
 
 
 __all__ = ["FAIL_LOSS", "LoopState", "Progress", "Search", "recipe_hash", "recipe_text"]

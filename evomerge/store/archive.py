@@ -80,6 +80,13 @@ class StoreError(UserError, RuntimeError):
 def _damaged(path: Path, e: sqlite3.DatabaseError) -> Exception:
     """A damaged file (a corrupt page, a truncated copy) as a StoreError naming it; other SQLite errors unchanged."""
     text = str(e)
+    if "disk is full" in text:
+        return StoreError(f"{path}: the disk holding the store is full (SQLite says: {text}); free space there, then "
+                          "`evomerge resume` continues from the last checkpoint (nothing stored before it is lost)")
+    if "disk I/O error" in text:
+        return StoreError(f"{path}: the store could not be written (SQLite says: {text}): is its disk full, over a "
+                          "quota or a file-size limit, or failing? Fix that, then `evomerge resume` continues from the "
+                          "last checkpoint")
     if "malformed" in text or "disk image" in text:  # ("file is not a database": not ours, said on open)
         return StoreError(f"{path}: the store is damaged (SQLite says: {text}); restore it from a copy, or salvage "
                           f"what is readable with `sqlite3 {path} .recover | sqlite3 recovered.sqlite`")

@@ -99,8 +99,11 @@ class WriterLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        db = self._connect()
         try:
-            db.execute("DELETE FROM writers WHERE job=? AND token=?", (self.job, self.token))
-        finally:
-            db.close()
+            db = self._connect()
+            try:
+                db.execute("DELETE FROM writers WHERE job=? AND token=?", (self.job, self.token))
+            finally:
+                db.close()
+        except sqlite3.Error:  # a full disk or a vanished store: the lock goes stale and is taken over then
+            pass
