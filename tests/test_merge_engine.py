@@ -293,3 +293,23 @@ def test_a_merge_transformers_could_not_load_is_refused_before_writing(zoo_dir, 
                                               r"shape \[\d+, \d+\], its config.json makes it"):
         api.write_recipe(recipe, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_tokenizer_source_without_tokenizer_files_is_said(zoo_dir, tmp_path):
+    """The output of a merge whose tokenizer source has no tokenizer lacks one too: `merge` says so on stderr
+    (and still writes the weights); with tokenizer files, nothing is said."""
+    import shutil
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(zoo_dir / "llama" / "base" / f, base / f)
+    arith = zoo_dir / "llama" / "arith"
+    for src, said in ((base, True), (zoo_dir / "llama" / "base", False)):
+        path = tmp_path / f"r{int(said)}.yaml"
+        path.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(src),
+                                        "models": [{"model": str(arith), "parameters": {"weight": 0.5}}]}))
+        res = run_cli("merge", str(path), "-o", str(tmp_path / f"out{int(said)}"), "-q")
+        assert res.returncode == 0, res.stderr
+        assert ("has no tokenizer files" in res.stderr) == said, res.stderr
+        assert (tmp_path / f"out{int(said)}" / "tokenizer.json").exists() != said

@@ -21,7 +21,8 @@ from evomerge.checkpoints.hf import check_loadable
 from evomerge.merge.dataflow import (MERGEKIT_CONFIG, DataflowPlan, DataflowRecipe, iter_dataflow, parse_dataflow,
                                      passthrough_config, plan_dataflow, whole_source)
 from evomerge.merge.engine import iter_merged
-from evomerge.merge.export import DEFAULT_SHARD_BYTES, check_output, model_card, write_checkpoint
+from evomerge.merge.export import (DEFAULT_SHARD_BYTES, check_output, missing_tokenizer_note, model_card,
+                                   write_checkpoint)
 from evomerge.merge.methods import METHODS
 from evomerge.merge.plan import MergePlan, plan_merge
 from evomerge.merge.recipe import Recipe, RecipeError, parse_recipe
@@ -131,15 +132,19 @@ def finite(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, t
 def write_recipe(recipe: AnyRecipe, out: Path, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  device: str | torch.device = "cpu", progress: bool = False, title: str | None = None,
                  card_extra: str = "", recipe_text: str | None = None,
-                 extra_files: dict[str, str] | None = None, inputs: list[str | Path] | None = None) -> Path:
+                 extra_files: dict[str, str] | None = None, inputs: list[str | Path] | None = None,
+                 notes: list[str] | None = None) -> Path:
     """`evomerge merge` and `evomerge export --format model`: the output folder is checked, the recipe planned
     (every error before a tensor is read), then merged tensors stream into a new checkpoint (atomic). The model
     card shows `recipe_text` (default: the recipe's YAML) and ends with `card_extra`. OUT may not be, hold or lie
-    inside the model folders the recipe reads, nor any of `inputs` (the recipe file, a store)."""
+    inside the model folders the recipe reads, nor any of `inputs` (the recipe file, a store). `notes` gets what the
+    user should hear (an output without a tokenizer)."""
     inputs = [*model_folders(recipe), *(inputs or [])]
     check_output(Path(out).expanduser().absolute(), force, inputs)
     parts = checkpoint_parts(recipe, device, progress)
     check_loadable(parts.config, parts.shapes, str(out))  # an unloadable model is refused before a tensor is read
+    if notes is not None and (note := missing_tokenizer_note(parts.tokenizer_dir)) is not None:
+        notes.append(note)
     if title is None:
         title = recipe.name or ("Data-flow merged model" if isinstance(recipe, DataflowRecipe) else "Merged model")
     card = model_card(recipe_text or recipe.to_yaml(), parts.base_model, title=title)

@@ -73,6 +73,18 @@ def tokenizer_files(folder: Path) -> list[Path]:
     return found
 
 
+CORE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them makes a usable tokenizer
+
+
+def missing_tokenizer_note(folder: Path | None) -> str | None:
+    """A note when the tokenizer source holds no tokenizer a loader can build from: the output will lack one too."""
+    if folder is None or any((Path(folder) / n).exists() for n in CORE_TOKENIZER_FILES):
+        return None
+    return (f"{folder} (the tokenizer source) has no tokenizer files ({', '.join(CORE_TOKENIZER_FILES)}): the "
+            "merged model has none either, and transformers and vLLM need one to run it; copy them in, or set "
+            "`tokenizer_source:` to a model that has them")
+
+
 def check_output(out: Path, force: bool, inputs: Iterable[str | Path] = (), folder: bool = True) -> None:
     """The one set of rules for what evomerge writes (a model folder, or with `folder=False` one file): never through
     a link, never over an existing OUT unless forced, and forced only over what evomerge wrote (MARKER in a folder,

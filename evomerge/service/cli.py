@@ -26,8 +26,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     start = time.perf_counter()
+    notes: list[str] = []
     out = write_recipe(recipe, Path(args.output), force=args.force, max_shard_bytes=parse_size(args.shard_size),
-                       device=args.device, progress=not args.quiet, inputs=[args.recipe])
+                       device=args.device, progress=not args.quiet, inputs=[args.recipe], notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return 0
 

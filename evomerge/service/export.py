@@ -182,7 +182,8 @@ def write_text(out: Path, text: str, force: bool) -> Path:
 
 
 def write_model(out: Path, recipe_text: str, card_extra: str, title: str, force: bool,
-                max_shard_bytes: int = DEFAULT_SHARD_BYTES, device: str = "cpu", progress: bool = False) -> Path:
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, device: str = "cpu", progress: bool = False,
+                notes: list[str] | None = None) -> Path:
     """Merge the recipe into a checkpoint folder (atomic, via merge/export.py) with our model card."""
     from evomerge.merge.api import parse_stored, write_recipe
 
@@ -190,7 +191,7 @@ def write_model(out: Path, recipe_text: str, card_extra: str, title: str, force:
     recipe = parse_stored(recipe_text)  # checks the model folders exist here
     return write_recipe(recipe, out, force=force, max_shard_bytes=max_shard_bytes, device=device, progress=progress,
                         title=title, card_extra=card_extra, recipe_text=recipe_text,
-                        extra_files={"recipe.yaml": recipe_text})
+                        extra_files={"recipe.yaml": recipe_text}, notes=notes)
 
 
 def export(target: str | Path, out: str | Path, fmt: str = "recipe", name: str | None = None,
@@ -219,7 +220,7 @@ def export(target: str | Path, out: str | Path, fmt: str = "recipe", name: str |
             return write_text(Path(out), header + config, force), selected, notes
         title = f"{spec.name} candidate {selected.row.id}"
         path = write_model(Path(out), text, card_sections(store, spec.name, spec, selected), title, force,
-                           max_shard_bytes, device, progress)
+                           max_shard_bytes, device, progress, notes)
         return path, selected, notes
     finally:
         store.close()
