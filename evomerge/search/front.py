@@ -27,9 +27,8 @@ def hypervolume(F: np.ndarray, ref: np.ndarray) -> float:
         return 0.0
     if F.shape[1] == 1:
         return float(ref[0] - F[:, 0].min())
-    if F.shape[1] == 2:  # exact sweep, no dependency
-        F = F[pareto_mask(F)]
-        F = F[np.argsort(F[:, 0])]
+    if F.shape[1] == 2:  # exact sweep, no dependency: sorted by (x, y), a dominated point adds nothing
+        F = F[np.lexsort((F[:, 1], F[:, 0]))]
         volume, prev_y = 0.0, float(ref[1])
         for x, y in F:
             if y < prev_y:
