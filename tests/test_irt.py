@@ -208,6 +208,7 @@ def test_search_scores_anchors_only_after_calibration_and_stores_estimates(tmp_p
     F = np.array([r.losses for r in front])
     chosen = {front[int(np.argmin(F[:, 0]))].id, front[int(np.argmin(F[:, 1]))].id, front[knee_index(F)].id}
     assert confirmed and not any(r.estimated for r in front if r.id in chosen)
+    assert log.getvalue().count("confirming the front's picks") == 1  # one line, however many rounds it took
     assert any(r.estimated for r in front)  # the rest of the front keeps its estimates
     assert all(not r.estimated and len(items[r.id]) == ITEMS and ests[r.id]["measured"] == r.values["quiz"]
                for r in rows if r.id in confirmed)

@@ -42,13 +42,16 @@ def confirm_front(recorder: "Recorder", max_rounds: int = 10) -> list[int]:
     candidates that repeat their recipe."""
     ctx, store, job = recorder.ctx, recorder.store, recorder.job
     scored: list[int] = []
-    for _ in range(max_rounds):
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
         chosen = set(picks(recorder))
         todo = [r for r in store.candidates(job, status="done") if r.id in chosen and r.estimated]
         if not todo:
+            rounds -= 1
             break
-        ctx.progress.line(f"confirming the front's picks (best per objective, knee): {len(todo)} estimated "
-                          "candidate(s) scored on every fitness item")
+        if rounds == 1:  # one line, not one per round: later rounds only follow picks the first round moved
+            ctx.progress.line(f"confirming the front's picks (best per objective, knee): {len(todo)} estimated "
+                              "candidate(s) scored on every fitness item")
         for r in todo:
             ctx.runtime.submit(r.id, recorder.problem.decode(r.genome))
         copies = store.candidates(job, status="cached")  # the same recipes, asked again later
@@ -64,4 +67,7 @@ def confirm_front(recorder: "Recorder", max_rounds: int = 10) -> list[int]:
                 for cid in mine:
                     recorder.cached(cid, first)
     store.set_front(job, recorder.front_ids())
+    if rounds > 1:
+        ctx.progress.line(f"confirmed {len(scored)} candidate(s) in {rounds} rounds (each round's full scores moved "
+                          "the front, and its new picks were estimates too)")
     return sorted(scored)

@@ -161,6 +161,14 @@ def irt_lines(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def counts_in_words(counts: dict[str, int]) -> str:
+    """{'done': 64, 'cached': 8} -> '72 in all: 64 done, 8 cached' (statuses in the order a search meets them)."""
+    order = ["done", "cached", "failed", "running", "pending"]
+    keys = sorted(counts, key=lambda k: order.index(k) if k in order else len(order))
+    parts = [f"{counts[k]} {k}" for k in keys if counts[k]]
+    return f"{sum(counts.values())} in all: {', '.join(parts)}" if parts else "none"
+
+
 def write_report(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     json_path, html_path = folder / "report.json", folder / "report.html"
@@ -170,7 +178,7 @@ def write_report(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
     for c in report["front"]:
         (recipes / f"candidate-{c['id']}.yaml").write_text(c["recipe_yaml"])
     body = (f"<h1>evomerge job {html.escape(report['job'])}</h1>"
-            f"<p>Candidates: {html.escape(json.dumps(report['counts']))}. Store: {html.escape(report['store'])}.</p>"
+            f"<p>Candidates: {html.escape(counts_in_words(report['counts']))}. Store: {html.escape(report['store'])}.</p>"
             f"<h2>Front (fitness split), blue; every evaluated candidate, grey</h2>{_svg(report)}"
             f"<h2>Front and parents: fitness and {html.escape(report['split'])} split</h2>"
             f"<pre>{html.escape(front_table(report))}</pre>"
