@@ -4,7 +4,7 @@ against the HBM and host-copy bounds. Sized to finish in under 8 minutes; prepar
     python bench/gpu_real_size.py [--out DIR] [--shape mistral-7b] [--experts 2] [--candidates 3]
 
 1. Builds a random bf16 family of the shape (base + experts: Mistral-7B by default, 7.24B parameters each) on the
-   GPU and writes it to /dev/shm (else --out), tensor by tensor.
+   GPU and writes it to /dev/shm (else --out), shard by shard.
 2. The memory plan for one worker (transformers engine in bf16, batch 8 x 512 tokens, TIES) on this GPU.
 3. For sources on `device` and on `host`: builds the worker (Materialiser + the engine's bf16 module), times
    3-model TIES candidates (stable ties) into the module, runs a forward pass of the planned batch, and prints
@@ -40,36 +40,10 @@ def log(out: Path, **row) -> None:
 
 
 def build_family(root: Path, shape: str, experts: int) -> dict[str, Path]:
-    """Random base (std 0.02) and experts (+ noise 0.002) generated on the GPU, one tensor at a time."""
-    from safetensors.torch import save_file
+    """Random base (std 0.02) and experts (+ noise 0.002), generated on the GPU, written shard by shard."""
+    from evomerge.zoo.shapes import SHAPES, write_random_family
 
-    from evomerge.zoo.shapes import SHAPES, _shard_name, _shards, _write_index
-
-    config = SHAPES[shape]
-    names = ["base"] + [f"e{i + 1}" for i in range(experts)]
-    out = {n: root / n for n in names}
-    if all((p / "config.json").exists() for p in out.values()):
-        return out
-    shards = _shards(config, 2, 4 * 10**9)
-    total = 0
-    for p in out.values():
-        p.mkdir(parents=True, exist_ok=True)
-    for k, shard in enumerate(shards):
-        tensors = {n: {} for n in names}
-        for j, (name, shp) in enumerate(shard):
-            g = torch.Generator(device="cuda").manual_seed(k * 10_007 + j)
-            base = torch.ones(shp, device="cuda") if len(shp) == 1 else torch.randn(shp, device="cuda", generator=g) * 0.02
-            tensors["base"][name] = base.bfloat16().cpu()
-            for m in names[1:]:
-                tensors[m][name] = (base + torch.randn(shp, device="cuda", generator=g) * 0.002).bfloat16().cpu()
-            total += base.numel() * 2
-            del base
-        for m in names:
-            save_file(tensors[m], str(out[m] / _shard_name(k, len(shards))), metadata={"format": "pt"})
-    for m in names:
-        _write_index(out[m], [[n for n, _ in s] for s in shards], total)
-        (out[m] / "config.json").write_text(json.dumps(config))
-    return out
+    return write_random_family(root, SHAPES[shape], experts=experts, shard_bytes=4 * 10**9, device="cuda")
 
 
 def recipe(paths: dict[str, Path], k: int):

@@ -11,10 +11,11 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from evomerge.checkpoints.arch import Architecture
 from evomerge.errors import UserError
@@ -173,3 +174,43 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{folder / shard}: cannot read safetensors header ({e})") from None
     return Checkpoint(path=folder, config=config, tensors=tensors)
+
+
+def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> dict[str, Any]:
+    """Write (name, tensor) pairs into `folder` as safetensors shards of at most `max_bytes` each (one shard in
+    memory at a time), named as transformers and vLLM expect: `model.safetensors` alone, else
+    `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`. Returns the index ({} for one shard).
+    Shards are written under temporary names first, so a failed write leaves no file that looks finished."""
+    shard_names: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+    files: list[Path] = []
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            path = folder / f".shard-{len(files):05d}.safetensors"
+            save_file(current, str(path), metadata={"format": "pt"})
+            files.append(path)
+            shard_names.append(list(current))
+            current, size = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_bytes:
+            flush()
+        current[name] = tensor.detach().cpu().contiguous()
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(files) == 1:
+        files[0].rename(folder / SINGLE_FILE)
+        return {}
+    weight_map = {}
+    for i, (path, names) in enumerate(zip(files, shard_names)):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        path.rename(folder / final)
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return index

@@ -92,33 +92,13 @@ class VLLMBackend:
 
     @staticmethod
     def _write_shards(folder: Path, pairs: Iterator[tuple[str, torch.Tensor]]) -> None:
-        """The pairs as safetensors shards of at most SHM_SHARD_BYTES (one shard in memory at a time) plus the
-        index vLLM's loader reads; the previous candidate's shards are replaced."""
-        import json
-
-        from safetensors.torch import save_file
+        """The pairs as safetensors shards of at most SHM_SHARD_BYTES (one shard in memory at a time, with the
+        index vLLM's loader reads), replacing the previous candidate's."""
+        from evomerge.checkpoints.io import write_shards
 
         for old in folder.glob("model*.safetensors*"):
             old.unlink()
-        shard: dict[str, torch.Tensor] = {}
-        size, weight_map, n = 0, {}, 0
-
-        def flush() -> None:
-            nonlocal shard, size, n
-            if shard:
-                name = f"model-{n:05d}.safetensors"
-                save_file(shard, str(folder / name))
-                weight_map.update({k: name for k in shard})
-                shard, size, n = {}, 0, n + 1
-
-        for name, tensor in pairs:
-            t = tensor.detach().contiguous().cpu()
-            if size and size + t.numel() * t.element_size() > SHM_SHARD_BYTES:
-                flush()
-            shard[name] = t
-            size += t.numel() * t.element_size()
-        flush()
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        write_shards(folder, pairs, SHM_SHARD_BYTES)
 
     def _shm_dir(self) -> Path:
         if self._shm is None:

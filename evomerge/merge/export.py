@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors.torch import save_file
-
+from evomerge.checkpoints.io import write_shards
 from evomerge.errors import UserError
 
 TOKENIZER_FILES = (
@@ -134,42 +133,6 @@ def check_not_an_input(out: Path, inputs: Iterable[str | Path], keep: Iterable[s
                               "from; choose a path outside the inputs")
 
 
-def _write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> dict[str, Any]:
-    shard_names: list[list[str]] = []
-    current: dict[str, torch.Tensor] = {}
-    size = total = 0
-    files: list[Path] = []
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            path = folder / f".shard-{len(files):05d}.safetensors"
-            save_file(current, str(path), metadata={"format": "pt"})
-            files.append(path)
-            shard_names.append(list(current))
-            current, size = {}, 0
-
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_bytes:
-            flush()
-        current[name] = tensor.contiguous()
-        size += nbytes
-        total += nbytes
-    flush()
-    if len(files) == 1:
-        files[0].rename(folder / "model.safetensors")
-        return {}
-    weight_map = {}
-    for i, (path, names) in enumerate(zip(files, shard_names)):
-        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        path.rename(folder / final)
-        weight_map.update({n: final for n in names})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return index
-
-
 def write_checkpoint(
     out: Path,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -190,7 +153,7 @@ def write_checkpoint(
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_shards(tmp, tensors, max_shard_bytes)
+        write_shards(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for path in tokenizer:
             shutil.copyfile(path, tmp / path.name)  # the file's bytes (a link inside the folder: what it names)

@@ -10,6 +10,7 @@ to about 1B parameters.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any, Iterator
@@ -70,18 +71,11 @@ def llama_tensors(config: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...]
         yield "lm_head.weight", (v, h)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _shards(config: dict[str, Any], item: int, shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in llama_tensors(config):
-        nbytes = _numel(shape) * item
+        nbytes = math.prod(shape) * item
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -117,7 +111,7 @@ def write_header_only(folder: str | Path, config: dict[str, Any], dtype: torch.d
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, shape in shard:
-            nbytes = _numel(shape) * item
+            nbytes = math.prod(shape) * item
             header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -131,38 +125,31 @@ def write_header_only(folder: str | Path, config: dict[str, Any], dtype: torch.d
 
 
 def write_random_family(root: str | Path, config: dict[str, Any], experts: int = 3, dtype: torch.dtype = torch.bfloat16,
-                        seed: int = 0, noise: float = 0.1, shard_bytes: int = 10**9) -> dict[str, Path]:
+                        seed: int = 0, noise: float = 0.1, shard_bytes: int = 10**9,
+                        device: str | torch.device = "cpu") -> dict[str, Path]:
     """A random-initialised base (normal, std 0.02; norms 1) and `experts` "fine-tunes" (the base plus normal noise
-    of `noise` x its scale) in `root`/base, `root`/e1..: real data, written tensor by tensor (one shard in memory
-    at a time). Returns name -> folder. Models already there (a config.json present) are kept."""
-    from safetensors.torch import save_file
+    of `noise` x its scale) in `root`/base, `root`/e1..: real data, generated on `device` (a GPU makes a 7B family
+    in seconds) and written tensor by tensor (`write_shards`: one shard in memory at a time). Returns name ->
+    folder. Models already there (a config.json present) are kept."""
+    from evomerge.checkpoints.io import write_shards
 
     root = Path(root)
     names = ["base"] + [f"e{i + 1}" for i in range(experts)]
     out = {n: root / n for n in names}
-    if all((p / "config.json").is_file() for p in out.values()):
-        return out
-    item = torch.empty((), dtype=dtype).element_size()
-    shards = _shards(config, item, shard_bytes)
-    total = sum(_numel(s) * item for shard in shards for _, s in shard)
-    for model, folder in out.items():
+
+    def tensors(k: int):  # model k: 0 the base, i the i-th expert; every tensor drawn from its own seed
+        for j, (name, shape) in enumerate(llama_tensors(config)):
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + j)
+            t = torch.ones(shape, device=device) if len(shape) == 1 else torch.randn(shape, generator=gen, device=device) * 0.02
+            if k:
+                gen.manual_seed((seed * 1_000_003 + j) * 31 + k)
+                t += torch.randn(shape, generator=gen, device=device) * (noise * 0.02)
+            yield name, t.to(dtype)
+
+    for k, (model, folder) in enumerate(out.items()):
+        if (folder / "config.json").is_file():
+            continue
         folder.mkdir(parents=True, exist_ok=True)
-    for k, shard in enumerate(shards):
-        tensors: dict[str, dict[str, torch.Tensor]] = {m: {} for m in names}
-        for j, (name, shape) in enumerate(shard):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + k * 10_007 + j)
-            if len(shape) == 1:
-                base = torch.ones(shape)
-            else:
-                base = torch.randn(shape, generator=gen) * 0.02
-            tensors["base"][name] = base.to(dtype)
-            for e, m in enumerate(names[1:]):
-                tensors[m][name] = (base + torch.randn(shape, generator=gen) * (noise * 0.02)).to(dtype)
-            del base
-        for m in names:
-            save_file(tensors[m], str(out[m] / _shard_name(k, len(shards))), metadata={"format": "pt"})
-        del tensors
-    for m in names:
-        _write_index(out[m], [[n for n, _ in s] for s in shards], total)
-        (out[m] / "config.json").write_text(json.dumps(config, indent=1))
+        write_shards(folder, tensors(k), shard_bytes)
+        (folder / "config.json").write_text(json.dumps(config, indent=1))  # last: a folder with it is complete
     return out
