@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
 from evomerge.checkpoints.arch import Architecture
-from evomerge.checkpoints.io import Checkpoint, CheckpointError
+from evomerge.checkpoints.io import Checkpoint, read_json
 from evomerge.errors import UserError
 
 
@@ -28,11 +27,7 @@ def tokenizer_vocab(folder: Path) -> dict[str, int] | None:
     path = folder / "tokenizer.json"
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); restore the model's tokenizer.json (or delete it to "
-                              "use its other tokenizer files)") from None
+    data = read_json(path, "restore the model's tokenizer.json (or delete it to use its other tokenizer files)")
     model = data.get("model", {}) if isinstance(data, dict) else {}
     vocab = model.get("vocab") if isinstance(model, dict) else None
     if isinstance(vocab, list):  # unigram tokenizers store [token, score] pairs

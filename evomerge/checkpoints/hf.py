@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from evomerge.checkpoints.io import CheckpointError, open_checkpoint
+from evomerge.checkpoints.io import CheckpointError, open_checkpoint, read_json
 
 
 def check_no_custom_code(folder: str | Path) -> None:
@@ -47,10 +47,7 @@ def load_tokenizer(folder: str | Path) -> Any:
     for name in ("tokenizer.json", "tokenizer_config.json"):  # transformers' own error would be a JSON traceback
         path = Path(folder) / name
         if path.is_file():
-            try:
-                json.loads(path.read_text())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{path}: not valid JSON ({e}); restore the model's tokenizer files") from None
+            read_json(path, "restore the model's tokenizer files")
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:

@@ -103,17 +103,18 @@ class Checkpoint:
         self._handles.clear()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, fix: str = "") -> Any:
+    """A model folder's JSON file; one that is not JSON is a CheckpointError naming it (and `fix`, what to do)."""
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})" + (f"; {fix}" if fix else "")) from None
 
 
 def _shard_files(folder: Path) -> list[str]:
     index = folder / INDEX_FILE
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: field 'weight_map' is missing or empty")
         shards = sorted(set(weight_map.values()))
@@ -151,7 +152,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{folder}: config.json is missing; a Hugging Face model folder needs one")
-    config = _read_json(config_path)
+    config = read_json(config_path)
     try:
         Architecture.from_config(config)
     except ValueError as e:

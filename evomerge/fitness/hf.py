@@ -61,8 +61,7 @@ class HFBackend:
         self.forward_seconds = 0.0
         self._wrap_timers()
         memoise_tok_encode(self.lm)
-        self._targets: dict[str, torch.Tensor] | None = None
-        self._all: dict[str, torch.Tensor] | None = None
+        self._targets: dict[str, torch.Tensor] | None = None  # checkpoint name -> the module's tensor
 
     @classmethod
     def from_dir(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", batch_size: int = 64) -> "HFBackend":
@@ -77,30 +76,26 @@ class HFBackend:
         lm_eval_compat.time_methods(self.lm, ("_model_call", "_model_generate"), add)
 
     # ---- candidate weights
-    def targets(self, names) -> dict[str, torch.Tensor]:
-        """Checkpoint name -> the module's tensor, for `names` (None: every parameter and buffer, by its own name)."""
-        if names is None:
-            if self._all is None:
-                self._all = dict(self.module.state_dict(keep_vars=True))
-            return self._all
-        if self._targets is None or set(self._targets) != set(names):
-            self._targets = checkpoint_targets(self.module, names)
-        return self._targets
-
     @torch.no_grad()
     def load(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint-named tensors (a mapping, or (name, tensor) pairs consumed one at a time) into the
         module in place."""
         if isinstance(weights, Mapping):
-            targets = self.targets(list(weights))
-            pairs: Iterable[tuple[str, torch.Tensor]] = weights.items()
-        else:
-            targets, pairs = self.targets(None), weights
-        for name, tensor in pairs:
-            target = targets.get(name)
-            if target is None:  # a name the module spells otherwise (GPT-2 hub checkpoints): resolved, or a clear error
-                target = targets[name] = checkpoint_targets(self.module, [name])[name]
-            target.copy_(tensor)
+            for name in weights:  # every name resolved before the first copy: a mismatch writes nothing
+                self._target(name)
+            weights = weights.items()
+        for name, tensor in weights:
+            self._target(name).copy_(tensor)
+
+    def _target(self, name: str) -> torch.Tensor:
+        """The module's tensor a checkpoint name loads into: the module's own name, or the one name ending in it
+        (GPT-2 hub checkpoints), resolved once and kept."""
+        if self._targets is None:
+            self._targets = dict(self.module.state_dict(keep_vars=True))
+        target = self._targets.get(name)
+        if target is None:  # resolved, or a clear error
+            target = self._targets[name] = checkpoint_targets(self.module, [name])[name]
+        return target
 
     @torch.no_grad()
     def probe(self) -> None:

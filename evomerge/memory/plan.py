@@ -113,14 +113,8 @@ def read_shape(folder: str | Path) -> ModelShape:
                         f"{', '.join(sorted(KNOWN_FAMILIES))})")
     head_dim = cfg.get("head_dim") or hidden // heads
     kv_heads = cfg.get("num_key_value_heads") or heads
-    by_dtype: dict[str, int] = {}
-    for t in ck.tensors.values():
-        name = str(t.dtype).removeprefix("torch.")
-        by_dtype[name] = by_dtype.get(name, 0) + t.numel * t.dtype.itemsize
-    floats = {k: v for k, v in by_dtype.items() if k in _BYTES}
-    dtype = max(floats, key=floats.get) if floats else "float32"
     return ModelShape(
-        folder=Path(folder), params=int(ck.num_params), bytes=int(ck.num_bytes), dtype=dtype,
+        folder=Path(folder), params=int(ck.num_params), bytes=int(ck.num_bytes), dtype=ck.float_dtype,
         largest=max(t.numel for t in ck.tensors.values()), layers=arch.num_layers, hidden=int(hidden),
         kv_dim=int(kv_heads) * int(head_dim), vocab=int(arch.vocab_size or 0),
         intermediate=int(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden),
