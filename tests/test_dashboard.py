@@ -426,8 +426,7 @@ def test_the_incremental_front_and_the_sweep_match_the_definitions():
 
     import numpy as np
 
-    from evomerge.dashboard.data import add_to_front
-    from evomerge.search.front import hypervolume, pareto_mask
+    from evomerge.search.front import add_to_front, hypervolume, pareto_mask
 
     rng = np.random.default_rng(0)
     for _ in range(200):

@@ -2,7 +2,7 @@
 
 Why a module of its own: the server only routes and the page only draws, so everything a reader might check
 (which points are on the front, how a recipe's weight resolves at layer 7, the export command) is computed
-here, with evomerge's own code (the store, `pareto_mask`/`hypervolume`, the merge planner's parameter
+here, with evomerge's own code (the store, `add_to_front`/`hypervolume`, the merge planner's parameter
 resolution), and can be tested without a browser.
 
 Nothing here unpickles: the optimiser checkpoints are never read (a viewer must not run code from a store).
@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from evomerge.search.front import hypervolume, pareto_mask
+from evomerge.search.front import add_to_front, hypervolume
 from evomerge.search.spec import JobSpec
 from evomerge.store import CandidateRow, Store
 
@@ -126,17 +126,6 @@ def job_detail(store: Store, name: str) -> dict[str, Any] | None:
     return {"summary": job_summary(store, name), "objectives": objs, "split": split, "points": points,
             "front": sorted(front), "parents": parents, "candidates": table, "shown_from": rows[-CANDIDATE_ROWS:][0].id
             if rows else 0, "progress": progress(rows, objs), "store": str(store.path)}
-
-
-def add_to_front(front: np.ndarray, loss: np.ndarray) -> np.ndarray:
-    """The non-dominated rows of front + [loss], given a front that is non-dominated already: the new point is
-    dropped if a row dominates it, else it joins and drops the rows it dominates (equal rows all stay, as
-    `pareto_mask` keeps them). One vectorised pass instead of re-filtering the whole set per point."""
-    if len(front):
-        if bool(np.any(np.all(front <= loss, axis=1) & np.any(front < loss, axis=1))):
-            return front
-        front = front[~(np.all(loss <= front, axis=1) & np.any(loss < front, axis=1))]
-    return np.vstack([front, loss])
 
 
 def progress(rows: list[CandidateRow], objs: list[dict[str, str]]) -> dict[str, Any]:

@@ -19,6 +19,17 @@ def pareto_mask(F: np.ndarray) -> np.ndarray:
     return keep
 
 
+def add_to_front(front: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """The non-dominated rows of front + [loss], given a front that is non-dominated already: the new point is
+    dropped if a row dominates it, else it joins and drops the rows it dominates (equal rows all stay, as
+    `pareto_mask` keeps them). One vectorised pass instead of re-filtering the whole set per point."""
+    if len(front):
+        if bool(np.any(np.all(front <= loss, axis=1) & np.any(front < loss, axis=1))):
+            return front
+        front = front[~(np.all(loss <= front, axis=1) & np.any(loss < front, axis=1))]
+    return np.vstack([front, loss])
+
+
 def hypervolume(F: np.ndarray, ref: np.ndarray) -> float:
     """Volume dominated by the points of F and bounded by `ref` (points not better than ref count for nothing)."""
     F = np.asarray(F, dtype=float).reshape(-1, len(ref))
