@@ -298,6 +298,8 @@ def test_submit_refuses_a_job_that_cannot_fit_the_stated_gpus(shapes, tmp_path):
 
     with pytest.raises(PlanError, match="short by"):
         portable_spec(mistral_job(shapes, tmp_path, gpu_memory=24, host_memory=64))
+    with pytest.raises(PlanError, match="on the host"):  # a stated host memory is checked too
+        portable_spec(mistral_job(shapes, tmp_path, gpu_memory=80, host_memory=0.25))
     assert portable_spec(mistral_job(shapes, tmp_path, gpu_memory=80, host_memory=512))["runtime"]["sources"] == "auto"
     portable_spec(mistral_job(shapes, tmp_path))  # sizes not stated: the cluster's run plans
 

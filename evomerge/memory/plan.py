@@ -328,6 +328,12 @@ class MemoryPlan:
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    def require_fit(self, source: str = "the job") -> "MemoryPlan":
+        """This plan, if a placement was picked; else PlanError with the refusal."""
+        if self.chosen is None:
+            raise PlanError(self.refusal(source))
+        return self
+
     def refusal(self, source: str = "the job") -> str:
         """One line: which part does not fit, by how much, and the changes that would make it fit."""
         pool = [o for o in self.options if self.requested in ("auto", o.placement)] or self.options
@@ -469,10 +475,8 @@ def plan_worker(models: Sequence[str | Path | ModelShape], workload: Workload, m
             shared = placement == "device" and workload.sources_dtype == "native" and engine_dtype == ref.dtype
             if not shared:
                 parts.append(Part("path source modules", path_part[0], "device", path_part[1]))
-        if not cuda:
-            parts.append(fixed)
-        else:
-            parts.append(fixed)
+        parts.append(fixed)
+        if cuda:
             parts.append(Part("host runtime", CPU_RUNTIME, "host", "the worker process"))
         if workload.backend == "vllm" and (gpus_engine > 1):
             parts.append(Part("weight hand-off", min(params * e_bytes, 2 * GiB), "host",

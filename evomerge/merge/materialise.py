@@ -64,7 +64,8 @@ class Materialiser:
         self._label_of = {ck.path.resolve(): label for label, ck in self.checkpoints.items()}
         self.rank_cache = rank_cache
         self.ranks: dict[tuple[str, str], RankCache] = {}
-        self._pinned = False
+        self._pinned = False  # some source is in pinned memory (copies to the GPU may be non-blocking)
+        self._pin_warned = False  # the host refused to pin more: the rest stays pageable, said once
         # Resident state: `native` keeps tensors[label][name] in their own dtype; `float32` keeps the anchor as
         # tensors[anchor] and every other source as deltas[(label, name)]; `disk` keeps nothing.
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -94,7 +95,7 @@ class Materialiser:
         (`disk`), not resident memory, and a temporary per tensor fragments the heap (RSS then exceeds the plan)."""
         if owned and tensor.device == home and not pin:
             return tensor
-        pin_now = pin and not getattr(self, "_pin_warned", False)
+        pin_now = pin and not self._pin_warned
         try:
             out = torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device=home, pin_memory=pin_now)
             self._pinned = self._pinned or pin_now

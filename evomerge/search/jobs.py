@@ -84,7 +84,7 @@ def memory_plan(spec: JobSpec, address: str | None = None, gpu_memory: Any = Non
     machine = Machine.detect(rt.device, gpu_memory=gpu, host_memory=host, gpus=max(1, math.ceil(rt.gpus)),
                              workers_per_host=rt.workers if private and rt.kind != "local" else 1,
                              measure=measure)
-    backend = resolve_backend(rt.backend) if rt.backend == "auto" else rt.backend
+    backend = resolve_backend(rt.backend)
     workload = Workload(backend=backend, engine_dtype=rt.dtype, sources_dtype=rt.sources_dtype,
                         batch_size=rt.batch_size, max_length=rt.max_length, methods=methods,
                         path_layers=path_layers, path_sources=path_sources)
@@ -98,11 +98,9 @@ def planned(spec: JobSpec, address: str | None = None, say: Any = None) -> JobSp
     A job with its own `runtime.scorer` is handed on as it is: its memory is the plug-in's business."""
     if spec.runtime.scorer:
         return spec
-    from evomerge.memory import GiB, PlanError
+    from evomerge.memory import GiB
 
-    plan = memory_plan(spec, address, measure=False)  # the bandwidths only time candidates; `evomerge plan` measures
-    if plan.chosen is None:
-        raise PlanError(plan.refusal(spec.source))
+    plan = memory_plan(spec, address, measure=False).require_fit(spec.source)  # bandwidths only time candidates
     chosen, rt = plan.chosen, spec.runtime
     if say is not None:
         say(f"memory plan: sources on {chosen.placement} ({rt.sources_dtype}), rank caches "
@@ -117,16 +115,13 @@ def check_plan_for_cluster(spec: JobSpec) -> None:
     """`evomerge submit`: the memory plan against the sizes the job states for the cluster's workers
     (`runtime.gpu_memory` per GPU for a CUDA job, `runtime.host_memory`), refusing a job that cannot fit before it
     is sent. Sizes the job does not state are the cluster's to check: its `evomerge run` plans again there."""
-    from evomerge.memory import GiB, PlanError
-
     rt = spec.runtime
     if rt.scorer or (rt.device.startswith("cuda") and rt.gpu_memory is None) or (
             not rt.device.startswith("cuda") and rt.host_memory is None):
         return
-    host = rt.host_memory * GiB if rt.host_memory else 1 << 60  # unstated: not checked here
-    plan = memory_plan(spec, address="cluster", host_memory=int(host), measure=False)
-    if plan.chosen is None:
-        raise PlanError(plan.refusal(spec.source))
+    if rt.host_memory is None:  # unstated: not checked here (a size no host has, in GiB like the field)
+        spec = replace(spec, runtime=replace(rt, host_memory=float(1 << 30)))
+    memory_plan(spec, address="cluster", measure=False).require_fit(spec.source)
 
 
 def make_runtime(spec: JobSpec, address: str | None = None) -> Runtime:

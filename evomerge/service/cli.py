@@ -111,7 +111,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import json
     from dataclasses import replace
 
-    from evomerge.memory import PlanError
     from evomerge.search.jobs import memory_plan
     from evomerge.search.spec import load_job
 
@@ -128,8 +127,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict(), indent=1))
     else:
         print(plan.render(str(args.job)))
-    if plan.chosen is None:
-        raise PlanError(plan.refusal(str(args.job)))
+    plan.require_fit(str(args.job))  # printed above; refused (exit 2) when nothing fits
     return 0
 
 
