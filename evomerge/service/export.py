@@ -184,12 +184,12 @@ def write_text(out: Path, text: str, force: bool) -> Path:
 def write_model(out: Path, recipe_text: str, card_extra: str, title: str, force: bool,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, device: str = "cpu", progress: bool = False,
                 notes: list[str] | None = None) -> Path:
-    """Merge the recipe into a checkpoint folder (atomic, via merge/export.py) with our model card."""
+    """Merge the recipe into a checkpoint folder with our model card (`write_recipe` checks OUT against the output
+    rules and the recipe's inputs, then writes it atomically)."""
     from evomerge.merge.api import parse_stored, write_recipe
 
-    out = check_out(out, force, folder=True)
     recipe = parse_stored(recipe_text)  # checks the model folders exist here
-    return write_recipe(recipe, out, force=force, max_shard_bytes=max_shard_bytes, device=device, progress=progress,
+    return write_recipe(recipe, Path(out), force=force, max_shard_bytes=max_shard_bytes, device=device, progress=progress,
                         title=title, card_extra=card_extra, recipe_text=recipe_text,
                         extra_files={"recipe.yaml": recipe_text}, notes=notes)
 
