@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,7 +85,6 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from evomerge.memory import Machine, Workload, plan_worker
-    from evomerge.memory.plan import _cpu_bandwidth
     from evomerge.merge.materialise import Materialiser
     from evomerge.merge.recipe import parse_recipe
 
@@ -92,11 +92,9 @@ def worker(args: argparse.Namespace) -> None:
     sampler = Sampler()
     sampler.start()
     paths = {n: Path(p) for n, p in json.loads(args.paths).items()}
-    machine = Machine.detect("cpu", measure=False)
-    bandwidth = _cpu_bandwidth()
-    machine = Machine(device="cpu", host_memory=machine.host_memory, bandwidth={"device": bandwidth, "disk": bandwidth,
-                                                                                 "h2d_pinned": bandwidth},
-                      measured=("device",))
+    machine = Machine.detect("cpu")  # one thread's copy bandwidth, measured here
+    bandwidth = machine.bandwidth["device"]
+    machine = replace(machine, bandwidth={**machine.bandwidth, "disk": bandwidth})  # the families sit in the page cache
     workload = Workload(backend="hf", engine_dtype="bfloat16", sources_dtype=args.sources_dtype, batch_size=BATCH,
                         max_length=LENGTH, methods=("ties",))
     plan = plan_worker([paths["base"], *(p for n, p in paths.items() if n != "base")], workload, machine,
