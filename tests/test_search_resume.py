@@ -106,7 +106,8 @@ def kill_and_resume(tmp_path: Path, algorithm: str, space: str, zoo: Path | None
     assert proc.returncode == -signal.SIGKILL
 
     store = Store(store_path, readonly=True)
-    assert store.job("killme")["status"] == "running"  # as a crash leaves it
+    shown = store.job("killme")  # stored `running`, as a crash leaves it; read as what it is
+    assert shown["status"] == "interrupted" and f"pid {proc.pid}" in shown["reason"], shown
     store.close()
     resumed = subprocess.run(cli("resume", str(path)), env=env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -256,6 +257,9 @@ def test_a_store_whose_disk_fills_mid_search_stops_with_one_line_and_resumes_to_
     partial = Store(path.parent / "store.sqlite", readonly=True)
     told = partial.last_checkpoint("killme")[0]
     assert 0 < len(partial.candidates("killme")) < 48 and told >= 1
+    stored = partial.db.execute("SELECT status FROM jobs WHERE name='killme'").fetchone()[0]
+    shown = partial.job("killme")  # stored `interrupted` when the last write fitted; else read so: its writer is gone
+    assert shown["status"] == "interrupted" and shown["reason"].count("evomerge resume") == 1, (stored, shown)
     partial.close()
     resumed = subprocess.run(cli("resume", str(path)), env=env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -4,6 +4,7 @@ pickle), and a reader while a writer writes."""
 from __future__ import annotations
 
 import ast
+import os
 import multiprocessing as mp
 import sqlite3
 import threading
@@ -259,3 +260,34 @@ def test_a_damaged_page_deep_in_a_store_is_an_error_naming_it(tmp_path):
     with pytest.raises(StoreError, match=r"s.sqlite: the store is damaged .*\.recover"):
         s = Store(path, readonly=True)
         s.db.execute("SELECT key, value FROM meta").fetchall()
+
+
+def test_a_running_job_reads_interrupted_once_its_writer_is_gone(tmp_path):
+    """`running` is stored when a search starts; a writer killed with -9, or stopped by a full disk, cannot store
+    that it ended. Every reader (status, dashboard, export) is told `interrupted` then, with whose lock was left."""
+    import socket
+    import subprocess
+
+    store = Store(tmp_path / "s.sqlite")
+    store.create_job("j", {"name": "j"}, 0)
+
+    def plant(host: str, pid: int, heartbeat: float) -> None:
+        store.db.execute("INSERT OR REPLACE INTO writers VALUES ('j', ?, ?, ?, ?, 't')", (host, pid, heartbeat, heartbeat))
+
+    here, now = socket.gethostname(), time.time()
+    plant(here, os.getpid(), now)
+    assert store.job("j")["status"] == "running" and store.job("j")["reason"] is None
+    plant("elsewhere", 1, now - 10)  # another host, heard from 10 s ago: may well be writing
+    assert store.job("j")["status"] == "running"
+    plant("elsewhere", 1, now - 3600)
+    shown = store.job("j")
+    assert shown["status"] == "interrupted" and "pid 1 on elsewhere" in shown["reason"]
+    assert "silent for 3600 s" in shown["reason"] and "evomerge resume" in shown["reason"]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    plant(here, dead.pid, now)
+    assert store.job("j")["status"] == "interrupted" and "its process is gone" in store.job("j")["reason"]
+    store.db.execute("DELETE FROM writers")
+    assert store.job("j")["status"] == "interrupted"  # no lock at all: nobody is writing it
+    store.set_status("j", "done")
+    assert store.job("j")["status"] == "done"  # a status that was stored is told as stored

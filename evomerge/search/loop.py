@@ -64,7 +64,9 @@ class Search:
             raise
         except Exception as e:  # the runtime or the store broke (not a candidate): the job says why, resumable
             told = loop.state.generation
-            self._mark("interrupted", f"{type(e).__name__}: {e}; `evomerge resume` continues from generation {told}")
+            said = f"{type(e).__name__}: {e}"
+            self._mark("interrupted", f"{said} (from generation {told})" if "evomerge resume" in said
+                       else f"{said}; `evomerge resume` continues from generation {told}")
             raise
         return state
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from evomerge.errors import UserError
+from evomerge.store import holder
 from evomerge.store.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
 # Filesystems where SQLite's WAL mode is unsafe (its index lives in shared memory on one host; locks over these
@@ -266,8 +267,27 @@ class Store:
                               "WHERE name=?", (name,)).fetchone()
         if row is None:
             return None
-        return {"name": row[0], "spec": json.loads(row[1]), "status": row[2], "reason": row[3], "seed": row[4],
+        status, reason = row[2], row[3]
+        if status == "running":
+            status, reason = self._running_or_not(name, reason)
+        return {"name": row[0], "spec": json.loads(row[1]), "status": status, "reason": reason, "seed": row[4],
                 "created": row[5], "updated": row[6], "spec_yaml": row[7]}
+
+    def _running_or_not(self, name: str, reason: str | None) -> tuple[str, str | None]:
+        """A job stored as `running` is running only while its writer holds the lock: one killed (kill -9, a lost
+        node) or stopped by a full disk could not record that it ended, and reads as `interrupted`, with why."""
+        try:
+            row = self.db.execute("SELECT host, pid, heartbeat FROM writers WHERE job=?", (name,)).fetchone()
+        except sqlite3.OperationalError:  # a store from before the writers table (schema 4): nothing to tell by
+            return "running", reason
+        if row is None:
+            why = "no writer holds it"
+        else:
+            why = holder.gone(str(row[0]), int(row[1]), float(row[2]), time.time())
+            if why is None:
+                return "running", reason
+            why = f"its writer, pid {row[1]} on {row[0]}, ended without recording why ({why}: killed, or its disk filled)"
+        return "interrupted", f"{why}; `evomerge resume` continues it"
 
     def objectives(self, name: str) -> list[tuple[str, str]] | None:
         """The job's objectives and their resolved directions ("maximise" | "minimise"), in the spec's order;

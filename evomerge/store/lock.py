@@ -22,19 +22,7 @@ import uuid
 from pathlib import Path
 
 from evomerge.store.archive import Store, StoreError
-
-HEARTBEAT = 5.0  # seconds between a holder's signs of life
-STALE_AFTER = 60.0  # seconds without one before another host may take the job over
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
+from evomerge.store.holder import HEARTBEAT, STALE_AFTER, gone
 
 
 class WriterLock:
@@ -63,15 +51,14 @@ class WriterLock:
             if row is not None:
                 host, pid, started, heartbeat = row
                 silent = now - heartbeat
-                gone = (host == self.host and not _alive(pid)) or silent > self.stale_after
-                if not gone:
+                why = gone(host, pid, heartbeat, now, self.stale_after)
+                if why is None:
                     db.execute("ROLLBACK")
                     raise StoreError(
                         f"{self.path}: job '{self.job}' is being written by pid {pid} on {host} since "
                         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))} (last heartbeat {silent:.0f} s "
                         f"ago); one writer per job: wait for it to end or stop it (`evomerge stop` for a Ray job). "
                         f"A holder silent for {self.stale_after:.0f} s is taken over")
-                why = "its process is gone" if host == self.host and not _alive(pid) else f"silent for {silent:.0f} s"
                 self.note = f"took over job '{self.job}' from pid {pid} on {host} ({why})"
             db.execute("INSERT OR REPLACE INTO writers VALUES (?, ?, ?, ?, ?, ?)",
                        (self.job, self.host, self.pid, now, now, self.token))
