@@ -1,9 +1,12 @@
 """Helpers the test modules share (tests import from here or conftest, never from each other): toy job specs over
-the golden models, quiet progress, and the quiz scorer, an lm-eval stand-in with known item parameters for IRT."""
+the golden models, quiet progress, the quiz scorer (an lm-eval stand-in with known item parameters for IRT), and
+what the Ray service tests share (free ports, toy specs that travel, the CLI in-process)."""
 
 from __future__ import annotations
 
 import io
+import os
+import socket
 import zlib
 from pathlib import Path
 
@@ -116,3 +119,39 @@ def quiz_job(folder: Path, **options) -> Path:
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+# ---------------------------------------------------------------- Ray heads and submitted jobs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toy_spec(folder: Path, name: str, **options) -> Path:
+    """A toy-scored search with relative model and store paths (they must travel as absolute paths)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rel = lambda p: os.path.relpath(p, folder)  # noqa: E731
+    spec = {
+        "name": name,
+        "models": {"base": rel(GOLDEN / "base"), "sources": {"a": rel(GOLDEN / "a"), "b": rel(GOLDEN / "b")}},
+        "search_space": "sakana_ps",
+        "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": options.pop("evaluations", 24)},
+                   "seed": 1},
+        "runtime": {"kind": "local", "scorer": "evomerge.scoring.toy:scorer", "scorer_options": options},
+        "store": "out/store.sqlite",
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`evomerge ARGV...` in this process: its exit code, stdout and stderr."""
+    from evomerge.service.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,19 +26,13 @@ import pytest
 import yaml
 
 from evomerge.search.spec import JobSpecError
-from evomerge.service.cli import main
 from evomerge.service.submit import Jobs, ServiceError, check_address, check_id, portable_spec
 from evomerge.store import Store
+from helpers import cli, free_port, toy_spec
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "models"
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -127,30 +120,6 @@ def token(head, monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
     return head.token
-
-
-def toy_spec(folder: Path, name: str, **options) -> Path:
-    """A toy-scored search with relative model and store paths (they must travel as absolute paths)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rel = lambda p: os.path.relpath(p, folder)  # noqa: E731
-    spec = {
-        "name": name,
-        "models": {"base": rel(GOLDEN / "base"), "sources": {"a": rel(GOLDEN / "a"), "b": rel(GOLDEN / "b")}},
-        "search_space": "sakana_ps",
-        "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": options.pop("evaluations", 24)},
-                   "seed": 1},
-        "runtime": {"kind": "local", "scorer": "evomerge.scoring.toy:scorer", "scorer_options": options},
-        "store": "out/store.sqlite",
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 # ---------------------------------------------------------------- no head needed

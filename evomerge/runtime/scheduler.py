@@ -66,6 +66,7 @@ class _Slot:
     sent: float = 0.0
     pid: int | None = None
     host: str | None = None
+    where: str | None = None  # the name its outcomes carry: name@node
     busy: float = 0.0
     candidates: int = 0
 
@@ -229,6 +230,7 @@ class RayRuntime(OutcomeStream):
             return None
         assert info is not None
         slot.state, slot.ref, slot.pid, slot.host = "idle", None, info["pid"], info["host"]
+        slot.where = info["name"]
         self._startup_failures = 0
         self._last_ready = time.monotonic()
         return info
@@ -337,7 +339,7 @@ class RayRuntime(OutcomeStream):
             self._start_worker()
             task.deaths.append(f"timed out after {deadline:.0f} s")
             if len(task.deaths) > self.max_retries:
-                self._deliver(Outcome(task.cid, task.split, worker=slot.name, reason=(
+                self._deliver(Outcome(task.cid, task.split, worker=slot.where or slot.name, reason=(
                     f"timed out after {deadline:.0f} s, {len(task.deaths)} times (runtime.candidate_timeout; "
                     f"runtime.max_retries = {self.max_retries}): its worker was killed each time")),
                     slot, now - slot.sent, 0.0)
@@ -357,7 +359,7 @@ class RayRuntime(OutcomeStream):
             busy = out.seconds
         except ray.exceptions.RayTaskError as e:  # raised outside run_one (e.g. the recipe did not unpickle)
             cause = e.cause if getattr(e, "cause", None) is not None else e
-            out = Outcome(task.cid, task.split, reason=f"{type(cause).__name__}: {cause}", worker=slot.name)
+            out = Outcome(task.cid, task.split, reason=f"{type(cause).__name__}: {cause}", worker=slot.where or slot.name)
             busy = span  # the worker was held all along
         except ray.exceptions.RayError as e:  # the worker died: replace it, send the candidate again
             self._stats.lost += span
@@ -365,7 +367,7 @@ class RayRuntime(OutcomeStream):
             self._start_worker()
             task.deaths.append(_short(e))
             if len(task.deaths) > self.max_retries:
-                self._deliver(Outcome(task.cid, task.split, worker=slot.name, reason=(
+                self._deliver(Outcome(task.cid, task.split, worker=slot.where or slot.name, reason=(
                     f"the worker died {len(task.deaths)} times while evaluating this candidate (runtime.max_retries = "
                     f"{self.max_retries}); last: {task.deaths[-1]}")), slot, span, 0.0)
             else:

@@ -29,7 +29,7 @@ class Worker:
         import torch
 
         torch.set_num_threads(threads)
-        self.name = name
+        self.name = f"{name}@{_node()}"  # where it ran, in every outcome: the store's and dashboard's `worker`
         self._factory = scorer
         self.error: BaseException | None = None
         self.scorers: dict[str | None, Scorer] = {}
@@ -70,6 +70,14 @@ class Worker:
         for s in self.scorers.values():
             close_scorer(s)
         self.scorers.clear()
+
+
+def _node() -> str:
+    """This actor's Ray node, short (the first 8 hex digits of its id: unique in a cluster, and what `ray status`
+    and Ray's dashboard show first)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:8]
 
 
 _ACTOR: Any = None
