@@ -142,7 +142,7 @@ def test_random_methods_are_seeded(tiny_llamas, tmp_path):
     (lambda d: d["models"][0]["parameters"].update(densty=0.5), r"models\[0\].parameters.densty: .*Did you mean 'density'"),
     (lambda d: d["models"][1]["parameters"].update(density=1.5), r"models\[1\].parameters.density: .*density"),
     (lambda d: d["models"][1]["parameters"].update(density=[0.5, -0.1]), r"models\[1\].parameters.density"),
-    (lambda d: d["models"][0].update(model="no/such/model"), r"models\[0\].model: no model folder .*Hub ids are not downloaded"),
+    (lambda d: d["models"][0].update(model="no/such/model"), r"models\[0\].model: no model folder with a config.json at 'no/such/model'"),
     (lambda d: d["models"][0]["parameters"].pop("weight"), r"models\[0\].parameters: method 'ties' needs 'weight'"),
     (lambda d: d.update(dtype="float8"), r"dtype: unknown dtype 'float8'"),
     (lambda d: d.update(parameters={"density": 2.0}), r"recipe.yaml: parameters.density: .*density"),

@@ -2,7 +2,8 @@
 
 from evomerge.checkpoints.arch import Architecture, TensorRole, classify_tensor
 from evomerge.checkpoints.compat import IncompatibleModelsError, check_compatible
-from evomerge.checkpoints.io import Checkpoint, CheckpointError, open_checkpoint
+from evomerge.checkpoints.io import Checkpoint, CheckpointError
+from evomerge.checkpoints.lora import open_checkpoint
 
 __all__ = [
     "Architecture",

@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from evomerge.checkpoints.io import CheckpointError, open_checkpoint, read_json
+import torch
+
+from evomerge.checkpoints.io import CheckpointError, read_json
+from evomerge.checkpoints.lora import AdaptedCheckpoint, open_checkpoint
 
 
 def check_no_custom_code(folder: str | Path) -> None:
@@ -33,10 +36,18 @@ def load_model(folder: str | Path, dtype: Any = None, device: str = "cpu") -> An
     """A causal LM from a model folder (safetensors, no custom code), on `device`."""
     from transformers import AutoModelForCausalLM
 
-    open_checkpoint(folder)  # safetensors only: a pickle-only folder is refused with the command to convert it
+    ck = open_checkpoint(folder)  # safetensors only: a pickle-only folder is refused with the command to convert it
     check_no_custom_code(folder)
     kw = {"dtype": dtype} if dtype is not None else {}
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, use_safetensors=True, **kw).to(device)
+    if not isinstance(ck, AdaptedCheckpoint):
+        return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, use_safetensors=True, **kw).to(device)
+    assert ck.base is not None and ck.adapter is not None  # MODEL+ADAPTER: the model, then the adapted tensors
+    model = AutoModelForCausalLM.from_pretrained(ck.base.path, trust_remote_code=False, use_safetensors=True, **kw)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in sorted(ck.adapter.targets()):
+            params[name].copy_(ck.get(name))
+    return model.to(device)
 
 
 def load_tokenizer(folder: str | Path) -> Any:

@@ -140,8 +140,9 @@ def _shard_files(folder: Path) -> list[str]:
     raise CheckpointError(f"{folder}: no *.safetensors files found (expected {SINGLE_FILE} or {INDEX_FILE})")
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a model folder: read config.json and the safetensors headers, no tensor data."""
+def open_folder(path: str | Path) -> Checkpoint:
+    """Open a model folder of safetensors: read config.json and the headers, no tensor data. Callers use
+    `checkpoints.open_checkpoint`, which also reads adapted folders (MODEL+ADAPTER)."""
     folder = Path(path).expanduser()
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such model folder")

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import torch
 from evomerge.checkpoints.io import write_shards
+from evomerge.checkpoints.refs import own_root
 from evomerge.errors import UserError
 
 TOKENIZER_FILES = (
@@ -57,7 +58,7 @@ def tokenizer_files(folder: Path) -> list[Path]:
     """The tokenizer files to copy from `folder`. A symbolic link is followed only when it stays inside the folder:
     one that points elsewhere (a `merges.txt` linked to a secret) is refused, before any work."""
     found = []
-    root = folder.resolve()
+    root = own_root(folder)  # a Hub snapshot's files link into its repo's blobs/
     for name in TOKENIZER_FILES:
         path = folder / name
         if path.is_symlink() and not path.exists():

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from evomerge.checkpoints import Checkpoint, check_compatible, open_checkpoint
+from evomerge.checkpoints.lora import AdaptedCheckpoint
 from evomerge.checkpoints.targets import checkpoint_targets
 from evomerge.merge.methods import METHODS, merge_task_vectors, merge_tensor
 from evomerge.merge.plan import MergePlan, TensorJob, TensorRef, plan_merge
@@ -70,6 +71,10 @@ class Materialiser:
         # tensors[anchor] and every other source as deltas[(label, name)]; `disk` keeps nothing.
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
         self.deltas: dict[tuple[str, str], torch.Tensor] = {}
+        # MODEL+ADAPTER sources whose MODEL is another resident source (native layout): label -> (that label,
+        # target -> (A, B, scale, transposed), tensors saved whole); their other tensors are MODEL's own.
+        self.lora: dict[str, tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]],
+                                   dict[str, torch.Tensor]]] = {}
         if sources == "disk":
             return
         home = self.device if sources == "device" else torch.device("cpu")
@@ -85,7 +90,17 @@ class Materialiser:
                         self.deltas[(label, n)] = self._keep(delta, home, pin, owned=True)
         else:
             for label, ck in self.checkpoints.items():
-                self.tensors[label] = {n: self._keep(ck.get(n), home, pin) for n in ck.names()}
+                if self._adapter_base(ck) is None:
+                    self.tensors[label] = {n: self._keep(ck.get(n), home, pin) for n in ck.names()}
+            for label, ck in self.checkpoints.items():
+                base_label = self._adapter_base(ck)
+                if base_label is not None:  # MODEL+ADAPTER over a resident model: its factors, not a dense copy
+                    assert isinstance(ck, AdaptedCheckpoint) and ck.adapter is not None
+                    lora = ck.adapter
+                    self.lora[label] = (base_label, {
+                        n: (self._keep(lora.tensor(f.a), home, pin), self._keep(lora.tensor(f.b), home, pin), f.scale,
+                            f.transpose) for n, f in lora.factors.items()},
+                        {n: self._keep(ck.get(n), home, pin) for n in lora.replaced})
 
     def _keep(self, tensor: torch.Tensor, home: torch.device, pin: bool, dtype: torch.dtype | None = None,
               owned: bool = False) -> torch.Tensor:
@@ -106,6 +121,28 @@ class Materialiser:
             out = torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device=home)
         return out.copy_(tensor)
 
+    def _adapter_base(self, ck: Checkpoint) -> str | None:
+        """For an adapted checkpoint whose model is another source of this worker (a plain folder), that
+        source's label; else None (then the checkpoint is kept as any other, dense)."""
+        if not isinstance(ck, AdaptedCheckpoint) or ck.base is None or self.placement == "disk":
+            return None
+        label = self._label_of.get(Path(ck.base.path).resolve())
+        return label if label is not None and not isinstance(self.checkpoints[label], AdaptedCheckpoint) else None
+
+    def _adapted(self, label: str, name: str) -> torch.Tensor:
+        """An adapted source's tensor, made now from its model's resident tensor and the adapter's resident factors
+        (the same operations as `AdaptedCheckpoint.get`, so the same numbers as reading the adapted folder)."""
+        base_label, factors, whole = self.lora[label]
+        if name in whole:
+            tensor = whole[name]
+        else:
+            tensor = self.tensors[base_label][name]
+        if name in factors:
+            a, b, scale, transpose = factors[name]
+            delta = (b.float() @ a.float()) * scale
+            tensor = (tensor.float() + (delta.T if transpose else delta)).to(tensor.dtype)
+        return tensor
+
     @property
     def config(self) -> dict:
         return self.checkpoints[self.anchor].config
@@ -114,6 +151,8 @@ class Materialiser:
     def resident_bytes(self) -> int:
         """Bytes of the sources kept resident (0 for `disk`), rank caches excluded."""
         tensors = [t for d in self.tensors.values() for t in d.values()] + list(self.deltas.values())
+        tensors += [t for _, factors, _ in self.lora.values() for a, b, _, _ in factors.values() for t in (a, b)]
+        tensors += [t for _, _, whole in self.lora.values() for t in whole.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---------------------------------------------------------------- reading one tensor
@@ -122,7 +161,9 @@ class Materialiser:
         itself: never modify it)."""
         if self.placement == "disk":
             return self.checkpoints[label].get(name, self.device)
-        if label == self.anchor or self.sources_dtype == "native":
+        if label in self.lora:
+            tensor = self._adapted(label, name)
+        elif label == self.anchor or self.sources_dtype == "native":
             tensor = self.tensors[label][name]
         else:
             raise AssertionError("float32 sources keep task vectors; read them with _delta")

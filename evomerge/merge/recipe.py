@@ -14,7 +14,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from evomerge.config import DTYPES, Where, check_keys, path_candidates, resolve_path, suggest
+from evomerge.config import DTYPES, Where, check_keys, suggest
+from evomerge.checkpoints.io import CheckpointError
+from evomerge.checkpoints.refs import adapted_parts, reference_of, resolve_model_ref
 from evomerge.errors import UserError
 from evomerge.merge.methods import EVOMERGE_ONLY_PARAMS, METHODS, required_model_params, validate_params
 
@@ -114,7 +116,20 @@ class Recipe:
                         params.pop(key, None)
                     if not params:
                         holder.pop("parameters")
+            self._mergekit_names(data)
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+    def _mergekit_names(self, data: dict[str, Any]) -> None:
+        """Models as mergekit names them: an adapted folder (evomerge's stand-in for MODEL+ADAPTER) as MODEL+ADAPTER."""
+        def name(label: Any) -> Any:
+            folder = self.paths.get(label, Path(label)) if isinstance(label, str) else None
+            return reference_of(folder) if folder is not None and adapted_parts(folder) else label
+
+        for holder in [data, *data.get("slices", [])]:
+            if holder.get("base_model"):
+                holder["base_model"] = name(holder["base_model"])
+            for entry in holder.get("models", []) + holder.get("sources", []):
+                entry["model"] = name(entry["model"])
 
     def evomerge_only_params(self) -> list[str]:
         """The evomerge-only parameters this recipe sets to a non-default value (mergekit would not apply them)."""
@@ -179,19 +194,13 @@ def _check_setting(where: Where, field_path: str, setting: Setting) -> None:
 
 
 def resolve_model_folder(where: Where, field_path: str, label: str, base_dir: Path | None) -> Path:
-    """A model folder named in a recipe (see `config.resolve_path`); it must hold a config.json."""
+    """The model folder a recipe names (a folder, a Hub id[@revision], MODEL+ADAPTER: `checkpoints.refs`)."""
     if not isinstance(label, str) or not label:
-        raise where.error(field_path, "must be a model folder path")
-    found = resolve_path(label, base_dir, accept=lambda c: (c / "config.json").exists())
-    if (found / "config.json").exists():
-        return found.resolve()
-    candidates = path_candidates(label, base_dir)
-    tried = ", ".join(str(c) for c in candidates)
-    if "/" in label and not label.startswith((".", "/", "~")) and not any(c.exists() for c in candidates):
-        hint = " Hub ids are not downloaded; download the model and give its local folder."
-    else:
-        hint = ""
-    raise where.error(field_path, f"no model folder with a config.json at '{label}' (looked in {tried}).{hint}")
+        raise where.error(field_path, "must be a model folder path, a Hub id or MODEL+ADAPTER")
+    try:
+        return resolve_model_ref(label, base_dir)
+    except CheckpointError as e:
+        raise where.error(field_path, str(e)) from None
 
 
 def _parse_params(where: Where, field_path: str, raw: Any, allowed: tuple[str, ...]) -> dict[str, Setting]:

@@ -246,18 +246,24 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
         raise where.error("models", "give `base: FOLDER` and `sources: {name: FOLDER, ...}` (at least one source)")
     check_keys(raw, ("base", "base_name", "sources"), where, "models.")
     base = str(raw.get("base_name", "base"))
-    models: dict[str, Path] = {base: resolve_path(raw["base"], base_dir)}
+    from evomerge.checkpoints import CheckpointError, IncompatibleModelsError, check_compatible, open_checkpoint
+    from evomerge.checkpoints.refs import resolve_model_ref
+
+    def model(field_path: str, value: Any) -> Path:
+        """A folder, Hub id[@revision] or MODEL+ADAPTER (checkpoints.refs); stored resolved (a Hub snapshot's path
+        names its commit), so a resumed job reads the same files."""
+        if not check_paths:
+            return resolve_path(value, base_dir)
+        try:
+            return resolve_model_ref(value, base_dir)
+        except CheckpointError as e:
+            raise where.error(field_path, f"{e}; relative paths resolve against the job file's folder") from None
+
+    models: dict[str, Path] = {base: model("models.base", raw["base"])}
     for k, v in raw["sources"].items():
         if str(k) in models:
             raise where.error(f"models.sources.{k}", f"the name '{k}' is taken (the base is '{base}'); rename it")
-        models[str(k)] = resolve_path(v, base_dir)
-    for label, folder in models.items() if check_paths else ():
-        field_path = "models.base" if label == base else f"models.sources.{label}"
-        if not (folder / "config.json").is_file():
-            raise where.error(field_path, f"no model folder with a config.json at {folder}. Give a local model folder "
-                              "(Hub ids are not downloaded); relative paths resolve against the job file's folder")
-    from evomerge.checkpoints import CheckpointError, IncompatibleModelsError, check_compatible, open_checkpoint
-
+        models[str(k)] = model(f"models.sources.{k}", v)
     try:
         if check_paths:
             check_compatible({k: open_checkpoint(v) for k, v in models.items()})

@@ -49,9 +49,12 @@ def _score_and_print(args: argparse.Namespace) -> int:
     from evomerge.fitness.evaluator import Evaluator
     from evomerge.fitness.objectives import CandidateFailed, load_objectives
 
+    from evomerge.checkpoints.refs import resolve_model_ref
+
+    folder = resolve_model_ref(args.model)  # a folder, a Hub id[@revision] or MODEL+ADAPTER, before any work
     objectives = load_objectives(args.objectives, split=args.split)
     start = time.perf_counter()
-    evaluator = Evaluator(objectives, Path(args.model), backend=args.backend, batch_size=args.batch_size)
+    evaluator = Evaluator(objectives, folder, backend=args.backend, batch_size=args.batch_size)
     try:
         result = evaluator.evaluate()
     except CandidateFailed as e:
@@ -262,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         "task YAMLs in the file's `include` folders) with a metric and a direction, and built-ins "
         "(perplexity, params, layers, latency). Prints one value per objective; --json adds per-item results.",
     )
-    e.add_argument("model", help="model folder (Hugging Face format)")
+    e.add_argument("model", help="a model folder (Hugging Face format, safetensors), a Hub id (org/name, "
+                   "org/name@revision: from the Hugging Face cache, downloaded when allowed) or MODEL+ADAPTER "
+                   "(a peft LoRA adapter applied to MODEL)")
     e.add_argument("--objectives", required=True, help="objectives YAML (see fitness/objectives.yaml)")
     e.add_argument("--split", default=None, help="split to score for every task objective (default: the file's, normally 'fitness'; 'test' for reports)")
     e.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"], help="auto: vLLM on a GPU machine where installed, else transformers")
