@@ -52,7 +52,8 @@ def check_compatible(models: Mapping[str, Checkpoint], same_layer_count: bool = 
         if arch.hidden_size != ref_arch.hidden_size:
             problems.append(f"{who}: hidden size {arch.hidden_size} != {ref_arch.hidden_size} (config.json)")
         if arch.vocab_size != ref_arch.vocab_size:
-            problems.append(f"{who}: vocab_size {arch.vocab_size} != {ref_arch.vocab_size} (config.json)")
+            problems.append(f"{who}: vocab_size {arch.vocab_size} != {ref_arch.vocab_size} (config.json; a recipe merges "
+                            "different vocabularies with `tokenizer_source: union` or a `tokenizer:` block)")
         if same_layer_count and arch.num_layers != ref_arch.num_layers:
             problems.append(
                 f"{who}: {arch.num_layers} layers != {ref_arch.num_layers} "

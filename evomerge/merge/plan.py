@@ -24,6 +24,7 @@ from evomerge.checkpoints.arch import Architecture, rename_layer, set_layer_coun
 from evomerge.merge.methods import METHODS, required_model_params
 from evomerge.merge.recipe import Recipe, RecipeError, Slice, ModelEntry
 from evomerge.merge.settings import NON_LAYER_POSITION, layer_position, resolve_setting
+from evomerge.merge.vocab import align
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,10 @@ def plan_merge(recipe: Recipe, checkpoints: Mapping[str, Checkpoint] | None = No
     slices = _normalised_slices(recipe, cks)
     where = recipe.source_file or "<recipe>"
 
+    ref_label = recipe.base_model or slices[0].sources[0].model
+    alignment = align(recipe, cks, ref_label) if recipe.tokenizer is not None or recipe.chat_template else None
+    if alignment is not None:  # vocabularies moved into the output tokenizer's order (merge/vocab.py)
+        cks = alignment.checkpoints
     if check:
         check_compatible(cks, same_layer_count=recipe.slices is None)
     for i, sl in enumerate(slices):
@@ -144,7 +149,6 @@ def plan_merge(recipe: Recipe, checkpoints: Mapping[str, Checkpoint] | None = No
             raise RecipeError(f"{where}: slerp merges exactly two models (the base and one other), got {len(sl.sources)}")
 
     resolver = ParameterResolver(recipe)
-    ref_label = recipe.base_model or slices[0].sources[0].model
     ref = cks[ref_label]
     jobs: list[TensorJob] = []
 
@@ -189,10 +193,10 @@ def plan_merge(recipe: Recipe, checkpoints: Mapping[str, Checkpoint] | None = No
     out_dtype = recipe.out_dtype or recipe.dtype
     if out_dtype:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = out_dtype
-    if recipe.tokenizer_source in (None, "base"):
+    if alignment is not None:
+        tok = alignment.tokenizer_dir
+    elif recipe.tokenizer is None or recipe.tokenizer.source in ("base", "union"):  # union of equal vocabularies
         tok = recipe.paths[ref_label]
-    elif recipe.tokenizer_source == "union":
-        raise RecipeError(f"{where}: tokenizer_source: 'union' is not supported; models must share one tokenizer")
     else:
-        tok = recipe.paths[recipe.tokenizer_source]
+        tok = recipe.paths[recipe.tokenizer.source]
     return MergePlan(recipe, jobs, config, tok, out_layer, cks)

@@ -24,12 +24,10 @@ Setting = Any  # float | int | bool | str | list[float] | list[{"filter": str, "
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "seed", "name",
+    "tokenizer_source", "tokenizer", "chat_template", "seed", "name",
 )
 UNSUPPORTED_KEYS = {
     "modules": "multi-module merges are not supported; merge each module separately",
-    "tokenizer": "tokenizer surgery is not supported; models must share one tokenizer",
-    "chat_template": "chat templates are copied from the tokenizer source as they are",
 }
 
 
@@ -54,6 +52,47 @@ class Slice:
     base_model: str | None = None
 
 
+@dataclass(frozen=True)
+class TokenSource:
+    """Where one token's row comes from for models that lack it (`tokenizer.tokens.TOKEN`, mergekit's semantics):
+    a model's row for that token (`model`), zeros (`zero`), or a row of a model's own vocabulary (`model_token`:
+    `token` or `token_id`). `force`: for every model, also those that have the token."""
+
+    kind: str  # model | zero | model_token
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The output tokenizer (`union`, `base` or a model's) and per-token sources (merge/vocab.py)."""
+
+    source: str = "union"
+    tokens: Mapping[str, TokenSource] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source}
+        if self.tokens:
+            out["tokens"] = {t: _token_dict(ts) for t, ts in self.tokens.items()}
+        if self.pad_to_multiple_of:
+            out["pad_to_multiple_of"] = self.pad_to_multiple_of
+        return out
+
+
+def _token_dict(ts: TokenSource) -> dict[str, Any]:
+    if ts.kind == "model":
+        source: Any = ts.model
+    elif ts.kind == "zero":
+        source = {"kind": "zero"}
+    else:
+        source = {"kind": "model_token", "model": ts.model} | (
+            {"token": ts.token} if ts.token is not None else {"token_id": ts.token_id})
+    return {"source": source} | ({"force": True} if ts.force else {})
+
+
 @dataclass
 class Recipe:
     merge_method: str
@@ -63,7 +102,9 @@ class Recipe:
     parameters: Mapping[str, Setting] = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # as written; `tokenizer` holds what it means
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None  # Jinja text, or "auto": the template most of the models use
     seed: int = 0  # evomerge extension: seeds the random sparsifiers (DARE, DELLA)
     name: str | None = None
     paths: dict[str, Path] = field(default_factory=dict)  # model label -> resolved folder
@@ -101,6 +142,10 @@ class Recipe:
         for key in ("dtype", "out_dtype", "tokenizer_source"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
+        if self.tokenizer is not None and not self.tokenizer_source:
+            out["tokenizer"] = self.tokenizer.to_dict()
+        if self.chat_template:
+            out["chat_template"] = self.chat_template
         return out
 
     def to_yaml(self, mergekit_only: bool = False) -> str:
@@ -232,6 +277,60 @@ def _parse_source(where: Where, field_path: str, raw: Any, model_keys: tuple[str
     return ModelEntry(model=str(raw["model"]), parameters=params, layer_range=layer_range)
 
 
+def _parse_tokenizer(where: Where, data: Mapping[str, Any]) -> TokenizerSpec | None:
+    """`tokenizer_source: X` (mergekit's short form) or the `tokenizer:` block, as one TokenizerSpec."""
+    short, block = data.get("tokenizer_source"), data.get("tokenizer")
+    if short is not None and block is not None:
+        raise where.error("tokenizer", "give 'tokenizer_source' or the 'tokenizer' block, not both")
+    if short is not None:
+        if not isinstance(short, str) or not short:
+            raise where.error("tokenizer_source", "must be 'union', 'base' or a model of the recipe")
+        return TokenizerSpec(short)
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise where.error("tokenizer", "must be a mapping: {source: union | base | MODEL, tokens: {...}, "
+                          "pad_to_multiple_of: N}")
+    check_keys(block, ("source", "tokens", "pad_to_multiple_of"), where, "tokenizer.")
+    source = block.get("source", "union")
+    if not isinstance(source, str) or not source:
+        raise where.error("tokenizer.source", "must be 'union', 'base' or a model of the recipe")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise where.error("tokenizer.pad_to_multiple_of", f"must be a positive integer, got {pad!r}")
+    tokens: dict[str, TokenSource] = {}
+    raw_tokens = block.get("tokens") or {}
+    if not isinstance(raw_tokens, dict):
+        raise where.error("tokenizer.tokens", "must map each token to {source: ..., force: true|false}")
+    for token, cfg in raw_tokens.items():
+        here = f"tokenizer.tokens.{token}"
+        cfg = cfg or {}
+        if not isinstance(cfg, dict):
+            raise where.error(here, "must be {source: MODEL | {kind: zero} | {kind: model_token, ...}, force: bool}")
+        check_keys(cfg, ("source", "force"), where, f"{here}.")
+        force = cfg.get("force", False)
+        if not isinstance(force, bool):
+            raise where.error(f"{here}.force", f"must be true or false, got {force!r}")
+        src = cfg.get("source")
+        if isinstance(src, str) and src:
+            tokens[str(token)] = TokenSource("model", model=src, force=force)
+        elif isinstance(src, dict) and src.get("kind") == "zero":
+            check_keys(src, ("kind",), where, f"{here}.source.")
+            tokens[str(token)] = TokenSource("zero", force=force)
+        elif isinstance(src, dict) and src.get("kind") == "model_token":
+            check_keys(src, ("kind", "model", "token", "token_id"), where, f"{here}.source.")
+            if not isinstance(src.get("model"), str) or (src.get("token") is None) == (src.get("token_id") is None):
+                raise where.error(f"{here}.source", "model_token needs a 'model' and one of 'token' or 'token_id'")
+            if src.get("token_id") is not None and (not isinstance(src["token_id"], int) or src["token_id"] < 0):
+                raise where.error(f"{here}.source.token_id", f"must be a non-negative integer, got {src['token_id']!r}")
+            tokens[str(token)] = TokenSource("model_token", model=src["model"], token=src.get("token"),
+                                             token_id=src.get("token_id"), force=force)
+        else:
+            raise where.error(f"{here}.source", f"must be a model, {{kind: zero}} or {{kind: model_token, model, token}}, "
+                              f"got {src!r}")
+    return TokenizerSpec(source, tokens, pad)
+
+
 def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool = True) -> Recipe:
     """Validate a recipe mapping and return a Recipe. Raises RecipeError naming file and field."""
     where = recipe_where(source_file)
@@ -283,6 +382,10 @@ def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool =
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise where.error("seed", f"must be a non-negative integer, got {seed!r}")
 
+    tokenizer = _parse_tokenizer(where, data)
+    template = data.get("chat_template")
+    if template is not None and (not isinstance(template, str) or not template.strip()):
+        raise where.error("chat_template", "must be a Jinja chat template (text), or 'auto' (the models' most common)")
     recipe = Recipe(
         merge_method=method,
         base_model=data.get("base_model"),
@@ -292,6 +395,8 @@ def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool =
         dtype=data.get("dtype"),
         out_dtype=data.get("out_dtype"),
         tokenizer_source=data.get("tokenizer_source"),
+        tokenizer=tokenizer,
+        chat_template=template,
         seed=seed,
         name=data.get("name"),
         source_file=source_file,
@@ -299,6 +404,14 @@ def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool =
     if spec.needs_base and not recipe.base_model and not any(sl.base_model for sl in slices or ()):
         raise where.error("base_model", f"method '{method}' needs a base model (the common ancestor of the models)")
     _check_values(where, recipe)
+    labels = recipe.model_labels()
+    if tokenizer is not None:
+        named = [("tokenizer_source" if recipe.tokenizer_source else "tokenizer.source", tokenizer.source)]
+        named += [(f"tokenizer.tokens.{t}.source", ts.model) for t, ts in tokenizer.tokens.items() if ts.model]
+        for field_path, label in named:
+            if label not in labels and label not in ("union", "base"):
+                raise where.error(field_path, f"'{label}' is not one of the recipe's models ({', '.join(labels)}); "
+                                  "name it as the models list does, or use 'union' or 'base'")
     if check_paths:
         base_dir = source_file.parent if source_file else None
         for label, field_path in _label_fields(recipe):
