@@ -84,6 +84,7 @@ class Evaluator:
         open_checkpoint(self.model_dir)  # safetensors only, for every backend (vLLM would load a .bin too)
         check_no_custom_code(self.model_dir)
         self.suite = TaskSuite(objectives)
+        self._check_chat_template(objectives.source)
         self.objectives = self._resolve_directions(objectives)
         self.backend_name = backend
         self.batch_size = batch_size
@@ -106,6 +107,19 @@ class Evaluator:
                 args["max_model_len"] = max_length
             self.backend = VLLMBackend(self.model_dir, dtype=dtype, **args)
         self._texts: dict[str, TextDocs] = {}
+
+    def _check_chat_template(self, source: str) -> None:
+        """Objectives with `apply_chat_template` need a tokenizer that has one: said before any model is loaded (lm-eval
+        would fail on the first request, transformers with a message that names neither objective nor folder)."""
+        tasks = self.suite.chat_runs()
+        if not tasks:
+            return
+        from evomerge.checkpoints.hf import load_tokenizer
+
+        if not getattr(load_tokenizer(self.model_dir), "chat_template", None):
+            raise FitnessConfigError(f"{source}: apply_chat_template (task {', '.join(tasks)}): the tokenizer of "
+                                     f"{self.model_dir} has no chat template; give it one (`chat_template` in "
+                                     "tokenizer_config.json, or a chat_template.jinja file) or drop apply_chat_template")
 
     def _resolve_directions(self, objectives: ObjectiveSet) -> ObjectiveSet:
         found = self.suite.directions()
