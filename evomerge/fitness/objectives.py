@@ -19,6 +19,9 @@ An objectives file:
         anchors: 30         # IRT settings (see evomerge/search/irt_policy.py): anchors, anchor_method
                             # (irt | correct | random), seed_candidates, calibrate_every, calibrate_count,
                             # irt_estimator (auto | pirt | gpirt | merge3 | mix | anchor), anchor_seed
+      - name: score         # a weighted sum of task objectives (mergekit-evolve's score): sum of weight x value
+        sum: [{task: zoo_arith, weight: 0.7}, {task: zoo_cipher, weight: 0.3}]
+        direction: maximise # default: the terms' common direction
       - builtin: perplexity # built-ins: perplexity (on `file`), params, layers, latency
         file: data/text.txt
       - builtin: params
@@ -99,7 +102,7 @@ class CandidateFailed(CandidateError, RuntimeError):
 
 @dataclass(frozen=True)
 class Objective:
-    """One objective. `kind` is "task" (an lm-eval task) or a built-in name."""
+    """One objective. `kind` is "task" (an lm-eval task), "sum" (a weighted sum of task objectives) or a built-in."""
 
     name: str
     kind: str = "task"
@@ -127,6 +130,14 @@ class Objective:
     fewshot_as_multiturn: bool | None = None  # None: as apply_chat_template (lm-eval's default)
     system_instruction: str | None = None
     gen_kwargs: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs, lists as tuples: the dataclass hashes
+    terms: tuple[tuple[float, "Objective"], ...] = ()  # kind "sum": (weight, task objective) pairs
+
+    def task_parts(self) -> list["Objective"]:
+        """The task objectives scored for this one: itself (a task), its terms named `SUM/TERM` (a sum), none (a
+        built-in)."""
+        if self.kind == "task":
+            return [self]
+        return [replace(t, name=f"{self.name}/{t.name}") for _, t in self.terms]
 
     @property
     def generation_kwargs(self) -> dict[str, Any]:
@@ -161,6 +172,9 @@ class Objective:
         """The objective as an objectives file writes it (paths absolute); only fields that differ from their
         defaults, so `parse_objectives` reads back this very objective."""
         out: dict[str, Any] = {"name": self.name}
+        if self.kind == "sum":
+            out["sum"] = [{**t.to_dict(), "weight": w} for w, t in self.terms]
+            return out | ({"direction": self.direction} if self.direction else {})
         out |= {"task": self.task} if self.kind == "task" else {"builtin": self.kind}
         keep = _TASK_KEYS if self.kind == "task" else _BUILTIN_KEYS[self.kind]
         default = Objective(name=self.name, kind=self.kind)
@@ -188,8 +202,12 @@ class ObjectiveSet:
         """The same objectives scored on `split` (every task objective, explicit per-objective splits too)."""
         if split is None:
             return self
-        return replace(self, split=split, objectives=tuple(replace(o, split=None) if o.kind == "task" else o
-                                                          for o in self.objectives))
+        def unsplit(o: Objective) -> Objective:
+            if o.kind == "sum":
+                return replace(o, terms=tuple((w, replace(t, split=None)) for w, t in o.terms))
+            return replace(o, split=None) if o.kind == "task" else o
+
+        return replace(self, split=split, objectives=tuple(unsplit(o) for o in self.objectives))
 
     def split_of(self, obj: Objective) -> str:
         return obj.split or self.split
@@ -246,8 +264,11 @@ def parse_objectives(data: Any, source: str = "<dict>", base_dir: str | Path = "
 def _parse_one(raw: Any, where: str, base_dir: Path, check_paths: bool = True) -> Objective:
     if not isinstance(raw, dict):
         raise FitnessConfigError(f"{where}: expected a mapping such as {{task: zoo_mix, metric: exact_match}}")
-    if ("task" in raw) == ("builtin" in raw):
-        raise FitnessConfigError(f"{where}: give exactly one of 'task' (an lm-eval task) or 'builtin' ({', '.join(BUILTINS)})")
+    if sum(k in raw for k in ("task", "builtin", "sum")) != 1:
+        raise FitnessConfigError(f"{where}: give exactly one of 'task' (an lm-eval task), 'sum' (a weighted sum of "
+                                 f"tasks) or 'builtin' ({', '.join(BUILTINS)})")
+    if "sum" in raw:
+        return _parse_sum(raw, where, base_dir, check_paths)
     direction = raw.get("direction")
     if direction is not None:
         if str(direction).lower() not in _DIRECTIONS:
@@ -290,6 +311,36 @@ def _parse_one(raw: Any, where: str, base_dir: Path, check_paths: bool = True) -
         if "prompt" in raw:
             kw["prompt"] = str(raw["prompt"])
     return Objective(name=str(raw.get("name") or kind), kind=kind, direction=direction or _BUILTIN_DIRECTION[kind], **kw)
+
+
+def _parse_sum(raw: dict, where: str, base_dir: Path, check_paths: bool) -> Objective:
+    """A weighted sum of task objectives: one number to optimise from several tasks (mergekit-evolve's score).
+    Its terms are task objectives scored in full (IRT estimates one task's items, not a sum)."""
+    _check_keys(raw, {"name", "sum", "direction"}, where)
+    items = raw["sum"]
+    if not isinstance(items, list) or not items:
+        raise FitnessConfigError(f"{where}.sum: expected a list of task objectives with weights, such as "
+                                 "[{task: zoo_arith, weight: 0.5}, {task: zoo_cipher, weight: 0.5}]")
+    terms: list[tuple[float, Objective]] = []
+    for i, item in enumerate(items):
+        here = f"{where}.sum[{i}]"
+        if not isinstance(item, dict) or "task" not in item:
+            raise FitnessConfigError(f"{here}: a term is a task objective with a weight, such as {{task: zoo_arith, weight: 0.5}}")
+        weight = item.get("weight", 1.0)
+        if not _is_num(weight, float("-inf")) or weight != weight:
+            raise FitnessConfigError(f"{here}.weight: expected a number, got {weight!r}")
+        if item.get("estimator", "full") != "full":
+            raise FitnessConfigError(f"{here}.estimator: a sum's terms are scored in full; remove estimator")
+        term = _parse_one({k: v for k, v in item.items() if k != "weight"}, here, base_dir, check_paths)
+        if any(t.name == term.name for _, t in terms):
+            raise FitnessConfigError(f"{here}: duplicate term name '{term.name}': give it a distinct 'name:'")
+        terms.append((float(weight), term))
+    direction = raw.get("direction")
+    if direction is not None:
+        if str(direction).lower() not in _DIRECTIONS:
+            raise FitnessConfigError(f"{where}.direction: '{direction}' is not maximise or minimise")
+        direction = _DIRECTIONS[str(direction).lower()]
+    return Objective(name=str(raw.get("name") or "sum"), kind="sum", direction=direction, terms=tuple(terms))
 
 
 def _parse_irt(raw: dict, where: str, limit: int | None) -> dict[str, Any]:

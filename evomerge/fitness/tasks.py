@@ -366,7 +366,7 @@ class TaskSuite:
     def __init__(self, objectives: ObjectiveSet):
         self.objectives = objectives
         self.source = objectives.source
-        task_objs = [o for o in objectives.objectives if o.kind == "task"]
+        task_objs = [p for o in objectives.objectives for p in o.task_parts()]  # a sum's terms as `SUM/TERM`
         self.runs: dict[tuple, TaskRun] = {}  # (task, split, prompt options)
         self.refs: dict[str, MetricRef] = {}
         self.key_of: dict[str, tuple] = {}
