@@ -84,6 +84,7 @@ class Evaluator:
         open_checkpoint(self.model_dir)  # safetensors only, for every backend (vLLM would load a .bin too)
         check_no_custom_code(self.model_dir)
         self.suite = TaskSuite(objectives)
+        self._check_chat_template(objectives.source)
         self.objectives = self._resolve_directions(objectives)
         self.backend_name = backend
         self.batch_size = batch_size
@@ -107,10 +108,32 @@ class Evaluator:
             self.backend = VLLMBackend(self.model_dir, dtype=dtype, **args)
         self._texts: dict[str, TextDocs] = {}
 
+    def _check_chat_template(self, source: str) -> None:
+        """Objectives with `apply_chat_template` need a tokenizer that has one: said before any model is loaded (lm-eval
+        would fail on the first request, transformers with a message that names neither objective nor folder)."""
+        tasks = self.suite.chat_runs()
+        if not tasks:
+            return
+        from evomerge.checkpoints.hf import load_tokenizer
+
+        if not getattr(load_tokenizer(self.model_dir), "chat_template", None):
+            raise FitnessConfigError(f"{source}: apply_chat_template (task {', '.join(tasks)}): the tokenizer of "
+                                     f"{self.model_dir} has no chat template; give it one (`chat_template` in "
+                                     "tokenizer_config.json, or a chat_template.jinja file) or drop apply_chat_template")
+
     def _resolve_directions(self, objectives: ObjectiveSet) -> ObjectiveSet:
         found = self.suite.directions()
         objs = []
         for o in objectives.objectives:
+            if o.kind == "sum":
+                terms = tuple((w, t if t.direction else replace(t, direction=found.get(f"{o.name}/{t.name}")))
+                              for w, t in o.terms)
+                dirs = {t.direction for _, t in terms}
+                if o.direction is None and (len(dirs) != 1 or None in dirs):
+                    raise FitnessConfigError(f"{objectives.source}: objective '{o.name}': its terms do not share one "
+                                             "direction; add `direction: maximise` or `minimise` to the sum")
+                objs.append(replace(o, terms=terms, direction=o.direction or dirs.pop()))
+                continue
             if o.direction is None:
                 d = found.get(o.name)
                 if d is None:
@@ -136,12 +159,16 @@ class Evaluator:
         objs = self._select(objectives)
         values: dict[str, float] = {}
         per_item: dict[str, dict[str, float]] = {}
-        task_objs = [o for o in objs if o.kind == "task"]
+        task_objs = [p for o in objs for p in o.task_parts()]
         if task_objs:
             for name, (value, its) in self.suite.run(backend.lm, task_objs, items).items():
                 values[name], per_item[name] = value, its
         for o in objs:
-            if o.kind == "perplexity":
+            if o.kind == "sum":  # the terms' values weighted; items as TERM:ID
+                parts = [(w, f"{o.name}/{t.name}", t.name) for w, t in o.terms]
+                values[o.name] = sum(w * values.pop(n) for w, n, _ in parts)
+                per_item[o.name] = {f"{t}:{i}": v for _, n, t in parts for i, v in per_item.pop(n).items()}
+            elif o.kind == "perplexity":
                 docs = self._texts.setdefault(o.file, TextDocs(o.file, o.limit))
                 values[o.name], per_item[o.name] = perplexity(backend.lm, docs)
             elif o.kind == "params":

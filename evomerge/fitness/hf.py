@@ -20,11 +20,13 @@ from evomerge.fitness.objectives import CandidateFailed
 
 
 def _quiet_generation_config(module: nn.Module) -> None:
-    """lm-eval passes max_length and max_new_tokens together: transformers warns on every batch (the warning
-    itself is silenced by `evomerge.compat.quiet`)."""
+    """lm-eval bounds a generation by `max_length` (the context plus the task's max_gen_toks): a checkpoint's own
+    `max_new_tokens` would take precedence over it in transformers, and an objective's `gen_kwargs: {max_gen_toks}`
+    would be ignored; and both given at once, transformers warns on every batch."""
     gc = getattr(module, "generation_config", None)
     if gc is not None:
         gc.max_length = None
+        gc.max_new_tokens = None
 
 
 def memoise_tok_encode(lm, max_entries: int = 1_000_000) -> None:

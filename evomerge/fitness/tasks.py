@@ -107,8 +107,12 @@ def _absolute_data_files(cfg: dict, yaml_path: Path | None) -> None:
     cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_files": new}
 
 
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
+
+
 def load_task(loader: TaskLoader, obj: Objective, split: str) -> "Task":
-    """Build the lm-eval task of `obj` scoring `split`, with clear errors for a missing split."""
+    """Build the lm-eval task of `obj` scoring `split`, its prompt options applied (as lm-eval's `simple_evaluate`
+    applies its arguments), with clear errors for a missing split or a dataset that is not here."""
     from lm_eval.api.task import ConfigurableTask
 
     cfg, yaml_path = loader.config(obj)
@@ -128,14 +132,78 @@ def load_task(loader: TaskLoader, obj: Objective, split: str) -> "Task":
     for key in ("validation_split", "training_split"):
         if cfg.get(key) == split:
             cfg[key] = None
+    _apply_prompt_options(cfg, obj, split, where)
     try:
         task = ConfigurableTask(config=cfg)
+    except ConnectionError as e:
+        raise FitnessConfigError(_dataset_missing(cfg, where, e)) from None
     except (ValueError, KeyError) as e:
         raise FitnessConfigError(f"{where}: cannot load split '{split}' of task '{cfg['task']}': {e}") from None
     if getattr(task, "dataset", None) is not None and hasattr(task.dataset, "keys") and split not in task.dataset:
         raise FitnessConfigError(f"{where}.split: task '{cfg['task']}' has no split '{split}' "
                                  f"(it has: {', '.join(task.dataset.keys())}); set `split:` to one of those")
+    fewshot = cfg.get("fewshot_split") or (cfg.get("fewshot_config") or {}).get("split")
+    if (cfg.get("num_fewshot") or 0) > 0 and fewshot and fewshot not in task.dataset:
+        raise FitnessConfigError(f"{where}.num_fewshot: task '{cfg['task']}' takes its examples from split '{fewshot}', "
+                                 f"which it does not have (it has: {', '.join(task.dataset.keys())})")
+    task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    _seed_fewshot_per_doc(task)
     return task
+
+
+def _apply_prompt_options(cfg: dict, obj: Objective, split: str, where: str) -> None:
+    """The objective's num_fewshot and gen_kwargs written into the task config.
+
+    An objective names one task, so its num_fewshot applies even where the task's YAML says 0 (lm-eval's global
+    `--num_fewshot` skips those tasks, as it cannot tell which tasks the user meant). A task without a split of its
+    own for examples takes them from the scored split: named as the few-shot split here, so that lm-eval leaves
+    each item out of its own examples (its fallback to the test docs would not)."""
+    if obj.num_fewshot is not None:
+        cfg["num_fewshot"] = obj.num_fewshot
+    elif cfg.get("num_fewshot") is None:
+        cfg["num_fewshot"] = 0
+    if cfg["num_fewshot"] > 0 and not (cfg.get("fewshot_split") or (cfg.get("fewshot_config") or {}).get("samples")):
+        if not (cfg.get("training_split") or cfg.get("validation_split")):
+            cfg["fewshot_split"] = split
+    if obj.gen_kwargs:
+        if cfg.get("output_type", "generate_until") != "generate_until":
+            raise FitnessConfigError(f"{where}.gen_kwargs: task '{cfg['task']}' is a {cfg['output_type']} task (it scores "
+                                     "log-likelihoods, it generates nothing); remove gen_kwargs")
+        cfg["generation_kwargs"] = {**(cfg.get("generation_kwargs") or {}), **obj.generation_kwargs}
+
+
+def _dataset_missing(cfg: dict, where: str, error: Exception) -> str:
+    """The message for a task whose Hub dataset is neither cached nor reachable: which dataset, where the cache is,
+    and the command that fetches it."""
+    import datasets
+
+    path, name = cfg.get("dataset_path"), cfg.get("dataset_name")
+    offline = bool(getattr(datasets.config, "HF_HUB_OFFLINE", False))
+    args = f"'{path}'" + (f", '{name}'" if name else "")
+    why = ("offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)" if offline else f"the Hub is unreachable ({error})")
+    return (f"{where}: task '{cfg['task']}' needs the dataset {path}" + (f" (config {name})" if name else "")
+            + f", which is not in the Hugging Face datasets cache ({datasets.config.HF_DATASETS_CACHE}) and {why}. "
+            f"Fetch it once with internet and the same HF_HOME: python -c \"import datasets; datasets.load_dataset({args})\"")
+
+
+def _seed_fewshot_per_doc(task: "Task") -> None:
+    """Each document's few-shot examples drawn from a generator seeded by the document itself, not by its place in
+    the build: an item keeps its prompt whether all items, the first `limit` or an IRT anchor subset are built."""
+    import hashlib
+    import json
+
+    if (task.config.num_fewshot or 0) <= 0 or not hasattr(task, "sampler"):
+        return
+
+    def make(inner):
+        def fewshot_context(doc, *args, **kw):
+            text = json.dumps(doc, sort_keys=True, default=str)
+            task.sampler.set_rnd(FEWSHOT_SEED ^ int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big"))
+            return inner(doc, *args, **kw)
+
+        return fewshot_context
+
+    lm_eval_compat.wrap_method(task, "fewshot_context", make)
 
 
 def item_id(doc: Any, index: int) -> str:
@@ -179,9 +247,12 @@ class MetricRef:
 class TaskRun:
     """One task on one split: documents, ids, metrics and built requests, reused for every candidate."""
 
-    def __init__(self, task: "Task", name: str):
+    def __init__(self, task: "Task", name: str, obj: Objective | None = None):
         self.task = task
         self.name = name
+        self.system_instruction = obj.system_instruction if obj else None
+        self.chat = bool(obj and obj.apply_chat_template)
+        self.multiturn = bool(obj and obj.multiturn)
         self.docs: list = list(task.eval_docs)
         self.ids = [item_id(d, i) for i, d in enumerate(self.docs)]
         index: dict[str, int] = {}
@@ -227,14 +298,20 @@ class TaskRun:
         n = len(self.docs) if limit is None else min(limit, len(self.docs))
         return tuple(range(n))
 
-    def requests(self, indices: tuple[int, ...]) -> list:
-        """The task's Instances for these documents, built on first use and reused (responses cleared)."""
+    def requests(self, indices: tuple[int, ...], lm: "LM | None" = None) -> list:
+        """The task's Instances for these documents, built on first use and reused (responses cleared). With
+        `apply_chat_template`, prompts are rendered by `lm`'s tokenizer (one tokenizer per worker: kept as built)."""
         if indices != self._built_for:
             full = indices == tuple(range(len(indices)))
+            if self.chat and lm is None:
+                raise FitnessConfigError(f"task '{self.name}': the chat template needs the model's tokenizer (pass `lm`)")
+            opts = dict(system_instruction=self.system_instruction, apply_chat_template=self.chat,
+                        fewshot_as_multiturn=self.multiturn,
+                        chat_template=lm.apply_chat_template if self.chat else None)
             if full:
-                self.task.build_all_requests(limit=len(indices))
+                self.task.build_all_requests(limit=len(indices), **opts)
             else:
-                self.task.build_all_requests(samples=list(indices))
+                self.task.build_all_requests(samples=list(indices), **opts)
             by_doc: dict[int, list] = defaultdict(list)
             for inst in self.task.instances:
                 # with `samples`, lm-eval numbers documents by position in the (sorted) subset
@@ -289,19 +366,19 @@ class TaskSuite:
     def __init__(self, objectives: ObjectiveSet):
         self.objectives = objectives
         self.source = objectives.source
-        task_objs = [o for o in objectives.objectives if o.kind == "task"]
-        self.runs: dict[tuple[str, str], TaskRun] = {}
+        task_objs = [p for o in objectives.objectives for p in o.task_parts()]  # a sum's terms as `SUM/TERM`
+        self.runs: dict[tuple, TaskRun] = {}  # (task, split, prompt options)
         self.refs: dict[str, MetricRef] = {}
-        self.key_of: dict[str, tuple[str, str]] = {}
+        self.key_of: dict[str, tuple] = {}
         if not task_objs:
             return
         loader = TaskLoader(objectives.include, objectives.source)
         for obj in task_objs:
             split = objectives.split_of(obj)
-            key = (obj.task, split)
+            key = (obj.task, split, obj.prompt_key)  # other prompt options: other requests
             if key not in self.runs:
                 task = load_task(loader, obj, split)
-                self.runs[key] = TaskRun(task, task.config.task)
+                self.runs[key] = TaskRun(task, task.config.task, obj)
             self.key_of[obj.name] = key
             self.refs[obj.name] = self.runs[key].resolve_metric(obj, self.source)
 
@@ -312,14 +389,14 @@ class TaskSuite:
         return {n: (None if r.higher_is_better is None else ("maximise" if r.higher_is_better else "minimise"))
                 for n, r in self.refs.items()}
 
-    def plan(self, objs: list[Objective], items: Mapping[str, Iterable[str]] | None) -> dict[tuple[str, str], tuple[int, ...]]:
+    def plan(self, objs: list[Objective], items: Mapping[str, Iterable[str]] | None) -> dict[tuple, tuple[int, ...]]:
         """Document indices per task run. `items` maps task name (or objective name) to item ids."""
         items = dict(items or {})
         known = {self.task_name(o.name) for o in objs} | {o.name for o in objs}
         unknown = set(items) - known
         if unknown:
             raise FitnessConfigError(f"items: no task objective named {sorted(unknown)} (known: {', '.join(sorted(known))})")
-        out: dict[tuple[str, str], tuple[int, ...]] = {}
+        out: dict[tuple, tuple[int, ...]] = {}
         for o in objs:
             key, run = self.key_of[o.name], self.runs[self.key_of[o.name]]
             subset = items.get(o.name, items.get(run.name))
@@ -327,13 +404,23 @@ class TaskSuite:
             out[key] = tuple(sorted(set(out.get(key, ())) | set(idx)))  # objectives sharing a task: union
         return out
 
-    def run(self, lm: "LM", objs: list[Objective], items: Mapping[str, Iterable[str]] | None = None
-            ) -> dict[str, tuple[float, dict[str, float]]]:
+    def build(self, lm: "LM", objs: list[Objective], items: Mapping[str, Iterable[str]] | None = None
+              ) -> tuple[dict, dict[str, list]]:
+        """The plan and the requests the model is sent, by request type (built once, responses cleared)."""
         plan = self.plan(objs, items)
         by_type: dict[str, list] = defaultdict(list)
         for key, idx in plan.items():
-            for inst in self.runs[key].requests(idx):
+            for inst in self.runs[key].requests(idx, lm):
                 by_type[inst.request_type].append(inst)
+        return plan, dict(by_type)
+
+    def chat_runs(self) -> list[str]:
+        """Names of the tasks whose prompts go through the model's chat template."""
+        return sorted({run.name for run in self.runs.values() if run.chat})
+
+    def run(self, lm: "LM", objs: list[Objective], items: Mapping[str, Iterable[str]] | None = None
+            ) -> dict[str, tuple[float, dict[str, float]]]:
+        plan, by_type = self.build(lm, objs, items)
         run_requests(lm, by_type)
         out: dict[str, tuple[float, dict[str, float]]] = {}
         for key, idx in plan.items():

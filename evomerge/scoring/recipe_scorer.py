@@ -114,12 +114,15 @@ def default_scorer(spec: Any, split: str | None = None) -> RecipeScorer:
 
 def vllm_engine_args(rt: Any) -> dict[str, Any]:
     """vLLM's engine arguments from the runtime spec: its memory budget on each GPU (the plan's `engine_memory`,
-    as the fraction vLLM takes), the context it must hold, and tensor parallelism over `gpus` GPUs."""
+    as the fraction vLLM takes), the context it must hold, tensor parallelism over `gpus` GPUs, and
+    `enforce_eager` when the spec sets it."""
     import torch
 
     args: dict[str, Any] = {}
     if rt.max_length:
         args["max_model_len"] = int(rt.max_length)
+    if getattr(rt, "enforce_eager", None) is not None:  # a spec stored before the field existed has none
+        args["enforce_eager"] = bool(rt.enforce_eager)
     if rt.device.startswith("cuda") and torch.cuda.is_available():
         if rt.engine_memory:
             total = torch.cuda.mem_get_info()[1]

@@ -39,6 +39,10 @@
       gpu_memory: null               # GiB per GPU the plan may fill; null: what the GPU here reports
       host_memory: null              # GiB of host memory; null: what this machine has available
       engine_memory: null            # GiB per GPU the scoring engine may take (vLLM's budget); null: the plan's
+                                     # (vLLM's gpu_memory_utilization = engine_memory / the GPU's total memory;
+                                     # vLLM's max_model_len is max_length)
+      enforce_eager: null            # vLLM: true skips CUDA graph capture (faster start, slower steps); null:
+                                     # vLLM's default on a GPU, eager on the CPU build
       scorer: null                   # "package.module:factory": a custom scorer (plug-ins, tests); was `evaluator`
       scorer_options: {}             # handed to that factory (spec.runtime.scorer_options); was `evaluator_options`
     store: ../../out/zoo-mix/store.sqlite
@@ -70,7 +74,12 @@ DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_fail
 DRIVER_MODES = ("generational", "steady")
 RUNTIME_KEYS = ("kind", "workers", "threads", "gpus", "max_retries", "device", "backend", "batch_size", "scorer",
                 "scorer_options", "candidate_timeout", "max_length", "dtype", "sources", "sources_dtype", "rank_cache",
-                "gpu_memory", "host_memory", "engine_memory")
+                "gpu_memory", "host_memory", "engine_memory", "enforce_eager")
+# vLLM's names for ideas the runtime already names: refused with the runtime's name and how the two relate
+VLLM_NAMES = {"max_model_len": "runtime.max_length: tokens per sequence, passed to vLLM as max_model_len",
+              "gpu_memory_utilization": "runtime.engine_memory: GiB per GPU the engine may take (vLLM's "
+                                        "gpu_memory_utilization is engine_memory / the GPU's total memory)",
+              "tensor_parallel_size": "runtime.gpus: GPUs per worker (vLLM's tensor_parallel_size when more than 1)"}
 RENAMED_RUNTIME_KEYS = {"evaluator": "scorer", "evaluator_options": "scorer_options"}  # old name -> new name
 RUNTIME_KINDS = ("auto", "local", "ray")
 
@@ -144,6 +153,7 @@ class RuntimeSpec:
     gpu_memory: float | None = None  # GiB per GPU; None: what the GPU reports
     host_memory: float | None = None  # GiB; None: what this machine has available
     engine_memory: float | None = None  # GiB per GPU the scoring engine may take (set by the plan, for vLLM)
+    enforce_eager: bool | None = None  # vLLM's enforce_eager; None: vLLM's default
 
 
 @dataclass
@@ -289,7 +299,12 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     if not isinstance(rt, dict):
         raise where.error("runtime", "must be a mapping (workers, threads, device, backend, batch_size, scorer)")
     rt = renamed_keys(rt, RENAMED_RUNTIME_KEYS, where, "runtime.")
+    for key, ours in VLLM_NAMES.items():
+        if key in rt:
+            raise where.error(f"runtime.{key}", f"vLLM's name; evomerge's is {ours}")
     check_keys(rt, RUNTIME_KEYS, where, "runtime.")
+    if rt.get("enforce_eager") not in (None, True, False):
+        raise where.error("runtime.enforce_eager", f"must be true, false or null (vLLM's default), got {rt['enforce_eager']!r}")
     kind = str(rt.get("kind", "auto"))
     if kind not in RUNTIME_KINDS:
         raise where.error("runtime.kind", f"must be auto, local or ray, got {kind!r}")
@@ -311,7 +326,7 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
         candidate_timeout=None if rt.get("candidate_timeout") is None else float_field(
             where, "runtime.candidate_timeout", rt["candidate_timeout"], low=1e-3))
     mem = _memory_fields(rt, where)
-    runtime = replace(runtime, **mem)
+    runtime = replace(runtime, **mem, enforce_eager=rt.get("enforce_eager"))
     if runtime.backend not in ("hf", "vllm", "auto"):
         raise where.error("runtime.backend", f"must be hf, vllm or auto, got {runtime.backend!r}")
     if check_paths and runtime.backend == "vllm" and runtime.kind == "local" and importlib.util.find_spec("vllm") is None:

@@ -110,6 +110,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_evolve(args: argparse.Namespace) -> int:
+    from evomerge.search.evolve_import import convert_evolve, write_job
+
+    out = Path(args.output)
+    imported = convert_evolve(args.config, pareto=args.pareto, name=args.name, store=args.store, include=args.include,
+                              split=args.split, report_split=args.report_split, budget=args.budget,
+                              population=args.population, output_dir=out.resolve().parent)
+    write_job(imported, out, args.config, force=args.force)
+    for note in imported.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {out}: run it with `evomerge run {out}`")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
     from dataclasses import replace
@@ -286,6 +300,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job spec YAML (example: search_spaces/jobs/zoo_mix.yaml)")
     r.add_argument("--address", default=None, help=ADDRESS_HELP)
     r.set_defaults(func=cmd_run)
+
+    ie = sub.add_parser(
+        "import-evolve",
+        help="turn a mergekit-evolve config into an evomerge job spec",
+        description="Turn a mergekit-evolve config (genome: models, merge_method, base_model, layer_granularity, "
+        "normalize, allow_negative_weights, smooth, filters; tasks with weight and metric) into the equivalent job "
+        "spec: a parameter-space search with one layer group per layer_granularity layers, the filters as modules "
+        "(plus '*' for the other tensors), the method and its normalize, weights in [0, 1] (or [-1, 1] with "
+        "allow_negative_weights). The weighted task sum becomes one `sum` objective searched with cmaes, as "
+        "mergekit-evolve does; --pareto makes each task its own objective, searched with nsga2. Every difference "
+        "is printed as a note and kept as a comment in the job file (smooth, bf16 merging, unbounded genes, ...); "
+        "unknown keys, a missing model or a method not searched here (slerp) are refused. The job is checked as "
+        "`evomerge run` checks it before it is written. Example: evomerge import-evolve evolve.yml -o job.yaml "
+        "--include fitness/ && evomerge run job.yaml",
+    )
+    ie.add_argument("config", help="the mergekit-evolve YAML (model paths resolve against its folder, then the working directory)")
+    ie.add_argument("-o", "--output", required=True, help="the job spec YAML to write")
+    ie.add_argument("--pareto", action="store_true", help="one objective per task (nsga2) instead of their weighted sum (cmaes)")
+    ie.add_argument("--include", action="append", default=[], metavar="DIR",
+                    help="a folder of lm-eval task YAMLs (mergekit-evolve's --task-search-path); repeatable")
+    ie.add_argument("--split", default="fitness", help="the split the search scores (default: fitness)")
+    ie.add_argument("--report-split", default="test", help="the held-out split the final report scores (default: test)")
+    ie.add_argument("--budget", type=int, default=100, help="evaluations (mergekit-evolve's --max-fevals; default 100)")
+    ie.add_argument("--population", type=int, default=None, help="candidates per generation (default 8; 12 with --pareto)")
+    ie.add_argument("--name", default=None, help="the job's name (default: the config file's name)")
+    ie.add_argument("--store", default=None, help="the SQLite store (default: OUTPUT's folder/out/NAME/store.sqlite)")
+    ie.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    ie.set_defaults(func=cmd_import_evolve)
 
     pl = sub.add_parser(
         "plan",
