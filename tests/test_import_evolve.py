@@ -118,7 +118,8 @@ def test_pareto_makes_one_objective_per_task(zoo_dir, tmp_path):
 @pytest.mark.parametrize("over,match", [
     ({"genome": {"merge_mehtod": "ties"}}, r"evolve.yml: genome.merge_mehtod: unknown field. Did you mean 'merge_method'\?"),
     ({"limits": 8}, r"evolve.yml: limits: unknown field. Did you mean 'limit'\?"),
-    ({"genome": {"models": ["nowhere/model"]}}, r"evolve.yml: genome.models\[0\]: no model folder with a config.json at "),
+    ({"genome": {"models": ["nowhere/model"]}}, r"evolve.yml: genome.models\[0\]: .nowhere/model.: not in the Hugging Face cache"),
+    ({"genome": {"models": ["./nowhere/model"]}}, r"evolve.yml: genome.models\[0\]: no model folder with a config.json at "),
     ({"genome": {"merge_method": "slerp"}}, r"evolve.yml: genome.merge_method: slerp is not searched here"),
     ({"genome": {"merge_method": "dare_tie"}}, r"evolve.yml: genome.merge_method: unknown method 'dare_tie'. "
                                                r"Did you mean 'dare_ties'\?"),

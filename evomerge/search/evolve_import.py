@@ -56,16 +56,18 @@ class Imported:
 
 
 def _model_folder(value: Any, base_dir: Path, where: Where, field_path: str) -> Path:
+    """A model reference of the evolve file (a folder, a Hub id[@revision], MODEL+ADAPTER) as the folder the job
+    names (`checkpoints.refs`: a Hub snapshot, or an adapted folder)."""
+    from evomerge.checkpoints.io import CheckpointError
+    from evomerge.checkpoints.refs import resolve_model_ref
+
     if not isinstance(value, str) or not value:
-        raise where.error(field_path, f"expected a model folder, got {value!r}")
-    if "+" in value and not resolve_path(value, base_dir).exists():
-        raise where.error(field_path, f"'{value}' is a model+adapter reference; give a merged model folder "
-                          "(LoRA adapters are not read by import-evolve)")
-    folder = resolve_path(value, base_dir).resolve()
-    if not (folder / "config.json").is_file():
-        raise where.error(field_path, f"no model folder with a config.json at {folder} ('{value}'; relative paths resolve "
-                          "against the evolve file's folder, then the working directory; Hub ids are not downloaded)")
-    return folder
+        raise where.error(field_path, f"expected a model reference, got {value!r}")
+    try:
+        return resolve_model_ref(value, base_dir)
+    except CheckpointError as e:
+        raise where.error(field_path, f"{e} (relative paths resolve against the evolve file's folder, then the "
+                          "working directory)") from None
 
 
 def _has_chat_template(folder: Path) -> bool:
