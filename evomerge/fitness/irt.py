@@ -382,6 +382,10 @@ class Calibration:
     parents: list[int] = field(default_factory=list)  # rows of model.theta that are the parents
     mix: dict[str, float] = field(default_factory=dict)  # the mix estimator's weights of anchor, pirt, merge3
 
+    def printed_error(self) -> float:
+        """The error a search shows for this calibration before any calibration candidate is measured."""
+        return self.cv_mae[self.estimator]
+
     @property
     def parent_theta(self) -> np.ndarray:
         return self.model.theta[self.parents] if self.parents else np.zeros((0, self.model.dims))

@@ -142,9 +142,8 @@ class IRTPolicy:
         g0 = self._first_generation(o, generation)
         if g0 is None or o.calibrate_count == 0 or (generation - g0) % o.calibrate_every != o.calibrate_every - 1:
             return set()
-        rng = np.random.default_rng([o.anchor_seed, generation, 17])
-        k = min(o.calibrate_count, len(rows))
-        return {rows[i].id for i in sorted(rng.choice(len(rows), size=k, replace=False))}
+        return {rows[i].id for i in calibration_choice([0.0] * len(rows), o.calibrate_count,
+                                                        [o.anchor_seed, generation, 17])}
 
     def _once(self, key: str, text: str) -> None:
         if key not in self._said:
@@ -177,6 +176,14 @@ class IRTPolicy:
             self.store.save_estimate(self.job, out.cid, o.name, float(est.value), float(est.sd), est.estimator,
                                      float(y.mean()), len(its), len(force.item_ids), force.fit_generation, measured)
         return replace(out, values=values, estimated=estimated)
+
+
+def calibration_choice(sds: list[float], count: int, seed: list[int]) -> list[int]:
+    """Which of a generation's candidates (given their estimates' sds) are scored in full to calibrate: `count`
+    of them, seeded."""
+    rng = np.random.default_rng(seed)
+    k = min(count, len(sds))
+    return sorted(int(i) for i in rng.choice(len(sds), size=k, replace=False))
 
 
 def irt_summary(store: "Store", job: str) -> dict[str, Any]:
