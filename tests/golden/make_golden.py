@@ -18,7 +18,11 @@ What it writes (about 0.6 MB, committed):
 
 tests/test_mergekit_parity.py runs our engine on each recipe.yaml and compares every tensor.
 Only deterministic methods have cases: the random ones (dare_*, della*) cannot match bit for
-bit, and are tested against their formulas in tests/test_methods.py instead.
+bit, and are tested against their formulas in tests/test_methods.py instead. (arcee_fusion samples only
+tensors above 10^6 entries; these have at most 512.)
+
+`make_golden.py NAME...` writes only the named cases (the models are rewritten either way, byte for byte
+the same: they come from a fixed seed).
 """
 
 from __future__ import annotations
@@ -209,6 +213,69 @@ CASES: dict[str, dict] = {
         "merge_method": "model_stock",
         "base_model": m("base"),
         "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+        "dtype": "float32",
+    },
+    # The seven methods mergekit 0.1.5 added to the table (issue 15): one case each, multislerp also without base.
+    "multislerp": {
+        "merge_method": "multislerp",
+        "base_model": m("base"),
+        "models": [
+            {"model": m("a"), "parameters": {"weight": 0.4}},
+            {"model": m("b"), "parameters": {"weight": [0.2, 0.9]}},
+            {"model": m("c"), "parameters": {"weight": ATTN_MLP_WEIGHT}},
+        ],
+        "dtype": "float32",
+    },
+    "multislerp_nobase": {
+        "merge_method": "multislerp",
+        "models": [
+            {"model": m("a"), "parameters": {"weight": 0.3}},
+            {"model": m("b"), "parameters": {"weight": 0.6}},
+        ],
+        "parameters": {"normalize_weights": False},
+        "dtype": "float32",
+    },
+    # The base is not listed: mergekit adds it to the sources and karcher averages it in.
+    "karcher": {
+        "merge_method": "karcher",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}],
+        "parameters": {"max_iter": 20, "tol": 1e-6},
+        "dtype": "float32",
+    },
+    "sce": {
+        "merge_method": "sce",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+        "parameters": {"select_topk": [0.3, 0.8]},
+        "dtype": "float32",
+    },
+    "nearswap": {
+        "merge_method": "nearswap",
+        "base_model": m("base"),
+        "models": [{"model": m("b")}],
+        "parameters": {"t": [0.01, 0.1]},
+        "dtype": "float32",
+    },
+    "arcee_fusion": {
+        "merge_method": "arcee_fusion",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}],
+        "dtype": "float32",
+    },
+    # epsilon near the deltas' spread, so that entries changed by one model, by several and by none all occur.
+    "ram": {
+        "merge_method": "ram",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+        "parameters": {"epsilon": 0.05},
+        "dtype": "float32",
+    },
+    "ramplus_tl": {
+        "merge_method": "ramplus_tl",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+        "parameters": {"epsilon": 0.06, "r": 0.5, "alpha": 0.3},
         "dtype": "float32",
     },
     # Two output slices: each runs its own gradient (t restarts at 0 in every slice) and the
