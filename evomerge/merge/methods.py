@@ -18,7 +18,9 @@ the consensus mask and, with `normalize`, divisor = sum_i(w_i * m_i) per entry (
 0), or sum_i(w_i) without consensus (1 where that is ~0). Adding such a method is one row in
 `_TASK_VECTOR_ROWS`.
 
-Everything is computed in float32 (inputs of other dtypes are upcast) and returned in float32.
+Everything is computed in float32 (inputs of other dtypes are upcast) and returned in float32, unless a
+half-precision recipe asks for mergekit's numbers (`compute_dtype: recipe`: `merge_tensor(compute=...)`,
+`_merge_deltas_rounded`).
 `merge_task_vectors` is the search's hot path: deltas are precomputed once per worker, and the
 merge never stacks them (it accumulates model by model), so memory stays at a few tensors.
 
@@ -157,19 +159,87 @@ def _merge_deltas(
     return mixed
 
 
+def _model_sum(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """Sum over the models as torch reduces a stack of half-precision tensors: in float32, rounded once."""
+    acc = tensors[0].float()
+    for t in tensors[1:]:
+        acc = acc + t.float()
+    return acc.to(dtype)
+
+
+def _merge_deltas_rounded(
+    spec: MethodSpec,
+    deltas: Sequence[Tensor],
+    model_params: list[dict],
+    global_params: dict,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The task-vector merge computed in a half-precision `dtype`, rounded where mergekit 0.1.5 rounds.
+
+    mergekit keeps a half-precision recipe's tensors in its dtype throughout: each elementwise step is rounded
+    to it, the weights too (a tensor of that dtype), and each sum over the models is a reduction of the stacked
+    tensors, which torch takes in float32 and rounds once. This follows the same steps, for mergekit's bits
+    (`compute_dtype: recipe`); `_merge_deltas` is the float32 path everything else uses.
+    """
+    normalize = bool(global_params["normalize"])
+    lam = float(global_params["lambda"])
+    sparsify = SPARSIFIERS[spec.sparsifier] if spec.sparsifier else None
+    device = deltas[0].device
+    weights = torch.tensor([float(p["weight"]) for p in model_params], dtype=dtype, device=device)
+    contributions: list[Tensor] = []
+    for i, (delta, params) in enumerate(zip(deltas, model_params)):
+        delta = delta.to(dtype)
+        if sparsify is not None:
+            kwargs: dict = {"rescale": bool(global_params["rescale"])}
+            if spec.sparsifier == "magnitude_outliers":
+                kwargs["gamma"] = float(params["gamma"])
+            elif spec.sparsifier == "rank_sampling":
+                kwargs["epsilon"] = float(params["epsilon"])
+            if spec.random:
+                kwargs["generator"] = generator
+            if spec.sparsifier in RANKED:
+                kwargs["stable_ties"] = bool(global_params.get("stable_ties", False))
+            delta = sparsify(delta, float(params["density"]), **kwargs)
+        contributions.append(delta * weights[i])
+    if spec.consensus is None:
+        mixed = _model_sum(contributions, dtype)
+        divisor = _model_sum(list(weights), dtype)
+        if abs(float(divisor)) < 1e-8:
+            divisor = torch.ones((), dtype=dtype, device=device)
+    else:
+        if spec.consensus == "sum":
+            sign = torch.where(_model_sum(contributions, dtype) >= 0, 1.0, -1.0)
+        else:
+            sign = torch.where(_model_sum([torch.sign(c) for c in contributions], dtype) >= 0, 1.0, -1.0)
+        agree = [(c * sign) > 0 for c in contributions]
+        mixed = _model_sum([c * a for c, a in zip(contributions, agree)], dtype)
+        divisor = _model_sum([weights[i] * a for i, a in enumerate(agree)], dtype)
+        divisor = divisor.masked_fill(divisor == 0, 1.0)
+    if normalize:
+        mixed = mixed / divisor
+    if lam != 1:
+        mixed = mixed * lam
+    return mixed
+
+
 # ---------------------------------------------------------------------------------------------
 # Methods outside the task-vector family
 
 
 def _linear(base, tensors, model_params, global_params) -> Tensor:
-    """Weighted average of the inputs (the base takes part only if listed among `tensors`)."""
-    weights = [float(p["weight"]) for p in model_params]
+    """Weighted average of the inputs (the base takes part only if listed among `tensors`).
+
+    In float32 with mergekit's steps (weights and their sum as float32 tensors, one multiply-add per model),
+    so that a half-precision recipe rounds to mergekit's bits (`compute_dtype: recipe`).
+    """
+    weights = torch.tensor([float(p["weight"]) for p in model_params], dtype=torch.float32, device=tensors[0].device)
     out = torch.zeros_like(tensors[0], dtype=torch.float32)
     for tensor, weight in zip(tensors, weights):
-        out.add_(tensor.float(), alpha=weight)
-    total = sum(weights)
+        out.addcmul_(tensor.float(), weight)
+    total = weights.sum()
     # mergekit divides even by 0 (inf/nan); a sum of ~0 is left unnormalised instead.
-    if global_params["normalize"] and abs(total) >= 1e-8:
+    if global_params["normalize"] and abs(float(total)) >= 1e-8:
         out.div_(total)
     return out
 
@@ -189,25 +259,37 @@ SLERP_DOT_THRESHOLD = 0.9995  # |cos| above this counts as colinear: interpolate
 SLERP_NORM_EPS = 1e-8
 
 
-def slerp_coefficients(v0: Tensor, v1: Tensor, t: float) -> tuple[float, float]:
-    """(c0, c1) with slerp(t, v0, v1) = c0 * v0 + c1 * v1, over the flattened tensors.
+# mergekit takes norms over chunks of this many entries, then the norm of the chunks' norms: the same for the bits.
+SLERP_CHUNK = 1 << 20
 
-    The angle is that between v0 and v1 seen as single vectors. Nearly colinear (or opposite)
+
+def _chunked_norm(flat: Tensor) -> Tensor:
+    parts = [torch.linalg.vector_norm(flat[i:i + SLERP_CHUNK]) for i in range(0, flat.numel(), SLERP_CHUNK)]
+    return torch.linalg.vector_norm(torch.stack(parts))
+
+
+def slerp_coefficients(v0: Tensor, v1: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """(c0, c1), 0-d float32 tensors, with slerp(t, v0, v1) = c0 * v0 + c1 * v1 over the flattened tensors.
+
+    The angle is that between v0 and v1 seen as single vectors, each normalised before the dot product, in
+    float32 with mergekit's steps (so half-precision recipes round to its bits). Nearly colinear (or opposite)
     vectors fall back to linear interpolation, where the spherical formula divides by ~0.
     """
-    a = v0.reshape(-1)
-    b = v1.reshape(-1)
-    norm_a = float(torch.linalg.vector_norm(a))
-    norm_b = float(torch.linalg.vector_norm(b))
-    dot = float(torch.dot(a, b))
+    a = v0.reshape(-1).float()
+    b = v1.reshape(-1).float()
     # A (near-)zero vector is used unnormalised, as in mergekit.
-    dot /= (norm_a if norm_a > SLERP_NORM_EPS else 1.0) * (norm_b if norm_b > SLERP_NORM_EPS else 1.0)
-    dot = min(1.0, max(-1.0, dot))
-    if abs(dot) > SLERP_DOT_THRESHOLD:
-        return 1.0 - t, t
-    theta = math.acos(dot)
-    sin_theta = math.sin(theta)
-    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+    norm_a, norm_b = _chunked_norm(a), _chunked_norm(b)
+    norm_a = torch.where(norm_a > SLERP_NORM_EPS, norm_a, 1.0)
+    norm_b = torch.where(norm_b > SLERP_NORM_EPS, norm_b, 1.0)
+    products = (a / norm_a) * (b / norm_b)
+    dot = torch.stack([products[i:i + SLERP_CHUNK].sum() for i in range(0, products.numel(), SLERP_CHUNK)])
+    dot = dot.sum().clamp(-1, 1)
+    t_ = torch.tensor(t, dtype=torch.float32, device=a.device)
+    if float(dot.abs()) > SLERP_DOT_THRESHOLD:
+        return 1 - t_, t_
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return torch.sin((1 - t_) * theta) / sin_theta, torch.sin(t_ * theta) / sin_theta
 
 
 def _slerp(base, tensors, model_params, global_params) -> Tensor:
@@ -215,7 +297,7 @@ def _slerp(base, tensors, model_params, global_params) -> Tensor:
     v0 = base.float()
     v1 = tensors[0].float()
     c0, c1 = slerp_coefficients(v0, v1, float(global_params["t"]))
-    return torch.add(v0 * c0, v1, alpha=c1)
+    return c0 * v0 + c1 * v1
 
 
 def nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool = False, flatten: bool = True) -> Tensor:
@@ -763,14 +845,31 @@ def merge_tensor(
     model_params: list[dict[str, float]],
     global_params: dict[str, float | bool],
     generator: torch.Generator | None = None,
+    *,
+    compute: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Merge one tensor. `tensors` exclude the base; the result is float32 and never aliases an input."""
+    """Merge one tensor. `tensors` exclude the base; the result never aliases an input.
+
+    `compute` other than float32 (`compute_dtype: recipe` with a half-precision recipe) reproduces mergekit
+    0.1.5: the inputs are rounded to `compute` as mergekit reads them, task-vector methods compute in it with
+    mergekit's roundings (`_merge_deltas_rounded`) and the result is in `compute`; the other methods compute
+    in float32 from the rounded inputs, which is what mergekit does for linear and slerp.
+    """
     spec = _spec(method)
     if tensors or not spec.uses_task_vectors:
         check_model_count(method, len(tensors))
     models, globals_ = _with_defaults(spec, model_params, global_params)
     if spec.needs_base and base is None:
         raise ValueError(f"{method}: needs a base model tensor")
+    if compute != torch.float32:
+        base = base.to(compute) if base is not None else None
+        tensors = [x.to(compute) for x in tensors]
+        if spec.uses_task_vectors:
+            if not tensors:
+                return base.clone()
+            deltas = [x - base for x in tensors]
+            return base + _merge_deltas_rounded(spec, deltas, models, globals_, generator, compute)
+        return spec.combine(base, tensors, models, globals_)
     if spec.uses_task_vectors:
         base32 = base.float()
         if not tensors:

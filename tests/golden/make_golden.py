@@ -13,8 +13,8 @@ What it writes (about 0.6 MB, committed):
   folders (config.json + model.safetensors). a, b, c are the base plus seeded noise on every
   tensor, norms included, so every tensor has a non-trivial task vector.
 - <case>/recipe.yaml: a mergekit recipe whose model paths are relative to the recipe's folder.
-- <case>/merged.safetensors: what `mergekit-yaml recipe.yaml OUT` (run from <case>/, fp32, CPU)
-  produced.
+- <case>/merged.safetensors: what `mergekit-yaml recipe.yaml OUT` (run from <case>/, CPU) produced: fp32,
+  and for the <case>_fp16 / <case>_bf16 copies of some cases (HALF_CASES) in that dtype.
 
 tests/test_mergekit_parity.py runs our engine on each recipe.yaml and compares every tensor.
 Only deterministic methods have cases: the random ones (dare_*, della*) cannot match bit for
@@ -305,6 +305,16 @@ CASES: dict[str, dict] = {
         "dtype": "float32",
     },
 }
+
+# Half precision (issue 15): the same recipes in float16 and bfloat16, which mergekit computes in that dtype.
+# tests/test_mergekit_parity.py runs them with compute_dtype: recipe, and checks that the default float32
+# compute is nearer the float32 golden than mergekit's half-precision numbers are.
+HALF_PRECISION = {"float16": "fp16", "bfloat16": "bf16"}
+HALF_CASES = ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp", "nuslerp", "model_stock", "multislerp",
+              "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"]
+for _case in HALF_CASES:
+    for _dtype, _suffix in HALF_PRECISION.items():
+        CASES[f"{_case}_{_suffix}"] = {**CASES[_case], "dtype": _dtype}
 
 
 def run_case(name: str, recipe: dict) -> None:
