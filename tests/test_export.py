@@ -267,6 +267,35 @@ def test_mergekit_accepts_the_export_and_gives_the_same_tensors(job, tmp_path):
         assert (theirs[name].float() - tensor.float()).abs().max().item() <= 1e-5, name
 
 
+@pytest.mark.parametrize("method", ["multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"])
+def test_the_new_methods_searched_export_to_mergekit_with_the_same_tensors(method, tmp_path):
+    """A recipe decoded from a space with one of the methods mergekit 0.1.5 added (issue 15), exported as
+    mergekit YAML: mergekit runs it and gives our tensors."""
+    from evomerge.merge.api import to_mergekit
+    from evomerge.spaces.ps import ParameterSpace
+
+    one = method in ("nearswap", "arcee_fusion")
+    models = {"base": GOLDEN / "base", "a": GOLDEN / "a", **({} if one else {"b": GOLDEN / "b"})}
+    params = {"t": 0.04} if method == "nearswap" else {"epsilon": 0.05} if method.startswith("ram") else {}
+    space = ParameterSpace(models, "base", methods=["ties", method], layer_groups=2, parameters=params)
+    recipe = space.decode(space.genome({"a": 0.7, "b": 0.4}, 0.6, method))
+    text, notes = to_mergekit(recipe)
+    assert yaml.safe_load(text)["merge_method"] == method
+    assert [n for n in notes if "arcee_fusion" in n] == ([notes[0]] if method == "arcee_fusion" else [])
+    (tmp_path / "mk.yml").write_text(text)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([str(MERGEKIT), str(tmp_path / "mk.yml"), str(tmp_path / "theirs"), "--no-copy-tokenizer"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs: dict[str, torch.Tensor] = {}
+    for shard in (tmp_path / "theirs").glob("*.safetensors"):
+        theirs.update(load_file(shard))
+    ours = merge_to_dict(recipe)
+    assert sorted(theirs) == sorted(ours)
+    for name, tensor in ours.items():
+        assert (theirs[name].float() - tensor.float()).abs().max().item() <= 1e-5, name
+
+
 def test_a_path_that_is_its_merge_in_order_exports_as_that_merge():
     """The PS-then-DFS hybrid's identity path over its merge is the merge: mergekit can express that."""
     merge = {"merge_method": "task_arithmetic", "base_model": str(GOLDEN / "base"),

@@ -205,7 +205,7 @@ def test_passthrough_is_a_copy():
 def _params_for(name: str, n: int) -> tuple[list[dict], dict]:
     spec = METHODS[name]
     mp = [{k: v for k, v in {"weight": 0.4 + 0.3 * i, "density": 0.5 + 0.1 * i}.items() if k in spec.model_params} for i in range(n)]
-    gp = {"t": 0.3} if name == "slerp" else {}
+    gp = {"t": 0.3} if name in ("slerp", "nearswap") else {}
     return mp, gp
 
 
@@ -429,3 +429,138 @@ def test_table_rows_match_mergekit_defaults():
     assert M.METHODS["linear"].global_params["normalize"] is True
     assert METHODS["nuslerp"].accepts_base and not METHODS["nuslerp"].needs_base
     assert not METHODS["linear"].accepts_base
+
+
+# --- the methods mergekit 0.1.5 added (issue 15); their goldens are in tests/golden ------------------------
+
+MERGEKIT_METHODS = {
+    "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough", "sce", "nearswap",
+    "arcee_fusion", "ram", "ramplus_tl",
+}
+
+
+def test_the_table_holds_every_mergekit_method_with_its_defaults():
+    assert MERGEKIT_METHODS <= set(METHODS) and len(MERGEKIT_METHODS) == 20
+    defaults = {
+        "multislerp": ({"weight": None}, {"normalize_weights": True, "eps": 1e-8}),
+        "karcher": ({}, {"max_iter": 10, "tol": 1e-5}),
+        "sce": ({}, {"select_topk": 1.0, "int8_mask": False}),
+        "nearswap": ({}, {"t": None}),
+        "arcee_fusion": ({}, {}),
+        "ram": ({}, {"epsilon": 1e-5}),
+        "ramplus_tl": ({}, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
+    }
+    for name, (model_params, global_params) in defaults.items():
+        assert dict(METHODS[name].model_params) == model_params, name
+        assert dict(METHODS[name].global_params) == global_params, name
+        assert not METHODS[name].random, name
+    assert [m for m in defaults if METHODS[m].needs_base] == ["sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"]
+    assert METHODS["karcher"].base_is_input and not METHODS["karcher"].accepts_base
+    assert METHODS["multislerp"].accepts_base and not METHODS["multislerp"].needs_base
+
+
+def test_multislerp_is_the_normalised_mean_direction_times_the_mean_norm():
+    # Units [1,0], [0,1], weights 1:3 -> direction [1,3]/sqrt(10); norms 3 and 1 -> radius .25*3 + .75*1 = 1.5.
+    v0, v1 = T(3.0, 0.0), T(0.0, 1.0)
+    want = torch.tensor([1.0, 3.0]) / math.sqrt(10) * 1.5
+    close(merge_tensor("multislerp", None, [v0, v1], [{"weight": 1.0}, {"weight": 3.0}], {}), want, 1e-6)
+    # with a base it works on the task vectors
+    base = T(1.0, -1.0)
+    close(merge_tensor("multislerp", base, [base + v0, base + v1], [{"weight": 1.0}, {"weight": 3.0}], {}),
+          base + want, 1e-6)
+    # unnormalised weights scale the radius (and not the direction): .5*3 + 1.5*1 = 3
+    out = merge_tensor("multislerp", None, [v0, v1], [{"weight": 0.5}, {"weight": 1.5}], {"normalize_weights": False})
+    close(out, torch.tensor([1.0, 3.0]) / math.sqrt(10) * 3.0, 1e-6)
+    # antipodal inputs whose weights cancel: the weighted sum (mergekit raises for more than two)
+    three = [T(1.0, 0.0), T(-1.0, 0.0), T(0.0, 2.0)]
+    close(merge_tensor("multislerp", None, three, [{"weight": 1.0}, {"weight": 1.0}, {"weight": 0.0}], {}), [0.0, 0.0])
+    # one model: that model
+    close(merge_tensor("multislerp", base, [v0], [{"weight": 0.2}], {}), v0)
+
+
+def test_karcher_is_the_mean_angle_on_the_circle_times_the_mean_norm():
+    # Directions 0, 90 and 0 degrees: the Karcher mean is their mean angle, 30 degrees (the Euclidean mean of the
+    # unit vectors points at atan(1/2) = 26.57 degrees, where max_iter 0 stops); norms 2, 1, 3 -> radius 2.
+    inputs = [T(2.0, 0.0), T(0.0, 1.0), T(3.0, 0.0)]
+    close(merge_tensor("karcher", None, inputs, [{}] * 3, {}), [2 * math.cos(math.pi / 6), 2 * math.sin(math.pi / 6)])
+    euclid = math.atan2(1, 2)
+    close(merge_tensor("karcher", None, inputs, [{}] * 3, {"max_iter": 0}), [2 * math.cos(euclid), 2 * math.sin(euclid)])
+    # an input of norm <= tol has no direction: out of the mean, but its norm (0) still counts in the radius
+    out = merge_tensor("karcher", None, [T(2.0, 0.0), T(0.0, 2.0), T(0.0, 0.0)], [{}] * 3, {})
+    close(out, [4 / 3 * math.cos(math.pi / 4), 4 / 3 * math.sin(math.pi / 4)])
+
+
+def test_sce_selects_by_variance_weighs_by_energy_and_erases_by_sign():
+    # select_topk 1: majority signs by sum [+, -, +, +]; weights are the mean squares 3.5625, 1.8225, 4.155.
+    w = [3.5625, 1.8225, 4.155]
+    want = [
+        (w[0] * 1.0 + w[2] * 0.6) / (w[0] + w[2]),
+        (w[0] * -2.0 + w[2] * -0.5) / (w[0] + w[2]),
+        (w[0] * 3.0 + w[1] * 2.0) / (w[0] + w[1]),
+        (w[0] * 0.5 + w[2] * 0.1) / (w[0] + w[2]),
+    ]
+    close(merge_tensor("sce", ZERO, [D1, D2, D3], [{}] * 3, {}), want, 1e-6)
+    # select_topk .5: only entries 1 and 2 (the largest variances across the models, 1.5 and 9.56) stay; the
+    # weights become the masked mean squares 3.25, 1.25, 4.0625; entries 0 and 3 keep the base.
+    base = T(1.0, 2.0, 3.0, 4.0)
+    out = merge_tensor("sce", base, [base + D1, base + D2, base + D3], [{}] * 3, {"select_topk": 0.5})
+    close(out, base + T(0.0, (3.25 * -2 + 4.0625 * -0.5) / 7.3125, (3.25 * 3 + 1.25 * 2) / 4.5, 0.0), 1e-5)
+    close(merge_tensor("sce", base, [base + D1], [{}], {"select_topk": 0.0}), base)
+
+
+def test_nearswap_moves_to_the_model_by_t_over_the_distance():
+    base = T(1.0, 1.0, 1.0, 1.0)
+    model = base + T(0.05, 0.2, -1.0, 0.0)  # shares of the way: min(1, .1 / |d|) = 1, .5, .1, 1
+    close(merge_tensor("nearswap", base, [model], [{}], {"t": 0.1}), base + T(0.05, 0.1, -0.1, 0.0), 1e-6)
+    close(merge_task_vectors("nearswap", [model - base], [{}], {"t": 0.1}), [0.05, 0.1, -0.1, 0.0], 1e-6)
+    close(merge_tensor("nearswap", base, [model], [{}], {"t": 0.0}), base)
+
+
+def test_arcee_fusion_keeps_only_the_outlying_changes():
+    # One row: its KL term is one positive number, so importance ranks as |change|. Sorted |change| at
+    # floor(q * 7) = 1, 3, 5 gives q1 .2, median .4, q3 .6 (times the KL): the threshold .4 + 1.5 * .4 = 1 keeps 3.0.
+    base = torch.zeros(1, 8)
+    change = T(0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, 3.0).reshape(1, 8)
+    out = merge_tensor("arcee_fusion", base, [base + change], [{}], {})
+    close(out, torch.zeros(1, 8).index_fill_(1, torch.tensor([7]), 3.0))
+    # the model's row that is identical to the base's has KL 0: none of its entries is kept
+    two = torch.cat([change, change])
+    assert merge_tensor("arcee_fusion", two, [torch.cat([two[:1] * 2, two[1:]])], [{}], {})[1].equal(two[1])
+
+
+def test_ram_takes_a_lone_change_and_the_mean_of_shared_ones():
+    # |delta| > .15 marks a change: model 1 changes entries 0 and 2, model 2 entries 0 and 1 (its .1 is no change)
+    d1, d2 = T(0.5, 0.0, 0.3, 0.01), T(0.4, 0.2, 0.1, 0.0)
+    close(merge_task_vectors("ram", [d1, d2], [{}, {}], {"epsilon": 0.15}), [0.45, 0.2, 0.3, 0.0], 1e-6)
+    base = T(1.0, 2.0, 3.0, 4.0)
+    close(merge_tensor("ram", base, [base + d1, base + d2], [{}, {}], {"epsilon": 0.15}), base + T(0.45, 0.2, 0.3, 0.0), 1e-6)
+    # RAM+: each model shares one change and has one of its own, rho = 1: own changes times 1 + r * min(rho, alpha)
+    plus = merge_task_vectors("ramplus_tl", [d1, d2], [{}, {}], {"epsilon": 0.15, "r": 0.5, "alpha": 0.2})
+    close(plus, [0.45, 0.2 * 1.1, 0.3 * 1.1, 0.0], 1e-6)
+    plus = merge_task_vectors("ramplus_tl", [d1, d2], [{}, {}], {"epsilon": 0.15, "r": 0.5, "alpha": 2.0})
+    close(plus, [0.45, 0.2 * 1.5, 0.3 * 1.5, 0.0], 1e-6)
+
+
+@pytest.mark.parametrize(
+    "method, model_params, global_params, message",
+    [
+        ("nearswap", [{}], {"t": -0.1}, r"t: must be in \[0, inf\]"),
+        ("nearswap", [{}], {}, "t: required"),
+        ("karcher", [{}], {"max_iter": 2.5}, "max_iter: must be a whole number"),
+        ("sce", [{}], {"select_topk": 1.5}, r"select_topk: must be in \[0, 1\]"),
+        ("sce", [{"weight": 1.0}], {}, "weight \\(model 0\\): not a per-model parameter of sce"),
+        ("ramplus_tl", [{}], {"alpha": -1.0}, "alpha: must be in"),
+        ("multislerp", [{}], {}, r"weight \(model 0\): required"),
+    ],
+)
+def test_validation_errors_of_the_new_methods(method, model_params, global_params, message):
+    with pytest.raises(ValueError, match=message):
+        validate_params(method, model_params, global_params)
+    validate_params("nearswap", [{}], {"t": 5.0})  # t is a distance: above 1 is fine
+
+
+@pytest.mark.parametrize("method, n", [("nearswap", 2), ("arcee_fusion", 2), ("arcee_fusion", 0)])
+def test_one_model_methods_refuse_more_or_none(method, n):
+    with pytest.raises(ValueError, match="exactly 1"):
+        M.check_model_count(method, n)

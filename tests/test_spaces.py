@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -144,3 +145,48 @@ def test_the_old_bounds_keys_still_work_with_a_warning():
     assert (old.weight_bounds, old.density_bounds) == (new.weight_bounds, new.density_bounds) == ((0.2, 0.8), (0.3, 0.9))
     with pytest.raises(SpaceError, match="both are given"):
         build_space({"kind": "ps", "weight": [0.2, 0.8], "weight_bounds": [0.2, 0.8]}, MODELS, "base")
+
+
+NEW_METHODS = ["multislerp", "karcher", "sce", "ram", "ramplus_tl"]
+
+
+def test_every_method_with_enough_values_is_a_choice_of_the_method_gene():
+    """The methods mergekit 0.1.5 added decode from the method gene into recipes that merge; those without a
+    weight or density ignore those genes (the same recipe whatever they say)."""
+    from evomerge.merge.engine import merge_to_dict
+
+    space = ParameterSpace(MODELS, "base", methods=["ties", *NEW_METHODS], layer_groups=2, modules=["self_attn", "*"])
+    lower, upper = space.bounds
+    for i, method in enumerate(space.methods):
+        g = np.random.default_rng(i).uniform(lower, upper)
+        g[0] = (i + 0.5) / len(space.methods)
+        recipe = space.decode(g)
+        assert recipe.merge_method == method
+        weights = {k for sl in recipe.slices for s in sl.sources for k in s.parameters}
+        assert weights == ({"weight"} if method == "multislerp" else {"weight", "density"} if method == "ties" else set())
+        if not weights:  # every other genome with this method gene is the same recipe
+            assert space.decode(np.where(np.arange(len(g)) == 0, g, lower)).to_yaml() == recipe.to_yaml()
+        merged = merge_to_dict(recipe)
+        assert len(merged) == 39 and all(torch.isfinite(t).all() for t in merged.values())
+    # karcher averages the base in: the base is a source of every slice
+    karcher = space.decode(space.genome({}, 1.0, "karcher"))
+    assert karcher.base_model == str(MODELS["base"]) and all(sl.sources[0].model == karcher.base_model for sl in karcher.slices)
+    # one-model methods with the t a space fixes
+    one = ParameterSpace({"base": MODELS["base"], "a": MODELS["a"]}, "base", methods=["ties", "nearswap", "arcee_fusion"],
+                         parameters={"t": 0.05})
+    for method in one.methods:
+        recipe = one.decode(one.genome({"a": 0.5}, 0.5, method))
+        assert recipe.merge_method == method and recipe.parameters == ({"t": 0.05} if method == "nearswap" else {})
+        plan_merge(recipe)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"methods": ["karcher", "sce"]}, "no weight or density to search"),
+    ({"methods": ["ties", "nearswap"]}, "nearswap' cannot be searched here without t"),
+    ({"methods": ["ties", "nearswap"], "parameters": {"t": 0.1}}, "exactly 1 model.*the space has 2 \\(a, b\\)"),
+    ({"methods": ["ties", "arcee_fusion"]}, "exactly 1 model"),
+    ({"methods": ["ties", "karcher2"]}, "no such method"),
+])
+def test_methods_a_space_cannot_decode_are_refused(kwargs, match):
+    with pytest.raises(SpaceError, match=match):
+        ParameterSpace(MODELS, "base", **kwargs)

@@ -170,6 +170,12 @@ def to_mergekit(recipe: AnyRecipe) -> tuple[str, list[str]]:
             notes.append("stable_ties: true (equal magnitudes at a threshold kept by position) is evomerge's own; "
                          "mergekit picks among them by its sort, so its tensors differ where such ties fall on a "
                          "threshold; --format model reproduces ours")
+        if recipe.dtype in ("float16", "bfloat16") and recipe.compute_dtype == "float32":
+            notes.append(f"mergekit computes a {recipe.dtype} recipe in {recipe.dtype}; evomerge computed it in float32 "
+                         "and rounded once, so mergekit's tensors differ by its rounding errors (a few units in the "
+                         "last place); compute_dtype: recipe gives mergekit's numbers")
+        if METHODS[recipe.merge_method].mergekit_note:
+            notes.append(METHODS[recipe.merge_method].mergekit_note)
         if METHODS[recipe.merge_method].random:
             notes.append(f"{recipe.merge_method} draws random masks: mergekit draws its own, so its tensors differ "
                          f"from evomerge's (which seeds them with seed {recipe.seed}); --format model reproduces ours")

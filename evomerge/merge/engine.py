@@ -23,11 +23,14 @@ def out_dtype(plan: MergePlan, job: TensorJob) -> torch.dtype:
 
 def merge_job(plan: MergePlan, job: TensorJob, device: str | torch.device = "cpu") -> torch.Tensor:
     cks = plan.checkpoints
-    load = lambda r: cks[r.model].get(r.name, device=device).to(torch.float32)  # noqa: E731
+    # float32, or the recipe's dtype with compute_dtype: recipe (inputs rounded to it as mergekit reads them)
+    compute = plan.recipe.compute_torch_dtype()
+    load = lambda r: cks[r.model].get(r.name, device=device).to(compute)  # noqa: E731
     base = load(job.base) if job.base is not None else None
     tensors = [load(r) for r in job.inputs]
     gen = torch.Generator().manual_seed(job.seed) if METHODS[plan.method].random else None
-    merged = merge_tensor(plan.method, base, tensors, list(job.model_params), dict(job.global_params), gen)
+    merged = merge_tensor(plan.method, base, tensors, list(job.model_params), dict(job.global_params), gen,
+                          compute=compute)
     return merged.to(out_dtype(plan, job))
 
 

@@ -280,6 +280,12 @@ class Materialiser:
         """One merged tensor in float32 on the device (a fresh tensor: the caller may keep or modify it)."""
         spec = METHODS[plan.method]
         gen = torch.Generator().manual_seed(job.seed) if spec.random else None
+        compute = plan.recipe.compute_torch_dtype()
+        if compute != torch.float32:  # compute_dtype: recipe, mergekit's half-precision numbers (not the hot path)
+            base = self._full(labels, job.base) if job.base is not None else None
+            tensors = [self._full(labels, r) for r in job.inputs]
+            return merge_tensor(plan.method, base, tensors, list(job.model_params), dict(job.global_params), gen,
+                                compute=compute).to(torch.float32)
         if spec.uses_task_vectors:
             assert job.base is not None
             deltas = [self._delta(labels, r, job.base) for r in job.inputs]

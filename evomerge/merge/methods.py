@@ -1,5 +1,9 @@
 """Parameter-space merge methods: one table, one generalized task-vector merge, a few others.
 
+The table holds all 20 methods of mergekit 0.1.5, with its parameter names, defaults and semantics (checked
+against its tensors in tests/golden); where evomerge departs (a weight sum of ~0, mergekit's sampled quantiles)
+the function's docstring says so.
+
 Every task-vector method (task arithmetic, TIES, DARE, DELLA, Model Breadcrumbs) is the same
 computation, configured by two choices, as in mergekit:
 
@@ -14,11 +18,13 @@ the consensus mask and, with `normalize`, divisor = sum_i(w_i * m_i) per entry (
 0), or sum_i(w_i) without consensus (1 where that is ~0). Adding such a method is one row in
 `_TASK_VECTOR_ROWS`.
 
-Everything is computed in float32 (inputs of other dtypes are upcast) and returned in float32.
+Everything is computed in float32 (inputs of other dtypes are upcast) and returned in float32, unless a
+half-precision recipe asks for mergekit's numbers (`compute_dtype: recipe`: `merge_tensor(compute=...)`,
+`_merge_deltas_rounded`).
 `merge_task_vectors` is the search's hot path: deltas are precomputed once per worker, and the
 merge never stacks them (it accumulates model by model), so memory stays at a few tensors.
 
-Why one module of about 600 lines: the table, the maths each row names and the parameter checks each row's
+Why one module of about 950 lines: the table, the maths each row names and the parameter checks each row's
 values go through are read together (a method is a row); split apart, a reader would jump between three files to
 follow one method.
 """
@@ -69,6 +75,14 @@ class MethodSpec:
     combine_deltas: CombineDeltas | None = None
     min_models: int = 1  # number of non-base models accepted
     max_models: int | None = None
+    # The base, when the recipe names one, is one more input like the others (mergekit adds it to the sources
+    # and a method that ignores bases averages it in: karcher).
+    base_is_input: bool = False
+    # Allowed values where this method's meaning of a parameter differs from `_RANGES` (nearswap's t is a
+    # distance, not a fraction).
+    ranges: Mapping[str, "_Range"] = field(default_factory=dict)
+    # Said by `to_mergekit` whenever a recipe of this method is exported: where mergekit's tensors may differ.
+    mergekit_note: str = ""
     reference: str = ""
     extra: Mapping[str, object] = field(default_factory=dict)
 
@@ -145,19 +159,87 @@ def _merge_deltas(
     return mixed
 
 
+def _model_sum(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """Sum over the models as torch reduces a stack of half-precision tensors: in float32, rounded once."""
+    acc = tensors[0].float()
+    for t in tensors[1:]:
+        acc = acc + t.float()
+    return acc.to(dtype)
+
+
+def _merge_deltas_rounded(
+    spec: MethodSpec,
+    deltas: Sequence[Tensor],
+    model_params: list[dict],
+    global_params: dict,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The task-vector merge computed in a half-precision `dtype`, rounded where mergekit 0.1.5 rounds.
+
+    mergekit keeps a half-precision recipe's tensors in its dtype throughout: each elementwise step is rounded
+    to it, the weights too (a tensor of that dtype), and each sum over the models is a reduction of the stacked
+    tensors, which torch takes in float32 and rounds once. This follows the same steps, for mergekit's bits
+    (`compute_dtype: recipe`); `_merge_deltas` is the float32 path everything else uses.
+    """
+    normalize = bool(global_params["normalize"])
+    lam = float(global_params["lambda"])
+    sparsify = SPARSIFIERS[spec.sparsifier] if spec.sparsifier else None
+    device = deltas[0].device
+    weights = torch.tensor([float(p["weight"]) for p in model_params], dtype=dtype, device=device)
+    contributions: list[Tensor] = []
+    for i, (delta, params) in enumerate(zip(deltas, model_params)):
+        delta = delta.to(dtype)
+        if sparsify is not None:
+            kwargs: dict = {"rescale": bool(global_params["rescale"])}
+            if spec.sparsifier == "magnitude_outliers":
+                kwargs["gamma"] = float(params["gamma"])
+            elif spec.sparsifier == "rank_sampling":
+                kwargs["epsilon"] = float(params["epsilon"])
+            if spec.random:
+                kwargs["generator"] = generator
+            if spec.sparsifier in RANKED:
+                kwargs["stable_ties"] = bool(global_params.get("stable_ties", False))
+            delta = sparsify(delta, float(params["density"]), **kwargs)
+        contributions.append(delta * weights[i])
+    if spec.consensus is None:
+        mixed = _model_sum(contributions, dtype)
+        divisor = _model_sum(list(weights), dtype)
+        if abs(float(divisor)) < 1e-8:
+            divisor = torch.ones((), dtype=dtype, device=device)
+    else:
+        if spec.consensus == "sum":
+            sign = torch.where(_model_sum(contributions, dtype) >= 0, 1.0, -1.0)
+        else:
+            sign = torch.where(_model_sum([torch.sign(c) for c in contributions], dtype) >= 0, 1.0, -1.0)
+        agree = [(c * sign) > 0 for c in contributions]
+        mixed = _model_sum([c * a for c, a in zip(contributions, agree)], dtype)
+        divisor = _model_sum([weights[i] * a for i, a in enumerate(agree)], dtype)
+        divisor = divisor.masked_fill(divisor == 0, 1.0)
+    if normalize:
+        mixed = mixed / divisor
+    if lam != 1:
+        mixed = mixed * lam
+    return mixed
+
+
 # ---------------------------------------------------------------------------------------------
 # Methods outside the task-vector family
 
 
 def _linear(base, tensors, model_params, global_params) -> Tensor:
-    """Weighted average of the inputs (the base takes part only if listed among `tensors`)."""
-    weights = [float(p["weight"]) for p in model_params]
+    """Weighted average of the inputs (the base takes part only if listed among `tensors`).
+
+    In float32 with mergekit's steps (weights and their sum as float32 tensors, one multiply-add per model),
+    so that a half-precision recipe rounds to mergekit's bits (`compute_dtype: recipe`).
+    """
+    weights = torch.tensor([float(p["weight"]) for p in model_params], dtype=torch.float32, device=tensors[0].device)
     out = torch.zeros_like(tensors[0], dtype=torch.float32)
     for tensor, weight in zip(tensors, weights):
-        out.add_(tensor.float(), alpha=weight)
-    total = sum(weights)
+        out.addcmul_(tensor.float(), weight)
+    total = weights.sum()
     # mergekit divides even by 0 (inf/nan); a sum of ~0 is left unnormalised instead.
-    if global_params["normalize"] and abs(total) >= 1e-8:
+    if global_params["normalize"] and abs(float(total)) >= 1e-8:
         out.div_(total)
     return out
 
@@ -177,25 +259,37 @@ SLERP_DOT_THRESHOLD = 0.9995  # |cos| above this counts as colinear: interpolate
 SLERP_NORM_EPS = 1e-8
 
 
-def slerp_coefficients(v0: Tensor, v1: Tensor, t: float) -> tuple[float, float]:
-    """(c0, c1) with slerp(t, v0, v1) = c0 * v0 + c1 * v1, over the flattened tensors.
+# mergekit takes norms over chunks of this many entries, then the norm of the chunks' norms: the same for the bits.
+SLERP_CHUNK = 1 << 20
 
-    The angle is that between v0 and v1 seen as single vectors. Nearly colinear (or opposite)
+
+def _chunked_norm(flat: Tensor) -> Tensor:
+    parts = [torch.linalg.vector_norm(flat[i:i + SLERP_CHUNK]) for i in range(0, flat.numel(), SLERP_CHUNK)]
+    return torch.linalg.vector_norm(torch.stack(parts))
+
+
+def slerp_coefficients(v0: Tensor, v1: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """(c0, c1), 0-d float32 tensors, with slerp(t, v0, v1) = c0 * v0 + c1 * v1 over the flattened tensors.
+
+    The angle is that between v0 and v1 seen as single vectors, each normalised before the dot product, in
+    float32 with mergekit's steps (so half-precision recipes round to its bits). Nearly colinear (or opposite)
     vectors fall back to linear interpolation, where the spherical formula divides by ~0.
     """
-    a = v0.reshape(-1)
-    b = v1.reshape(-1)
-    norm_a = float(torch.linalg.vector_norm(a))
-    norm_b = float(torch.linalg.vector_norm(b))
-    dot = float(torch.dot(a, b))
+    a = v0.reshape(-1).float()
+    b = v1.reshape(-1).float()
     # A (near-)zero vector is used unnormalised, as in mergekit.
-    dot /= (norm_a if norm_a > SLERP_NORM_EPS else 1.0) * (norm_b if norm_b > SLERP_NORM_EPS else 1.0)
-    dot = min(1.0, max(-1.0, dot))
-    if abs(dot) > SLERP_DOT_THRESHOLD:
-        return 1.0 - t, t
-    theta = math.acos(dot)
-    sin_theta = math.sin(theta)
-    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+    norm_a, norm_b = _chunked_norm(a), _chunked_norm(b)
+    norm_a = torch.where(norm_a > SLERP_NORM_EPS, norm_a, 1.0)
+    norm_b = torch.where(norm_b > SLERP_NORM_EPS, norm_b, 1.0)
+    products = (a / norm_a) * (b / norm_b)
+    dot = torch.stack([products[i:i + SLERP_CHUNK].sum() for i in range(0, products.numel(), SLERP_CHUNK)])
+    dot = dot.sum().clamp(-1, 1)
+    t_ = torch.tensor(t, dtype=torch.float32, device=a.device)
+    if float(dot.abs()) > SLERP_DOT_THRESHOLD:
+        return 1 - t_, t_
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return torch.sin((1 - t_) * theta) / sin_theta, torch.sin(t_ * theta) / sin_theta
 
 
 def _slerp(base, tensors, model_params, global_params) -> Tensor:
@@ -203,7 +297,7 @@ def _slerp(base, tensors, model_params, global_params) -> Tensor:
     v0 = base.float()
     v1 = tensors[0].float()
     c0, c1 = slerp_coefficients(v0, v1, float(global_params["t"]))
-    return torch.add(v0 * c0, v1, alpha=c1)
+    return c0 * v0 + c1 * v1
 
 
 def nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool = False, flatten: bool = True) -> Tensor:
@@ -305,8 +399,237 @@ def _passthrough_deltas(deltas, model_params, global_params) -> Tensor | None:
     return deltas[0].to(torch.float32, copy=True)
 
 
+def _multislerp_vectors(vectors: Sequence[Tensor], model_params, global_params) -> Tensor:
+    """Weighted mean of `vectors` on the sphere (mergekit's multislerp), each tensor one flattened vector.
+
+    The unit vectors' weighted Euclidean mean, normalised, is the tangent point; the weighted mean of the unit
+    vectors' tangent components is mapped back onto the sphere (exponential map) and scaled by the weighted mean
+    of the norms. Where the weighted mean of the unit vectors is ~0 (antipodal inputs whose weights cancel),
+    the weighted sum of the vectors is returned: mergekit does the same for two vectors and raises for more,
+    which would stop a search on one candidate.
+    """
+    shape = vectors[0].shape
+    if len(vectors) == 1:
+        return vectors[0].to(torch.float32, copy=True)
+    eps = float(global_params["eps"])
+    weights = [float(p["weight"]) for p in model_params]
+    total = sum(weights)
+    # mergekit divides even by 0 (nan); a sum of ~0 is left unnormalised instead, as linear does.
+    if global_params["normalize_weights"] and abs(total) >= 1e-8:
+        weights = [w / total for w in weights]
+    flat = [v.float().reshape(-1) for v in vectors]
+    norms = [torch.linalg.vector_norm(f) for f in flat]
+    units = [f / (n + eps) for f, n in zip(flat, norms)]
+    centre = torch.zeros_like(units[0])
+    for u, w in zip(units, weights):
+        centre.add_(u * w)
+    centre_norm = torch.linalg.vector_norm(centre)
+    if float(centre_norm) < eps:
+        out = torch.zeros_like(flat[0])
+        for f, w in zip(flat, weights):
+            out.add_(f * w)
+        return out.reshape(shape)
+    centre = centre / centre_norm
+    tangent = torch.zeros_like(centre)
+    for u, w in zip(units, weights):
+        tangent.add_((u - (u * centre).sum() * centre) * w)
+    length = torch.linalg.vector_norm(tangent) + eps
+    on_sphere = centre * torch.cos(length) + tangent * (torch.sin(length) / length)
+    radius = sum(n * w for n, w in zip(norms, weights))
+    return (on_sphere * radius).reshape(shape)
+
+
+def _multislerp(base, tensors, model_params, global_params) -> Tensor:
+    """Multislerp of the models, or with a base, of their task vectors (one model: that model unchanged)."""
+    if base is None or len(tensors) == 1:
+        return _multislerp_vectors(tensors, model_params, global_params)
+    base = base.float()
+    return base + _multislerp_vectors([x.float() - base for x in tensors], model_params, global_params)
+
+
+def _karcher(base, tensors, model_params, global_params) -> Tensor:
+    """Karcher (Riemannian) mean of the inputs' directions on the unit sphere, times their mean norm.
+
+    Every input counts equally (the base too: `base_is_input`, so the plan passes it among `tensors` and `base`
+    is unused). The mean starts at the normalised Euclidean mean
+    of the unit vectors and takes up to `max_iter` exponential-map steps along the mean log map, stopping once
+    the step is below `tol`; inputs of norm <= tol have no direction and are left out of the mean, but not of
+    the norm. Computed in float32 with mergekit's order of operations.
+    """
+    if len(tensors) == 1:
+        return tensors[0].to(torch.float32, copy=True)
+    max_iter, tol = int(global_params["max_iter"]), float(global_params["tol"])
+    shape = tensors[0].shape
+    flat = [x.float().reshape(-1) for x in tensors]
+    norms = [torch.linalg.vector_norm(f) for f in flat]
+    share = 1.0 / len(flat)
+    live = [i for i, n in enumerate(norms) if float(n) > tol]
+    if not live:
+        return torch.zeros(shape, dtype=torch.float32, device=flat[0].device)
+    units = [flat[i] / norms[i] for i in live]
+    live_total = sum(share for _ in live)
+    alphas = [share / live_total for _ in live]
+    mean = torch.zeros_like(units[0])
+    for a, u in zip(alphas, units):
+        mean += a * u
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(max_iter):
+        step = torch.zeros_like(mean)
+        for a, u in zip(alphas, units):
+            cos = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
+            angle = torch.arccos(cos)
+            if float(angle) < tol:
+                continue
+            step += a * (angle / torch.sin(angle)) * (u - cos * mean)
+        step_norm = torch.linalg.vector_norm(step)
+        if float(step_norm) < tol:
+            break
+        mean = torch.cos(step_norm) * mean + torch.sin(step_norm) * (step / step_norm)
+        length = torch.linalg.vector_norm(mean)
+        if float(length) > tol:
+            mean = mean / length
+    radius = sum(share * n for n in norms)
+    return (radius * mean).reshape(shape)
+
+
+def _sce_deltas(deltas, model_params, global_params) -> Tensor:
+    """SCE (select, calculate, erase) on task vectors.
+
+    Select: with `select_topk` < 1, keep only the entries whose variance across the models' task vectors is
+    among the top fraction (of the entries where it is non-zero), in every task vector. Calculate: each model's
+    weight is the mean square of its (selected) task vector, normalised over the models (equal weights when
+    they sum to < 1e-6). Erase: per entry, only task vectors with the sign of their plain sum take part
+    (TIES' sign consensus); merged = sum(w_i * d_i over them) / sum(w_i over them), clamped at 1e-6.
+    """
+    topk = float(global_params["select_topk"])
+    stacked = torch.stack([d.float() for d in deltas])
+    if topk < 1:
+        keep = torch.zeros_like(stacked[0])
+        if topk > 0:
+            spread = torch.var(stacked, dim=0, unbiased=False)
+            k = int(torch.count_nonzero(spread) * topk)  # as mergekit rounds it (a float32 product)
+            if k > 0:
+                keep.view(-1)[torch.topk(spread.abs().view(-1), k=k, largest=True).indices] = 1.0
+        stacked = stacked * keep
+    sign = _consensus_sign(list(stacked), "sum")
+    energy = stacked.square().reshape(len(deltas), -1).mean(dim=1)
+    total = float(energy.sum())
+    energy = torch.full_like(energy, 1.0 / len(deltas)) if abs(total) < 1e-6 else energy / total
+    weights = energy.reshape(-1, *([1] * (stacked.dim() - 1))) * ((stacked * sign) > 0)
+    return (stacked * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
+
+
+def _sce(base, tensors, model_params, global_params) -> Tensor:
+    base = base.float()
+    return base + _sce_deltas([x.float() - base for x in tensors], model_params, global_params)
+
+
+def _nearswap_share(distance: Tensor, t: float) -> Tensor:
+    """How far each entry moves from the base to the model: all the way where they are within t, t / distance
+    beyond (distances below 1e-6 count as 1e-6)."""
+    return (t / distance.abs().clamp(min=1e-6)).clamp(0, 1)
+
+
+def _nearswap(base, tensors, model_params, global_params) -> Tensor:
+    """NearSwap: take the model's value where it is close to the base's, interpolate towards it elsewhere."""
+    a, b = base.float(), tensors[0].float()
+    share = _nearswap_share(a - b, float(global_params["t"]))
+    return share * b + (1 - share) * a
+
+
+def _nearswap_deltas(deltas, model_params, global_params) -> Tensor:
+    delta = deltas[0].float()
+    return _nearswap_share(delta, float(global_params["t"])) * delta
+
+
+ARCEE_FUSION_EPS = 1e-8
+
+
+def _arcee_fusion(base, tensors, model_params, global_params) -> Tensor:
+    """Arcee Fusion: keep the model's value only where its change matters most, the base's elsewhere.
+
+    Importance of an entry = |model - base| * KL(softmax(model row) || softmax(base row)), rows along the last
+    dimension; the model's value is kept where importance >= median + 1.5 * (q3 - q1), the quantiles being the
+    sorted importances at floor(q * (n - 1)). mergekit estimates those quantiles from a random sample of 10^6
+    entries for larger tensors; evomerge takes them exactly (deterministic, equal below that size).
+    """
+    a, b = base.float(), tensors[0].float()
+    p = torch.softmax(b, dim=-1) + ARCEE_FUSION_EPS
+    q = torch.softmax(a, dim=-1) + ARCEE_FUSION_EPS
+    divergence = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    importance = (b - a).abs() * divergence
+    flat = importance.reshape(-1)
+    q1, median, q3 = (torch.kthvalue(flat, int(f * (flat.numel() - 1)) + 1).values for f in (0.25, 0.5, 0.75))
+    keep = importance >= median + 1.5 * (q3 - q1)
+    return a + (b - a) * keep
+
+
+def _ram_deltas(deltas, model_params, global_params, plus: bool = False) -> Tensor:
+    """RAM (reinforced agent merging): an entry changed (|delta| > epsilon) by one model alone takes that
+    model's change; one changed by several takes the mean of their changes; the rest stay at the base.
+
+    `plus` (RAM+, tensor-local): a model's own (unique) changes are scaled by 1 + r * min(rho, alpha), rho =
+    the model's shared changed entries over its unique ones (within this tensor): a model that shares much of
+    what it changes has its unique changes reinforced.
+    """
+    epsilon = float(global_params["epsilon"])
+    flat = [d.float().reshape(-1) for d in deltas]
+    changed = [f.abs() > epsilon for f in flat]
+    count = torch.zeros_like(flat[0], dtype=torch.int64)
+    for c in changed:
+        count += c
+    alone, shared = count == 1, count > 1
+    divisor = count.clamp(min=1)
+    out = torch.zeros_like(flat[0])
+    for f, c in zip(flat, changed):
+        kept = f * c
+        own = kept * alone
+        if plus:
+            rho = (c & shared).sum() / (c & alone).sum().clamp(min=epsilon)
+            own = own * (1 + float(global_params["r"]) * rho.clamp(min=0, max=float(global_params["alpha"])))
+        out += own + kept * shared / divisor
+    return out.reshape(deltas[0].shape)
+
+
+def _ramplus_deltas(deltas, model_params, global_params) -> Tensor:
+    return _ram_deltas(deltas, model_params, global_params, plus=True)
+
+
+def _ram(base, tensors, model_params, global_params) -> Tensor:
+    base = base.float()
+    return base + _ram_deltas([x.float() - base for x in tensors], model_params, global_params)
+
+
+def _ramplus(base, tensors, model_params, global_params) -> Tensor:
+    base = base.float()
+    return base + _ramplus_deltas([x.float() - base for x in tensors], model_params, global_params)
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
+
+@dataclass(frozen=True)
+class _Range:
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, x: float) -> bool:
+        above = x > self.lo if self.lo_open else x >= self.lo
+        below = x < self.hi if self.hi_open else x <= self.hi
+        return math.isfinite(x) and above and below
+
+    def __str__(self) -> str:
+        if math.isinf(self.lo) and math.isinf(self.hi):
+            return "any finite number"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+_ANY = _Range(-math.inf, math.inf)
+_AT_LEAST_0 = _Range(0, math.inf)
+
 
 # name, sparsifier, consensus, default normalize, default rescale, reference
 _TASK_VECTOR_ROWS: list[tuple[str, str | None, str | None, bool, bool, str]] = [
@@ -407,6 +730,85 @@ METHODS.update(
             min_models=1,
             max_models=1,
         ),
+        "multislerp": MethodSpec(
+            name="multislerp",
+            model_params={"weight": None},
+            global_params={"normalize_weights": True, "eps": 1e-8},
+            needs_base=False,
+            accepts_base=True,  # with a base it interpolates the task vectors
+            combine=_multislerp,
+            combine_deltas=_multislerp_vectors,
+            reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        ),
+        "karcher": MethodSpec(
+            name="karcher",
+            model_params={},
+            global_params={"max_iter": 10, "tol": 1e-5},
+            needs_base=False,
+            base_is_input=True,
+            combine=_karcher,
+            reference="https://arxiv.org/abs/2603.04972",
+        ),
+        "sce": MethodSpec(
+            name="sce",
+            model_params={},
+            global_params={"select_topk": 1.0, "int8_mask": False},
+            needs_base=True,
+            accepts_base=True,
+            combine=_sce,
+            combine_deltas=_sce_deltas,
+            reference="https://arxiv.org/abs/2408.07990",
+        ),
+        "nearswap": MethodSpec(
+            name="nearswap",
+            model_params={},
+            global_params={"t": None},
+            needs_base=True,
+            accepts_base=True,
+            combine=_nearswap,
+            combine_deltas=_nearswap_deltas,
+            min_models=1,
+            max_models=1,
+            ranges={"t": _AT_LEAST_0},  # a distance in weight units, not a fraction
+            reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        ),
+        "arcee_fusion": MethodSpec(
+            name="arcee_fusion",
+            model_params={},
+            global_params={},
+            needs_base=True,
+            accepts_base=True,
+            combine=_arcee_fusion,
+            min_models=1,
+            max_models=1,
+            mergekit_note=(
+                "arcee_fusion: for tensors of more than 10^6 entries mergekit estimates its quantile threshold from "
+                "a random sample, evomerge takes it exactly, so such tensors may differ; --format model reproduces ours"
+            ),
+            reference="https://arcee.ai",
+        ),
+        "ram": MethodSpec(
+            name="ram",
+            model_params={},
+            global_params={"epsilon": 1e-5},
+            needs_base=True,
+            accepts_base=True,
+            combine=_ram,
+            combine_deltas=_ram_deltas,
+            ranges={"epsilon": _AT_LEAST_0},
+            reference="https://arxiv.org/abs/2601.13572",
+        ),
+        "ramplus_tl": MethodSpec(
+            name="ramplus_tl",
+            model_params={},
+            global_params={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+            needs_base=True,
+            accepts_base=True,
+            combine=_ramplus,
+            combine_deltas=_ramplus_deltas,
+            ranges={"epsilon": _AT_LEAST_0, "r": _AT_LEAST_0, "alpha": _AT_LEAST_0},
+            reference="https://arxiv.org/abs/2601.13572",
+        ),
     }
 )
 
@@ -443,14 +845,31 @@ def merge_tensor(
     model_params: list[dict[str, float]],
     global_params: dict[str, float | bool],
     generator: torch.Generator | None = None,
+    *,
+    compute: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Merge one tensor. `tensors` exclude the base; the result is float32 and never aliases an input."""
+    """Merge one tensor. `tensors` exclude the base; the result never aliases an input.
+
+    `compute` other than float32 (`compute_dtype: recipe` with a half-precision recipe) reproduces mergekit
+    0.1.5: the inputs are rounded to `compute` as mergekit reads them, task-vector methods compute in it with
+    mergekit's roundings (`_merge_deltas_rounded`) and the result is in `compute`; the other methods compute
+    in float32 from the rounded inputs, which is what mergekit does for linear and slerp.
+    """
     spec = _spec(method)
     if tensors or not spec.uses_task_vectors:
         check_model_count(method, len(tensors))
     models, globals_ = _with_defaults(spec, model_params, global_params)
     if spec.needs_base and base is None:
         raise ValueError(f"{method}: needs a base model tensor")
+    if compute != torch.float32:
+        base = base.to(compute) if base is not None else None
+        tensors = [x.to(compute) for x in tensors]
+        if spec.uses_task_vectors:
+            if not tensors:
+                return base.clone()
+            deltas = [x - base for x in tensors]
+            return base + _merge_deltas_rounded(spec, deltas, models, globals_, generator, compute)
+        return spec.combine(base, tensors, models, globals_)
     if spec.uses_task_vectors:
         base32 = base.float()
         if not tensors:
@@ -499,25 +918,6 @@ def merge_task_vectors(
 # Validation
 
 
-@dataclass(frozen=True)
-class _Range:
-    lo: float
-    hi: float
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def contains(self, x: float) -> bool:
-        above = x > self.lo if self.lo_open else x >= self.lo
-        below = x < self.hi if self.hi_open else x <= self.hi
-        return math.isfinite(x) and above and below
-
-    def __str__(self) -> str:
-        if math.isinf(self.lo) and math.isinf(self.hi):
-            return "any finite number"
-        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-
-
-_ANY = _Range(-math.inf, math.inf)
 _RANGES: dict[str, _Range] = {
     "weight": _ANY,
     "density": _Range(0, 1),
@@ -526,8 +926,16 @@ _RANGES: dict[str, _Range] = {
     "lambda": _ANY,
     "t": _Range(0, 1),
     "scale": _ANY,
+    "select_topk": _Range(0, 1),
+    "max_iter": _Range(0, 10_000),
+    "tol": _AT_LEAST_0,
+    "eps": _AT_LEAST_0,
 }
-_BOOLS = {"normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten", "filter_wise", "stable_ties"}
+_BOOLS = {
+    "normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten", "filter_wise", "stable_ties",
+    "normalize_weights",
+}
+_INTS = {"max_iter"}
 EVOMERGE_ONLY_PARAMS = ("stable_ties",)  # not mergekit's: left out of mergekit YAML (to_mergekit says so)
 
 
@@ -537,16 +945,22 @@ def _suggest(name: str, known) -> str:
     return f" ({hint.strip()})" if hint else ""
 
 
-def _check_value(name: str, value: object, where: str) -> None:
+def _allowed(spec: MethodSpec, name: str) -> _Range:
+    return spec.ranges.get(name) or _RANGES.get(name, _ANY)
+
+
+def _check_value(spec: MethodSpec, name: str, value: object, where: str) -> None:
     if name in _BOOLS:
         if not isinstance(value, bool) and value not in (0, 1):
             raise ValueError(f"{name}{where}: must be true or false, got {value!r}")
         return
+    allowed = _allowed(spec, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}{where}: must be a number in {_RANGES.get(name, _ANY)}, got {value!r}")
-    allowed = _RANGES.get(name, _ANY)
+        raise ValueError(f"{name}{where}: must be a number in {allowed}, got {value!r}")
     if not allowed.contains(float(value)):
         raise ValueError(f"{name}{where}: must be in {allowed}, got {value!r}")
+    if name in _INTS and float(value) != int(value):
+        raise ValueError(f"{name}{where}: must be a whole number, got {value!r}")
 
 
 def check_model_count(method: str, n_models: int) -> None:
@@ -579,10 +993,10 @@ def validate_params(
                 f"{name}: not a parameter of {method}{_suggest(name, known_global)}; "
                 f"allowed: {', '.join(sorted(known_global)) or 'none'}"
             )
-        _check_value(name, value, "")
+        _check_value(spec, name, value, "")
     for name, default in spec.global_params.items():
         if default is None and name not in global_params:
-            raise ValueError(f"{name}: required by {method} (allowed range {_RANGES.get(name, _ANY)})")
+            raise ValueError(f"{name}: required by {method} (allowed range {_allowed(spec, name)})")
 
     for i, params in enumerate(model_params):
         where = f" (model {i})"
@@ -595,11 +1009,11 @@ def validate_params(
                 )
             if value is None and name in _OPTIONAL_NONE:
                 continue
-            _check_value(name, value, where)
+            _check_value(spec, name, value, where)
         resolved = {**spec.model_params, **{k: v for k, v in global_params.items() if k in spec.model_params}, **params}
         for name, value in resolved.items():
             if value is None and name not in _OPTIONAL_NONE:
-                raise ValueError(f"{name}{where}: required by {method} ({_RANGES.get(name, _ANY)})")
+                raise ValueError(f"{name}{where}: required by {method} ({_allowed(spec, name)})")
         if spec.sparsifier == "rank_sampling":
             try:
                 check_epsilon(float(resolved["density"]), float(resolved["epsilon"]))

@@ -73,8 +73,10 @@ def _normalised_slices(recipe: Recipe, cks: Mapping[str, Checkpoint]) -> list[Sl
     def n_layers(label: str) -> int:
         return Architecture.from_config(cks[label].config).num_layers
     sources = [ModelEntry(m.model, m.parameters, (0, n_layers(m.model))) for m in recipe.models]
-    # The base joins as a source only where the method takes one: for linear it is not a contributor.
-    if recipe.base_model and METHODS[recipe.merge_method].accepts_base and recipe.base_model not in {s.model for s in sources}:
+    # The base joins as a source only where the method takes one (or averages it in as one more input, as
+    # mergekit's karcher does): for linear it is not a contributor.
+    spec = METHODS[recipe.merge_method]
+    if recipe.base_model and (spec.accepts_base or spec.base_is_input) and recipe.base_model not in {s.model for s in sources}:
         sources.append(ModelEntry(recipe.base_model, {}, (0, n_layers(recipe.base_model))))
     return [Slice(tuple(sources))]
 

@@ -24,8 +24,12 @@ Setting = Any  # float | int | bool | str | list[float] | list[{"filter": str, "
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "chat_template", "seed", "name",
+    "tokenizer_source", "tokenizer", "chat_template", "seed", "name", "compute_dtype",
 )
+# compute_dtype (evomerge's own): "float32" computes every merge in float32 and rounds once at the end (the
+# default: the most accurate); "recipe" computes in the recipe's `dtype` with mergekit 0.1.5's roundings, for
+# the same bits as mergekit from a half-precision recipe (see `methods.merge_tensor`).
+COMPUTE_DTYPES = ("float32", "recipe")
 UNSUPPORTED_KEYS = {
     "modules": "multi-module merges are not supported; merge each module separately",
 }
@@ -106,6 +110,7 @@ class Recipe:
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None  # Jinja text, or "auto": the template most of the models use
     seed: int = 0  # evomerge extension: seeds the random sparsifiers (DARE, DELLA)
+    compute_dtype: str = "float32"  # evomerge extension: see COMPUTE_DTYPES
     name: str | None = None
     paths: dict[str, Path] = field(default_factory=dict)  # model label -> resolved folder
     source_file: Path | None = None
@@ -149,10 +154,13 @@ class Recipe:
         return out
 
     def to_yaml(self, mergekit_only: bool = False) -> str:
-        """The recipe as YAML; `mergekit_only`: what mergekit reads (no seed, no evomerge-only parameter)."""
+        """The recipe as YAML; `mergekit_only`: what mergekit reads (no seed, compute_dtype nor evomerge-only
+        parameter: mergekit always computes as `compute_dtype: recipe` says)."""
         data = self.to_dict()
         if not mergekit_only and self.seed:
             data["seed"] = self.seed
+        if not mergekit_only and self.compute_dtype != "float32":
+            data["compute_dtype"] = self.compute_dtype
         if mergekit_only:
             for holder in [data, *data.get("slices", [])]:
                 params = holder.get("parameters")
@@ -175,6 +183,10 @@ class Recipe:
                 holder["base_model"] = name(holder["base_model"])
             for entry in holder.get("models", []) + holder.get("sources", []):
                 entry["model"] = name(entry["model"])
+
+    def compute_torch_dtype(self):
+        """The dtype merges compute in: float32 (the default), or with `compute_dtype: recipe` the recipe's dtype."""
+        return DTYPES[self.dtype] if self.compute_dtype == "recipe" and self.dtype else DTYPES["float32"]
 
     def evomerge_only_params(self) -> list[str]:
         """The evomerge-only parameters this recipe sets to a non-default value (mergekit would not apply them)."""
@@ -378,6 +390,12 @@ def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool =
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None and data[key] not in DTYPES:
             raise where.error(key, f"unknown dtype {data[key]!r}; use one of {', '.join(DTYPES)}")
+    compute = data.get("compute_dtype", "float32")
+    if compute not in COMPUTE_DTYPES:
+        raise where.error("compute_dtype", f"got {compute!r}; use float32 (the default: compute in float32, round "
+                          "once at the end) or recipe (compute in the recipe's dtype, as mergekit does)")
+    if compute == "recipe" and not data.get("dtype"):
+        raise where.error("compute_dtype", "'recipe' computes in the recipe's dtype: set dtype (e.g. dtype: bfloat16)")
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise where.error("seed", f"must be a non-negative integer, got {seed!r}")
@@ -398,6 +416,7 @@ def parse_recipe(data: Any, source_file: Path | None = None, check_paths: bool =
         tokenizer=tokenizer,
         chat_template=template,
         seed=seed,
+        compute_dtype=compute,
         name=data.get("name"),
         source_file=source_file,
     )

@@ -158,7 +158,9 @@ def rank_window_mask(
     them: `tie_order="descending"` is `argsort(descending=True)` (mergekit's top-k), "ascending" is
     `sort().indices` (its outlier window). `stable=True` breaks those ties by index instead (no sort).
     """
-    flat = magnitudes.reshape(-1)
+    # Half-precision magnitudes (compute_dtype: recipe) are ranked in float32, as mergekit ranks them on CPU:
+    # the same values, and the same sort call, so the same order among ties.
+    flat = magnitudes.reshape(-1) if magnitudes.dtype in (torch.float32, torch.float64) else magnitudes.reshape(-1).float()
     n = flat.numel()
     lo, hi = max(lo, 0), min(hi, n)
     if lo >= hi:

@@ -11,8 +11,12 @@ Two shapes, one class:
   mean of the group's filter values, unless `"*"` is one of the modules.
 
 With several `methods`, a `method` gene in [0, 1] picks one (equal-width bins, in the listed order).
-Only task-vector methods (task_arithmetic, ties, dare_*, della*, breadcrumbs*) are allowed: they all take
-the same weight/density genes and accept any weight, so every genome decodes to a valid recipe.
+Any method of the table can be searched whose required values the space can give: per-model `weight` is a
+gene, `density` a gene where the method sparsifies, and anything else the method requires (nearswap's and
+slerp's `t`) comes from the space's fixed `parameters`; it must also accept the space's number of models
+(nearswap, arcee_fusion and slerp take exactly one besides the base, nuslerp two). A method without a weight
+or density (karcher, sce, ram, ramplus_tl, nearswap, arcee_fusion) ignores those genes: it is one more choice
+of the method gene, and a space of such methods alone has nothing to search and is refused.
 
 Decoding is deterministic (genes clipped to their bounds, values rounded to 6 decimals so that equal recipes
 hash equal) and always valid (DELLA densities are kept inside (epsilon, 1 - epsilon)).
@@ -72,9 +76,10 @@ class ParameterSpace:
         if not self.methods:
             raise SpaceError("method: give a merge method or a list of them")
         for m in self.methods:
-            if m not in METHODS or not METHODS[m].uses_task_vectors:
-                ok = ", ".join(k for k, s in METHODS.items() if s.uses_task_vectors)
-                raise SpaceError(f"method: '{m}' cannot be searched here; use a task-vector method: {ok}")
+            self._check_searchable(m)
+        if not any({"weight", "density"} & set(METHODS[m].model_params) for m in self.methods):
+            raise SpaceError(f"method: no weight or density to search ({', '.join(self.methods)} take none); "
+                             "add a method that does (ties, task_arithmetic, multislerp, ...)")
         if not self.modules or len(set(self.modules)) != len(self.modules):
             raise SpaceError(f"modules: give distinct tensor-name filters (or [\"*\"]), got {self.modules!r}")
         if self.num_layers is None:
@@ -93,6 +98,27 @@ class ParameterSpace:
             if key not in allowed:
                 raise SpaceError(f"parameters.{key}: not a method-wide parameter of {', '.join(self.methods)} "
                                  f"(allowed: {', '.join(sorted(allowed))})")
+
+    def _check_searchable(self, method: str) -> None:
+        """Refuse a method no genome could decode to a valid recipe of, saying why."""
+        if method not in METHODS:
+            raise SpaceError(f"method: '{method}' cannot be searched here: no such method "
+                             f"(methods: {', '.join(sorted(METHODS))})")
+        spec = METHODS[method]
+        missing = [k for k, d in spec.global_params.items() if d is None and k not in self.parameters]
+        if missing:
+            raise SpaceError(f"method: '{method}' cannot be searched here without {', '.join(missing)}: "
+                             f"give it in the space's parameters (e.g. parameters: {{{missing[0]}: 0.5}})")
+        genes = {"weight", "density"}
+        ungiven = [k for k, d in spec.model_params.items() if d is None and k not in genes and k != "scale"]
+        if ungiven:
+            raise SpaceError(f"method: '{method}' cannot be searched here: it needs {', '.join(ungiven)} per model")
+        n = len(self.sources) + (1 if spec.base_is_input else 0)
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            want = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
+                    else f"{spec.min_models} to {spec.max_models if spec.max_models is not None else 'any number of'}")
+            raise SpaceError(f"method: '{method}' cannot be searched here: it merges {want} model(s) besides the "
+                             f"base and the space has {len(self.sources)} ({', '.join(self.sources)})")
 
     # ------------------------------------------------------------ genes
 
@@ -172,8 +198,8 @@ class ParameterSpace:
             """Source j's parameters in one group: scalars, or {filter, value} lists per module."""
             out: dict[str, Any] = {}
             for key, arr in (("weight", cell_w), ("density", cell_d)):
-                if key == "density" and spec.sparsifier is None:
-                    continue  # task arithmetic has no sparsifier: density would be ignored
+                if key not in spec.model_params or (key == "density" and spec.sparsifier is None):
+                    continue  # the method takes no such value (task arithmetic's density would be ignored)
                 values = [float(v) for v in arr[:, j]]
                 if self.modules == ["*"]:
                     out[key] = values[0]
@@ -183,13 +209,18 @@ class ParameterSpace:
                 out[key] = entries + [{"value": rest}]
             return out
 
-        data: dict[str, Any] = {"merge_method": method, "base_model": label[self.base]}
+        # Linear (and passthrough) take no base: the base is left out rather than made a model without a weight.
+        takes_base = spec.accepts_base or spec.base_is_input
+        data: dict[str, Any] = {"merge_method": method}
+        if takes_base:
+            data["base_model"] = label[self.base]
+        base_source = [{"model": label[self.base], "layer_range": [a, b]} for a, b in self.groups]
         if not self.layerwise:
             data["models"] = [{"model": label[s], "parameters": params(weights[0], density[0], j)}
                               for j, s in enumerate(self.sources)]
         else:
             data["slices"] = [
-                {"sources": [{"model": label[self.base], "layer_range": [a, b]}]
+                {"sources": base_source[gi:gi + 1] * takes_base
                  + [{"model": label[s], "layer_range": [a, b], "parameters": params(weights[gi], density[gi], j)}
                     for j, s in enumerate(self.sources)]}
                 for gi, (a, b) in enumerate(self.groups)]

@@ -13,12 +13,16 @@ What it writes (about 0.6 MB, committed):
   folders (config.json + model.safetensors). a, b, c are the base plus seeded noise on every
   tensor, norms included, so every tensor has a non-trivial task vector.
 - <case>/recipe.yaml: a mergekit recipe whose model paths are relative to the recipe's folder.
-- <case>/merged.safetensors: what `mergekit-yaml recipe.yaml OUT` (run from <case>/, fp32, CPU)
-  produced.
+- <case>/merged.safetensors: what `mergekit-yaml recipe.yaml OUT` (run from <case>/, CPU) produced: fp32,
+  and for the <case>_fp16 / <case>_bf16 copies of some cases (HALF_CASES) in that dtype.
 
 tests/test_mergekit_parity.py runs our engine on each recipe.yaml and compares every tensor.
 Only deterministic methods have cases: the random ones (dare_*, della*) cannot match bit for
-bit, and are tested against their formulas in tests/test_methods.py instead.
+bit, and are tested against their formulas in tests/test_methods.py instead. (arcee_fusion samples only
+tensors above 10^6 entries; these have at most 512.)
+
+`make_golden.py NAME...` writes only the named cases (the models are rewritten either way, byte for byte
+the same: they come from a fixed seed).
 """
 
 from __future__ import annotations
@@ -211,6 +215,69 @@ CASES: dict[str, dict] = {
         "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
         "dtype": "float32",
     },
+    # The seven methods mergekit 0.1.5 added to the table (issue 15): one case each, multislerp also without base.
+    "multislerp": {
+        "merge_method": "multislerp",
+        "base_model": m("base"),
+        "models": [
+            {"model": m("a"), "parameters": {"weight": 0.4}},
+            {"model": m("b"), "parameters": {"weight": [0.2, 0.9]}},
+            {"model": m("c"), "parameters": {"weight": ATTN_MLP_WEIGHT}},
+        ],
+        "dtype": "float32",
+    },
+    "multislerp_nobase": {
+        "merge_method": "multislerp",
+        "models": [
+            {"model": m("a"), "parameters": {"weight": 0.3}},
+            {"model": m("b"), "parameters": {"weight": 0.6}},
+        ],
+        "parameters": {"normalize_weights": False},
+        "dtype": "float32",
+    },
+    # The base is not listed: mergekit adds it to the sources and karcher averages it in.
+    "karcher": {
+        "merge_method": "karcher",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}],
+        "parameters": {"max_iter": 20, "tol": 1e-6},
+        "dtype": "float32",
+    },
+    "sce": {
+        "merge_method": "sce",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+        "parameters": {"select_topk": [0.3, 0.8]},
+        "dtype": "float32",
+    },
+    "nearswap": {
+        "merge_method": "nearswap",
+        "base_model": m("base"),
+        "models": [{"model": m("b")}],
+        "parameters": {"t": [0.01, 0.1]},
+        "dtype": "float32",
+    },
+    "arcee_fusion": {
+        "merge_method": "arcee_fusion",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}],
+        "dtype": "float32",
+    },
+    # epsilon near the deltas' spread, so that entries changed by one model, by several and by none all occur.
+    "ram": {
+        "merge_method": "ram",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+        "parameters": {"epsilon": 0.05},
+        "dtype": "float32",
+    },
+    "ramplus_tl": {
+        "merge_method": "ramplus_tl",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+        "parameters": {"epsilon": 0.06, "r": 0.5, "alpha": 0.3},
+        "dtype": "float32",
+    },
     # Two output slices: each runs its own gradient (t restarts at 0 in every slice) and the
     # second reads source layers 1-2 of a, so filters see input names that differ from outputs.
     "slices_ties": {
@@ -238,6 +305,16 @@ CASES: dict[str, dict] = {
         "dtype": "float32",
     },
 }
+
+# Half precision (issue 15): the same recipes in float16 and bfloat16, which mergekit computes in that dtype.
+# tests/test_mergekit_parity.py runs them with compute_dtype: recipe, and checks that the default float32
+# compute is nearer the float32 golden than mergekit's half-precision numbers are.
+HALF_PRECISION = {"float16": "fp16", "bfloat16": "bf16"}
+HALF_CASES = ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp", "nuslerp", "model_stock", "multislerp",
+              "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"]
+for _case in HALF_CASES:
+    for _dtype, _suffix in HALF_PRECISION.items():
+        CASES[f"{_case}_{_suffix}"] = {**CASES[_case], "dtype": _dtype}
 
 
 def run_case(name: str, recipe: dict) -> None:
