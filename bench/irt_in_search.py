@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from evomerge.fitness import irt  # noqa: E402
-from evomerge.search.irt_policy import calibration_choice  # noqa: E402
+from evomerge.search.irt_policy import calibration_choice, printed_error  # noqa: E402
 from evomerge.store import Store  # noqa: E402
 
 
@@ -63,7 +63,8 @@ def replay(ids: list[str], Y: np.ndarray, rows: list, anchors: int, seed_candida
     g_all = sorted(set(gens.tolist()))
     g0 = None
     cal = None
-    fit_gen = None
+    checks: list[tuple[float, float]] = []  # calibration candidates: (error, unscaled sd)
+    chosen: list[str] = []
     est_rows, est, sds, printed, measured, plain, rand = [], [], [], [], [], [], []
     rng = np.random.default_rng([seed, 5])
     fits = 0
@@ -78,11 +79,12 @@ def replay(ids: list[str], Y: np.ndarray, rows: list, anchors: int, seed_candida
         if (g - g0) % every == 0:  # refit on everything scored in full before this generation
             fit_rows = sorted(full)
             t = time.perf_counter()
-            cal = irt.calibrate(Y[fit_rows], anchors, "irt", 0, [fit_rows.index(p) for p in parents if p in full])
+            cal = irt.calibrate(Y[fit_rows], anchors, "irt", 0, [fit_rows.index(p) for p in parents if p in full],
+                                extra_residuals=checks)
             t_fit += time.perf_counter() - t
             fits += 1
-            fit_gen = g
-            printed.append((g, cal.printed_error()))
+            printed.append((g, printed_error(cal, [abs(r) for r, _ in checks])[0], len(est_rows)))
+            chosen.append(cal.estimator)
         calib = set()
         if count and (g - g0) % every == every - 1:
             ests = [cal.estimate(Y[k, cal.anchors.items]) for k in here]
@@ -91,6 +93,7 @@ def replay(ids: list[str], Y: np.ndarray, rows: list, anchors: int, seed_candida
             e = cal.estimate(Y[k, cal.anchors.items])
             if k in calib:
                 measured.append(abs(e.value - truth[k]))
+                checks.append((e.value - truth[k], e.sd / cal.sd_scale))
                 full.add(k)
                 continue
             est_rows.append(k)
@@ -100,13 +103,16 @@ def replay(ids: list[str], Y: np.ndarray, rows: list, anchors: int, seed_candida
             rand.append(Y[k, rng.choice(Y.shape[1], len(cal.anchors.items), replace=False)].mean())
     t = truth[est_rows]
     err = np.abs(np.array(est) - t)
+    # what was printed at each fit against the error of the estimates made under that fit and later
+    ratios = [p / err[start:].mean() for _, p, start in printed if start < len(err)]
     items = sum(Y.shape[1] if k in full else len(cal.anchors.items) for k in range(len(rows)))
     return {"estimated": len(est_rows), "mae": float(err.mean()), "worst": float(err.max()),
             "printed": printed, "measured_on_calibration": float(np.mean(measured)) if measured else None,
             "plain_anchor_mean_mae": float(np.abs(np.array(plain) - t).mean()),
             "random_subset_mae": float(np.abs(np.array(rand) - t).mean()),
             "within_2sd": float(np.mean(err <= 2 * np.array(sds))), "mean_2sd": float(2 * np.mean(sds)),
-            "items_fraction": items / (Y.shape[0] * Y.shape[1]), "fits": fits, "fit_seconds": t_fit}
+            "items_fraction": items / (Y.shape[0] * Y.shape[1]), "fits": fits, "fit_seconds": t_fit,
+            "printed_over_true": ratios, "estimators": chosen}
 
 
 def main() -> None:
@@ -123,11 +129,13 @@ def main() -> None:
           f"{args.seed_candidates}, calibrate every {args.calibrate_every} generations x {args.calibrate_count}")
     for name, (ids, Y, keep) in data.items():
         r = replay(ids, Y, keep, args.anchors, args.seed_candidates, args.calibrate_every, args.calibrate_count)
-        last = r["printed"][-1][1] if r["printed"] else float("nan")
+        ratios = r["printed_over_true"]
         print(f"\n{name}: {len(ids)} items, {Y.shape[0]} candidates, {r['estimated']} estimated, {r['fits']} fits "
-              f"({r['fit_seconds']:.1f} s)")
+              f"({r['fit_seconds']:.1f} s), estimators {', '.join(r['estimators'])}")
         print(f"  in-search MAE {r['mae']:.4f} (worst {r['worst']:.3f}); printed at the fits: "
-              + ", ".join(f"g{g} {p:.4f}" for g, p in r["printed"]) + f"; true / last printed = {r['mae'] / last:.2f}")
+              + ", ".join(f"g{g} {p:.4f}" for g, p, _ in r["printed"]))
+        print("  printed / the error of the estimates made from then on: " + ", ".join(f"{x:.2f}" for x in ratios)
+              + f" (median {np.median(ratios):.2f}; target within 0.75-1.25)")
         mc = r["measured_on_calibration"]
         print(f"  measured on calibration candidates {mc:.4f}" if mc is not None else "  no calibration candidates")
         print(f"  baselines: plain anchor mean {r['plain_anchor_mean_mae']:.4f} (ratio {r['mae'] / r['plain_anchor_mean_mae']:.2f}), "

@@ -94,8 +94,13 @@ def test_estimators_on_held_out_candidates_stay_within_bounds():
         covered[e] = np.mean(err <= 2 * np.array([x.sd for x in est]))
     assert maes["pirt"] < 0.05 and maes["gpirt"] < 0.05 and maes["merge3"] < 0.05 and maes["anchor"] < 0.06, maes
     assert maes[cal.estimator] <= min(maes.values()) + 0.005, (cal.estimator, maes)  # cross-validation chose well
-    assert all(c > 0.85 for c in covered.values()), covered  # uncertainties mean something (2 sd: 95% if exact)
-    assert set(cal.cv_mae) == {"anchor", "pirt", "gpirt", "merge3", "mix"} and cal.estimator in irt.AUTO
+    assert covered[cal.estimator] >= 0.9, covered  # the chosen estimator's sd, scaled by the honest check, covers
+    # the in-fit cross-validation saw its held-out candidates through the anchors and is optimistic; the honest
+    # check (anchors chosen inside each fold) lands near the error really measured on the 150 held out
+    assert cal.cv_mae[min(cal.cv_mae, key=cal.cv_mae.get)] < 0.75 * maes[cal.estimator]
+    assert abs(cal.honest_mae - maes[cal.estimator]) < 0.25 * maes[cal.estimator], (cal.honest_mae, maes)
+    # here no model beats a plain mean by more than noise (independent coin flips): a mean may be chosen instead
+    assert set(cal.cv_mae) == {"anchor", "pirt", "gpirt", "merge3", "mix"} and cal.estimator in irt.AUTO + ("mean", "anchor")
     assert 0.0 <= cal.lam <= 1.0 and cal.model.dims == 1
     assert cal.cv_mae["mix"] <= min(cal.cv_mae[e] for e in ("anchor", "pirt", "gpirt", "merge3")) + 1e-12
 
@@ -121,7 +126,8 @@ def test_calibration_keeps_the_anchor_draw_with_the_least_cross_validated_error_
             a, b = many.estimate(y, e), back.estimate(y, e)
             assert (a.value, a.sd) == (b.value, b.sd)
     no_parents = irt.calibrate(Y[:40], 20, "irt", seed=3, dims=2, draws=2, estimators=("mix",))
-    assert no_parents.estimator == "mix" and set(no_parents.mix) == {"anchor", "pirt"}
+    assert set(no_parents.mix) == {"anchor", "pirt"}  # mix asked for; a plain mean replaces it where it loses
+    assert no_parents.estimator == "mix" or no_parents.model_mae >= min(no_parents.baselines.values())
 
 
 def test_irt_beats_a_random_subset_when_skills_are_many_and_merges_mix_two_parents():
@@ -239,7 +245,10 @@ def test_search_scores_anchors_only_after_calibration_and_stores_estimates(tmp_p
     assert "IRT for quiz (generation 2): fitted on 12" in log.getvalue()
     summary = result.report["irt"]["quiz"]
     assert summary["estimated"] == len(estimated) - len(confirmed)
-    assert summary["calibration_checks"] == 6 + len(confirmed)
+    assert summary["calibration_checks"] == 6 and summary["confirmed"] == len(confirmed)  # told apart
+    checks = [ests[r.id] for r in full]
+    assert summary["within_2sd"] == pytest.approx(np.mean([abs(e["value"] - e["measured"]) <= 2 * e["sd"] for e in checks]))
+    assert summary["printed_error"] is not None and "held out of the fit" in summary["printed_basis"]
     seeds = sum(1 for r in rows if r.generation < 2 and r.status == "done")
     n_full, n_est = seeds + len(full) + len(confirmed), len(estimated) - len(confirmed)
     assert summary["items_fraction"] == pytest.approx((n_full * ITEMS + n_est * 20) / ((n_full + n_est) * ITEMS))

@@ -35,7 +35,7 @@ import numpy as np
 from evomerge.errors import EvomergeError
 
 ANCHOR_METHODS = ("irt", "correct", "random")
-ESTIMATORS = ("anchor", "pirt", "gpirt", "merge3", "mix")
+ESTIMATORS = ("anchor", "pirt", "gpirt", "merge3", "mix", "mean")
 MIN_FIT = 8  # fewer fully scored candidates than this and there is nothing to fit a model on
 
 
@@ -344,6 +344,9 @@ def estimate(model: IRTModel, anchors: Anchors, y: np.ndarray, estimator: str = 
     y = np.asarray(y, dtype=float)
     if y.shape != anchors.items.shape:
         raise ValueError(f"{len(y)} responses for {len(anchors.items)} anchors")
+    if estimator == "mean":  # the anchors' plain mean: the baseline every model-based estimator must beat
+        p = float(y.mean()) if len(y) else 0.0
+        return Estimate(p, float(np.sqrt(max(p * (1 - p), 0.25 / len(y)) / len(y))), "mean")
     if estimator == "mix":
         if not mix:
             raise IRTUnavailable("the mix estimator needs its weights (set by calibrate)")
@@ -381,28 +384,46 @@ class Calibration:
     dims_loss: dict[int, float]  # dims -> held-out log-loss
     parents: list[int] = field(default_factory=list)  # rows of model.theta that are the parents
     mix: dict[str, float] = field(default_factory=dict)  # the mix estimator's weights of anchor, pirt, merge3
+    # The honest check (`_honest`): the chosen configuration re-run in every fold with anchors chosen from that
+    # fold's own fit, so no choice saw the held-out candidate. Its MAE, the baselines' MAE on the same candidates
+    # (the anchors' plain mean, a random item subset of the same size), and the factor that makes 2 sd cover 90% of
+    # its errors (estimates' sds are multiplied by it).
+    honest_mae: float | None = None
+    honest_n: int = 0  # the candidates the honest check estimated
+    model_mae: float | None = None  # the honest check's MAE of the model-based estimator chosen in the fit
+    baselines: dict[str, float] = field(default_factory=dict)
+    sd_scale: float = 1.0
 
     def printed_error(self) -> float:
-        """The error a search shows for this calibration before any calibration candidate is measured."""
-        return self.cv_mae[self.estimator]
+        """The error a search shows for this calibration before any calibration candidate is measured: the honest
+        check's (never the in-fit cross-validation's, which saw its held-out candidates through the anchors)."""
+        return self.honest_mae if self.honest_mae is not None else self.cv_mae[self.estimator]
 
     @property
     def parent_theta(self) -> np.ndarray:
         return self.model.theta[self.parents] if self.parents else np.zeros((0, self.model.dims))
 
     def estimate(self, y: np.ndarray, estimator: str | None = None) -> Estimate:
-        return estimate(self.model, self.anchors, y, estimator or self.estimator, self.lam, self.parent_theta, self.mix)
+        e = estimate(self.model, self.anchors, y, estimator or self.estimator, self.lam, self.parent_theta, self.mix)
+        scale = self.sd_scale if e.estimator == self.estimator else 1.0  # the factor was measured on the chosen one
+        return Estimate(e.value, e.sd * scale, e.estimator)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "anchors": self.anchors.to_dict(), "estimator": self.estimator,
                 "lam": self.lam, "cv_mae": self.cv_mae, "dims_loss": {str(k): v for k, v in self.dims_loss.items()},
-                "parents": self.parents, **({"mix": self.mix} if self.mix else {})}
+                "parents": self.parents, **({"mix": self.mix} if self.mix else {}),
+                "honest_mae": self.honest_mae, "honest_n": self.honest_n, "model_mae": self.model_mae,
+                "baselines": self.baselines,
+                "sd_scale": self.sd_scale}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Calibration":
         return cls(IRTModel.from_dict(d["model"]), Anchors.from_dict(d["anchors"]), d["estimator"], float(d["lam"]),
                    {k: float(v) for k, v in d["cv_mae"].items()}, {int(k): float(v) for k, v in d["dims_loss"].items()},
-                   [int(i) for i in d.get("parents", [])], {k: float(v) for k, v in d.get("mix", {}).items()})
+                   [int(i) for i in d.get("parents", [])], {k: float(v) for k, v in d.get("mix", {}).items()},
+                   honest_mae=d.get("honest_mae"), honest_n=int(d.get("honest_n", 0)), model_mae=d.get("model_mae"),
+                   baselines={k: float(v) for k, v in d.get("baselines", {}).items()},
+                   sd_scale=float(d.get("sd_scale", 1.0)))
 
 
 LAM_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)
@@ -448,7 +469,8 @@ def _cv_scores(P: dict[str, np.ndarray], t: np.ndarray, parents: bool) -> tuple[
 
 def calibrate(responses: np.ndarray, n_anchors: int, method: str = "irt", seed: int = 0, parents: Sequence[int] = (),
               estimators: Sequence[str] = AUTO, dims: int | Sequence[int] = (1, 2, 3, 5), folds: int = 5,
-              cache: dict | None = None, item_sd: float = 3.0, draws: int = DRAWS) -> Calibration:
+              cache: dict | None = None, item_sd: float = 3.0, draws: int = DRAWS,
+              extra_residuals: Sequence[tuple[float, float]] = ()) -> Calibration:
     """Fit one task from fully scored candidates (rows of `responses`, every item scored; `parents` are rows too).
 
     1. dims: the grid's best on held-out cells (or the one given); the final model on every row;
@@ -528,4 +550,68 @@ def calibrate(responses: np.ndarray, n_anchors: int, method: str = "irt", seed: 
         if best_run is None or round(cv[est], 6) < round(best_run[0][est], 6):
             best_run = (cv, lam, mix, est, final)
     cv, lam, mix, best, anchors = best_run
-    return Calibration(full, anchors, best, lam, cv, dims_loss, parents, mix)
+    cal = Calibration(full, anchors, best, lam, cv, dims_loss, parents, mix)
+    return _honest(cal, Y, fold_models, n_anchors, method, seed, extra_residuals)
+
+
+SD_COVER = 0.95  # the share of the check's errors 2 sd cover (the search's target is 90%: a margin for its noise)
+SD_SCALE_BOUNDS = (0.2, 5.0)
+
+
+def sd_scale_for(residuals: Sequence[float], sds: Sequence[float]) -> float:
+    """The factor that makes 2 x (sd x factor) cover SD_COVER of these errors (within SD_SCALE_BOUNDS). Why a
+    factor at all: the model's sd counts the unseen items' coin flips and the ability's uncertainty, not the
+    model's own misfit, and is too wide where items are predictable (measured on the demo: 2 sd of 0.17 around
+    errors of 0.02)."""
+    r, sd = np.abs(np.asarray(residuals, dtype=float)), np.maximum(np.asarray(sds, dtype=float), 1e-9)
+    if len(r) == 0:
+        return 1.0
+    return float(np.clip(np.quantile(r / sd, SD_COVER) / 2.0, *SD_SCALE_BOUNDS))
+
+
+def _honest(cal: Calibration, Y: np.ndarray, fold_models: list, n_anchors: int, method: str, seed: int,
+            extra_residuals: Sequence[tuple[float, float]]) -> Calibration:
+    """Re-run the chosen configuration in every fold with anchors chosen from the fold's own fit, so that no choice
+    saw the held-out candidate: its MAE is what the search prints before calibration candidates are measured. Beside
+    it, on the same candidates, the anchors' plain mean and a random item subset of the same size (seeded): a model
+    that does not beat both is replaced by the better of them (`mean` on the anchors, or on a random subset). The sd
+    factor covers SD_COVER of these errors and of `extra_residuals` (error, unscaled sd) the search measured on earlier
+    calibration candidates."""
+    rng = np.random.default_rng([int(seed), 29])
+    resid, sds, plain, rand = [], [], [], []
+    for fold, train, mod, pth in fold_models:
+        try:
+            fa = choose_anchors(mod, n_anchors, method, seed, responses=Y[train])
+        except IRTUnavailable:
+            continue
+        for j in fold:
+            y, t = Y[j, fa.items], float(Y[j].mean())
+            e = estimate(mod, fa, y, cal.estimator, cal.lam, pth, cal.mix)
+            resid.append(e.value - t)
+            sds.append(e.sd)
+            plain.append((float(y.mean()), t))
+            rand.append((float(Y[j, rng.choice(Y.shape[1], len(fa.items), replace=False)].mean()), t))
+    if not resid:
+        return cal
+    cal.honest_mae, cal.honest_n = float(np.mean(np.abs(resid))), len(resid)
+    mae = lambda pairs: float(np.mean([abs(v - t) for v, t in pairs]))  # noqa: E731
+    cal.baselines = {"anchor mean": mae(plain), "random subset": mae(rand)}
+    cal.model_mae = cal.honest_mae  # the model-based estimator's, kept when a mean replaces it
+    if cal.honest_mae >= min(cal.baselines.values()):  # the model loses to a plain mean: use the better mean
+        if cal.baselines["anchor mean"] <= cal.baselines["random subset"]:
+            pairs, cal.estimator = plain, "mean"
+        else:
+            # a random subset's mean, drawn once for every candidate: one random item per stratum of difficulty
+            # (a uniform draw could leave it harder or easier than the task), the constant items counted as the
+            # `anchor` estimator counts them
+            cal.anchors = choose_anchors(cal.model, len(cal.anchors.items), "random", seed)
+            pairs, cal.estimator = rand, "anchor"
+        cal.honest_mae = mae(pairs)
+        n = len(cal.anchors.items)
+        resid = [v - t for v, t in pairs]
+        sds = [float(np.sqrt(max(v * (1 - v), 0.25 / n) / n)) for v, _ in pairs]  # a mean's binomial sd
+    extra = list(extra_residuals)
+    cal.sd_scale = sd_scale_for(list(resid) + [r for r, _ in extra], list(sds) + [s for _, s in extra])
+    if cal.model_mae is not None and cal.honest_mae < cal.model_mae:  # a mean's binomial sd: never narrowed
+        cal.sd_scale = max(cal.sd_scale, 1.0)
+    return cal

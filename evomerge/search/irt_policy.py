@@ -125,16 +125,34 @@ class IRTPolicy:
                                              "aggregation is not a mean), so it cannot be estimated from items")
             parents = [k for k, r in enumerate(rows) if r.origin.startswith("parent:")]
             estimators = irt.AUTO if o.irt_estimator == "auto" else (o.irt_estimator,)
-            cal = irt.calibrate(Y, o.anchors, o.anchor_method, o.anchor_seed, parents, estimators)
+            checks = self.measured(o.name)
+            cal = irt.calibrate(Y, o.anchors, o.anchor_method, o.anchor_seed, parents, estimators,
+                                extra_residuals=[(r, raw_sd) for r, raw_sd, _ in checks])
         except irt.IRTUnavailable as e:
             self.store.save_irt(self.job, o.name, fit_gen, None, str(e))
             return None, str(e)
-        data = {"calibration": cal.to_dict(), "item_ids": ids, "fitted_on": [r.id for r in rows]}
+        error, basis = printed_error(cal, [abs(r) for r, _, _ in checks])
+        data = {"calibration": cal.to_dict(), "item_ids": ids, "fitted_on": [r.id for r in rows],
+                "printed_error": error, "printed_basis": basis}
         self.store.save_irt(self.job, o.name, fit_gen, data)
+        lost = f"; the model lost to the {min(cal.baselines, key=cal.baselines.get)}" if cal.estimator == "mean" else ""
         self.say(f"IRT for {o.name} (generation {fit_gen}): fitted on {len(rows)} fully scored candidates, "
                  f"{cal.model.dims} dimension(s), {len(cal.anchors.items)} anchors of {len(ids)} items "
-                 f"({o.anchor_method}), estimator {cal.estimator} (cross-validated MAE {cal.cv_mae[cal.estimator]:.3f})")
+                 f"({cal.anchors.method}), estimator {cal.estimator}{lost}: error {error:.3f} ({basis}; anchor mean "
+                 f"{cal.baselines.get('anchor mean', float('nan')):.3f}, random subset "
+                 f"{cal.baselines.get('random subset', float('nan')):.3f})")
         return data, None
+
+    def measured(self, objective: str) -> list[tuple[float, float, int]]:
+        """Calibration candidates so far: (estimate - measured, the estimate's unscaled sd, candidate id), in id
+        order: errors of estimates made before the candidate was scored in full."""
+        scale = {h["generation"]: irt.Calibration.from_dict(h["data"]["calibration"]).sd_scale
+                 for h in self.store.irt_history(self.job) if h["objective"] == objective and h["data"]}
+        # calibration candidates only (scored in full when estimated): the front's picks measured later were chosen
+        # for their estimates, and their errors are the winner's curse, not the estimator's typical error
+        return [(e["value"] - e["measured"], e["sd"] / scale.get(e["fit_generation"], 1.0), e["candidate"])
+                for e in self.store.estimates(self.job) if e["objective"] == objective and e["measured"] is not None
+                and e["scored"] == e["total"]]
 
     def _calibration_rows(self, o: "Objective", generation: int, rows: list["CandidateRow"]) -> set[int]:
         """Candidates of this generation scored in full to calibrate: `calibrate_count` of them (seeded), in the
@@ -178,6 +196,24 @@ class IRTPolicy:
         return replace(out, values=values, estimated=estimated)
 
 
+RECENT = 12  # the latest calibration candidates the printed error pools (candidates drift: older ones tell less)
+
+
+def printed_error(cal: irt.Calibration, measured: list[float]) -> tuple[float, str]:
+    """The error a search prints for an objective, and what it is measured on: the mean |error| over the fit's
+    honest check (candidates held out of every choice of the fit) and the latest RECENT calibration candidates
+    (each estimated by the calibration then in force, then scored in full), pooled. Never the in-fit
+    cross-validation's: its held-out candidates had a say in the anchors."""
+    recent = measured[-RECENT:]
+    n = cal.honest_n if cal.honest_mae is not None else 0
+    if n + len(recent) == 0:
+        return cal.printed_error(), "in-fit cross-validation"
+    total = (cal.honest_mae or 0.0) * n + float(np.sum(recent))
+    basis = f"{n} candidates held out of the fit" + (f" and the latest {len(recent)} calibration candidates"
+                                                        if recent else "")
+    return total / (n + len(recent)), basis
+
+
 def calibration_choice(sds: list[float], count: int, seed: list[int]) -> list[int]:
     """Which of a generation's candidates (given their estimates' sds) are scored in full to calibrate: `count`
     of them, seeded."""
@@ -199,7 +235,8 @@ def irt_summary(store: "Store", job: str) -> dict[str, Any]:
         fits = [h for h in history if h["objective"] == name]
         last = fits[-1]
         mine = [e for e in ests if e["objective"] == name]
-        checks = [e for e in mine if e["measured"] is not None]
+        checks = [e for e in mine if e["measured"] is not None and e["scored"] == e["total"]]  # calibration
+        picks = [e for e in mine if e["measured"] is not None and e["scored"] != e["total"]]  # confirmed later
         items = store.items_of(job, name)
         total = max((len(v) for v in items.values()), default=0)
         scored = sum(len(v) for c, v in items.items() if c in done)
@@ -208,6 +245,15 @@ def irt_summary(store: "Store", job: str) -> dict[str, Any]:
             "estimated": sum(1 for e in mine if e["measured"] is None),
             "calibration_checks": len(checks),
             "measured_mae": float(np.mean([abs(e["value"] - e["measured"]) for e in checks])) if checks else None,
+            # |error| <= 2 sd on the calibration candidates (target: 90%), and how wide that interval is
+            "within_2sd": float(np.mean([abs(e["value"] - e["measured"]) <= 2 * e["sd"] for e in checks]))
+            if checks else None,
+            "mean_2sd": float(np.mean([2 * e["sd"] for e in checks])) if checks else None,
+            "printed_error": (last["data"] or {}).get("printed_error"),
+            "printed_basis": (last["data"] or {}).get("printed_basis"),
+            # the front's picks, estimated then measured: chosen for high estimates, so their error is larger
+            "confirmed": len(picks),
+            "confirmed_mae": float(np.mean([abs(e["value"] - e["measured"]) for e in picks])) if picks else None,
             "items_per_candidate": total, "items_scored": scored, "items_full": total * len(done),
             "items_fraction": scored / (total * len(done)) if total and done else None,
         }
