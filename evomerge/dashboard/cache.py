@@ -120,6 +120,7 @@ class JobCache:
         self.created: float | None = None  # the job's creation time: another job under the same name resets
         self.entries: dict[int, Entry] = {}
         self.newest = 0.0  # the latest finishing time among the entries
+        self.total = 0.0  # the sum of the entries' finishing times (checked against the store's)
         self._done: list[CandidateRow] | None = None  # done rows with values, by id (rebuilt when entries change)
         self._gen0: list[CandidateRow] | None = None
         self.gone: dict[int, int] = {}  # ids that stopped being finished -> the refresh that saw it
@@ -141,6 +142,7 @@ class JobCache:
         self.created = created
         seq = self.seq + 1
         changed: set[int] = set()
+        before = set(self.entries)
         db = store.db
         # rows finished since the newest this cache holds (a row finished again gets a new time, so it is
         # among them); then the count and the sum of finishing times of every finished row, against the cache's
@@ -152,12 +154,11 @@ class JobCache:
         self._fetch(store, stale, labels, seq, changed)
         count, total = db.execute(f"SELECT COUNT(*), TOTAL(finished) FROM candidates WHERE {where}",
                                   (self.job,)).fetchone()
-        if count != len(self.entries) or not math.isclose(total, sum(e.finished for e in self.entries.values()),
-                                                          rel_tol=0.0, abs_tol=0.05):
+        if count != len(self.entries) or not math.isclose(total, self.total, rel_tol=0.0, abs_tol=0.05):
             stamps = {int(i): (f, st) for i, f, st in db.execute(
                 f"SELECT id, finished, status FROM candidates WHERE {where}", (self.job,))}
             for i in [i for i in self.entries if i not in stamps]:
-                del self.entries[i]
+                self.total -= self.entries.pop(i).finished
                 self.gone[i] = seq
                 changed.add(i)
             stale = [i for i, st in stamps.items() if (e := self.entries.get(i)) is None or (e.finished, e.row.status) != st]
@@ -168,6 +169,7 @@ class JobCache:
             "SELECT id, generation, origin, status, worker, parents FROM candidates WHERE job=? AND status NOT IN "
             f"{FINISHED} ORDER BY id", (self.job,))]
 
+        rows_changed = set(changed) | (before ^ set(self.entries))  # rows read again, added or gone (not flags)
         front = set(store.front(self.job))
         changed |= (front ^ self.front) & self.entries.keys()
         self.front = front
@@ -203,7 +205,25 @@ class JobCache:
                 e.seq = seq
         if changed:
             self.seq = seq
-            self._done = self._gen0 = None
+        if rows_changed:
+            self._update_done(rows_changed)
+
+    def _update_done(self, changed: set[int]) -> None:
+        """Keep the done rows by id: appended to when only newer rows became done (the usual case while a search
+        writes), rebuilt otherwise."""
+        if any(self.entries[i].row.generation == 0 for i in changed if i in self.entries) or \
+                any(i not in self.entries for i in changed):
+            self._gen0 = None
+        done = self._done
+        if done is None:
+            return
+        last = done[-1].id if done else -1
+        rows = {i: e.row for i in changed if (e := self.entries.get(i)) is not None}
+        if all(i > last for i in changed):
+            done += [rows[i] for i in sorted(rows) if rows[i].status == "done" and rows[i].losses is not None
+                     and rows[i].values is not None]
+        else:
+            self._done = None
 
     def _fetch(self, store: Store, ids: list[int], labels: dict[str, str], seq: int, changed: set[int]) -> None:
         """Read these finished rows whole (all finished rows in one query when there are many)."""
@@ -219,6 +239,8 @@ class JobCache:
         for r in found:
             if int(r[0]) in wanted:
                 row = store._row(r[:-1])
+                old = self.entries.get(row.id)
+                self.total += r[-1] - (old.finished if old else 0.0)
                 self.entries[row.id] = Entry(row, r[-1], summarise(row.recipe, row.recipe_hash, labels))
                 self.gone.pop(row.id, None)
                 changed.add(row.id)
