@@ -88,7 +88,8 @@ def test_the_api_shows_jobs_front_failures_and_candidates(server, store):
     assert d["front"] == s.front("toy")
     assert sorted(p["id"] for p in d["points"] if p["front"]) == s.front("toy")
     assert len(d["points"]) == s.counts("toy")["done"]
-    failed = [c for c in d["candidates"] if c["status"] == "failed"]
+    failed = api(server, "candidates?job=toy&status=failed")["rows"]
+    assert [c["id"] for c in failed] == sorted((r.id for r in s.candidates("toy", status="failed")), reverse=True)
     assert failed and all("fail_above" in c["reason"] for c in failed)
     assert len(d["progress"]["hypervolume"]) == len(d["progress"]["evaluations"]) > 0
     assert d["progress"]["hypervolume"] == sorted(d["progress"]["hypervolume"])  # the front only ever grows
@@ -372,7 +373,7 @@ def test_the_api_says_which_values_are_estimated_with_sd_estimator_and_items(irt
             assert points[c]["values"]["quiz"] == e["value"]
         assert all(points[c]["estimates"] == {} for c in checked)
         assert any(p["front"] and p["estimates"] for p in d["points"])  # the plot has estimated front points to mark
-        cands = {c["id"]: c for c in d["candidates"]}
+        cands = {c["id"]: c for c in api(srv, "candidates?job=quiz&limit=500")["rows"]}
         assert all(cands[c]["estimates"].keys() == {"quiz"} for c in estimated if c in cands)
 
         c = estimated[-1]
@@ -442,3 +443,248 @@ def test_the_incremental_front_and_the_sweep_match_the_definitions():
             cells = sum(1 for x, y in itertools.product(range(5), range(5))
                         if any(p[0] <= x and p[1] <= y for p in F))
             assert hypervolume(F, ref) == cells
+
+
+# ---------------------------------------------------------------- big stores: pages, filters, deltas, compare
+
+@pytest.fixture(scope="module")
+def pair_store(tmp_path_factory) -> Path:
+    """Two real toy searches in one store (`toy`, and `other` with another seed): the compare view's input."""
+    folder = tmp_path_factory.mktemp("pair")
+    run_job(write_job(folder, runtime=TOY), **quiet())
+    return run_job(write_job(folder, name="other", runtime=TOY, driver={"seed": 7}), **quiet()).store
+
+
+@pytest.fixture(scope="module")
+def pair_server(pair_store):
+    srv, _ = start(pair_store)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_candidates_are_paged_sorted_and_filtered_as_the_store_says(pair_server, pair_store):
+    s = Store(pair_store, readonly=True)
+    rows = s.candidates("toy")
+    page = api(pair_server, "candidates?job=toy&limit=7")
+    assert page["total"] == page["matched"] == len(rows) and page["statuses"] == s.counts("toy")
+    ids = []
+    for offset in range(0, len(rows), 7):  # the pages, end to end: every id once, newest first
+        ids += [c["id"] for c in api(pair_server, f"candidates?job=toy&limit=7&offset={offset}")["rows"]]
+    assert ids == sorted((r.id for r in rows), reverse=True)
+
+    with_fit = [r for r in rows if r.values]
+    want = [r.id for r in sorted(sorted(with_fit, key=lambda r: r.id), key=lambda r: -r.values["fit"])]
+    want += [r.id for r in rows if not r.values]  # no value: last, either way
+    assert [c["id"] for c in api(pair_server, "candidates?job=toy&sort=-fit&limit=500")["rows"]] == want
+    assert [c["id"] for c in api(pair_server, "candidates?job=toy&sort=size&limit=500")["rows"]][:len(with_fit)] == \
+        [r.id for r in sorted(sorted(with_fit, key=lambda r: r.id), key=lambda r: r.values["size"])]
+
+    lo = sorted(r.values["fit"] for r in with_fit)[len(with_fit) // 3]
+    got = api(pair_server, f"candidates?job=toy&status=done,cached&gen_min=1&gen_max=2&min.fit={lo}&sort=id&limit=500")
+    want = [r.id for r in rows if r.status in ("done", "cached") and 1 <= r.generation <= 2 and r.values["fit"] >= lo]
+    assert want and [c["id"] for c in got["rows"]] == want and got["matched"] == len(want)
+    parent = api(pair_server, "candidates?job=toy&origin=parent:a")["rows"]
+    assert [c["id"] for c in parent] == [r.id for r in rows if r.origin == "parent:a"]
+    assert {c["id"]: c["front"] for c in api(pair_server, "candidates?job=toy&limit=500")["rows"]} == \
+        {r.id: r.id in s.front("toy") for r in rows}
+
+    for bad, says in (("sort=nope", "sort by one of"), ("status=bogus", "give statuses"), ("limit=0", "limit="),
+                      ("limit=501", "limit="), ("min.nope=1", "no objective named"), ("min.fit=abc", "give a number"),
+                      ("gen_min=-1", "gen_min="), ("min.fit=nan", "finite")):
+        status, _, body = request(pair_server, f"/api/candidates?job=toy&{bad}")
+        assert status == 400 and says in json.loads(body)["error"], bad
+    assert request(pair_server, "/api/candidates?job=nope")[0] == 404
+
+
+def test_since_sends_only_what_changed_and_progress_carries_forward(pair_store, tmp_path):
+    """A copy of the store, written through the Store API while one cache reads it: the answer `since` the last
+    cursor holds exactly the rows finished meanwhile, and the carried-forward progress equals the definition."""
+    import shutil
+
+    from evomerge.dashboard.cache import Cache
+    from evomerge.dashboard.data import job_detail, objectives, progress
+    from evomerge.store import CandidateRow
+
+    path = tmp_path / "copy.sqlite"
+    shutil.copyfile(pair_store, path)
+    cache = Cache(str(path))
+    reader = Store(path, readonly=True)
+    full = job_detail(reader, "toy", cache)
+    objs = objectives(reader, "toy")
+    assert full["full"] and [json.loads(p)["id"] for p in full["points"]] == \
+        [r.id for r in reader.candidates("toy", status="done")]
+    assert full["progress"] == progress(reader.candidates("toy"), objs)
+    again = job_detail(reader, "toy", cache, since=full["cursor"])
+    assert not again["full"] and list(again["points"]) == [] and again["drop"] == [] and again["cursor"] == full["cursor"]
+
+    writer = Store(path)
+    template = writer.candidate("toy", full["front"][0])
+    n = max(r.id for r in writer.candidates("toy")) + 1
+    new = [CandidateRow(id=n + i, generation=99, idx=i, genome=template.genome, recipe=template.recipe,
+                        recipe_hash=template.recipe_hash, origin="driver", status="pending") for i in range(3)]
+    writer.add_candidates("toy", new)
+    writer.finish("toy", n, "done", values={"fit": 2.0, "size": 0.1}, losses=[-2.0, 0.1])  # dominates everything
+    writer.finish("toy", n + 2, "failed", reason="toy: broke")
+    writer.set_front("toy", [n])
+    delta = job_detail(reader, "toy", cache, since=full["cursor"])
+    changed = [json.loads(p) for p in delta["points"]]
+    old_front = set(full["front"])
+    assert not delta["full"] and delta["front"] == [n]
+    assert [p["id"] for p in changed] == sorted({n} | old_front)  # the new point, and the ones that left the front
+    assert [p["front"] for p in changed if p["id"] != n] == [False] * len(old_front)
+    assert changed[-1]["values"] == {"fit": 2.0, "size": 0.1} and delta["drop"] == [n + 2]  # failed: no point
+    assert delta["progress"] == progress(reader.candidates("toy"), objs)  # n + 1 still pending: the tail
+    writer.finish("toy", n + 1, "done", values={"fit": 0.0, "size": 0.9}, losses=[0.0, 0.9])
+    later = job_detail(reader, "toy", cache, since=delta["cursor"])
+    assert [json.loads(p)["id"] for p in later["points"]] == [n + 1]
+    assert later["progress"] == progress(reader.candidates("toy"), objs)
+    page = api_page = None  # the table sees the same rows
+    from evomerge.dashboard.data import candidates_page
+    api_page = candidates_page(reader, "toy", {"status": ["failed"], "gen_min": ["99"]}, cache)
+    assert [c["id"] for c in api_page["rows"]] == [n + 2] and page is None
+    assert job_detail(reader, "toy", cache, since="not-a-cursor")["full"]  # another server's cursor: everything
+    writer.close()
+    reader.close()
+
+
+def test_two_candidates_recipes_are_compared_and_two_fronts_drawn(pair_server, pair_store):
+    import yaml
+
+    s = Store(pair_store, readonly=True)
+    a, b = s.front("toy")[0], s.front("other")[-1]
+    d = api(pair_server, f"diff?a=toy:{a}&b=other:{b}")
+    ra, rb = s.candidate("toy", a).recipe, s.candidate("other", b).recipe
+    assert [x["a"] for x in d["lines"] if x["a"] is not None] == ra.splitlines()  # both sides whole, in order
+    assert [x["b"] for x in d["lines"] if x["b"] is not None] == rb.splitlines()
+    assert {x["tag"] for x in d["lines"]} >= {"equal", "replace"}
+    ya, yb = yaml.safe_load(ra), yaml.safe_load(rb)
+    changes = {c["path"]: (c["a"], c["b"]) for c in d["changes"]}
+    assert changes["models[0].parameters.weight"] == (ya["models"][0]["parameters"]["weight"],
+                                                      yb["models"][0]["parameters"]["weight"])
+    assert all(v[0] != v[1] for v in changes.values()) and "merge_method" not in changes
+    assert api(pair_server, f"diff?a=toy:{a}&b=toy:{a}")["same"]
+    for bad in ("a=toy&b=toy:1", "a=toy:x&b=toy:1", "a=toy:%C2%B2&b=toy:1", "a=:1&b=toy:1"):
+        assert request(pair_server, f"/api/diff?{bad}")[0] == 400, bad
+    assert request(pair_server, "/api/diff?a=toy:9999&b=toy:1")[0] == 404
+
+    f = api(pair_server, "fronts?job=toy&job=other")
+    assert f["shared_objectives"] == ["fit", "size"]
+    assert [[p["id"] for p in j["front"]] for j in f["jobs"]] == [s.front("toy"), s.front("other")]
+    assert request(pair_server, "/api/fronts")[0] == 400 and request(pair_server, "/api/fronts?job=nope")[0] == 404
+
+
+def boxes(page, *selectors):
+    return [page.locator(sel).first.bounding_box() for sel in selectors]
+
+
+def overlap(a, b) -> bool:
+    return a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"] and \
+        a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"]
+
+
+@pytest.mark.parametrize("width", [1600, 800])
+def test_the_layout_uses_the_screen_and_titles_stay_clear_of_the_toolbars(browser, pair_server, width, tmp_path):
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    try:
+        page.goto(pair_server.url)
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        page.locator("#front-table tbody tr").first.click()
+        page.wait_for_selector("#candidate:not([hidden])")
+        page.wait_for_function("() => document.querySelectorAll('#progress-plots .plot .main-svg').length > 0")
+        front, progress, job, cand = boxes(page, "#front-box", "#progress-box", "#job-view", "#candidate")
+        if width == 1600:  # front | progress, and the candidate panel beside the job
+            assert front["x"] + front["width"] <= progress["x"] + 1 and abs(front["y"] - progress["y"]) < 5
+            assert cand["x"] >= job["x"] + job["width"] - 1 and cand["y"] < front["y"] + front["height"]
+        else:  # stacked: progress under the front, the candidate under the job
+            assert progress["y"] >= front["y"] + front["height"] - 1 and abs(front["x"] - progress["x"]) < 5
+            assert cand["y"] >= job["y"] + job["height"] - 1
+        assert front["width"] > 300 and progress["width"] > 300
+        titles = page.locator(".plot-title")
+        bars = page.locator(".modebar")
+        assert bars.count() >= 2 and titles.count() >= 3
+        for i in range(titles.count()):
+            t = titles.nth(i).bounding_box()
+            for j in range(bars.count()):
+                m = bars.nth(j).bounding_box()
+                assert t is None or m is None or not overlap(t, m), (titles.nth(i).inner_text(), j)
+        legend = page.locator("#front-plot .legend").bounding_box()
+        assert not overlap(legend, page.locator("#front-plot .modebar").bounding_box())
+        for folder in (tmp_path, ARTIFACTS):
+            folder.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(folder / f"dashboard-{width}.png"), full_page=True)
+        assert (tmp_path / f"dashboard-{width}.png").stat().st_size > 10_000
+    finally:
+        page.close()
+
+
+def table_ids(page) -> list[int]:
+    return page.evaluate("() => [...document.querySelectorAll('#candidates tbody tr')].map(r => Number(r.dataset.id))")
+
+
+def test_the_table_sorts_and_filters_on_the_server(page, pair_server, pair_store):
+    s = Store(pair_store, readonly=True)
+    rows = s.candidates("toy")
+    page.goto(pair_server.url + "#job=toy")
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    assert table_ids(page) == sorted((r.id for r in rows), reverse=True)
+    page.locator("#candidates th button[data-sort='fit']").click()  # first click: ascending
+    with_fit = sorted(sorted((r for r in rows if r.values), key=lambda r: r.id), key=lambda r: r.values["fit"])
+    page.wait_for_function("ids => [...document.querySelectorAll('#candidates tbody tr')].slice(0, ids.length)"
+                           ".map(r => Number(r.dataset.id)).join() === ids.join()", arg=[r.id for r in with_fit])
+    page.locator("#candidates th button[data-sort='fit']").click()  # again: descending
+    want = [r.id for r in sorted(sorted((r for r in rows if r.values), key=lambda r: r.id), key=lambda r: -r.values["fit"])]
+    page.wait_for_function("id => Number(document.querySelector('#candidates tbody tr').dataset.id) === id", arg=want[0])
+    assert table_ids(page)[:len(want)] == want
+    page.select_option("#f-status", "failed")
+    failed = [r.id for r in rows if r.status == "failed"]
+    page.wait_for_function("n => document.querySelectorAll('#candidates tbody tr').length === n", arg=len(failed))
+    assert sorted(table_ids(page)) == failed and f"of {len(failed)} (filtered from {len(rows)})" in \
+        page.locator("#page-note").inner_text()
+    page.select_option("#f-status", "")
+    page.fill("#f-gen-min", "2")
+    page.dispatch_event("#f-gen-min", "change")
+    page.fill("#f-min-size", "0.5")
+    page.dispatch_event("#f-min-size", "change")
+    want = [r.id for r in sorted(sorted((r for r in rows if r.values and r.generation >= 2 and r.values["size"] >= 0.5),
+                                        key=lambda r: r.id), key=lambda r: -r.values["fit"])]
+    page.wait_for_function("ids => [...document.querySelectorAll('#candidates tbody tr')].map(r => Number(r.dataset.id))"
+                           ".join() === ids.join()", arg=want)
+    assert want and not page.problems, page.problems
+
+
+def test_keyboard_reaches_rows_and_points_and_the_compare_view_works(page, pair_server, pair_store):
+    s = Store(pair_store, readonly=True)
+    page.goto(pair_server.url + "#job=toy")
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    for _ in range(300):  # Tab, as a keyboard user does, until a row of the candidates table has the focus
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.closest('#candidates tbody') !== null"):
+            break
+    focused = page.evaluate("() => Number(document.activeElement.dataset.id)")
+    page.keyboard.press("Enter")
+    page.wait_for_function("id => document.getElementById('cand-id').textContent === '#' + id", arg=focused)
+
+    page.focus("#front-plot")  # the front's points: arrows step through them (best fit first), Enter opens one
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    front = sorted(s.front("toy"), key=lambda i: (-s.candidate("toy", i).values["fit"], i))
+    assert page.locator("#front-focus").get_attribute("data-id") == str(front[1])
+    page.keyboard.press("Enter")
+    page.wait_for_function("id => document.getElementById('cand-id').textContent === '#' + id", arg=front[1])
+
+    page.click("#pin")  # pin this one, open another: the recipes side by side, differences marked
+    assert f"pinned: toy #{front[1]}" in page.locator("#pin-note").inner_text()
+    page.locator(f"#front-table tbody tr[data-id='{front[0]}']").click()
+    page.wait_for_selector("#diff-section:not([hidden])")
+    d = api(pair_server, f"diff?a=toy:{front[1]}&b=toy:{front[0]}")
+    assert page.locator("#diff tbody tr").count() == len(d["lines"])
+    assert page.locator("#diff tbody tr.replace").count() == sum(x["tag"] == "replace" for x in d["lines"]) > 0
+    assert page.locator("#diff-changes li").count() == len(d["changes"])
+
+    page.select_option("#compare-job", "other")  # two jobs' fronts on one plot
+    page.wait_for_selector("#compare-plot:not([hidden]) .main-svg")
+    traces = page.evaluate("() => document.getElementById('compare-plot').data.map(t => t.customdata)")
+    assert traces == [[f"toy:{i}" for i in sorted(s.front("toy"), key=lambda i: (s.candidate("toy", i).values["fit"]))],
+                      [f"other:{i}" for i in sorted(s.front("other"), key=lambda i: s.candidate("other", i).values["fit"])]]
+    assert not page.problems, page.problems

@@ -10,23 +10,24 @@ Nothing here unpickles: the optimiser checkpoints are never read (a viewer must 
 
 from __future__ import annotations
 
-import functools
-
+import difflib
+import json
 import math
 import re
 import shlex
 import sqlite3
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import yaml
 
+from evomerge.dashboard.cache import _LOADER, Cache, JobCache, sample_step
 from evomerge.search.front import add_to_front, hypervolume
 from evomerge.search.spec import JobSpec
 from evomerge.store import CandidateRow, Store
 
-PROGRESS_POINTS = 300  # hypervolume is computed at most this many times per job view
-CANDIDATE_ROWS = 400  # the candidates table keeps the most recent rows only
 OTHER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "ln_1.weight", "norm.weight")
 UNKNOWN_LAYERS = 8  # columns drawn when no model folder says how many layers there are
 
@@ -49,11 +50,11 @@ def objectives(store: Store, job: str) -> list[dict[str, str]]:
     return [{"name": n, "direction": d} for n, d in store.directions(job)]
 
 
-def job_summary(store: Store, name: str) -> dict[str, Any]:
+def job_summary(store: Store, name: str, spec: JobSpec | None = None) -> dict[str, Any]:
     """One line of the jobs list: state, progress against the budget, counts."""
     job = store.job(name)
     assert job is not None
-    spec = stored_spec(job)
+    spec = spec or stored_spec(job)
     counts = store.counts(name)
     asked = sum(counts.values())
     budget = {"evaluations": spec.driver.max_evaluations, "seconds": spec.driver.max_seconds}
@@ -91,45 +92,68 @@ def signature(store: Store) -> list[dict[str, Any]]:
     return out
 
 
-def job_detail(store: Store, name: str) -> dict[str, Any] | None:
-    """Everything the job view draws: points (front, dominated, parents), progress curves, the candidates."""
+class RawList(list):
+    """A list of JSON-encoded items (bytes), spliced into an answer as they are: points are encoded once, when
+    they change, not once per request (`encode`)."""
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """An answer as JSON bytes, its RawList values spliced in."""
+    raw = {k: v for k, v in obj.items() if isinstance(v, RawList)}
+    rest = json.dumps({k: v for k, v in obj.items() if k not in raw}, allow_nan=False, default=str).encode()
+    parts = [json.dumps(k).encode() + b":[" + b",".join(v) + b"]" for k, v in raw.items()]
+    if rest != b"{}":
+        parts.append(rest[1:-1])
+    return b"{" + b",".join(parts) + b"}"
+
+
+def _refresh(store: Store, name: str, jc: JobCache) -> tuple[dict[str, Any], JobSpec] | None:
+    """The job and its stored spec, with its cache refreshed from the store (the caller holds `jc.lock`: one
+    refresh at a time per job, and no reader sees a cache half refreshed)."""
     job = store.job(name)
     if job is None:
         return None
-    spec = stored_spec(job)
-    rows = store.candidates(name)
-    objs = objectives(store, name)
-    front = set(store.front(name))
-    split = spec.report_split
-    scores = store.scores(name, split)
-    labels = model_labels(spec)
-    ests = _estimates_by_candidate(store, name)
-    points = []
-    for r in rows:
-        if r.status != "done" or r.values is None:
-            continue
-        test = (scores.get(f"candidate:{r.id}") or {}).get("values")
-        points.append({"id": r.id, "generation": r.generation, "origin": r.origin, "values": _clean(r.values),
-                       "estimated": r.estimated, "estimates": estimated_values(r, ests), "front": r.id in front,
-                       "parent": r.origin.startswith("parent:"), "summary": recipe_summary(r.recipe, labels),
-                       split: _clean(test)})
-    table = [{"id": r.id, "generation": r.generation, "origin": r.origin, "status": r.status,
-              "values": _clean(r.values), "estimated": r.estimated, "estimates": estimated_values(r, ests),
-              "reason": r.reason, "cached_from": r.cached_from, "front": r.id in front} for r in rows[-CANDIDATE_ROWS:]]
-    parents = []
-    for label in spec.models:
-        row = next((r for r in rows if r.generation == 0 and r.origin == f"parent:{label}"), None)
-        test = scores.get(f"parent:{label}") or {}
-        parents.append({"name": label, "candidate": None if row is None else row.id, "status": row and row.status,
-                        "fitness": None if row is None else _clean(row.values), split: _clean(test.get("values")),
-                        "reason": test.get("reason")})
-    return {"summary": job_summary(store, name), "objectives": objs, "split": split, "points": points,
-            "front": sorted(front), "parents": parents, "candidates": table, "shown_from": rows[-CANDIDATE_ROWS:][0].id
-            if rows else 0, "progress": progress(rows, objs), "store": str(store.path)}
+    if jc.spec is None or jc.created != job["created"]:
+        jc.spec = stored_spec(job)
+    spec = jc.spec
+    jc.refresh(store, model_labels(spec), spec.report_split, job["created"], estimated_values, _estimates_by_candidate)
+    return job, spec
+
+
+def job_detail(store: Store, name: str, cache: Cache | None = None, since: str | None = None) -> dict[str, Any] | None:
+    """Everything the job view draws: points (front, dominated, parents), progress curves, the parents' scores.
+    With `since` (the `cursor` of an earlier answer from this server): only the points changed since, `drop`
+    the ids that are no longer points, and `full: false`; the page merges them into what it holds."""
+    jc = (cache or Cache(str(store.path))).job(name)
+    with jc.lock:
+        found = _refresh(store, name, jc)
+        if found is None:
+            return None
+        job, spec = found
+        objs = objectives(store, name)
+        split = spec.report_split
+        after = jc.since(since)
+        points, drop = jc.points(after)
+        scores = store.scores(name, split)
+        parents = []
+        by_origin = {r.origin: r for r in jc.generation0()}
+        pending = {u["origin"]: u for u in jc.unfinished if u["generation"] == 0}
+        for label in spec.models:
+            row = by_origin.get(f"parent:{label}")
+            other = pending.get(f"parent:{label}")
+            test = scores.get(f"parent:{label}") or {}
+            parents.append({"name": label, "candidate": row.id if row else other["id"] if other else None,
+                            "status": row.status if row else other["status"] if other else None,
+                            "fitness": None if row is None else _clean(row.values), split: _clean(test.get("values")),
+                            "reason": test.get("reason")})
+        return {"summary": job_summary(store, name, spec), "objectives": objs, "split": split,
+                "points": RawList(points), "drop": drop, "full": after is None, "cursor": jc.cursor,
+                "front": sorted(jc.front), "parents": parents, "progress": jc.progress(objs), "store": str(store.path)}
 
 
 def progress(rows: list[CandidateRow], objs: list[dict[str, str]]) -> dict[str, Any]:
-    """Hypervolume of the front so far and the best value per objective, against the candidates asked for.
+    """Hypervolume of the front so far and the best value per objective, against the candidates asked for,
+    computed from every row at once (the definition `JobCache.progress` carries forward; tests compare the two).
     The hypervolume's reference point is the worst loss of generation 0 per objective, as the search's own
     progress line uses, so both show the same numbers."""
     done = [r for r in rows if r.status == "done" and r.losses is not None and r.values is not None]
@@ -138,10 +162,10 @@ def progress(rows: list[CandidateRow], objs: list[dict[str, str]]) -> dict[str, 
     if not done or not objs:
         return out
     k = len(objs)
-    gen0 = [r.losses for r in done if r.generation == 0]
-    ref = np.max(np.array(gen0 or [r.losses for r in done], dtype=float)[:, :k], axis=0)
+    gen0 = [r.losses[:k] for r in done if r.generation == 0]
+    ref = np.max(np.array(gen0 or [r.losses[:k] for r in done], dtype=float), axis=0)
     out["reference"] = [float(v) for v in ref]
-    step = max(1, math.ceil(len(done) / PROGRESS_POINTS))
+    step = sample_step(len(done))
     front = np.empty((0, k))
     best = np.full(k, np.inf)
     for i, r in enumerate(done):
@@ -154,6 +178,205 @@ def progress(rows: list[CandidateRow], objs: list[dict[str, str]]) -> dict[str, 
             for j, o in enumerate(objs):
                 out["best"][o["name"]].append(_finite(float(-best[j] if o["direction"] == "maximise" else best[j])))
     return out
+
+
+# ---------------------------------------------------------------- the candidates table
+
+SORT_COLUMNS = ("id", "generation", "origin", "status")
+STATUSES = ("pending", "running", "done", "failed", "cached")
+MAX_PAGE = 500
+
+
+class QueryError(ValueError):
+    """A candidates query the server cannot answer (the 400's message)."""
+
+
+@dataclass
+class CandidateQuery:
+    """`/api/candidates`: which rows, in which order, which page. Objective ranges are on the values shown
+    (fitness split), inclusive."""
+
+    offset: int = 0
+    limit: int = 100
+    sort: str = "-id"
+    status: tuple[str, ...] = ()
+    origin: tuple[str, ...] = ()
+    gen_min: int | None = None
+    gen_max: int | None = None
+    ranges: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+
+def parse_query(query: dict[str, list[str]], objs: list[dict[str, str]]) -> CandidateQuery:
+    """The query string, checked: every bad value is a QueryError naming the parameter and what it accepts."""
+    names = [o["name"] for o in objs]
+    q = CandidateQuery()
+
+    def one(key: str) -> str | None:
+        return query[key][0] if key in query else None
+
+    def integer(key: str, lo: int, hi: int) -> int | None:
+        v = one(key)
+        if v is None or v == "":
+            return None
+        if not re.fullmatch(r"[0-9]{1,9}", v) or not lo <= int(v) <= hi:
+            raise QueryError(f"{key}={v!r}: give a whole number from {lo} to {hi}")
+        return int(v)
+
+    q.offset = integer("offset", 0, 10**9) or 0
+    limit = integer("limit", 1, MAX_PAGE)
+    q.limit = 100 if limit is None else limit
+    sort = one("sort") or "-id"
+    if sort.lstrip("-") not in SORT_COLUMNS + tuple(names):
+        raise QueryError(f"sort={sort!r}: sort by one of {', '.join(SORT_COLUMNS + tuple(names))} ('-' first: "
+                         "descending)")
+    q.sort = sort
+    status = tuple(x for x in (one("status") or "").split(",") if x)
+    bad = [x for x in status if x not in STATUSES]
+    if bad:
+        raise QueryError(f"status={bad[0]!r}: give statuses from {', '.join(STATUSES)}, comma-separated")
+    q.status = status
+    q.origin = tuple(x for x in (one("origin") or "").split(",") if x)
+    q.gen_min, q.gen_max = integer("gen_min", 0, 10**9), integer("gen_max", 0, 10**9)
+    for key in query:
+        bound, _, name = key.partition(".")
+        if bound not in ("min", "max") or not name:
+            continue
+        if name not in names:
+            raise QueryError(f"{key}: no objective named {name!r} (objectives: {', '.join(names)})")
+        v = one(key)
+        if v in (None, ""):
+            continue
+        try:
+            x = float(v)
+        except ValueError:
+            raise QueryError(f"{key}={v!r}: give a number") from None
+        if not math.isfinite(x):
+            raise QueryError(f"{key}={v!r}: give a finite number")
+        lo, hi = q.ranges.get(name, (None, None))
+        q.ranges[name] = (x, hi) if bound == "min" else (lo, x)
+    return q
+
+
+def select_rows(rows: list[dict[str, Any]], q: CandidateQuery) -> list[dict[str, Any]]:
+    """Filter then sort (ties by id; rows without the sorted value last, either way)."""
+    def keep(c: dict[str, Any]) -> bool:
+        if q.status and c["status"] not in q.status:
+            return False
+        if q.origin and c["origin"] not in q.origin:
+            return False
+        if q.gen_min is not None and c["generation"] < q.gen_min:
+            return False
+        if q.gen_max is not None and c["generation"] > q.gen_max:
+            return False
+        for name, (lo, hi) in q.ranges.items():
+            v = (c["values"] or {}).get(name)
+            if v is None or (lo is not None and v < lo) or (hi is not None and v > hi):
+                return False
+        return True
+
+    out = [c for c in rows if keep(c)]
+    column, reverse = q.sort.lstrip("-"), q.sort.startswith("-")
+    if column in SORT_COLUMNS:
+        value = (lambda c: c[column])
+    else:
+        value = (lambda c: (c["values"] or {}).get(column))
+    have = [c for c in out if value(c) is not None]
+    have.sort(key=lambda c: c["id"])
+    have.sort(key=value, reverse=reverse)
+    return have + [c for c in out if value(c) is None]
+
+
+def candidates_page(store: Store, name: str, query: dict[str, list[str]], cache: Cache | None = None
+                    ) -> dict[str, Any] | None:
+    """One page of the job's candidates, filtered and sorted on the server; with the totals, the statuses and
+    origins there are (for the filters), and the cursor the job view had (so the page knows they match)."""
+    jc = (cache or Cache(str(store.path))).job(name)
+    with jc.lock:
+        if _refresh(store, name, jc) is None:
+            return None
+        objs = objectives(store, name)
+        q = parse_query(query, objs)
+        rows = jc.rows()
+        chosen = select_rows(rows, q)
+        statuses: dict[str, int] = {}
+        origins: dict[str, int] = {}
+        for c in rows:
+            statuses[c["status"]] = statuses.get(c["status"], 0) + 1
+            origins[c["origin"]] = origins.get(c["origin"], 0) + 1
+        page = chosen[q.offset:q.offset + q.limit]
+        return {"job": name, "objectives": objs, "total": len(rows), "matched": len(chosen), "offset": q.offset,
+                "limit": q.limit, "sort": q.sort, "rows": page, "statuses": statuses, "origins": origins,
+                "generations": max((c["generation"] for c in rows), default=-1) + 1, "cursor": jc.cursor}
+
+
+# ---------------------------------------------------------------- compare
+
+def fronts(store: Store, names: list[str], cache: Cache | None = None) -> dict[str, Any] | None:
+    """The fronts of several jobs of this store, for one plot: per job its objectives and front points."""
+    out = []
+    for name in names:
+        jc = (cache or Cache(str(store.path))).job(name)
+        with jc.lock:
+            if _refresh(store, name, jc) is None:
+                return None
+            pts = [{"id": i, "generation": jc.entries[i].row.generation, "values": _clean(jc.entries[i].row.values),
+                    "summary": jc.entries[i].summary} for i in sorted(jc.front) if i in jc.entries]
+            out.append({"name": name, "objectives": objectives(store, name), "front": pts,
+                        "parents": [{"name": e.row.origin[len("parent:"):], "id": e.row.id, "values": _clean(e.row.values)}
+                                    for e in jc.entries.values() if e.row.generation == 0
+                                    and e.row.origin.startswith("parent:") and e.row.status == "done"]})
+    shared = [o["name"] for o in out[0]["objectives"]] if out else []
+    for f in out[1:]:
+        shared = [n for n in shared if n in {o["name"] for o in f["objectives"]}]
+    return {"jobs": out, "shared_objectives": shared}
+
+
+def _flatten(x: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(x, dict):
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            out.update(_flatten(v, f"{path}.{k}" if path else str(k)))
+        return out
+    if isinstance(x, list):
+        out = {}
+        for i, v in enumerate(x):
+            out.update(_flatten(v, f"{path}[{i}]"))
+        return out
+    return {path: x}
+
+
+def recipe_diff(a_text: str, b_text: str) -> dict[str, Any]:
+    """Two recipes side by side: aligned line pairs (difflib's opcodes: equal, replace, delete, insert) and the
+    settings that differ, by their path in the recipe (`models[1].parameters.weight`)."""
+    a_lines, b_lines = a_text.splitlines(), b_text.splitlines()
+    lines = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a_lines, b_lines, autojunk=False).get_opcodes():
+        for k in range(max(i2 - i1, j2 - j1)):
+            a = a_lines[i1 + k] if i1 + k < i2 else None
+            b = b_lines[j1 + k] if j1 + k < j2 else None
+            lines.append({"tag": tag, "a": a, "b": b, "a_no": i1 + k + 1 if a is not None else None,
+                          "b_no": j1 + k + 1 if b is not None else None})
+    try:
+        fa = _flatten(yaml.load(a_text, Loader=_LOADER))
+        fb = _flatten(yaml.load(b_text, Loader=_LOADER))
+    except yaml.YAMLError:
+        fa, fb = {}, {}
+    changes = [{"path": k, "a": fa.get(k), "b": fb.get(k)} for k in list(fa) + [k for k in fb if k not in fa]
+               if fa.get(k) != fb.get(k) or (k in fa) != (k in fb)]
+    return {"lines": lines, "changes": changes, "same": a_text == b_text}
+
+
+def candidates_diff(store: Store, job_a: str, id_a: int, job_b: str, id_b: int) -> dict[str, Any] | None:
+    """Two candidates (of one job or two) compared: their recipes line by line and setting by setting."""
+    ra, rb = store.candidate(job_a, id_a), store.candidate(job_b, id_b)
+    if ra is None or rb is None:
+        return None
+
+    def side(job: str, r: CandidateRow) -> dict[str, Any]:
+        return {"job": job, "id": r.id, "status": r.status, "generation": r.generation, "origin": r.origin,
+                "values": _clean(r.values), "recipe_hash": r.recipe_hash}
+
+    return {"a": side(job_a, ra), "b": side(job_b, rb), **recipe_diff(ra.recipe, rb.recipe)}
 
 
 # ---------------------------------------------------------------- candidates
@@ -177,28 +400,6 @@ def _parse(text: str) -> Any:
     from evomerge.merge.api import parse_stored
 
     return parse_stored(text, check_paths=False)
-
-
-def recipe_summary(text: str, labels: dict[str, str]) -> str:
-    """One line per recipe (the report's wording), with the job's model names instead of folders. Cached per
-    recipe text and labels: the page polls every 2 s and a stored recipe never changes, so each is parsed once
-    per server, not once per request (2,000 candidates: 4 s a request before)."""
-    return _summary(text, tuple(sorted(labels.items())))
-
-
-@functools.lru_cache(maxsize=100_000)
-def _summary(text: str, label_items: tuple[tuple[str, str], ...]) -> str:
-    from evomerge.merge.api import describe
-
-    labels = dict(label_items)
-
-    try:
-        line = describe(_parse(text))
-    except Exception as e:  # noqa: BLE001 - a summary must never break the page; say what happened instead
-        return f"(recipe not readable: {e})"
-    for folder, name in labels.items():
-        line = line.replace(f"{Path(folder).name} ", f"{name} ")
-    return line
 
 
 def _num_layers(folder: str | None) -> int | None:
@@ -357,16 +558,24 @@ def _parent_score(row: CandidateRow | None, test: dict[str, Any] | None, name: s
     return {"fitness": fitness, split: held_out}
 
 
-def candidate_detail(store: Store, name: str, cid: int) -> dict[str, Any] | None:
-    """One candidate: recipe, per-layer parameters or layer path, scores beside the parents, lineage, export."""
-    job = store.job(name)
+def candidate_detail(store: Store, name: str, cid: int, cache: Cache | None = None) -> dict[str, Any] | None:
+    """One candidate: recipe, per-layer parameters or layer path, scores beside the parents, lineage, export.
+    The job's other rows (parents' scores, children) come from the job's cache, not a read of every row."""
     row = store.candidate(name, cid)
-    if job is None or row is None:
-        return None
-    spec = stored_spec(job)
+    jc = (cache or Cache(str(store.path))).job(name)
+    with jc.lock:
+        found = None if row is None else _refresh(store, name, jc)
+        if found is None:
+            return None
+        _, spec = found
+        gen0 = jc.generation0()
+        all_estimates = jc.estimate_map
+        front = cid in jc.front
+        children = sorted([e.row.id for e in jc.entries.values() if cid in e.row.parents])
+        children += [u["id"] for u in jc.unfinished if cid in json.loads(u["parents"] or "[]")]
+    children.sort()
     labels = model_labels(spec)
     split = spec.report_split
-    all_rows = store.candidates(name)
     objs = objectives(store, name)
     recipe_error, maps, path, summary = None, [], None, ""
     try:
@@ -383,8 +592,7 @@ def candidate_detail(store: Store, name: str, cid: int) -> dict[str, Any] | None
     scores = store.scores(name, split)
     test = scores.get(f"candidate:{cid}") or {}
     items = store.items(name, cid)
-    parents_rows = {r.origin[len("parent:"):]: r for r in all_rows if r.generation == 0 and r.origin.startswith("parent:")}
-    all_estimates = _estimates_by_candidate(store, name)
+    parents_rows = {r.origin[len("parent:"):]: r for r in gen0 if r.origin.startswith("parent:")}
     estimates = (all_estimates or {}).get(cid, {})
     estimated = estimated_values(row, all_estimates)
     table = []
@@ -404,12 +612,11 @@ def candidate_detail(store: Store, name: str, cid: int) -> dict[str, Any] | None
             "parents": {p: _parent_score(parents_rows.get(p), scores.get(f"parent:{p}"), n, split)
                         for p in spec.models},
         })
-    children = [r.id for r in all_rows if cid in r.parents]
     return {
         "job": name, "id": row.id, "generation": row.generation, "idx": row.idx, "origin": row.origin,
         "status": row.status, "reason": row.reason, "values": _clean(row.values), "estimated": row.estimated,
         "estimates": estimated,
-        "worker": row.worker, "eval_seconds": row.eval_seconds, "genome": row.genome, "front": cid in store.front(name),
+        "worker": row.worker, "eval_seconds": row.eval_seconds, "genome": row.genome, "front": front,
         "recipe": row.recipe, "recipe_hash": row.recipe_hash, "summary": summary, "recipe_error": recipe_error,
         "heatmaps": maps, "path": path, "split": split, "scores": table, "test_reason": test.get("reason"),
         "lineage": {"origin": row.origin, "generation": row.generation, "parents": row.parents,

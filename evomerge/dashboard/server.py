@@ -6,9 +6,14 @@ would add a dependency and nothing the page needs.
 Routes (GET and HEAD only; every other method is refused with 405):
 - `/` the page; `/static/NAME` its files (a fixed list read at start: no path from a request reaches the
   filesystem) and `/static/plotly.min.js` from the installed plotly package (no CDN);
-- `/api/jobs`, `/api/job?name=J`, `/api/candidate?job=J&id=N`, `/api/poll` (what the page polls every 2 s while
-  a job runs).
-Each API request opens its own read-only connection: SQLite's WAL mode lets the search write meanwhile.
+- `/api/jobs`, `/api/poll` (what the page polls every 2 s while a job runs);
+- `/api/job?name=J[&since=CURSOR]`: the job view; with the `cursor` of an earlier answer, only what changed since;
+- `/api/candidates?job=J&offset=&limit=&sort=&status=&origin=&gen_min=&gen_max=&min.OBJ=&max.OBJ=`: one page of
+  the candidates table, filtered and sorted here;
+- `/api/candidate?job=J&id=N`; `/api/diff?a=J:N&b=J:N` (two candidates' recipes compared);
+  `/api/fronts?job=A&job=B` (several jobs' fronts, for one plot).
+Each API request opens its own read-only connection: SQLite's WAL mode lets the search write meanwhile. What a
+request decoded stays in the server's cache (`cache.py`) for the next one; nothing is ever written to the store.
 
 Security: the listener binds 127.0.0.1 unless told otherwise, and then checks the Host header (a web page cannot
 reach it through DNS rebinding). On any other address a token is required (`--token`, or
@@ -28,12 +33,14 @@ import re
 import secrets
 import socket
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 from evomerge.dashboard import data
+from evomerge.dashboard.cache import Cache
 from evomerge.store import Store, StoreError
 from evomerge.errors import UserError
 
@@ -46,6 +53,7 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
        "connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+ID = re.compile(r"[0-9]{1,18}")  # a candidate id: ASCII digits only (no superscripts), and it fits SQLite's int64
 
 
 class DashboardError(UserError, ValueError):
@@ -140,9 +148,30 @@ class DashboardServer(ThreadingHTTPServer):
         self.check_host = token is None and is_loopback(host)
         self.files: dict[str, Path] = {p.name: p for p in STATIC.iterdir() if p.is_file() and p.suffix in CONTENT_TYPES}
         self.files["plotly.min.js"] = _plotly_js()
+        self.cache = Cache(str(store))
         if ":" in host.strip("[]"):
             self.address_family = socket.AF_INET6
         super().__init__((host.strip("[]"), port), Handler)
+
+    def warm(self) -> threading.Thread:
+        """Decode every job's candidates once, in the background: the page's first answer is then a warm one
+        (a 10,000-candidate job takes about a second to summarise)."""
+        def run() -> None:
+            try:
+                store = Store(self.store_path, readonly=True)
+            except StoreError:
+                return
+            try:
+                for name in store.jobs():
+                    data.job_detail(store, name, self.cache)
+            except Exception:  # noqa: BLE001 - warming is an optimisation: a request reports what is wrong
+                pass
+            finally:
+                store.close()
+
+        t = threading.Thread(target=run, name="dashboard-warm", daemon=True)
+        t.start()
+        return t
 
     @property
     def url(self) -> str:
@@ -180,7 +209,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, status: int, obj: Any) -> None:
-        body = json.dumps(obj, allow_nan=False, default=str).encode()
+        body = data.encode(obj) if isinstance(obj, dict) else json.dumps(obj, allow_nan=False, default=str).encode()
         self._send(status, body, "application/json", {"Cache-Control": "no-store"})
 
     def _error(self, status: int, message: str) -> None:
@@ -271,21 +300,53 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(200, {"jobs": data.signature(store)})
             elif route == "job":
                 name = arg("name")
-                detail = None if name is None else data.job_detail(store, name)
+                detail = None if name is None else data.job_detail(store, name, self.server.cache, arg("since"))
                 if detail is None:
                     self._error(404, f"no job named {name!r} in {self.server.store_path}")
                 else:
                     self._json(200, detail)
+            elif route == "candidates":
+                name = arg("job")
+                try:
+                    page = None if name is None else data.candidates_page(store, name, query, self.server.cache)
+                except data.QueryError as e:
+                    self._error(400, str(e))
+                    return
+                if page is None:
+                    self._error(404, f"no job named {name!r} in {self.server.store_path}")
+                else:
+                    self._json(200, page)
             elif route == "candidate":
                 job, cid = arg("job"), arg("id")
-                if job is None or cid is None or not re.fullmatch(r"[0-9]{1,18}", cid):  # ASCII, fits SQLite
+                if job is None or cid is None or not ID.fullmatch(cid):
                     self._error(400, "give ?job=NAME&id=NUMBER")
                     return
-                detail = data.candidate_detail(store, job, int(cid))
+                detail = data.candidate_detail(store, job, int(cid), self.server.cache)
                 if detail is None:
                     self._error(404, f"no candidate {cid} in job {job!r}")
                 else:
                     self._json(200, detail)
+            elif route == "diff":
+                sides = [(arg(k) or "").rpartition(":") for k in ("a", "b")]
+                if any(not job or not ID.fullmatch(cid) for job, _, cid in sides):
+                    self._error(400, "give ?a=JOB:ID&b=JOB:ID (two candidates, of one job or two)")
+                    return
+                (ja, _, ia), (jb, _, ib) = sides
+                diff = data.candidates_diff(store, ja, int(ia), jb, int(ib))
+                if diff is None:
+                    self._error(404, f"no candidate {ia} in job {ja!r} or no candidate {ib} in job {jb!r}")
+                else:
+                    self._json(200, diff)
+            elif route == "fronts":
+                names = query.get("job", [])
+                if not 1 <= len(names) <= 8:
+                    self._error(400, "give ?job=A&job=B (one to eight jobs of this store)")
+                    return
+                out = data.fronts(store, names, self.server.cache)
+                if out is None:
+                    self._error(404, f"no job named one of {names!r} in {self.server.store_path}")
+                else:
+                    self._json(200, out)
             else:
                 self._error(404, f"no such API route: /api/{route}")
         finally:
@@ -312,6 +373,7 @@ def serve(store: str | Path | None = None, host: str = "127.0.0.1", port: int = 
     """Run until Ctrl-C, printing the URL (with the token when there is one)."""
     out = out or sys.stdout
     server, generated = make_server(store, host, port, token, quiet=quiet)
+    server.warm()
     url = server.url + (f"?token={server.token}" if server.token else "")
     if not is_loopback(host):
         out.write(f"note: listening on {host}, reachable from other machines; every request needs the token"

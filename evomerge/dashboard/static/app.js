@@ -7,7 +7,9 @@ const FRONT = "#1f6feb", DOMINATED = "#c4c8cd", PARENT = "#d1242f", SELECTED = "
 const PALETTE = ["#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7ea4", "#6e7781"];
 const PLOT_CONFIG = { displaylogo: false, responsive: true };
 
-const state = { jobs: [], job: null, detail: null, candidate: null, signature: null };
+const state = { jobs: [], job: null, detail: null, candidate: null, signature: null, points: new Map(), cursor: null,
+                table: { sort: "-id", offset: 0, limit: 100, status: "", origin: "", gen_min: "", gen_max: "", ranges: {} },
+                page: null, pinned: null, compareJob: "", focus: -1 };
 
 // ------------------------------------------------------------------ helpers
 
@@ -63,6 +65,16 @@ function row(cells, cls) {
   return tr;
 }
 
+// A row that opens something: reachable with Tab, opened with Enter (or Space) as with a click.
+function actionRow(tr, action) {
+  tr.tabIndex = 0;
+  tr.addEventListener("click", action);
+  tr.addEventListener("keydown", ev => {
+    if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); action(); }
+  });
+  return tr;
+}
+
 function wrap(node) { const td = el("td"); td.appendChild(node); return td; }
 
 function setHash() {
@@ -98,23 +110,52 @@ function renderJobs(payload) {
                     `${j.algorithm} (population ${j.population})`, j.search_space, ago(j.updated)],
                    j.name === state.job ? "selected" : "");
     tr.dataset.job = j.name;
-    tr.addEventListener("click", () => selectJob(j.name));
-    return tr;
+    return actionRow(tr, () => selectJob(j.name));
   });
   fillTable($("jobs"), ["job", "state", "progress", "candidates", "budget", "driver", "space", "updated"], rows);
   $("live").hidden = !payload.jobs.some(j => j.status === "running");
+  const sel = $("compare-job"), keep = state.compareJob;
+  sel.replaceChildren(el("option", "none"), ...payload.jobs.filter(j => j.name !== state.job).map(j => {
+    const o = el("option", j.name); o.value = j.name; return o;
+  }));
+  sel.firstChild.value = "";
+  sel.value = payload.jobs.some(j => j.name === keep && keep !== state.job) ? keep : "";
+  state.compareJob = sel.value;
 }
 
 async function loadJobs() { renderJobs(await api("jobs")); }
 
 // ------------------------------------------------------------------ one job
 
+// The job view's points: the full answer replaces them; an answer `since` the last cursor is merged in.
+function mergeJob(d) {
+  if (d.full) state.points = new Map();
+  (d.drop || []).forEach(id => state.points.delete(id));
+  d.points.forEach(p => state.points.set(p.id, p));
+  state.cursor = d.cursor;
+  d.points = Array.from(state.points.values()).sort((a, b) => a.id - b.id);
+  return d;
+}
+
+async function fetchJob(incremental) {
+  const since = incremental && state.cursor ? "&since=" + encodeURIComponent(state.cursor) : "";
+  return mergeJob(await api("job?name=" + encodeURIComponent(state.job) + since));
+}
+
 async function selectJob(name) {
-  if (state.job !== name) state.candidate = null;
+  if (state.job !== name) {
+    state.candidate = null;
+    state.cursor = null;
+    state.focus = -1;
+    state.table = { sort: "-id", offset: 0, limit: 100, status: "", origin: "", gen_min: "", gen_max: "", ranges: {} };
+    document.querySelectorAll("#filters input").forEach(i => { i.value = ""; });
+  }
   state.job = name;
   setHash();
   try {
-    renderJob(await api("job?name=" + encodeURIComponent(name)));
+    renderJob(await fetchJob(false));
+    await loadCandidates();
+    await renderCompare();
     document.querySelectorAll("#jobs tbody tr").forEach(tr => tr.classList.toggle("selected", tr.dataset.job === name));
     if (state.candidate === null) $("candidate").hidden = true;
     showError(null);
@@ -151,7 +192,6 @@ function renderJob(d) {
   renderFront(d);
   renderProgress(d);
   renderFrontTable(d);
-  renderCandidates(d);
 }
 
 function frontTraces(d) {
@@ -227,8 +267,9 @@ function renderFront(d) {
     $("front-legend").textContent = "";
     return;
   }
-  let traces, layout = { margin: { l: 60, r: 20, t: 30, b: 50 }, hovermode: "closest", uirevision: d.summary.name,
-                         legend: { orientation: "h", y: 1.08 } };
+  // no Plotly title, and the legend under the axis: Plotly's toolbar (top right) covers neither
+  let traces, layout = { margin: { l: 60, r: 20, t: 30, b: 90 }, hovermode: "closest", uirevision: d.summary.name,
+                         legend: { orientation: "h", y: -0.22, yanchor: "top" } };
   if (objs.length <= 3) {
     traces = frontTraces(d);
     if (objs.length === 1) {
@@ -252,6 +293,7 @@ function renderFront(d) {
       const p = ev.points && ev.points.find(q => q.customdata !== undefined && q.customdata !== null);
       if (p) selectCandidate(p.customdata);
     });
+    gd.addEventListener("keydown", ev => frontKey(ev));
     gd.dataset.bound = "1";
   }
   $("front-legend").textContent = objs.length > 3
@@ -259,58 +301,226 @@ function renderFront(d) {
     : "Blue: the Pareto front; grey: dominated candidates; red diamonds: the parent models. Click a point for its recipe.";
 }
 
+// The front's points in keyboard order (by the first objective, best first).
+function frontOrder(d) {
+  const objs = d.objectives, pts = d.points.filter(p => p.front);
+  if (objs.length) pts.sort((a, b) => (a.values[objs[0].name] - b.values[objs[0].name]) * (objs[0].direction === "maximise" ? -1 : 1) || a.id - b.id);
+  return pts;
+}
+
+function frontKey(ev) {
+  const d = state.detail;
+  if (!d) return;
+  const pts = frontOrder(d);
+  if (!pts.length) return;
+  if (ev.key === "ArrowRight" || ev.key === "ArrowDown") state.focus = (state.focus + 1) % pts.length;
+  else if (ev.key === "ArrowLeft" || ev.key === "ArrowUp") state.focus = (state.focus - 1 + pts.length) % pts.length;
+  else if (ev.key === "Home") state.focus = 0;
+  else if (ev.key === "End") state.focus = pts.length - 1;
+  else if ((ev.key === "Enter" || ev.key === " ") && state.focus >= 0) { ev.preventDefault(); selectCandidate(pts[state.focus].id); return; }
+  else return;
+  ev.preventDefault();
+  const p = pts[Math.min(state.focus, pts.length - 1)];
+  $("front-focus").textContent = `point ${state.focus + 1} of ${pts.length} on the front: #${p.id}, ` +
+    d.objectives.map(o => `${o.name} ${valueText(p, o.name)}`).join(", ") + ". Enter opens it.";
+  $("front-focus").dataset.id = p.id;
+  if (d.objectives.length === 2 && window.Plotly && Plotly.Fx) {
+    const t = $("front-plot").data.findIndex(tr => tr.name === "front");
+    const i = $("front-plot").data[t].customdata.indexOf(p.id);
+    if (i >= 0) Plotly.Fx.hover("front-plot", [{ curveNumber: t, pointNumber: i }]);
+  }
+}
+
 function renderProgress(d) {
   const box = $("progress-plots"), pr = d.progress;
   const plots = [];
   if (d.objectives.length > 1) plots.push({ name: "hypervolume", y: pr.hypervolume, title: "hypervolume of the front (losses vs. the worst of generation 0)" });
   d.objectives.forEach(o => plots.push({ name: o.name, y: pr.best[o.name], title: `best ${o.name} so far (${o.direction})` }));
-  while (box.children.length > plots.length) { Plotly.purge(box.lastChild); box.lastChild.remove(); }
+  while (box.children.length > plots.length) { Plotly.purge(box.lastChild.lastChild); box.lastChild.remove(); }
   plots.forEach((p, i) => {
-    let div = box.children[i];
-    if (!div) { div = el("div", null, "plot"); div.style.height = "200px"; box.appendChild(div); }
+    let fig = box.children[i];
+    if (!fig) {  // a caption above each plot (not a Plotly title: the toolbar would sit on it)
+      fig = el("div", null, "figure");
+      const div = el("div", null, "plot"); div.style.height = "200px";
+      fig.append(el("div", "", "plot-title"), div);
+      box.appendChild(fig);
+    }
+    fig.firstChild.textContent = p.title;
+    const div = fig.lastChild;
     div.dataset.series = p.name;
     Plotly.react(div, [{ type: "scatter", mode: "lines+markers", x: pr.evaluations, y: p.y, line: { shape: "hv" },
                          marker: { size: 4 }, name: p.name }],
-                 { title: { text: p.title, font: { size: 13 } }, margin: { l: 60, r: 20, t: 30, b: 35 },
-                   xaxis: { title: { text: "candidates" } } }, PLOT_CONFIG);
+                 { margin: { l: 60, r: 20, t: 30, b: 35 }, xaxis: { title: { text: "candidates" } } }, PLOT_CONFIG);
   });
 }
 
 function renderFrontTable(d) {
   const objs = d.objectives;
-  const pts = d.points.filter(p => p.front);
-  if (objs.length) pts.sort((a, b) => (a.values[objs[0].name] - b.values[objs[0].name]) * (objs[0].direction === "maximise" ? -1 : 1));
+  const pts = frontOrder(d);
   const rows = pts.map(p => {
     const tr = row([`#${p.id}`, p.generation, p.summary, ...objs.map(o => valueText(p, o.name)),
                     ...objs.map(o => fmt((p[d.split] || {})[o.name]))], p.id === state.candidate ? "selected front" : "front");
     tr.dataset.id = p.id;
-    tr.addEventListener("click", () => selectCandidate(p.id));
-    return tr;
+    return actionRow(tr, () => selectCandidate(p.id));
   });
   const parents = d.parents.map(p => {  // the parents beside the front, as the final report shows them
     const failed = p.status === "failed";
     const tr = row([`parent ${p.name}`, 0, p.candidate !== null ? `candidate #${p.candidate}` : "–",
                     ...objs.map(o => failed ? "failed" : fmt((p.fitness || {})[o.name])),
                     ...objs.map(o => p.reason ? "failed" : fmt((p[d.split] || {})[o.name]))], "parent");
-    if (p.candidate !== null) tr.addEventListener("click", () => selectCandidate(p.candidate));
+    if (p.candidate !== null) actionRow(tr, () => selectCandidate(p.candidate));
     return tr;
   });
   fillTable($("front-table"), ["id", "gen", "recipe", ...objs.map(o => o.name), ...objs.map(o => `${o.name} (${d.split})`)],
             [...rows, ...parents]);
 }
 
-function renderCandidates(d) {
-  const objs = d.objectives;
-  const rows = d.candidates.slice().reverse().map(c => {
+// ------------------------------------------------------------------ the candidates table (paged, sorted, filtered by the server)
+
+function tableQuery() {
+  const t = state.table, p = new URLSearchParams({ job: state.job, sort: t.sort, offset: t.offset, limit: t.limit });
+  ["status", "origin", "gen_min", "gen_max"].forEach(k => { if (t[k] !== "") p.set(k, t[k]); });
+  Object.entries(t.ranges).forEach(([k, v]) => { if (v !== "") p.set(k, v); });
+  return "candidates?" + p.toString();
+}
+
+async function loadCandidates() {
+  if (!state.job) return;
+  renderCandidates(await api(tableQuery()));
+}
+
+function setOptions(select, counts, current) {
+  const opts = [el("option", "any")];
+  opts[0].value = "";
+  Object.keys(counts).sort().forEach(k => { const o = el("option", `${k} (${counts[k]})`); o.value = k; opts.push(o); });
+  select.replaceChildren(...opts);
+  select.value = current;
+}
+
+function renderFilters(pg) {
+  setOptions($("f-status"), pg.statuses, state.table.status);
+  setOptions($("f-origin"), pg.origins, state.table.origin);
+  const box = $("f-ranges");
+  if (box.dataset.job !== state.job) {  // one min/max pair per objective
+    box.replaceChildren(...pg.objectives.map(o => {
+      const lab = el("label", `${o.name} `);
+      ["min", "max"].forEach(b => {
+        const inp = el("input"); inp.type = "number"; inp.step = "any"; inp.placeholder = b;
+        inp.id = `f-${b}-${o.name}`; inp.dataset.key = `${b}.${o.name}`;
+        inp.addEventListener("change", () => { state.table.ranges[inp.dataset.key] = inp.value; state.table.offset = 0; loadCandidates().catch(showError); });
+        lab.append(inp, b === "min" ? " – " : "");
+      });
+      return lab;
+    }));
+    box.dataset.job = state.job;
+  }
+}
+
+function sortHeader(label, key) {
+  const t = state.table, b = el("button", label);
+  b.type = "button";
+  b.dataset.sort = key;
+  const now = t.sort.replace(/^-/, "") === key ? (t.sort.startsWith("-") ? " ▼" : " ▲") : "";
+  b.textContent = label + now;
+  b.setAttribute("aria-label", `sort by ${label}` + (now ? (t.sort.startsWith("-") ? ", descending" : ", ascending") : ""));
+  b.addEventListener("click", () => {
+    t.sort = t.sort === key ? "-" + key : t.sort === "-" + key ? key : (key === "id" || key === "generation" ? "-" + key : key);
+    t.offset = 0;
+    loadCandidates().catch(showError);
+  });
+  return b;
+}
+
+function renderCandidates(pg) {
+  state.page = pg;
+  renderFilters(pg);
+  const objs = pg.objectives;
+  const rows = pg.rows.map(c => {
     const what = c.status === "failed" ? (c.reason || "failed") : c.status === "cached" ? `same recipe as #${c.cached_from}` : "";
     const tr = row([`#${c.id}`, c.generation, c.origin, c.status, ...objs.map(o => valueText(c, o.name)), what],
                    [c.status === "failed" ? "failed" : "", c.front ? "front" : "", c.id === state.candidate ? "selected" : ""].join(" "));
     tr.dataset.id = c.id;
-    tr.addEventListener("click", () => selectCandidate(c.id));
+    return actionRow(tr, () => selectCandidate(c.id));
+  });
+  const table = $("candidates"), thead = table.querySelector("thead"), tr = el("tr");
+  [["id", "id"], ["gen", "generation"], ["origin", "origin"], ["status", "status"], ...objs.map(o => [o.name, o.name])]
+    .forEach(([label, key]) => { const th = el("th"); th.appendChild(sortHeader(label, key)); tr.appendChild(th); });
+  tr.appendChild(el("th", "note"));
+  thead.replaceChildren(tr);
+  table.querySelector("tbody").replaceChildren(...rows);
+  const last = Math.min(pg.offset + pg.limit, pg.matched);
+  $("page-note").textContent = pg.matched ? `${pg.offset + 1}–${last} of ${pg.matched}` + (pg.matched < pg.total ? ` (filtered from ${pg.total})` : "") : `none of ${pg.total} match`;
+  $("page-prev").disabled = pg.offset === 0;
+  $("page-next").disabled = last >= pg.matched;
+  $("candidates-note").textContent = `${pg.total} in the job`;
+}
+
+function bindTable() {  // state.table is replaced when another job is chosen: read it at event time
+  const reload = () => { state.table.offset = 0; loadCandidates().catch(showError); };
+  const bind = (id, key) => $(id).addEventListener("change", ev => { state.table[key] = ev.target.value; reload(); });
+  bind("f-status", "status");
+  bind("f-origin", "origin");
+  bind("f-gen-min", "gen_min");
+  bind("f-gen-max", "gen_max");
+  $("f-clear").addEventListener("click", () => {
+    Object.assign(state.table, { status: "", origin: "", gen_min: "", gen_max: "", ranges: {} });
+    document.querySelectorAll("#filters input").forEach(i => { i.value = ""; });
+    reload();
+  });
+  $("page-prev").addEventListener("click", () => { const t = state.table; t.offset = Math.max(0, t.offset - t.limit); loadCandidates().catch(showError); });
+  $("page-next").addEventListener("click", () => { state.table.offset += state.table.limit; loadCandidates().catch(showError); });
+}
+
+// ------------------------------------------------------------------ compare: two jobs' fronts, two recipes
+
+async function renderCompare() {
+  const other = state.compareJob, gd = $("compare-plot"), note = $("compare-note");
+  gd.hidden = note.hidden = !other;
+  if (!other) { Plotly.purge(gd); return; }
+  const f = await api(`fronts?job=${encodeURIComponent(state.job)}&job=${encodeURIComponent(other)}`);
+  const shared = f.shared_objectives;
+  if (shared.length < 1) {
+    note.textContent = `${f.jobs[0].name} and ${f.jobs[1].name} share no objective: their fronts cannot be drawn on one plot.`;
+    gd.hidden = true;
+    return;
+  }
+  const [xo, yo] = shared.length >= 2 ? shared : [null, shared[0]];
+  const traces = f.jobs.map((j, k) => {
+    const pts = j.front.slice().sort((a, b) => xo ? a.values[xo] - b.values[xo] : a.id - b.id);
+    return { type: "scatter", mode: "lines+markers", name: `${j.name} (front of ${pts.length})`,
+             x: pts.map(p => xo ? p.values[xo] : p.id), y: pts.map(p => p.values[yo]), customdata: pts.map(p => `${j.name}:${p.id}`),
+             hovertext: pts.map(p => `${j.name} #${p.id}: ${p.summary}`), hoverinfo: "text",
+             line: { shape: "hv", color: PALETTE[k % PALETTE.length] }, marker: { size: 8, color: PALETTE[k % PALETTE.length] } };
+  });
+  const dir = n => (f.jobs[0].objectives.find(o => o.name === n) || {});
+  Plotly.react(gd, traces, { margin: { l: 60, r: 20, t: 30, b: 90 }, hovermode: "closest",
+    legend: { orientation: "h", y: -0.22, yanchor: "top" },
+    xaxis: { title: { text: xo ? axisTitle(dir(xo)) : "candidate" } }, yaxis: { title: { text: axisTitle(dir(yo)) } } }, PLOT_CONFIG);
+  note.textContent = shared.length > 2 ? `On ${xo} and ${yo} (the first two objectives the jobs share).` : "";
+  note.hidden = !note.textContent;
+}
+
+function renderPin() {
+  const p = state.pinned;
+  $("pin-note").textContent = p ? `pinned: ${p.job} #${p.id}; select another candidate to compare their recipes` : "";
+  $("pin").textContent = p && p.job === state.job && p.id === state.candidate ? "unpin" : "pin for comparison";
+}
+
+async function renderDiff() {
+  const p = state.pinned, box = $("diff-section");
+  renderPin();
+  if (!p || state.candidate === null || (p.job === state.job && p.id === state.candidate)) { box.hidden = true; return; }
+  const d = await api(`diff?a=${encodeURIComponent(p.job + ":" + p.id)}&b=${encodeURIComponent(state.job + ":" + state.candidate)}`);
+  box.hidden = false;
+  $("diff-head").textContent = d.same ? `${d.a.job} #${d.a.id} and ${d.b.job} #${d.b.id}: the same recipe.`
+    : `${d.a.job} #${d.a.id} (left) against ${d.b.job} #${d.b.id} (right): ${d.changes.length} settings differ, marked below.`;
+  $("diff-changes").replaceChildren(...d.changes.map(c => el("li", `${c.path}: ${fmt(c.a)} → ${fmt(c.b)}`)));
+  const rows = d.lines.map(l => {
+    const tr = el("tr", null, l.tag);
+    tr.append(el("td", l.a_no, "no"), el("td", l.a === null ? "" : l.a, "text a"), el("td", l.b_no, "no"), el("td", l.b === null ? "" : l.b, "text b"));
     return tr;
   });
-  fillTable($("candidates"), ["id", "gen", "origin", "status", ...objs.map(o => o.name), "note"], rows);
-  $("candidates-note").textContent = d.shown_from > 0 ? `(the latest, from #${d.shown_from})` : "";
+  fillTable($("diff"), ["", `${d.a.job} #${d.a.id}`, "", `${d.b.job} #${d.b.id}`], rows);
 }
 
 // ------------------------------------------------------------------ one candidate
@@ -320,7 +530,9 @@ async function selectCandidate(id) {
   setHash();
   try {
     renderCandidate(await api(`candidate?job=${encodeURIComponent(state.job)}&id=${state.candidate}`));
-    if (state.detail) { renderFront(state.detail); renderFrontTable(state.detail); renderCandidates(state.detail); }
+    if (state.detail) { renderFront(state.detail); renderFrontTable(state.detail); }
+    if (state.page) renderCandidates(state.page);
+    await renderDiff();
     showError(null);
   } catch (e) { showError(e); }
 }
@@ -384,6 +596,7 @@ function renderPath(path) {
   const gd = $("path-plot");
   $("path-section").hidden = !path;
   if (!path) { Plotly.purge(gd); return; }
+  $("path-title").textContent = `Layer path: ${path.hops.length} layers; embeddings from ${path.embed}, head from ${path.head}`;
   const colour = s => PALETTE[path.sources.indexOf(s) % PALETTE.length];
   const traces = path.sources.map(s => {
     const hops = path.hops.filter(h => h.source === s);
@@ -395,8 +608,7 @@ function renderPath(path) {
   traces.unshift({ type: "scatter", mode: "lines", x: path.hops.map(h => h.index), y: path.hops.map(h => h.source),
                    line: { color: "#d0d7de", width: 1 }, hoverinfo: "skip", showlegend: false });
   Plotly.react(gd, traces, {
-    title: { text: `${path.hops.length} layers; embeddings from ${path.embed}, head from ${path.head}`, font: { size: 13 } },
-    height: 120 + 45 * path.sources.length, margin: { l: 80, r: 20, t: 40, b: 40 }, showlegend: false,
+    height: 120 + 45 * path.sources.length, margin: { l: 80, r: 20, t: 30, b: 40 }, showlegend: false,
     xaxis: { title: { text: "layer of the merged model" }, dtick: 1 },
     yaxis: { type: "category", categoryorder: "array", categoryarray: path.sources, range: [-0.6, path.sources.length - 0.2] },
   }, PLOT_CONFIG);
@@ -405,16 +617,17 @@ function renderPath(path) {
 function renderHeatmaps(maps) {
   const box = $("heatmaps");
   $("heatmap-section").hidden = !maps.length;
-  while (box.children.length > maps.length) { Plotly.purge(box.lastChild); box.lastChild.remove(); }
+  while (box.children.length > maps.length) { Plotly.purge(box.lastChild.lastChild); box.lastChild.remove(); }
   maps.forEach((m, i) => {
-    let div = box.children[i];
-    if (!div) { div = el("div", null, "plot"); box.appendChild(div); }
+    let fig = box.children[i];
+    if (!fig) { fig = el("div", null, "figure"); fig.append(el("div", "", "plot-title"), el("div", null, "plot")); box.appendChild(fig); }
+    fig.firstChild.textContent = m.title + (m.note ? ` (${m.note})` : "");
+    const div = fig.lastChild;
     const cells = m.rows.length * m.layers.length;
     Plotly.react(div, [{ type: "heatmap", z: m.z, x: m.layers, y: m.rows, colorscale: "Viridis", zmin: 0,
                          zmax: Math.max(1, ...m.z.flat().filter(v => v !== null)),
                          texttemplate: cells <= 160 ? "%{z:.2f}" : "", hovertemplate: "%{y}, layer %{x}: %{z:.4f}<extra></extra>" }],
-                 { title: { text: m.title + (m.note ? ` (${m.note})` : ""), font: { size: 13 } },
-                   height: 90 + 26 * m.rows.length, margin: { l: 130, r: 20, t: 30, b: 40 },
+                 { height: 90 + 26 * m.rows.length, margin: { l: 130, r: 20, t: 30, b: 40 },
                    xaxis: { title: { text: "layer" }, type: "category" }, yaxis: { autorange: "reversed" } }, PLOT_CONFIG);
   });
 }
@@ -434,7 +647,9 @@ async function poll() {
     if (first) return;
     await loadJobs();
     if (state.job) {
-      renderJob(await api("job?name=" + encodeURIComponent(state.job)));
+      renderJob(await fetchJob(true));  // only what changed since the last answer
+      await loadCandidates();
+      if (state.compareJob) await renderCompare();
       if (state.candidate !== null) renderCandidate(await api(`candidate?job=${encodeURIComponent(state.job)}&id=${state.candidate}`));
     }
     showError(null);
@@ -443,6 +658,13 @@ async function poll() {
 
 async function start() {
   $("copy-export").addEventListener("click", () => navigator.clipboard && navigator.clipboard.writeText($("export").textContent));
+  bindTable();
+  $("compare-job").addEventListener("change", ev => { state.compareJob = ev.target.value; renderCompare().catch(showError); });
+  $("pin").addEventListener("click", () => {
+    const here = state.pinned && state.pinned.job === state.job && state.pinned.id === state.candidate;
+    state.pinned = here || state.candidate === null ? null : { job: state.job, id: state.candidate };
+    renderDiff().catch(showError);
+  });
   if (new URLSearchParams(location.search).has("token")) history.replaceState(null, "", location.pathname + location.hash);  // the cookie holds it now
   const h = new URLSearchParams(location.hash.slice(1));
   try {
