@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from evomerge.runtime.base import Items, Outcome, OutcomeStream, Scorer, ScorerFactory, close_scorer, run_one
-from evomerge.runtime.stats import RuntimeStats
+from evomerge.runtime.stats import Activity, RuntimeStats, WorkerActivity, phase
 
 if TYPE_CHECKING:
     from evomerge.merge.api import AnyRecipe
@@ -31,6 +31,8 @@ class LocalRuntime(OutcomeStream):
         self._queue: list[tuple[int, AnyRecipe, str | None, Items | None]] = []
         self._stats = RuntimeStats(1)
         self._first: float | None = None  # when the first candidate started (the measured window)
+        self._current: tuple[int, float] | None = None  # (cid, start) while a candidate is evaluated
+        self._materialise: float | None = None  # the last candidate's measured materialise time
 
     def scorer(self, split: str | None) -> Scorer:
         if split not in self._scorers:
@@ -48,7 +50,13 @@ class LocalRuntime(OutcomeStream):
         scorer = self.scorer(split)
         start = time.perf_counter()
         self._first = start if self._first is None else self._first
-        out = run_one(scorer, cid, recipe, split, self.worker, items)
+        self._current = (cid, start)
+        try:
+            out = run_one(scorer, cid, recipe, split, self.worker, items)
+        finally:
+            self._current = None
+        if out.ok:
+            self._materialise = out.materialise_seconds
         s = self._stats
         s.candidates, s.failed = s.candidates + 1, s.failed + (0 if out.ok else 1)
         s.busy += out.seconds
@@ -62,6 +70,16 @@ class LocalRuntime(OutcomeStream):
     def stats(self) -> RuntimeStats:
         """Utilisation here is evaluation time / wall time: what the loop's own work (driver, store) leaves."""
         return self._stats
+
+    def activity(self) -> Activity:
+        """The one in-process worker and the queue (read by the live display's thread while a candidate runs)."""
+        current, now = self._current, time.perf_counter()
+        if current is None:
+            me = WorkerActivity(self.worker, "idle", candidates=self._stats.candidates)
+        else:
+            me = WorkerActivity(self.worker, phase(now - current[1], self._materialise), current[0], now - current[1],
+                                self._stats.candidates)
+        return Activity([me], len(self._queue))
 
     def close(self) -> None:
         for s in self._scorers.values():

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.runtime.base import Items, Outcome, OutcomeStream, ScorerFactory
 from evomerge.runtime.cluster import Cluster, connect
-from evomerge.runtime.stats import RuntimeStats
+from evomerge.runtime.stats import Activity, RuntimeStats, WorkerActivity, phase
 from evomerge.runtime.worker import actor_class
 from evomerge.errors import UserError
 
@@ -69,6 +69,7 @@ class _Slot:
     where: str | None = None  # the name its outcomes carry: name@node
     busy: float = 0.0
     candidates: int = 0
+    materialise: float | None = None  # its last outcome's materialise time (the live display's phase)
 
 
 class RayRuntime(OutcomeStream):
@@ -153,6 +154,18 @@ class RayRuntime(OutcomeStream):
         self._first_sent = None
         for w in self._slots:
             w.busy, w.candidates = 0.0, 0
+
+    def activity(self) -> Activity:
+        """What each worker does now (the live display reads it from its own thread: lengths and copies only)."""
+        now, out = time.perf_counter(), []
+        for s in list(self._slots):
+            task = s.task
+            if s.state == "busy" and task is not None:
+                out.append(WorkerActivity(s.name, phase(now - s.sent, s.materialise), task.cid, now - s.sent,
+                                          s.candidates, len(task.deaths)))
+            else:
+                out.append(WorkerActivity(s.name, s.state, candidates=s.candidates))
+        return Activity(out, len(self._queue))
 
     def worker_pids(self) -> dict[str, int]:
         """Live workers' process ids (a fault test kills one)."""
@@ -389,6 +402,8 @@ class RayRuntime(OutcomeStream):
         s.span += span
         slot.busy += busy
         slot.candidates += 1
+        if out.ok:
+            slot.materialise = out.materialise_seconds
         self._last_done = time.perf_counter()
         self._done.append(out)
 

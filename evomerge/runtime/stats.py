@@ -7,6 +7,8 @@ Definitions (the README's "Running on Ray" uses the same words):
 - span: per candidate, from being sent to a worker to its outcome being back in the driver; `overhead` is the
   part of the spans spent neither materialising nor scoring (serialisation, scheduling, transfer, driver
   bookkeeping), as a fraction of all spans.
+
+`Activity` is the other view, of now rather than of the window: what each worker is doing, for the live display.
 """
 
 from __future__ import annotations
@@ -53,3 +55,34 @@ class RuntimeStats:
                 "materialise": self.materialise, "score": self.score, "span": self.span, "lost": self.lost,
                 "utilisation": self.utilisation, "overhead": self.overhead, "per_minute": self.per_minute,
                 "per_worker": self.per_worker}
+
+
+@dataclass(frozen=True)
+class WorkerActivity:
+    """One worker right now. `state`: starting | idle | materialising | scoring | busy | dead. A worker is not asked
+    mid-candidate (it runs one call at a time), so materialising vs scoring is inferred: a candidate younger than
+    the worker's last measured materialise time is materialising, an older one scoring; `busy` until it has one."""
+
+    name: str
+    state: str
+    cid: int | None = None  # the candidate (or report subject) in flight
+    seconds: float = 0.0  # since it was sent
+    candidates: int = 0  # outcomes this worker delivered
+    retry: int = 0  # earlier attempts at the candidate in flight (its worker died or timed out)
+
+
+@dataclass(frozen=True)
+class Activity:
+    workers: list[WorkerActivity]
+    queued: int  # submitted, not yet sent to a worker
+
+    @property
+    def in_flight(self) -> int:
+        return sum(w.state in ("materialising", "scoring", "busy") for w in self.workers)
+
+
+def phase(seconds: float, materialise: float | None) -> str:
+    """Materialising or scoring, from the time since the candidate was sent and the last materialise time."""
+    if materialise is None:
+        return "busy"
+    return "materialising" if seconds < materialise else "scoring"

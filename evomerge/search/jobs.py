@@ -146,13 +146,14 @@ def make_runtime(spec: JobSpec, address: str | None = None) -> Runtime:
 def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | None = None,
             address: str | None = None) -> JobResult:
     spec = load_job(path)
+    progress = progress or Progress()
     store = Store(spec.store)
     try:
         with WriterLock(store, spec.name):  # one writer per job: a second `run` of it waits for no one
             if store.job(spec.name) is not None:
                 raise StoreError(f"{spec.store}: a job named '{spec.name}' exists already; `evomerge resume {path}` "
                                  "continues it, or give the new job another name")
-            runtime = make_runtime(planned(spec, address, (progress or Progress()).line), address)
+            runtime = make_runtime(planned(spec, address, progress.line), address)
             try:
                 store.create_job(spec.name, spec.to_dict(), spec.driver.seed, objectives=objective_table(runtime),
                                  spec_yaml=spec.to_yaml())
@@ -198,9 +199,10 @@ def find_job(target: str | Path, name: str | None = None, readonly: bool = False
 def resume_job(target: str | Path, name: str | None = None, out: TextIO | None = None,
                progress: Progress | None = None, address: str | None = None) -> JobResult:
     store, spec = find_job(target, name)
+    progress = progress or Progress()
     try:
         with WriterLock(store, spec.name) as lock:  # refused while another process writes this job
-            say = (progress or Progress()).line
+            say = progress.line
             if lock.note:
                 say(f"note: {lock.note}")
             if Path(spec.store).absolute().resolve() != store.path.absolute().resolve():  # a moved or copied store
@@ -219,19 +221,24 @@ def resume_job(target: str | Path, name: str | None = None, out: TextIO | None =
 
 
 def _search_and_report(spec: JobSpec, store: Store, runtime: Runtime, out: TextIO | None,
-                       progress: Progress | None) -> JobResult:
+                       progress: Progress) -> JobResult:
     out = out or sys.stdout
     search = Search(spec, store, runtime, progress)
-    search.run()
-    measured = runtime_summary(spec, runtime)  # the search's own window, before the report scores anything
-    try:
-        confirmed = confirm_front(search.recorder)  # IRT: the front's estimated members scored in full (else a no-op)
-        if measured is not None:
-            out.write(f"runtime: {measured['summary']}\n")
-        report = build_report(search.ctx, runtime=measured)
-    except InternalError as e:  # a bug while confirming or scoring the report split: the job says so, resumable
-        store.set_status(spec.name, "stopped", str(e))
-        raise
+    with progress.active():  # one live display through the search, the confirmation and the report's scoring
+        search.run()
+        measured = runtime_summary(spec, runtime)  # the search's own window, before the report scores anything
+        try:
+            if search.recorder.irt:
+                progress.phase("confirming the front's picks")
+            confirmed = confirm_front(search.recorder)  # IRT: the front's estimated picks scored in full (else no-op)
+            progress.phase(f"scoring the front and the parents on the {spec.report_split} split")
+            report = build_report(search.ctx, runtime=measured)
+        except InternalError as e:  # a bug while confirming or scoring the report split: the job says so, resumable
+            store.set_status(spec.name, "stopped", str(e))
+            raise
+        progress.phase("done")
+    if measured is not None:
+        out.write(f"runtime: {measured['summary']}\n")
     json_path, html_path = write_report(report, Path(spec.report))
     store.set_status(spec.name, "done")
     out.write(f"\nPareto front of job '{spec.name}' ({len(report['front'])} recipes), beside the parents:\n")

@@ -36,11 +36,18 @@ class Search:
         self.irt = IRTPolicy.for_context(self.ctx)  # None unless an objective says `estimator: irt`
         self.recorder = Recorder(self.ctx, self.problem, self.irt)
         self.budget = Budget(spec.driver.max_evaluations, spec.driver.max_seconds)
+        self.ctx.progress.watch(runtime)  # the live display shows its workers
 
     def run(self) -> LoopState:
         """Run (or continue) until the budget is spent. Raises SearchStopped (too many candidates failed in a row),
         InternalError (a bug stopped the job), KeyboardInterrupt."""
+        with self.ctx.progress.active():  # the live display, on a terminal (nested in the job's own, if any)
+            return self._run()
+
+    def _run(self) -> LoopState:
         state = load_state(self.ctx)
+        self.recorder.hv_ref, self.recorder.elapsed_before = state.ref_point, state.elapsed
+        self.recorder.generation = state.generation
         job = self.store.job(self.job)
         if job and job["status"] == "stopped":  # the user resumed after fixing the cause: a fresh chance
             state.failures.failures_in_a_row, state.failures.recent, self.recorder.retry_failed = 0, [], True

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from evomerge.errors import InternalError
-from evomerge.search.front import hypervolume, pareto_mask
+from evomerge.search.front import add_to_front, hypervolume, pareto_mask
+from evomerge.search.progress import Best, Status
 from evomerge.search.state import Batch, FailureCount, LoopState, Verdict
 from evomerge.store import CandidateRow
 
@@ -49,6 +50,13 @@ class Recorder:
         self.owner: dict[int, Batch] = {}  # submitted candidate -> its batch
         self.first_of: dict[str, int] = {}  # recipe hash -> the candidate in flight that evaluates it
         self.duplicates: dict[int, list[tuple[int, Batch]]] = {}  # that candidate -> later ones with its recipe
+        # what the progress display is told (`status`): kept as outcomes land, not re-read from the store each time
+        self.generation = 0  # asked last
+        self.hv_ref: list[float] | None = None  # the hypervolume reference, once generation 0 is told
+        self.elapsed_before = 0.0  # seconds searched by earlier runs (a resume)
+        self._front: np.ndarray | None = None  # losses of the running front of done candidates; None: to be read
+        self._best: list[tuple[float, Best] | None] = []  # per objective: (loss, what the display shows)
+        self._hv: tuple[list[float], float] | None = None  # (reference, hypervolume) of the running front
 
     # ------------------------------------------------------------ asking
 
@@ -68,6 +76,7 @@ class Recorder:
                                      recipe_hash=recipe_hash(text), origin=origin, status="pending", parents=pool))
             recipes[cid] = recipe
         self.store.add_candidates(self.job, rows)
+        self.generation = g
         return Batch(g, X, rows), recipes
 
     def _pool_ids(self, driver: "Driver", g: int) -> list[int]:
@@ -108,6 +117,7 @@ class Recorder:
             self.owner[r.id] = batch
             self.ctx.runtime.submit(r.id, recipes[r.id], items=self.irt.items_for(r.id) if self.irt else None)  # IRT
             self.store.mark_running(self.job, r.id)
+        self.ctx.progress.status(self.status())
 
     def settle(self, out: "Outcome") -> Batch:
         """Record one outcome (and the candidates that repeat its recipe) in the store and in its batch."""
@@ -125,6 +135,7 @@ class Recorder:
             first = self.store.candidate(self.job, out.cid)
             for cid, b in waiting:
                 self.cached(cid, first, b.results)
+            self.ctx.progress.status(self.status())  # the repeats are finished too
         return batch
 
     def cached(self, cid: int, hit: CandidateRow | None, results: dict[int, dict | None] | None = None) -> None:
@@ -145,8 +156,11 @@ class Recorder:
         else:
             self.store.finish(self.job, out.cid, "failed", reason=out.reason,  # losses: when told (told_losses)
                               worker=out.worker, eval_seconds=out.seconds)
+        if out.ok:
+            self._landed(out.values, out.estimated if estimated is None else estimated, again=estimated is not None)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in (out.values or {}).items()) or f"FAILED: {out.reason}"
         self.ctx.progress.candidate(f"candidate {out.cid}: {shown[:120]}")
+        self.ctx.progress.status(self.status())
         if out.internal:
             raise internal_error(self.job, out, f"candidate {out.cid}")
 
@@ -188,6 +202,51 @@ class Recorder:
         ok = [self.problem.losses(batch.results[r.id]) for r in batch.rows if batch.results[r.id] is not None]
         return [float(v) for v in np.max(ok, axis=0)] if ok else None
 
+    # ------------------------------------------------------------ what the progress display is told
+
+    def status(self) -> Status:
+        """Counts from the store; best values and the hypervolume of the running front."""
+        counts = self.store.counts(self.job)
+        if self._front is None:
+            self._load_front()
+        assert self._front is not None
+        hv = None
+        if self.hv_ref is not None and len(self._front):
+            if self._hv is None or self._hv[0] != self.hv_ref:
+                self._hv = (self.hv_ref, hypervolume(self._front, np.array(self.hv_ref)))
+            hv = self._hv[1]
+        d = self.ctx.spec.driver
+        return Status(job=self.job, generation=self.generation, asked=sum(counts.values()),
+                      done=counts.get("done", 0), cached=counts.get("cached", 0), failed=counts.get("failed", 0),
+                      budget=d.max_evaluations, seconds_budget=d.max_seconds, elapsed_before=self.elapsed_before,
+                      best=tuple(b[1] for b in self._best if b is not None), hypervolume=hv, front=len(self._front))
+
+    def _load_front(self) -> None:
+        """The running front and best values from the store's done candidates (at the first status, and after a
+        candidate's values were replaced by measured ones)."""
+        k = len(self.ctx.objectives.objectives)
+        self._front, self._best, self._hv = np.zeros((0, k)), [None] * k, None
+        for r in self.store.candidates(self.job, status="done"):
+            if r.values is not None:
+                self._landed(r.values, r.estimated, loaded=True)
+
+    def _landed(self, values: dict[str, float], estimated: bool, again: bool = False, loaded: bool = False) -> None:
+        """One done candidate into the running front and best values. `again`: a candidate scored anew (its
+        estimate replaced by a measurement), so all is read from the store at the next status."""
+        if again or (self._front is None and not loaded):
+            self._front = None  # the store already holds this candidate: read at the next status
+            return
+        assert self._front is not None
+        losses = np.array(self.problem.losses(values), dtype=float)
+        grown = add_to_front(self._front, losses)
+        if grown is not self._front:  # it joined the front: the hypervolume is computed again
+            self._front, self._hv = grown, None
+        for i, o in enumerate(self.ctx.objectives.objectives):
+            best = self._best[i]
+            if best is None or losses[i] < best[0]:
+                self._best[i] = (float(losses[i]), Best(o.name, o.direction or "maximise", float(values[o.name]),
+                                                        bool(estimated)))
+
     # ------------------------------------------------------------ front and summary
 
     def front_ids(self, generations: int | None = None) -> list[int]:
@@ -205,6 +264,7 @@ class Recorder:
         """Store the state after a tell with the front of the batches told, and say where the search stands."""
         front = self.front_ids(state.generation)
         self.store.save_checkpoint(self.job, state.generation, state.to_json(), front)
+        self.hv_ref = state.ref_point
         self.ctx.progress.line(self.summary(state, front))
 
     def summary(self, state: LoopState, front: list[int]) -> str:
