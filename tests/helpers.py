@@ -89,7 +89,12 @@ class QuizScorer:
         # (This used to raise IndexError, recorded as the parents' test score; a bug now stops the job instead.)
         theta_in = np.pad(xs, (0, max(0, 4 - len(xs))), constant_values=0.5)
         theta = np.array([3 * (theta_in[0] - 0.5) + (theta_in[2] - 0.5), 3 * (theta_in[1] - 0.5) - (theta_in[3] - 0.5)])
-        p = 1 / (1 + np.exp(-(self.a @ theta - self.b)))
+        z = self.a @ theta - self.b
+        if self.options.get("drift"):  # a third skill that only the search's later candidates have: a third of the
+            # items also need it, and it grows only past 0.75 of the first weight (where the driver heads)
+            skill = 8.0 * max(0.0, theta_in[0] - 0.75)
+            z = z + np.where(np.arange(ITEMS) % 3 == 2, 3.0 * skill - 1.5, 0.0)
+        p = 1 / (1 + np.exp(-z))
         y = (np.random.default_rng(zlib.crc32(xs.tobytes())).random(ITEMS) < p).astype(float)
         return np.ones(ITEMS) if self.options.get("constant") else y
 

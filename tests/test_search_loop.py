@@ -137,7 +137,7 @@ def test_a_time_budget_ends_the_search(tmp_path):
     ({"name": None}, "name", "Give the job a name"),
     ({"models": {"base": "nowhere", "sources": {"a": str(GOLDEN / "a")}}}, "models.base", "config.json"),
     ({"search_space": "nope"}, "search_space", "presets: dfs"),
-    ({"search_space": {"kind": "ps", "method": "slerp"}}, "search_space", "task-vector method"),
+    ({"search_space": {"kind": "ps", "method": "slerp"}}, "search_space", "cannot be searched here without t"),
     ({"driver": {"algorithm": "nsga22"}}, "driver.algorithm", "Did you mean 'nsga2'"),
     ({"driver": {"budget": {}}}, "driver.budget", "never ends"),
     ({"driver": {"populaton": 4}}, "driver.populaton", "Did you mean 'population'"),

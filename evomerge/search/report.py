@@ -174,12 +174,15 @@ def irt_lines(report: dict[str, Any]) -> list[str]:
     out = []
     for name, e in (report.get("irt") or {}).items():
         fit = next((f for f in reversed(e["fits"]) if "estimator" in f), None)
-        how = (f"estimator {fit['estimator']}, {fit['anchors']} anchors ({fit['anchor_method']}), cross-validated MAE "
-               f"{fit['cv_mae'][fit['estimator']]:.3f}" if fit else "never fitted")
+        how = (f"estimator {fit['estimator']}, {fit['anchors']} anchors ({fit['anchor_method']})" if fit
+               else "never fitted")
         mae = f"{e['measured_mae']:.3f} on {e['calibration_checks']}" if e["measured_mae"] is not None else "- on 0"
+        cover = (f", within 2 sd: {100 * e['within_2sd']:.0f}% (2 sd: {e['mean_2sd']:.3f})"
+                 if e.get("within_2sd") is not None else "")
+        printed = f"; expected error {e['printed_error']:.3f}" if e.get("printed_error") is not None else ""
         frac = f"{100 * e['items_fraction']:.0f}%" if e["items_fraction"] is not None else "-"
-        out.append(f"IRT {name}: {e['estimated']} candidates estimated ({how}); error measured against full "
-                   f"scoring: {mae} calibration candidates; items scored: {frac} of full scoring"
+        out.append(f"IRT {name}: {e['estimated']} candidates estimated ({how}{printed}); error measured against full "
+                   f"scoring: {mae} calibration candidates{cover}; items scored: {frac} of full scoring"
                    + (f"; now scored in full: {e['fallback']}" if e.get("fallback") else ""))
     return out
 
@@ -324,18 +327,21 @@ def irt_html(report: dict[str, Any]) -> str:
         total = e["items_per_candidate"]
         if fits:
             fit = fits[-1]
-            cv = fit["cv_mae"].get(fit["estimator"])
+            cv = e.get("printed_error")
             text = (f"{e['estimated']} candidate(s) had <b>{esc(name)}</b> estimated instead of measured: each was "
                     f"scored on {fit['anchors']} anchor items (chosen by {esc(fit['anchor_method'])}) of the "
                     f"{total} items of the fitness split, and the rest was predicted by the {esc(fit['estimator'])} "
                     f"estimator, fitted on {fit['fitted_on']} fully scored candidates ({len(fits)} fit(s) in all; "
                     f"the last at generation {fit['generation']}"
-                    + (f", cross-validated mean absolute error {cv:.3f}" if cv is not None else "") + "). ")
+                    + (f"; its expected mean absolute error {cv:.3f}, {esc(e.get('printed_basis') or '')}"
+                       if cv is not None else "") + "). ")
         else:
             text = f"<b>{esc(name)}</b> was never estimated (no calibration could be fitted). "
         if e["measured_mae"] is not None:
             text += (f"Measured against full scoring on {e['calibration_checks']} calibration candidate(s), the "
-                     f"estimates were off by {e['measured_mae']:.3f} on average (mean absolute error). ")
+                     f"estimates were off by {e['measured_mae']:.3f} on average (mean absolute error)"
+                     + (f"; {100 * e['within_2sd']:.0f}% of them within two standard deviations (a band "
+                        f"{e['mean_2sd']:.3f} wide on average)" if e.get("within_2sd") is not None else "") + ". ")
         else:
             text += "No estimate was checked against full scoring. "
         if e["items_fraction"] is not None:
