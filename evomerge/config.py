@@ -39,13 +39,26 @@ def _torch_dtypes() -> dict[str, Any]:
 DTYPES = _torch_dtypes()  # name -> torch.dtype
 
 
+MAX_ALIASES = 100  # YAML aliases (`*name`) one file may use: nested ones expand exponentially when walked
+
+
 def read_yaml(path: str | Path, error: type[Exception], what: str) -> tuple[Any, Path]:
-    """(parsed data, absolute path). A missing file or a syntax error raises `error` naming the file."""
+    """(parsed data, absolute path). A missing file, bytes that are not UTF-8 text, a syntax error or more than
+    MAX_ALIASES aliases (a few lines of nested aliases stand for gigabytes once walked) raise `error` naming the
+    file, before anything is built from it."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise error(f"{p}: no such {what} file")
     try:
-        return yaml.safe_load(p.read_text()), p.resolve()
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{p}: not a text file (byte {e.start} is not UTF-8); a {what} file is YAML text") from None
+    try:
+        aliases = sum(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader))
+        if aliases > MAX_ALIASES:
+            raise error(f"{p}: uses {aliases} YAML aliases; evomerge reads at most {MAX_ALIASES} per file (nested "
+                        "aliases expand to an unbounded size): write the values out")
+        return yaml.safe_load(text), p.resolve()
     except yaml.YAMLError as e:
         raise error(f"{p}: not valid YAML ({e})") from None
 

@@ -113,6 +113,13 @@ def quiz_scorer(spec, split=None):
     return QuizScorer(dict(spec.runtime.scorer_options), split)
 
 
+def failing_scorer(spec, split=None):
+    """A scorer plug-in that cannot be built: what a metric typo in a real task does, after the store is opened."""
+    from evomerge.fitness.objectives import FitnessConfigError
+
+    raise FitnessConfigError("objectives: zoo_mix: metric 'exact_mach' is not one the task computes")
+
+
 def quiz_job(folder: Path, **options) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2}

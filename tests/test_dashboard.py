@@ -688,3 +688,24 @@ def test_keyboard_reaches_rows_and_points_and_the_compare_view_works(page, pair_
     assert traces == [[f"toy:{i}" for i in sorted(s.front("toy"), key=lambda i: (s.candidate("toy", i).values["fit"]))],
                       [f"other:{i}" for i in sorted(s.front("other"), key=lambda i: s.candidate("other", i).values["fit"])]]
     assert not page.problems, page.problems
+
+
+def test_a_stalled_client_is_let_go_and_others_are_served_meanwhile(server, monkeypatch):
+    """Clients that open a connection and send nothing (or half a request) hold a thread each only until the
+    handler's timeout; the server answers others all along."""
+    import socket
+    import time
+
+    from evomerge.dashboard.server import Handler
+
+    monkeypatch.setattr(Handler, "timeout", 1)
+    host, port = server.server_address[:2]
+    stalled = [socket.create_connection((host, port), timeout=10) for _ in range(20)]
+    stalled[0].sendall(b"GET /api/jobs HTTP/1.1\r\nHost: 127.0.0.1")  # half a request, never finished
+    assert request(server, "/api/jobs")[0] == 200  # served while 20 clients stall
+    start = time.monotonic()
+    for s in stalled:
+        while s.recv(1024):  # whatever the server says (nothing, or an error page), then EOF: it let go
+            pass  # without the handler's timeout this blocks until the socket's own 10 s timeout raises
+        s.close()
+    assert time.monotonic() - start < 8

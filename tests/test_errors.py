@@ -134,7 +134,8 @@ def test_a_bug_stops_the_job_with_its_frames_and_a_candidate_error_does_not(tmp_
             assert store.job("toy")["status"] == "stopped" and len(failed) == 1
         elif error == "bug":
             first = next(r.id for r in rows if r.status not in ("done", "cached"))  # the first seed of weight 1
-            assert err.startswith(f"internal error: job 'toy' stopped by an internal error while scoring candidate {first}")
+            said = f"internal error: job 'toy' stopped by an internal error while scoring candidate {first}"
+            assert any(line.startswith(said) for line in err.splitlines()), err  # after the progress lines
             assert "AttributeError" in err and "test_errors.py" in err  # the failing frame, not only the message
             assert store.job("toy")["status"] == "stopped" and "internal error" in store.job("toy")["reason"]
             assert [r.id for r in failed] == [first] and failed[0].reason.startswith("internal error AttributeError")
@@ -162,3 +163,51 @@ def test_the_old_scorer_keys_still_work_with_a_warning(tmp_path):
     data["runtime"]["scorer"] = "evomerge.scoring.toy:scorer"
     with pytest.raises(JobSpecError, match="both are given"):
         parse_job(data, source="job.yaml", base_dir=tmp_path)
+
+
+def test_a_run_refused_before_its_job_is_recorded_leaves_no_store_and_resume_never_makes_one(tmp_path, capsys):
+    path = write_job(tmp_path, scorer="helpers:failing_scorer")
+    assert main(["run", str(path)]) == 2
+    assert "metric 'exact_mach'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "store.sqlite").exists() and not list((tmp_path / "out").glob("store.sqlite*"))
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    assert main(["resume", str(empty)]) == 2
+    assert "an empty file, not an evomerge store" in capsys.readouterr().err and empty.stat().st_size == 0
+
+
+def test_resume_says_when_the_job_file_was_edited_since_the_job_started(tmp_path, capsys):
+    path = write_job(tmp_path)
+    assert main(["run", str(path)]) == 0
+    spec = yaml.safe_load(path.read_text())
+    spec["driver"]["population"] = 8
+    spec["runtime"]["scorer_options"] = {"delay": 0.5}
+    spec["driver"]["budget"] = {"evaluations": 4}
+    path.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    assert main(["resume", str(path)]) == 0
+    said = capsys.readouterr()
+    note = next(line for line in (said.out + said.err).splitlines() if "differs from the job as stored" in line)
+    assert "driver.population" in note and "runtime.scorer_options.delay" in note and "another name" in note
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["dashboard", "--store", "x.sqlite", "--port", "99999"], "must be 0-65535"),
+    (["dashboard", "--store", "x.sqlite", "--port", "80a"], "must be a whole number 0-65535"),
+])
+def test_cli_values_are_checked_by_the_parser(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_backend_vllm_without_vllm_is_refused_for_every_local_kind(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    for kind in ("local", "auto"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        assert main(["run", str(write_job(folder, kind=kind, backend="vllm"))]) == 2
+        assert "runtime.backend: vllm is not installed" in capsys.readouterr().err

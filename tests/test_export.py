@@ -382,3 +382,53 @@ def test_export_opens_the_store_read_only_and_never_changes_it(job, tmp_path, ca
     rc, _, err = cli(capsys, "export", copy, "--best", "fit", "--format", "recipe", "-o", tmp_path / "r2.yaml")
     assert rc == 2 and "older than" in err and "evomerge resume" in err and err.count("\n") == 1
     assert copy.read_bytes() == old and not (tmp_path / "r2.yaml").exists()
+
+
+def test_an_output_made_while_a_merge_writes_is_never_replaced(tmp_path):
+    """OUT is checked when the merge starts and again when it is finished: a folder someone made meanwhile (a
+    user's, another merge's) survives, the merge fails saying so, and nothing is left half-written."""
+    import torch
+
+    from evomerge.merge.export import MARKER, ExportError, write_checkpoint
+
+    def tensors(make):
+        yield "w", torch.ones(2, 2)
+        make()  # while the model is being written
+        yield "v", torch.zeros(3)
+
+    out = tmp_path / "OUT"
+
+    def users():
+        out.mkdir()
+        (out / "precious.txt").write_text("mine")
+
+    with pytest.raises(ExportError, match="appeared while the model was being written; nothing was replaced"):
+        write_checkpoint(out, tensors(users), {"model_type": "llama"}, None, "card")
+    assert (out / "precious.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["OUT"]
+
+    forced = tmp_path / "FORCED"
+    forced.mkdir()
+    (forced / MARKER).write_text("{}")  # evomerge's own output: --force may replace it ...
+
+    def swapped():  # ... but it is swapped for a user's folder while the merge runs
+        (forced / MARKER).unlink()
+        (forced / "precious.txt").write_text("mine")
+
+    with pytest.raises(ExportError, match="not written by evomerge"):
+        write_checkpoint(forced, tensors(swapped), {"model_type": "llama"}, None, "card", force=True)
+    assert (forced / "precious.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FORCED", "OUT"]
+
+
+def test_a_tokenizer_source_that_names_custom_code_is_refused_before_the_merge(tmp_path, capsys):
+    import shutil
+
+    golden = Path(__file__).resolve().parent / "golden" / "models"
+    base = tmp_path / "base"
+    shutil.copytree(golden / "base", base)
+    (base / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": ["tok.EvilTokenizer", null]}}')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(golden / "a"), "parameters": {"weight": 0.5}}]}))
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out")]) == 2
+    assert "'auto_map' names custom code" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -319,3 +319,29 @@ def test_stop_ends_a_longer_job_and_leaves_it_resumable(token, head, tmp_path, c
     assert job["status"] in ("interrupted", "running")  # SIGTERM is Ctrl-C (interrupted) unless SIGKILL came first
     assert store.last_checkpoint("long-toy") is not None and len(store.candidates("long-toy")) < 600
     store.close()
+
+
+def test_a_server_that_is_not_a_ray_head_is_named_so(capsys, monkeypatch, tmp_path):
+    """A loopback server that answers /api/version without a Ray version (another service on that port)."""
+    import http.server
+    import threading
+
+    class NotRay(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the base class's name
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotRay)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "x" * 32)
+    try:
+        rc, _, err = cli(capsys, "jobs", "--address", f"http://127.0.0.1:{srv.server_address[1]}")
+    finally:
+        srv.shutdown()
+    assert rc == 2 and "is not a Ray head's dashboard (its /api/version names no Ray version)" in err, err

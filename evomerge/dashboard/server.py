@@ -186,6 +186,7 @@ class Handler(BaseHTTPRequestHandler):
     server: DashboardServer
     server_version = "evomerge-dashboard"
     sys_version = ""
+    timeout = 20  # seconds a client may stall mid-request before its socket (and thread) is let go
 
     # ------------------------------------------------------------ plumbing
 

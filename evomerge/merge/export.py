@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from evomerge.checkpoints.hf import check_no_custom_code
 from evomerge.checkpoints.io import write_shards
 from evomerge.checkpoints.refs import own_root
 from evomerge.errors import UserError
@@ -150,6 +151,8 @@ def write_checkpoint(
     out = Path(out).expanduser().absolute()
     inputs = list(inputs) + ([tokenizer_dir] if tokenizer_dir is not None else [])
     check_output(out, force, inputs)
+    if tokenizer_dir is not None:  # an output evomerge itself would refuse to load is never written
+        check_no_custom_code(tokenizer_dir)
     tokenizer = tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -162,13 +165,7 @@ def write_checkpoint(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         (tmp / MARKER).write_text(json.dumps({"written_by": "evomerge"}) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        _move_into_place(tmp, out, force, inputs)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(e):
@@ -176,6 +173,32 @@ def write_checkpoint(
                               "partial folder is removed): free space there or write the model elsewhere") from None
         raise
     return out
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool, inputs: list) -> None:
+    """Rename the finished folder to OUT, checking OUT again first: the merge took a while, and someone (another
+    merge, the user) may have made OUT meanwhile. Without `force` the rename never replaces anything but an empty
+    folder (the kernel refuses a non-empty one); with it, only a folder that still carries MARKER is moved aside,
+    and deleted only after its MARKER is seen once more."""
+    try:
+        check_output(out, force, inputs)
+    except ExportError as e:
+        raise ExportError(f"{e} (it appeared while the model was being written; nothing was replaced)") from None
+    if not out.exists():
+        try:
+            os.rename(tmp, out)
+        except OSError:  # made meanwhile, not empty (ENOTEMPTY) or a file: never replaced without --force
+            raise ExportError(f"{out} appeared while the model was being written; nothing was replaced: choose "
+                              "another path, or remove it and merge again") from None
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    if not (old / MARKER).is_file():  # replaced between the check and the rename: put it back, refuse
+        os.rename(old, out)
+        raise ExportError(f"{out} changed while the model was being written and is not evomerge's output now; "
+                          "nothing was replaced")
+    os.rename(tmp, out)
+    shutil.rmtree(old)
 
 
 def model_card(recipe_yaml: str, base_model: str | None, title: str = "Merged model") -> str:

@@ -147,6 +147,7 @@ def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | No
             address: str | None = None) -> JobResult:
     spec = load_job(path)
     progress = progress or Progress()
+    fresh = not Path(spec.store).exists()
     store = Store(spec.store)
     try:
         with WriterLock(store, spec.name):  # one writer per job: a second `run` of it waits for no one
@@ -161,6 +162,16 @@ def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | No
                 return _search_and_report(spec, store, runtime, out, progress)
             finally:
                 runtime.close()
+    except BaseException:
+        try:
+            empty = fresh and not store.jobs()
+        except Exception:  # noqa: BLE001 - a store that cannot even be read is the error already raised
+            empty = False
+        if empty:  # refused before the job was recorded: leave no empty store behind
+            store.close()
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{spec.store}{suffix}").unlink(missing_ok=True)
+        raise
     finally:
         store.close()
 
@@ -182,6 +193,8 @@ def find_job(target: str | Path, name: str | None = None, readonly: bool = False
         store_path = p
     if not Path(store_path).is_file():
         raise StoreError(f"{store_path}: no store there (has the job been started? `evomerge run JOB.yaml` starts it)")
+    if Path(store_path).stat().st_size == 0:  # opened for writing, SQLite would make it a store: leave it as it is
+        raise StoreError(f"{store_path}: an empty file, not an evomerge store; give the store `evomerge run` wrote")
     store = Store(store_path, readonly=readonly)
     names = store.jobs()
     if name is None:
@@ -196,6 +209,21 @@ def find_job(target: str | Path, name: str | None = None, readonly: bool = False
     return store, JobSpec.from_dict(job["spec"])
 
 
+def spec_changes(given: JobSpec, stored: JobSpec) -> list[str]:
+    """The settings (dotted keys) where a job file now differs from the job as its store keeps it."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, at: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k), b.get(k), f"{at}.{k}" if at else str(k))
+        elif a != b:
+            out.append(at or "(the whole spec)")
+
+    walk(given.to_dict(), stored.to_dict(), "")
+    return out
+
+
 def resume_job(target: str | Path, name: str | None = None, out: TextIO | None = None,
                progress: Progress | None = None, address: str | None = None) -> JobResult:
     store, spec = find_job(target, name)
@@ -205,6 +233,12 @@ def resume_job(target: str | Path, name: str | None = None, out: TextIO | None =
             say = progress.line
             if lock.note:
                 say(f"note: {lock.note}")
+            if Path(target).suffix in (".yaml", ".yml"):
+                changed = spec_changes(load_job(target), spec)
+                if changed:
+                    say(f"note: {target} differs from the job as stored ({', '.join(changed)}); resume continues "
+                        "the stored job as it was started: to search with the new settings, give the job another "
+                        "name and `evomerge run` it")
             if Path(spec.store).absolute().resolve() != store.path.absolute().resolve():  # a moved or copied store
                 say(f"note: the store was written at {spec.store}; its reports now go beside it, to "
                     f"{store.path.absolute().parent}, never to the old place")

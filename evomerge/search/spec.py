@@ -329,7 +329,8 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     runtime = replace(runtime, **mem, enforce_eager=rt.get("enforce_eager"))
     if runtime.backend not in ("hf", "vllm", "auto"):
         raise where.error("runtime.backend", f"must be hf, vllm or auto, got {runtime.backend!r}")
-    if check_paths and runtime.backend == "vllm" and runtime.kind == "local" and importlib.util.find_spec("vllm") is None:
+    # vLLM must be installed here unless the workers are a cluster's (kind ray), whose nodes may have it
+    if check_paths and runtime.backend == "vllm" and runtime.kind != "ray" and importlib.util.find_spec("vllm") is None:
         raise where.error("runtime.backend", "vllm is not installed in this Python environment; install it "
                           "(`pip install vllm` on a GPU machine, `make venv-vllm` for the CPU build), or use "
                           "backend hf or auto (vLLM when installed, else transformers)")

@@ -160,6 +160,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0-65535 (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535 (0: any free port), got {value}")
+    return value
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from evomerge.dashboard import serve
     from evomerge.dashboard.server import DashboardError, read_token_file
@@ -379,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--store", default=None, help="the store file (SQLite) of a job (default: the one store under ./out)")
     d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    d.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    d.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     d.add_argument("--token-file", default=None, help="a file whose first line is the token every request must "
                    "carry (required off 127.0.0.1; default: EVOMERGE_DASHBOARD_TOKEN, else generated)")
     d.add_argument("--token", default=None, help="the token itself (visible in the process list: prefer "

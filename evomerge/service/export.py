@@ -163,6 +163,7 @@ def write_text(out: Path, text: str, force: bool) -> Path:
     try:
         tmp.write_text(text)  # inside: a failed write (disk full) leaves no temporary behind
         if force:
+            check_output(out, force, folder=False)  # again: what is at OUT now must still be evomerge's own file
             os.replace(tmp, out)
         else:
             try:

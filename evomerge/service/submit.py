@@ -175,9 +175,13 @@ class Jobs:
             raise ServiceError(f"{self.address} answered {r.status_code} where a Ray head's Jobs API answers its "
                                "version: is this the head's dashboard port (8265 by default)?")
         try:
-            self.ray_version = str(r.json().get("ray_version", "?"))
+            version = r.json()
         except ValueError:
             raise ServiceError(f"{self.address} is not a Ray head's dashboard (its answer is not JSON)") from None
+        if not isinstance(version, dict) or "ray_version" not in version:
+            raise ServiceError(f"{self.address} is not a Ray head's dashboard (its /api/version names no Ray "
+                               "version): is this the head's dashboard port (8265 by default)?")
+        self.ray_version = str(version["ray_version"])
         from ray.job_submission import JobSubmissionClient
 
         self.client = JobSubmissionClient(self.address, headers=dict(self.headers))

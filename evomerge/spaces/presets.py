@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Union
 
 import numpy as np
-import yaml
 
-from evomerge.config import EXAMPLES, Where, check_keys, renamed_keys
+from evomerge.config import EXAMPLES, Where, check_keys, read_yaml, renamed_keys
 from evomerge.merge.dataflow import DataflowRecipe
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.sources import as_source
@@ -57,7 +56,7 @@ def load_space_config(value: str | Mapping[str, Any], base_dir: Path | None = No
     candidates = [PRESET_DIR / f"{value}.yaml", Path(value)] + ([base_dir / value] if base_dir else [])
     for p in candidates:
         if p.is_file():
-            data = yaml.safe_load(p.read_text())
+            data, _ = read_yaml(p, SpaceError, "search space")
             if not isinstance(data, dict):
                 raise SpaceError(f"{p}: a search space is a YAML mapping with 'kind: ps | dfs | hybrid'")
             return data
