@@ -154,7 +154,7 @@ def bounds_field(where: Where, field_path: str, value: Any, low: float | None = 
         if value[0] <= value[1]:
             return float(value[0]), float(value[1])
     within = f", both{_span(low, high)}" if low is not None or high is not None else ""
-    raise where.error(field_path, f"must be [low, high] with low <= high{within}, got {value!r}")
+    raise where.error(field_path, f"must be [low, high]: two finite numbers with low <= high{within}, got {value!r}")
 
 
 def path_candidates(value: str | Path, base_dir: Path | None) -> list[Path]:

@@ -51,7 +51,7 @@ def test_bounds_field():
     assert bounds_field(WHERE, "weight", [0, 1]) == (0.0, 1.0)
     assert bounds_field(WHERE, "density", (0.5, 0.5), low=0, high=1) == (0.5, 0.5)
     for bad in ([1, 0], [0], [0, "1"], [0, float("inf")], 0.5, [True, 1]):
-        with pytest.raises(RecipeError, match=r"weight: must be \[low, high\] with low <= high"):
+        with pytest.raises(RecipeError, match=r"weight: must be \[low, high\]: two finite numbers with low <= high"):
             bounds_field(WHERE, "weight", bad)
     with pytest.raises(RecipeError, match=r"both in \[0, 1\], got \[0, 2\]"):
         bounds_field(WHERE, "density", [0, 2], low=0, high=1)

@@ -211,3 +211,20 @@ def test_backend_vllm_without_vllm_is_refused_for_every_local_kind(tmp_path, cap
         folder.mkdir()
         assert main(["run", str(write_job(folder, kind=kind, backend="vllm"))]) == 2
         assert "runtime.backend: vllm is not installed" in capsys.readouterr().err
+
+
+def test_inline_sections_name_the_file_and_field_once(tmp_path, capsys):
+    path = write_job(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["search_space"] = {"kind": "ps", "density_bounds": [0.1, 1.5]}
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count(str(path)) == 1 and err.count("search_space") == 1 and "density_bounds" in err, err
+    spec["search_space"] = "sakana_ps"
+    spec["objectives"] = {"objectives": [{"builtin": "params", "directon": "minimise"}]}
+    spec["runtime"] = {}
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count(str(path)) == 1 and err.count("objectives:") == 1 and "Did you mean 'direction'" in err, err

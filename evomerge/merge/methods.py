@@ -956,7 +956,15 @@ def _check_value(spec: MethodSpec, name: str, value: object, where: str) -> None
         return
     allowed = _allowed(spec, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}{where}: must be a number in {allowed}, got {value!r}")
+        span = "" if str(allowed) == "any finite number" else f" in {allowed}"
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = f" (YAML reads {value} as text: write it with a decimal point, e.g. {float(value):.1e})"
+            except ValueError:
+                pass
+        raise ValueError(f"{name}{where}: must be a number{span}, got {value!r}{hint}")
     if not allowed.contains(float(value)):
         raise ValueError(f"{name}{where}: must be in {allowed}, got {value!r}")
     if name in _INTS and float(value) != int(value):

@@ -291,8 +291,8 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
             space = build_space(space_cfg, models, base)
             for _, genome in space.seeds()[:1]:
                 space.decode(genome)
-    except (SpaceError, ValueError) as e:
-        raise where.error("search_space", str(e)) from None
+    except (SpaceError, ValueError) as e:  # the message names its field (search_space.X) or gets the section's
+        raise where.error("" if str(e).startswith("search_space") else "search_space", str(e)) from None
 
     # runtime
     rt = data.get("runtime") or {}
@@ -357,6 +357,8 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
         try:
             parsed = parse_objectives(objectives, source=obj_source, base_dir=objectives_dir, check_paths=check_paths)
         except FitnessConfigError as e:
+            if str(e).startswith(obj_source):  # inline: the message names this file and section already
+                raise where.error_class(str(e)) from None
             raise where.error("objectives", str(e)) from None
         n_obj = len(parsed.objectives)
     else:
