@@ -145,3 +145,18 @@ def test_the_cli_refuses_and_writes_nothing(zoo_dir, tmp_path, capsys):
     src = evolve_config(tmp_path / "b", zoo_dir, tasks=[{"name": "zoo_arith", "metric": "exact_match"}])
     assert cli("import-evolve", src, "-o", tmp_path / "job.yaml", "--include", tmp_path / "nowhere") == 2
     assert "--include" in capsys.readouterr().err and not (tmp_path / "job.yaml").exists()
+
+
+def test_force_replaces_only_a_job_file_import_evolve_wrote_and_never_an_input(zoo_dir, tmp_path, capsys):
+    source = evolve_config(tmp_path, zoo_dir)
+    out = tmp_path / "job.yaml"
+    assert cli("import-evolve", str(source), "-o", str(out)) == 0
+    assert cli("import-evolve", str(source), "-o", str(out), "--force") == 0  # its own file: replaced
+    capsys.readouterr()
+    before = source.read_text()
+    assert cli("import-evolve", str(source), "-o", str(source), "--force") == 2  # the config itself: never
+    assert source.read_text() == before and "the input" in capsys.readouterr().err
+    mine = tmp_path / "notes.yaml"
+    mine.write_text("mine: true\n")
+    assert cli("import-evolve", str(source), "-o", str(mine), "--force") == 2  # not one evomerge wrote
+    assert mine.read_text() == "mine: true\n" and "not written by" in capsys.readouterr().err

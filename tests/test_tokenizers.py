@@ -150,3 +150,38 @@ def test_vocabularies_that_differ_need_a_tokenizer_config_and_names_must_be_mode
     typo = write(tmp_path, family, "typo", tokenizer={"sorce": "union"})
     with pytest.raises(RecipeError, match="sorce"):
         load_recipe(typo)
+
+
+def padded(source: Path, out: Path, rows: int, seed: int) -> Path:
+    """A model whose embeddings hold more rows than its tokenizer has tokens (as Qwen's do)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            w[old:] = 0.1 * torch.randn(w[old:].shape, generator=g)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MERGEKIT.exists(), reason="mergekit venv missing (make venv-mergekit)")
+@pytest.mark.parametrize("top, rows", [({"tokenizer_source": "base"}, 54), ({"chat_template": "{{ 'X' }}"}, 64)],
+                         ids=["tokenizer-source-drops-padding", "template-alone-keeps-it"])
+def test_padded_vocabularies_are_sized_as_mergekit_sizes_them(tmp_path, zoo_dir, top, rows):
+    base = padded(zoo_dir / "llama" / "base", tmp_path / "base", 64, 1)
+    arith = padded(zoo_dir / "llama" / "arith", tmp_path / "arith", 64, 2)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+              "models": [{"model": str(arith), "parameters": {"weight": 0.7}}]} | top
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    ours(path, tmp_path / "ours")
+    theirs(path, tmp_path / "theirs")
+    a, b = tensors(tmp_path / "ours"), tensors(tmp_path / "theirs")
+    assert a["model.embed_tokens.weight"].shape[0] == b["model.embed_tokens.weight"].shape[0] == rows
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == rows

@@ -112,30 +112,33 @@ def _chat_template(template: str, tokenizers: Mapping[str, Any], where: str) -> 
 
 def align(recipe: Recipe, cks: Mapping[str, Checkpoint], base_label: str) -> Alignment | None:
     """The vocabulary alignment a recipe's `tokenizer` (or `chat_template`) asks for; None when every model's
-    tokens already sit at the output tokenizer's ids and nothing else changes (the merge then reads the models
-    as they are and copies the tokenizer's files)."""
-    spec = recipe.tokenizer or TokenizerSpec("base")
+    rows already sit at the output tokenizer's ids, no row is dropped or added, and nothing else changes (the merge
+    then reads the models as they are and copies the tokenizer's files). As mergekit 0.1.5: a tokenizer setting
+    sizes the output to the output tokenizer (padding rows past it are dropped, unless `pad_to_multiple_of`); a
+    chat template alone changes only the tokenizer written."""
     where = str(recipe.source_file or "<recipe>")
     labels = list(cks)
-    sizes = {_vocab_size(ck.config) for ck in cks.values()}
-    if spec.source != "union" and not spec.tokens and not spec.pad_to_multiple_of and not recipe.chat_template \
-            and len(sizes) == 1:
-        return None  # one vocabulary size and the output is one model's tokenizer: mergekit copies it too
     tokenizers = {label: _tokenizer_or_none(cks[label].path) for label in labels}
     if tokenizers[base_label] is None:
-        raise RecipeError(f"{where}: '{base_label}' has no tokenizer files; merging vocabularies needs the base's "
-                          "tokenizer (tokenizer.json or the slow tokenizer's files)")
+        raise RecipeError(f"{where}: '{base_label}' has no tokenizer files; a tokenizer setting or chat_template "
+                          "needs the base's tokenizer (tokenizer.json or the slow tokenizer's files)")
+    if recipe.tokenizer is None:  # chat_template alone: the base's tokenizer with it, the tensors as they are
+        out_tok = load_tokenizer(cks[base_label].path)
+        template = _chat_template(str(recipe.chat_template), {k: t for k, t in tokenizers.items() if t is not None},
+                                  where)
+        out_tok.chat_template = template
+        folder = _save_tokenizer(out_tok, [str(cks[k].path) for k in labels], TokenizerSpec("base"), template)
+        return Alignment(folder, _vocab_size(cks[base_label].config) or len(out_tok.get_vocab()), dict(cks))
+    spec = recipe.tokenizer
     tokenizers = {k: t if t is not None else tokenizers[base_label] for k, t in tokenizers.items()}  # as mergekit
     vocabs = {label: _vocabulary(cks[label], tokenizers[label]) for label in labels}
     source = base_label if spec.source == "base" else spec.source
     if spec.source == "union":
         out_tok = _union(load_tokenizer(cks[base_label].path), tokenizers, vocabs)
-        out_dir_of = None
     else:
         if source not in cks:
             raise RecipeError(f"{where}: tokenizer.source: '{source}' is not one of the recipe's models")
         out_tok = load_tokenizer(cks[source].path)
-        out_dir_of = cks[source].path
     out_vocab = dict(sorted(out_tok.get_vocab().items(), key=lambda kv: kv[1]))
     size = len(out_vocab)
     if spec.pad_to_multiple_of and size % spec.pad_to_multiple_of:
@@ -154,22 +157,25 @@ def align(recipe: Recipe, cks: Mapping[str, Checkpoint], base_label: str) -> Ali
             if not 0 <= src_id < vocabs[ts.model].size:
                 raise RecipeError(f"{where}: tokenizer.tokens.{token}.source: model '{ts.model}' has no token "
                                   f"{ts.token if ts.token is not None else ts.token_id!r}")
-    identity = all(p == list(range(len(out_vocab))) for p in perms.values()) and size == len(out_vocab)
+    identity = (all(p == list(range(len(out_vocab))) for p in perms.values())
+                and all(vocabs[k].size == size for k in labels))  # nothing moves, nothing dropped or added
     template = _chat_template(recipe.chat_template, tokenizers, where) if recipe.chat_template else None
     if identity and not spec.tokens and template is None:
         return None
 
     if template is not None:
         out_tok.chat_template = template
-    folder = _save_tokenizer(out_tok, [str(cks[k].path) for k in labels], spec, template, out_dir_of)
+    folder = _save_tokenizer(out_tok, [str(cks[k].path) for k in labels], spec, template)
     aligner = _Aligner(cks, base_label, list(out_vocab), perms, vocabs, spec, size)
     aligned = {label: aligner.checkpoint(label) for label in labels}
     return Alignment(folder, size, aligned)
 
 
-def _save_tokenizer(tok: Any, models: list[str], spec: TokenizerSpec, template: str | None,
-                    copied_from: Path | None) -> Path:
-    key = hashlib.sha256(json.dumps([models, repr(spec), template]).encode()).hexdigest()[:16]
+def _save_tokenizer(tok: Any, models: list[str], spec: TokenizerSpec, template: str | None) -> Path:
+    """The output tokenizer, written once per content: the key holds the vocabulary itself, so a model whose
+    tokenizer was edited since gets a folder of its own, never a stale one."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    key = hashlib.sha256(json.dumps([models, repr(spec), template, vocab]).encode()).hexdigest()[:16]
     folder = cache_root() / "tokenizers" / key
     if folder.is_dir():
         return folder
@@ -177,7 +183,12 @@ def _save_tokenizer(tok: Any, models: list[str], spec: TokenizerSpec, template: 
     staging = folder.with_name(f"{key}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     tok.save_pretrained(staging)
-    os.replace(staging, folder)
+    try:
+        os.replace(staging, folder)
+    except OSError:  # another process wrote the same content first: use its folder
+        shutil.rmtree(staging, ignore_errors=True)
+        if not folder.is_dir():
+            raise
     return folder
 
 

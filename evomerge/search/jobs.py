@@ -7,6 +7,7 @@ first candidate evaluated.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -146,8 +147,9 @@ def make_runtime(spec: JobSpec, address: str | None = None) -> Runtime:
 def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | None = None,
             address: str | None = None) -> JobResult:
     spec = load_job(path)
+    check_backend_here(spec, address)
     progress = progress or Progress()
-    fresh = not Path(spec.store).exists()
+    fresh = _create_new(Path(spec.store))  # this run made the file (atomically): it may remove it if refused
     store = Store(spec.store)
     try:
         with WriterLock(store, spec.name):  # one writer per job: a second `run` of it waits for no one
@@ -163,17 +165,59 @@ def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | No
             finally:
                 runtime.close()
     except BaseException:
-        try:
-            empty = fresh and not store.jobs()
-        except Exception:  # noqa: BLE001 - a store that cannot even be read is the error already raised
-            empty = False
-        if empty:  # refused before the job was recorded: leave no empty store behind
-            store.close()
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                Path(f"{spec.store}{suffix}").unlink(missing_ok=True)
+        if fresh:
+            _remove_if_unused(store, Path(spec.store), fresh)
         raise
     finally:
         store.close()
+
+
+def check_backend_here(spec: JobSpec, address: str | None) -> None:
+    """Workers started on this machine (in-process, or a private Ray) need the scoring backend installed here; a
+    cluster's workers (an address) bring their own. Checked before the store is touched (`plan` and `submit` plan
+    for other machines and do not check)."""
+    import importlib.util
+
+    from evomerge.runtime.cluster import address_from
+    from evomerge.search.spec import VLLM_MISSING, JobSpecError
+
+    if spec.runtime.backend == "vllm" and address_from(address) is None and importlib.util.find_spec("vllm") is None:
+        raise JobSpecError(f"{spec.source}: runtime.backend: {VLLM_MISSING}")
+
+
+def _create_new(path: Path) -> int:
+    """Create `path` as an empty file when nothing is there (O_EXCL: of two runs started together only one does);
+    its inode when this call created it, else 0. A store a run created and left without a job when refused (a
+    metric typo found while building the scorer) is removed again; one another process made is never touched."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as Store does
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return 0
+    except OSError:
+        return 0
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def _remove_if_unused(store: Store, path: Path, inode: int) -> None:
+    """Remove a store this run created when it holds no job and no writer (checked under SQLite's write lock, so
+    no other run can record one meanwhile); anything else, or any doubt, leaves it as it is."""
+    try:
+        if path.stat().st_ino != inode:
+            return
+        store.db.execute("BEGIN IMMEDIATE")
+        try:
+            if store.jobs() or store.db.execute("SELECT COUNT(*) FROM writers").fetchone()[0]:
+                return
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        finally:
+            store.db.execute("ROLLBACK")
+    except Exception:  # noqa: BLE001 - the error being raised is the one the user must see
+        pass
 
 
 def objective_table(runtime: Runtime) -> list[tuple[str, str]]:
@@ -227,6 +271,11 @@ def spec_changes(given: JobSpec, stored: JobSpec) -> list[str]:
 def resume_job(target: str | Path, name: str | None = None, out: TextIO | None = None,
                progress: Progress | None = None, address: str | None = None) -> JobResult:
     store, spec = find_job(target, name)
+    try:
+        check_backend_here(spec, address)
+    except BaseException:
+        store.close()
+        raise
     progress = progress or Progress()
     try:
         with WriterLock(store, spec.name) as lock:  # refused while another process writes this job

@@ -69,6 +69,9 @@ from evomerge.search.drivers import DRIVERS, SINGLE_OBJECTIVE, DriverError, chec
 if TYPE_CHECKING:
     from evomerge.fitness.objectives import ObjectiveSet
 
+VLLM_MISSING = ("vllm is not installed in this Python environment; install it (`pip install vllm` on a GPU machine, "
+                "`make venv-vllm` for the CPU build), or use backend hf or auto (vLLM when installed, else "
+                "transformers)")
 TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "driver", "runtime", "store", "report")
 DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row", "mode", "lag")
 DRIVER_MODES = ("generational", "steady")
@@ -329,11 +332,8 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     runtime = replace(runtime, **mem, enforce_eager=rt.get("enforce_eager"))
     if runtime.backend not in ("hf", "vllm", "auto"):
         raise where.error("runtime.backend", f"must be hf, vllm or auto, got {runtime.backend!r}")
-    # vLLM must be installed here unless the workers are a cluster's (kind ray), whose nodes may have it
-    if check_paths and runtime.backend == "vllm" and runtime.kind != "ray" and importlib.util.find_spec("vllm") is None:
-        raise where.error("runtime.backend", "vllm is not installed in this Python environment; install it "
-                          "(`pip install vllm` on a GPU machine, `make venv-vllm` for the CPU build), or use "
-                          "backend hf or auto (vLLM when installed, else transformers)")
+    if check_paths and runtime.backend == "vllm" and runtime.kind == "local" and importlib.util.find_spec("vllm") is None:
+        raise where.error("runtime.backend", VLLM_MISSING)
     if runtime.scorer is not None and (not isinstance(runtime.scorer, str) or ":" not in runtime.scorer):
         raise where.error("runtime.scorer", f"must be 'package.module:factory', got {runtime.scorer!r}")
 
