@@ -25,9 +25,13 @@ CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "recipe.yaml").is_file()
 TOLERANCE = 1e-5
 HALF = {"float16": 2**-10, "bfloat16": 2**-7}  # dtype -> its step at 1 (one ulp): rounding moves v by <= |v| * step / 2
 # Methods whose every half-precision rounding compute_dtype: recipe makes as mergekit does (the task-vector
-# family, and linear and slerp, which mergekit computes in float32 from rounded inputs). The others compute in
-# float32 from the rounded inputs, where mergekit computes in the half dtype (README, "Half precision").
-EXACT_IN_HALF = {"linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp"}
+# family, linear and slerp, which mergekit computes in float32 from rounded inputs, and the methods with a
+# `combine_rounded`). The others compute in float32 from the rounded inputs, where mergekit computes in the half
+# dtype (README, "Half precision").
+EXACT_IN_HALF = {"linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp", "nearswap", "ram", "ramplus_tl"}
+# Of those, the methods whose mergekit steps promote to float32 (a float32 factor): mergekit writes their tensors in
+# float32 whatever the dtype, which evomerge gives with out_dtype: float32 (by default it rounds them to the dtype).
+PROMOTED_TO_FLOAT32 = {"ramplus_tl"}
 
 
 def _recipe_dtype(case: str) -> str | None:
@@ -64,10 +68,16 @@ def test_compute_dtype_recipe_gives_mergekits_half_precision_bits(case):
     recipe = load_recipe(GOLDEN / case / "recipe.yaml")
     recipe.compute_dtype = "recipe"
     expected = load_file(GOLDEN / case / "merged.safetensors")
+    half = getattr(torch, recipe.dtype)
+    if recipe.merge_method in PROMOTED_TO_FLOAT32:
+        rounded = merge_to_dict(recipe)  # the default out dtype: mergekit's float32 tensors rounded to the dtype
+        assert all(torch.equal(rounded[n], want.to(half)) for n, want in expected.items())
+        recipe.out_dtype = "float32"
     merged = merge_to_dict(recipe)
     assert sorted(merged) == sorted(expected)
     for name, want in expected.items():
-        assert merged[name].dtype == want.dtype == getattr(torch, recipe.dtype), name
+        out = torch.float32 if recipe.merge_method in PROMOTED_TO_FLOAT32 else half
+        assert merged[name].dtype == want.dtype == out, name
         assert torch.equal(merged[name], want), f"{case}: {name} differs in {int((merged[name] != want).sum())} entries"
     recipe.compute_dtype = "float32"  # the default is another model: the check above can fail
     assert any(not torch.equal(t, expected[n]) for n, t in merge_to_dict(recipe).items())

@@ -73,6 +73,9 @@ class MethodSpec:
     consensus: str | None = None  # None, "sum" or "count"
     combine: Combine | None = None
     combine_deltas: CombineDeltas | None = None
+    # The same merge on half-precision inputs with mergekit 0.1.5's steps, each in the dtype mergekit takes it in
+    # (`compute_dtype: recipe`, for its bits). None: `combine` computes in float32 from the rounded inputs.
+    combine_rounded: Combine | None = None
     min_models: int = 1  # number of non-base models accepted
     max_models: int | None = None
     # The base, when the recipe names one, is one more input like the others (mergekit adds it to the sources
@@ -531,11 +534,19 @@ def _nearswap_share(distance: Tensor, t: float) -> Tensor:
     return (t / distance.abs().clamp(min=1e-6)).clamp(0, 1)
 
 
+def _nearswap_mix(a: Tensor, b: Tensor, t: float) -> Tensor:
+    """share * b + (1 - share) * a, each step in the inputs' dtype (in half precision: mergekit's roundings)."""
+    share = _nearswap_share(a - b, t)
+    return share * b + (1 - share) * a
+
+
 def _nearswap(base, tensors, model_params, global_params) -> Tensor:
     """NearSwap: take the model's value where it is close to the base's, interpolate towards it elsewhere."""
-    a, b = base.float(), tensors[0].float()
-    share = _nearswap_share(a - b, float(global_params["t"]))
-    return share * b + (1 - share) * a
+    return _nearswap_mix(base.float(), tensors[0].float(), float(global_params["t"]))
+
+
+def _nearswap_rounded(base, tensors, model_params, global_params) -> Tensor:
+    return _nearswap_mix(base, tensors[0], float(global_params["t"]))
 
 
 def _nearswap_deltas(deltas, model_params, global_params) -> Tensor:
@@ -604,6 +615,34 @@ def _ram(base, tensors, model_params, global_params) -> Tensor:
 def _ramplus(base, tensors, model_params, global_params) -> Tensor:
     base = base.float()
     return base + _ramplus_deltas([x.float() - base for x in tensors], model_params, global_params)
+
+
+def _ram_rounded(base, tensors, model_params, global_params, plus: bool = False) -> Tensor:
+    """RAM (and with `plus` RAM+) in the inputs' half dtype with mergekit's steps: each model's term rounded
+    per step, the terms summed as torch reduces a stack. RAM+'s factor is a float32 tensor in mergekit, which
+    promotes a model's unique changes, and so the sum and the result, to float32."""
+    epsilon = float(global_params["epsilon"])
+    flat = [(x - base).reshape(-1) for x in tensors]
+    changed = [f.abs() > epsilon for f in flat]
+    count = torch.zeros_like(flat[0], dtype=torch.int64)
+    for c in changed:
+        count += c
+    alone, shared = count == 1, count > 1
+    divisor = count.clamp(min=1)
+    terms = []
+    for f, c in zip(flat, changed):
+        kept = f * c
+        own = kept * alone
+        if plus:
+            rho = (c & shared).sum() / (c & alone).sum().clamp(min=epsilon)
+            factor = 1 + float(global_params["r"]) * rho.clamp(min=0, max=float(global_params["alpha"]))
+            own = own.float() * factor
+        terms.append(own + kept * shared / divisor)
+    return base + torch.stack(terms).sum(dim=0).reshape(base.shape)
+
+
+def _ramplus_rounded(base, tensors, model_params, global_params) -> Tensor:
+    return _ram_rounded(base, tensors, model_params, global_params, plus=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -767,6 +806,7 @@ METHODS.update(
             accepts_base=True,
             combine=_nearswap,
             combine_deltas=_nearswap_deltas,
+            combine_rounded=_nearswap_rounded,
             min_models=1,
             max_models=1,
             ranges={"t": _AT_LEAST_0},  # a distance in weight units, not a fraction
@@ -795,6 +835,7 @@ METHODS.update(
             accepts_base=True,
             combine=_ram,
             combine_deltas=_ram_deltas,
+            combine_rounded=_ram_rounded,
             ranges={"epsilon": _AT_LEAST_0},
             reference="https://arxiv.org/abs/2601.13572",
         ),
@@ -806,6 +847,7 @@ METHODS.update(
             accepts_base=True,
             combine=_ramplus,
             combine_deltas=_ramplus_deltas,
+            combine_rounded=_ramplus_rounded,
             ranges={"epsilon": _AT_LEAST_0, "r": _AT_LEAST_0, "alpha": _AT_LEAST_0},
             reference="https://arxiv.org/abs/2601.13572",
         ),
@@ -852,8 +894,10 @@ def merge_tensor(
 
     `compute` other than float32 (`compute_dtype: recipe` with a half-precision recipe) reproduces mergekit
     0.1.5: the inputs are rounded to `compute` as mergekit reads them, task-vector methods compute in it with
-    mergekit's roundings (`_merge_deltas_rounded`) and the result is in `compute`; the other methods compute
-    in float32 from the rounded inputs, which is what mergekit does for linear and slerp.
+    mergekit's roundings (`_merge_deltas_rounded`), methods with a `combine_rounded` follow their own mergekit
+    steps, and the others compute in float32 from the rounded inputs, which is what mergekit does for linear
+    and slerp. The result is in the dtype mergekit's steps end in (`compute`, or float32 where mergekit
+    promotes: ramplus_tl).
     """
     spec = _spec(method)
     if tensors or not spec.uses_task_vectors:
@@ -869,7 +913,7 @@ def merge_tensor(
                 return base.clone()
             deltas = [x - base for x in tensors]
             return base + _merge_deltas_rounded(spec, deltas, models, globals_, generator, compute)
-        return spec.combine(base, tensors, models, globals_)
+        return (spec.combine_rounded or spec.combine)(base, tensors, models, globals_)
     if spec.uses_task_vectors:
         base32 = base.float()
         if not tensors:
