@@ -505,16 +505,7 @@ def _sce_deltas(deltas, model_params, global_params) -> Tensor:
     they sum to < 1e-6). Erase: per entry, only task vectors with the sign of their plain sum take part
     (TIES' sign consensus); merged = sum(w_i * d_i over them) / sum(w_i over them), clamped at 1e-6.
     """
-    topk = float(global_params["select_topk"])
-    stacked = torch.stack([d.float() for d in deltas])
-    if topk < 1:
-        keep = torch.zeros_like(stacked[0])
-        if topk > 0:
-            spread = torch.var(stacked, dim=0, unbiased=False)
-            k = int(torch.count_nonzero(spread) * topk)  # as mergekit rounds it (a float32 product)
-            if k > 0:
-                keep.view(-1)[torch.topk(spread.abs().view(-1), k=k, largest=True).indices] = 1.0
-        stacked = stacked * keep
+    stacked = _sce_select(torch.stack([d.float() for d in deltas]), float(global_params["select_topk"]))
     sign = _consensus_sign(list(stacked), "sum")
     energy = stacked.square().reshape(len(deltas), -1).mean(dim=1)
     total = float(energy.sum())
@@ -523,9 +514,35 @@ def _sce_deltas(deltas, model_params, global_params) -> Tensor:
     return (stacked * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
 
 
+def _sce_select(stacked: Tensor, topk: float) -> Tensor:
+    """The stacked task vectors with only the `topk` fraction of highest-variance entries kept (in their dtype)."""
+    if topk >= 1:
+        return stacked
+    keep = torch.zeros_like(stacked[0])
+    if topk > 0:
+        spread = torch.var(stacked, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(spread) * topk)  # as mergekit rounds it (a float32 product)
+        if k > 0:
+            keep.view(-1)[torch.topk(spread.abs().view(-1), k=k, largest=True).indices] = 1.0
+    return stacked * keep
+
+
 def _sce(base, tensors, model_params, global_params) -> Tensor:
     base = base.float()
     return base + _sce_deltas([x.float() - base for x in tensors], model_params, global_params)
+
+
+def _sce_rounded(base, tensors, model_params, global_params) -> Tensor:
+    """SCE in the inputs' half dtype with mergekit's steps: the variance, mean squares and sums over the models
+    are torch's reductions of the stacked task vectors (accumulated in float32, rounded once), the sign vote
+    too; every other step is rounded."""
+    stacked = _sce_select(torch.stack([x - base for x in tensors]), float(global_params["select_topk"]))
+    agree = (stacked * torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)) > 0
+    energy = stacked.square().reshape(len(tensors), -1).mean(dim=1)
+    total = float(energy.sum())
+    energy = torch.ones_like(energy) / len(tensors) if abs(total) < 1e-6 else energy / total
+    weights = energy.reshape(-1, *([1] * (stacked.dim() - 1))) * agree
+    return base + (stacked * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
 
 
 def _nearswap_share(distance: Tensor, t: float) -> Tensor:
@@ -796,6 +813,7 @@ METHODS.update(
             accepts_base=True,
             combine=_sce,
             combine_deltas=_sce_deltas,
+            combine_rounded=_sce_rounded,
             reference="https://arxiv.org/abs/2408.07990",
         ),
         "nearswap": MethodSpec(
