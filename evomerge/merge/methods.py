@@ -335,16 +335,24 @@ def _nuslerp_t(model_params) -> float:
     return 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
 
 
-def _nuslerp(base, tensors, model_params, global_params) -> Tensor:
-    """Slerp between two models at t = w1 / (w0 + w1); with a base, between their task vectors."""
+def _nuslerp_in(base: Tensor | None, a: Tensor, b: Tensor, model_params, global_params) -> Tensor:
+    """Slerp between two models at t = w1 / (w0 + w1); with a base, between their task vectors. Every step is
+    in the inputs' dtype (half precision: mergekit's roundings, its norms and dot products torch's reductions)."""
     t = _nuslerp_t(model_params)
     row_wise = bool(global_params["nuslerp_row_wise"])
     flatten = bool(global_params["nuslerp_flatten"])
-    a, b = tensors[0].float(), tensors[1].float()
     if base is None:
         return nuslerp(t, a, b, row_wise, flatten)
-    base = base.float()
     return base + nuslerp(t, a - base, b - base, row_wise, flatten)
+
+
+def _nuslerp(base, tensors, model_params, global_params) -> Tensor:
+    return _nuslerp_in(base.float() if base is not None else None, tensors[0].float(), tensors[1].float(),
+                       model_params, global_params)
+
+
+def _nuslerp_rounded(base, tensors, model_params, global_params) -> Tensor:
+    return _nuslerp_in(base, tensors[0], tensors[1], model_params, global_params)
 
 
 def _nuslerp_deltas(deltas, model_params, global_params) -> Tensor:
@@ -448,6 +456,41 @@ def _multislerp(base, tensors, model_params, global_params) -> Tensor:
         return _multislerp_vectors(tensors, model_params, global_params)
     base = base.float()
     return base + _multislerp_vectors([x.float() - base for x in tensors], model_params, global_params)
+
+
+def _multislerp_rounded(base, tensors, model_params, global_params) -> Tensor:
+    """Multislerp in the inputs' half dtype with mergekit's steps: the weights a tensor of that dtype, every
+    step rounded, each norm and each sum over the models (or over a vector) one torch reduction of the stacked
+    vectors (accumulated in float32, rounded once). Same fallback as `_multislerp_vectors` where the weighted
+    mean of the unit vectors is ~0."""
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    eps = float(global_params["eps"])
+    stacked = torch.stack(tensors)
+    if base is not None:
+        stacked = stacked - base
+    flat = stacked.reshape(len(tensors), -1)
+    weights = torch.tensor([float(p["weight"]) for p in model_params], dtype=flat.dtype, device=flat.device)
+    total = weights.sum()
+    if global_params["normalize_weights"] and abs(float(total)) >= 1e-8:
+        weights = weights / total
+    column = weights.reshape(-1, 1)
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    centre = (units * column).sum(dim=0)
+    centre_norm = torch.linalg.vector_norm(centre)
+    if float(centre_norm) < eps:
+        out = flat[0] * weights[0]
+        for f, w in zip(flat[1:], weights[1:]):
+            out = out + f * w
+    else:
+        centre = centre / centre_norm
+        tangent = ((units - (units * centre).sum(dim=-1, keepdim=True) * centre) * column).sum(dim=0)
+        length = torch.linalg.vector_norm(tangent) + eps
+        on_sphere = centre * torch.cos(length) + tangent * (torch.sin(length) / length)
+        out = on_sphere * (norms.reshape(-1) * weights).sum()
+    out = out.reshape(tensors[0].shape)
+    return out + base if base is not None else out
 
 
 def _karcher(base, tensors, model_params, global_params) -> Tensor:
@@ -762,6 +805,7 @@ METHODS.update(
             accepts_base=True,  # with a base it interpolates the task vectors
             combine=_nuslerp,
             combine_deltas=_nuslerp_deltas,
+            combine_rounded=_nuslerp_rounded,
             min_models=2,
             max_models=2,
         ),
@@ -794,6 +838,7 @@ METHODS.update(
             accepts_base=True,  # with a base it interpolates the task vectors
             combine=_multislerp,
             combine_deltas=_multislerp_vectors,
+            combine_rounded=_multislerp_rounded,
             reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
         ),
         "karcher": MethodSpec(
