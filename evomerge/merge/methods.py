@@ -397,6 +397,35 @@ def _model_stock(base, tensors, model_params, global_params) -> Tensor:
     return base + _model_stock_deltas(deltas, model_params, global_params)
 
 
+def _model_stock_rounded(base, tensors, model_params, global_params) -> Tensor:
+    """Model Stock in the inputs' half dtype with mergekit's steps: every step rounded, each norm and dot product
+    one torch reduction, and the result written as t * (mean of the models) + (1 - t) * base, mergekit's form
+    (in float32 `_model_stock_deltas` moves the base by t * the mean task vector, the same number)."""
+    shape = base.shape
+    if global_params["filter_wise"]:
+        anchor = base.unsqueeze(0) if base.dim() == 1 else base
+        models = [x.unsqueeze(0) for x in tensors] if base.dim() == 1 else list(tensors)
+    else:
+        anchor, models = base.reshape(-1), [x.reshape(-1) for x in tensors]
+    offsets = [x - anchor for x in models]
+    norms = [torch.linalg.vector_norm(d, dim=-1) for d in offsets]
+    cosines = [
+        ((offsets[i] * offsets[j]).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(len(offsets))
+        for j in range(i + 1, len(offsets))
+    ]
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(models)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos),
+                    n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    total = models[0]
+    for x in models[1:]:
+        total = total + x
+    return (t * (total / n) + (1 - t) * anchor).reshape(shape)
+
+
 def _passthrough(base, tensors, model_params, global_params) -> Tensor:
     """The single input unchanged (optionally times `scale`); a copy, never an alias."""
     scale = model_params[0].get("scale")
@@ -817,6 +846,7 @@ METHODS.update(
             accepts_base=True,
             combine=_model_stock,
             combine_deltas=_model_stock_deltas,
+            combine_rounded=_model_stock_rounded,
             min_models=2,
             reference="https://arxiv.org/abs/2403.19522",
         ),
