@@ -533,21 +533,33 @@ def _karcher(base, tensors, model_params, global_params) -> Tensor:
     """
     if len(tensors) == 1:
         return tensors[0].to(torch.float32, copy=True)
+    return _karcher_in([x.float() for x in tensors], global_params)
+
+
+def _karcher_rounded(base, tensors, model_params, global_params) -> Tensor:
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    return _karcher_in(tensors, global_params)
+
+
+def _karcher_in(tensors: Sequence[Tensor], global_params) -> Tensor:
+    """`_karcher`'s steps in the inputs' dtype, norms in float32 (0-d tensors, which leave a product's or a
+    quotient's dtype alone): in half precision, mergekit's roundings."""
     max_iter, tol = int(global_params["max_iter"]), float(global_params["tol"])
     shape = tensors[0].shape
-    flat = [x.float().reshape(-1) for x in tensors]
-    norms = [torch.linalg.vector_norm(f) for f in flat]
+    flat = [x.reshape(-1) for x in tensors]
+    norms = [torch.linalg.vector_norm(f.float()) for f in flat]
     share = 1.0 / len(flat)
     live = [i for i, n in enumerate(norms) if float(n) > tol]
     if not live:
-        return torch.zeros(shape, dtype=torch.float32, device=flat[0].device)
+        return torch.zeros(shape, dtype=flat[0].dtype, device=flat[0].device)
     units = [flat[i] / norms[i] for i in live]
     live_total = sum(share for _ in live)
     alphas = [share / live_total for _ in live]
     mean = torch.zeros_like(units[0])
     for a, u in zip(alphas, units):
         mean += a * u
-    mean_norm = torch.linalg.vector_norm(mean)
+    mean_norm = torch.linalg.vector_norm(mean.float())
     mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
     for _ in range(max_iter):
         step = torch.zeros_like(mean)
@@ -557,11 +569,11 @@ def _karcher(base, tensors, model_params, global_params) -> Tensor:
             if float(angle) < tol:
                 continue
             step += a * (angle / torch.sin(angle)) * (u - cos * mean)
-        step_norm = torch.linalg.vector_norm(step)
+        step_norm = torch.linalg.vector_norm(step.float())
         if float(step_norm) < tol:
             break
         mean = torch.cos(step_norm) * mean + torch.sin(step_norm) * (step / step_norm)
-        length = torch.linalg.vector_norm(mean)
+        length = torch.linalg.vector_norm(mean.float())
         if float(length) > tol:
             mean = mean / length
     radius = sum(share * n for n in norms)
@@ -878,6 +890,7 @@ METHODS.update(
             needs_base=False,
             base_is_input=True,
             combine=_karcher,
+            combine_rounded=_karcher_rounded,
             reference="https://arxiv.org/abs/2603.04972",
         ),
         "sce": MethodSpec(
