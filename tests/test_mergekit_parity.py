@@ -28,10 +28,10 @@ HALF = {"float16": 2**-10, "bfloat16": 2**-7}  # dtype -> its step at 1 (one ulp
 # family, linear and slerp, which mergekit computes in float32 from rounded inputs, and the methods with a
 # `combine_rounded`). The others compute in float32 from the rounded inputs, where mergekit computes in the half
 # dtype (README, "Half precision").
-EXACT_IN_HALF = {"linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp", "nearswap", "ram", "ramplus_tl", "sce", "nuslerp", "multislerp", "model_stock", "karcher"}
+EXACT_IN_HALF = {"linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp", "nearswap", "ram", "ramplus_tl", "sce", "nuslerp", "multislerp", "model_stock", "karcher", "arcee_fusion"}
 # Of those, the methods whose mergekit steps promote to float32 (a float32 factor): mergekit writes their tensors in
 # float32 whatever the dtype, which evomerge gives with out_dtype: float32 (by default it rounds them to the dtype).
-PROMOTED_TO_FLOAT32 = {"ramplus_tl"}
+PROMOTED_TO_FLOAT32 = {"ramplus_tl", "arcee_fusion"}
 
 
 def _recipe_dtype(case: str) -> str | None:

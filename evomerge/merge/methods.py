@@ -667,14 +667,24 @@ def _arcee_fusion(base, tensors, model_params, global_params) -> Tensor:
     entries for larger tensors; evomerge takes them exactly (deterministic, equal below that size).
     """
     a, b = base.float(), tensors[0].float()
+    return a + (b - a) * _arcee_fusion_keep(a, b)
+
+
+def _arcee_fusion_rounded(base, tensors, model_params, global_params) -> Tensor:
+    """Arcee Fusion in the inputs' half dtype with mergekit's steps; mergekit's mask is float32, which promotes
+    the last two steps, and the result, to float32."""
+    return base + (tensors[0] - base) * _arcee_fusion_keep(base, tensors[0]).float()
+
+
+def _arcee_fusion_keep(a: Tensor, b: Tensor) -> Tensor:
+    """Where the model's value is kept (bool), every step in the inputs' dtype."""
     p = torch.softmax(b, dim=-1) + ARCEE_FUSION_EPS
     q = torch.softmax(a, dim=-1) + ARCEE_FUSION_EPS
     divergence = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
     importance = (b - a).abs() * divergence
     flat = importance.reshape(-1)
     q1, median, q3 = (torch.kthvalue(flat, int(f * (flat.numel() - 1)) + 1).values for f in (0.25, 0.5, 0.75))
-    keep = importance >= median + 1.5 * (q3 - q1)
-    return a + (b - a) * keep
+    return importance >= median + 1.5 * (q3 - q1)
 
 
 def _ram_deltas(deltas, model_params, global_params, plus: bool = False) -> Tensor:
@@ -925,6 +935,7 @@ METHODS.update(
             needs_base=True,
             accepts_base=True,
             combine=_arcee_fusion,
+            combine_rounded=_arcee_fusion_rounded,
             min_models=1,
             max_models=1,
             mergekit_note=(
