@@ -20,11 +20,11 @@ the consensus mask and, with `normalize`, divisor = sum_i(w_i * m_i) per entry (
 
 Everything is computed in float32 (inputs of other dtypes are upcast) and returned in float32, unless a
 half-precision recipe asks for mergekit's numbers (`compute_dtype: recipe`: `merge_tensor(compute=...)`,
-`_merge_deltas_rounded`).
+`_merge_deltas_rounded` and each row's `combine_rounded`, which follow mergekit's steps in its dtypes).
 `merge_task_vectors` is the search's hot path: deltas are precomputed once per worker, and the
 merge never stacks them (it accumulates model by model), so memory stays at a few tensors.
 
-Why one module of about 950 lines: the table, the maths each row names and the parameter checks each row's
+Why one module of about 1200 lines: the table, the maths each row names and the parameter checks each row's
 values go through are read together (a method is a row); split apart, a reader would jump between three files to
 follow one method.
 """
