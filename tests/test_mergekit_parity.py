@@ -2,9 +2,9 @@
 
 Each case folder holds a mergekit recipe (model paths relative to the folder) and the tensors `mergekit-yaml`
 produced from it. float32 recipes: every output tensor must match within 1e-5. float16 / bfloat16 recipes
-(mergekit computes those in their dtype): with `compute_dtype: recipe` the methods whose half-precision steps
-evomerge follows give mergekit's bits exactly; the default float32 compute is nearer the float32 merge than
-mergekit's numbers are, for every method.
+(mergekit computes those in their dtype): with `compute_dtype: recipe` every method gives mergekit's bits exactly
+(ramplus_tl and arcee_fusion, which mergekit writes in float32, with `out_dtype: float32`); the default float32
+compute is nearer the float32 merge than mergekit's numbers are, for every method.
 """
 
 from __future__ import annotations
@@ -25,9 +25,15 @@ CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "recipe.yaml").is_file()
 TOLERANCE = 1e-5
 HALF = {"float16": 2**-10, "bfloat16": 2**-7}  # dtype -> its step at 1 (one ulp): rounding moves v by <= |v| * step / 2
 # Methods whose every half-precision rounding compute_dtype: recipe makes as mergekit does (the task-vector
-# family, and linear and slerp, which mergekit computes in float32 from rounded inputs). The others compute in
-# float32 from the rounded inputs, where mergekit computes in the half dtype (README, "Half precision").
-EXACT_IN_HALF = {"linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp"}
+# family; linear and slerp, which mergekit computes in float32 from rounded inputs; the methods with a
+# `combine_rounded`). A method left out would compute in float32 from the rounded inputs (README, "Half precision").
+EXACT_IN_HALF = {
+    "linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp", "nearswap", "ram", "ramplus_tl", "sce", "nuslerp",
+    "multislerp", "model_stock", "karcher", "arcee_fusion",
+}
+# Of those, the methods whose mergekit steps promote to float32 (a float32 factor): mergekit writes their tensors in
+# float32 whatever the dtype, which evomerge gives with out_dtype: float32 (by default it rounds them to the dtype).
+PROMOTED_TO_FLOAT32 = {"ramplus_tl", "arcee_fusion"}
 
 
 def _recipe_dtype(case: str) -> str | None:
@@ -44,7 +50,7 @@ def test_goldens_are_present():
     assert {"nuslerp", "model_stock", "multislerp", "multislerp_nobase", "karcher", "sce", "nearswap", "arcee_fusion",
             "ram", "ramplus_tl"} <= set(CASES)
     exact = {f"{m}_{s}" for m in EXACT_IN_HALF for s in ("fp16", "bf16")}
-    assert exact <= set(HALF_CASES) and len(HALF_CASES) == 28
+    assert exact == set(HALF_CASES) and len(HALF_CASES) == 28  # every half-precision golden is matched bit for bit
 
 
 @pytest.mark.parametrize("case", FLOAT32_CASES)
@@ -64,10 +70,16 @@ def test_compute_dtype_recipe_gives_mergekits_half_precision_bits(case):
     recipe = load_recipe(GOLDEN / case / "recipe.yaml")
     recipe.compute_dtype = "recipe"
     expected = load_file(GOLDEN / case / "merged.safetensors")
+    half = getattr(torch, recipe.dtype)
+    if recipe.merge_method in PROMOTED_TO_FLOAT32:
+        rounded = merge_to_dict(recipe)  # the default out dtype: mergekit's float32 tensors rounded to the dtype
+        assert all(torch.equal(rounded[n], want.to(half)) for n, want in expected.items())
+        recipe.out_dtype = "float32"
     merged = merge_to_dict(recipe)
     assert sorted(merged) == sorted(expected)
     for name, want in expected.items():
-        assert merged[name].dtype == want.dtype == getattr(torch, recipe.dtype), name
+        out = torch.float32 if recipe.merge_method in PROMOTED_TO_FLOAT32 else half
+        assert merged[name].dtype == want.dtype == out, name
         assert torch.equal(merged[name], want), f"{case}: {name} differs in {int((merged[name] != want).sum())} entries"
     recipe.compute_dtype = "float32"  # the default is another model: the check above can fail
     assert any(not torch.equal(t, expected[n]) for n, t in merge_to_dict(recipe).items())

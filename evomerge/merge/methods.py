@@ -20,11 +20,11 @@ the consensus mask and, with `normalize`, divisor = sum_i(w_i * m_i) per entry (
 
 Everything is computed in float32 (inputs of other dtypes are upcast) and returned in float32, unless a
 half-precision recipe asks for mergekit's numbers (`compute_dtype: recipe`: `merge_tensor(compute=...)`,
-`_merge_deltas_rounded`).
+`_merge_deltas_rounded` and each row's `combine_rounded`, which follow mergekit's steps in its dtypes).
 `merge_task_vectors` is the search's hot path: deltas are precomputed once per worker, and the
 merge never stacks them (it accumulates model by model), so memory stays at a few tensors.
 
-Why one module of about 950 lines: the table, the maths each row names and the parameter checks each row's
+Why one module of about 1200 lines: the table, the maths each row names and the parameter checks each row's
 values go through are read together (a method is a row); split apart, a reader would jump between three files to
 follow one method.
 """
@@ -73,6 +73,9 @@ class MethodSpec:
     consensus: str | None = None  # None, "sum" or "count"
     combine: Combine | None = None
     combine_deltas: CombineDeltas | None = None
+    # The same merge on half-precision inputs with mergekit 0.1.5's steps, each in the dtype mergekit takes it in
+    # (`compute_dtype: recipe`, for its bits). None: `combine` computes in float32 from the rounded inputs.
+    combine_rounded: Combine | None = None
     min_models: int = 1  # number of non-base models accepted
     max_models: int | None = None
     # The base, when the recipe names one, is one more input like the others (mergekit adds it to the sources
@@ -332,16 +335,24 @@ def _nuslerp_t(model_params) -> float:
     return 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
 
 
-def _nuslerp(base, tensors, model_params, global_params) -> Tensor:
-    """Slerp between two models at t = w1 / (w0 + w1); with a base, between their task vectors."""
+def _nuslerp_in(base: Tensor | None, a: Tensor, b: Tensor, model_params, global_params) -> Tensor:
+    """Slerp between two models at t = w1 / (w0 + w1); with a base, between their task vectors. Every step is
+    in the inputs' dtype (half precision: mergekit's roundings, its norms and dot products torch's reductions)."""
     t = _nuslerp_t(model_params)
     row_wise = bool(global_params["nuslerp_row_wise"])
     flatten = bool(global_params["nuslerp_flatten"])
-    a, b = tensors[0].float(), tensors[1].float()
     if base is None:
         return nuslerp(t, a, b, row_wise, flatten)
-    base = base.float()
     return base + nuslerp(t, a - base, b - base, row_wise, flatten)
+
+
+def _nuslerp(base, tensors, model_params, global_params) -> Tensor:
+    return _nuslerp_in(base.float() if base is not None else None, tensors[0].float(), tensors[1].float(),
+                       model_params, global_params)
+
+
+def _nuslerp_rounded(base, tensors, model_params, global_params) -> Tensor:
+    return _nuslerp_in(base, tensors[0], tensors[1], model_params, global_params)
 
 
 def _nuslerp_deltas(deltas, model_params, global_params) -> Tensor:
@@ -384,6 +395,35 @@ def _model_stock(base, tensors, model_params, global_params) -> Tensor:
     base = base.float()
     deltas = [x.float() - base for x in tensors]
     return base + _model_stock_deltas(deltas, model_params, global_params)
+
+
+def _model_stock_rounded(base, tensors, model_params, global_params) -> Tensor:
+    """Model Stock in the inputs' half dtype with mergekit's steps: every step rounded, each norm and dot product
+    one torch reduction, and the result written as t * (mean of the models) + (1 - t) * base, mergekit's form
+    (in float32 `_model_stock_deltas` moves the base by t * the mean task vector, the same number)."""
+    shape = base.shape
+    if global_params["filter_wise"]:
+        anchor = base.unsqueeze(0) if base.dim() == 1 else base
+        models = [x.unsqueeze(0) for x in tensors] if base.dim() == 1 else list(tensors)
+    else:
+        anchor, models = base.reshape(-1), [x.reshape(-1) for x in tensors]
+    offsets = [x - anchor for x in models]
+    norms = [torch.linalg.vector_norm(d, dim=-1) for d in offsets]
+    cosines = [
+        ((offsets[i] * offsets[j]).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(len(offsets))
+        for j in range(i + 1, len(offsets))
+    ]
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(models)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos),
+                    n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    total = models[0]
+    for x in models[1:]:
+        total = total + x
+    return (t * (total / n) + (1 - t) * anchor).reshape(shape)
 
 
 def _passthrough(base, tensors, model_params, global_params) -> Tensor:
@@ -447,6 +487,41 @@ def _multislerp(base, tensors, model_params, global_params) -> Tensor:
     return base + _multislerp_vectors([x.float() - base for x in tensors], model_params, global_params)
 
 
+def _multislerp_rounded(base, tensors, model_params, global_params) -> Tensor:
+    """Multislerp in the inputs' half dtype with mergekit's steps: the weights a tensor of that dtype, every
+    step rounded, each norm and each sum over the models (or over a vector) one torch reduction of the stacked
+    vectors (accumulated in float32, rounded once). Same fallback as `_multislerp_vectors` where the weighted
+    mean of the unit vectors is ~0."""
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    eps = float(global_params["eps"])
+    stacked = torch.stack(tensors)
+    if base is not None:
+        stacked = stacked - base
+    flat = stacked.reshape(len(tensors), -1)
+    weights = torch.tensor([float(p["weight"]) for p in model_params], dtype=flat.dtype, device=flat.device)
+    total = weights.sum()
+    if global_params["normalize_weights"] and abs(float(total)) >= 1e-8:
+        weights = weights / total
+    column = weights.reshape(-1, 1)
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    centre = (units * column).sum(dim=0)
+    centre_norm = torch.linalg.vector_norm(centre)
+    if float(centre_norm) < eps:
+        out = flat[0] * weights[0]
+        for f, w in zip(flat[1:], weights[1:]):
+            out = out + f * w
+    else:
+        centre = centre / centre_norm
+        tangent = ((units - (units * centre).sum(dim=-1, keepdim=True) * centre) * column).sum(dim=0)
+        length = torch.linalg.vector_norm(tangent) + eps
+        on_sphere = centre * torch.cos(length) + tangent * (torch.sin(length) / length)
+        out = on_sphere * (norms.reshape(-1) * weights).sum()
+    out = out.reshape(tensors[0].shape)
+    return out + base if base is not None else out
+
+
 def _karcher(base, tensors, model_params, global_params) -> Tensor:
     """Karcher (Riemannian) mean of the inputs' directions on the unit sphere, times their mean norm.
 
@@ -458,21 +533,33 @@ def _karcher(base, tensors, model_params, global_params) -> Tensor:
     """
     if len(tensors) == 1:
         return tensors[0].to(torch.float32, copy=True)
+    return _karcher_in([x.float() for x in tensors], global_params)
+
+
+def _karcher_rounded(base, tensors, model_params, global_params) -> Tensor:
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    return _karcher_in(tensors, global_params)
+
+
+def _karcher_in(tensors: Sequence[Tensor], global_params) -> Tensor:
+    """`_karcher`'s steps in the inputs' dtype, norms in float32 (0-d tensors, which leave a product's or a
+    quotient's dtype alone): in half precision, mergekit's roundings."""
     max_iter, tol = int(global_params["max_iter"]), float(global_params["tol"])
     shape = tensors[0].shape
-    flat = [x.float().reshape(-1) for x in tensors]
-    norms = [torch.linalg.vector_norm(f) for f in flat]
+    flat = [x.reshape(-1) for x in tensors]
+    norms = [torch.linalg.vector_norm(f.float()) for f in flat]
     share = 1.0 / len(flat)
     live = [i for i, n in enumerate(norms) if float(n) > tol]
     if not live:
-        return torch.zeros(shape, dtype=torch.float32, device=flat[0].device)
+        return torch.zeros(shape, dtype=flat[0].dtype, device=flat[0].device)
     units = [flat[i] / norms[i] for i in live]
     live_total = sum(share for _ in live)
     alphas = [share / live_total for _ in live]
     mean = torch.zeros_like(units[0])
     for a, u in zip(alphas, units):
         mean += a * u
-    mean_norm = torch.linalg.vector_norm(mean)
+    mean_norm = torch.linalg.vector_norm(mean.float())
     mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
     for _ in range(max_iter):
         step = torch.zeros_like(mean)
@@ -482,11 +569,11 @@ def _karcher(base, tensors, model_params, global_params) -> Tensor:
             if float(angle) < tol:
                 continue
             step += a * (angle / torch.sin(angle)) * (u - cos * mean)
-        step_norm = torch.linalg.vector_norm(step)
+        step_norm = torch.linalg.vector_norm(step.float())
         if float(step_norm) < tol:
             break
         mean = torch.cos(step_norm) * mean + torch.sin(step_norm) * (step / step_norm)
-        length = torch.linalg.vector_norm(mean)
+        length = torch.linalg.vector_norm(mean.float())
         if float(length) > tol:
             mean = mean / length
     radius = sum(share * n for n in norms)
@@ -502,16 +589,7 @@ def _sce_deltas(deltas, model_params, global_params) -> Tensor:
     they sum to < 1e-6). Erase: per entry, only task vectors with the sign of their plain sum take part
     (TIES' sign consensus); merged = sum(w_i * d_i over them) / sum(w_i over them), clamped at 1e-6.
     """
-    topk = float(global_params["select_topk"])
-    stacked = torch.stack([d.float() for d in deltas])
-    if topk < 1:
-        keep = torch.zeros_like(stacked[0])
-        if topk > 0:
-            spread = torch.var(stacked, dim=0, unbiased=False)
-            k = int(torch.count_nonzero(spread) * topk)  # as mergekit rounds it (a float32 product)
-            if k > 0:
-                keep.view(-1)[torch.topk(spread.abs().view(-1), k=k, largest=True).indices] = 1.0
-        stacked = stacked * keep
+    stacked = _sce_select(torch.stack([d.float() for d in deltas]), float(global_params["select_topk"]))
     sign = _consensus_sign(list(stacked), "sum")
     energy = stacked.square().reshape(len(deltas), -1).mean(dim=1)
     total = float(energy.sum())
@@ -520,9 +598,35 @@ def _sce_deltas(deltas, model_params, global_params) -> Tensor:
     return (stacked * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
 
 
+def _sce_select(stacked: Tensor, topk: float) -> Tensor:
+    """The stacked task vectors with only the `topk` fraction of highest-variance entries kept (in their dtype)."""
+    if topk >= 1:
+        return stacked
+    keep = torch.zeros_like(stacked[0])
+    if topk > 0:
+        spread = torch.var(stacked, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(spread) * topk)  # as mergekit rounds it (a float32 product)
+        if k > 0:
+            keep.view(-1)[torch.topk(spread.abs().view(-1), k=k, largest=True).indices] = 1.0
+    return stacked * keep
+
+
 def _sce(base, tensors, model_params, global_params) -> Tensor:
     base = base.float()
     return base + _sce_deltas([x.float() - base for x in tensors], model_params, global_params)
+
+
+def _sce_rounded(base, tensors, model_params, global_params) -> Tensor:
+    """SCE in the inputs' half dtype with mergekit's steps: the variance, mean squares and sums over the models
+    are torch's reductions of the stacked task vectors (accumulated in float32, rounded once), the sign vote
+    too; every other step is rounded."""
+    stacked = _sce_select(torch.stack([x - base for x in tensors]), float(global_params["select_topk"]))
+    agree = (stacked * torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)) > 0
+    energy = stacked.square().reshape(len(tensors), -1).mean(dim=1)
+    total = float(energy.sum())
+    energy = torch.ones_like(energy) / len(tensors) if abs(total) < 1e-6 else energy / total
+    weights = energy.reshape(-1, *([1] * (stacked.dim() - 1))) * agree
+    return base + (stacked * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
 
 
 def _nearswap_share(distance: Tensor, t: float) -> Tensor:
@@ -531,11 +635,19 @@ def _nearswap_share(distance: Tensor, t: float) -> Tensor:
     return (t / distance.abs().clamp(min=1e-6)).clamp(0, 1)
 
 
+def _nearswap_mix(a: Tensor, b: Tensor, t: float) -> Tensor:
+    """share * b + (1 - share) * a, each step in the inputs' dtype (in half precision: mergekit's roundings)."""
+    share = _nearswap_share(a - b, t)
+    return share * b + (1 - share) * a
+
+
 def _nearswap(base, tensors, model_params, global_params) -> Tensor:
     """NearSwap: take the model's value where it is close to the base's, interpolate towards it elsewhere."""
-    a, b = base.float(), tensors[0].float()
-    share = _nearswap_share(a - b, float(global_params["t"]))
-    return share * b + (1 - share) * a
+    return _nearswap_mix(base.float(), tensors[0].float(), float(global_params["t"]))
+
+
+def _nearswap_rounded(base, tensors, model_params, global_params) -> Tensor:
+    return _nearswap_mix(base, tensors[0], float(global_params["t"]))
 
 
 def _nearswap_deltas(deltas, model_params, global_params) -> Tensor:
@@ -555,14 +667,24 @@ def _arcee_fusion(base, tensors, model_params, global_params) -> Tensor:
     entries for larger tensors; evomerge takes them exactly (deterministic, equal below that size).
     """
     a, b = base.float(), tensors[0].float()
+    return a + (b - a) * _arcee_fusion_keep(a, b)
+
+
+def _arcee_fusion_rounded(base, tensors, model_params, global_params) -> Tensor:
+    """Arcee Fusion in the inputs' half dtype with mergekit's steps; mergekit's mask is float32, which promotes
+    the last two steps, and the result, to float32."""
+    return base + (tensors[0] - base) * _arcee_fusion_keep(base, tensors[0]).float()
+
+
+def _arcee_fusion_keep(a: Tensor, b: Tensor) -> Tensor:
+    """Where the model's value is kept (bool), every step in the inputs' dtype."""
     p = torch.softmax(b, dim=-1) + ARCEE_FUSION_EPS
     q = torch.softmax(a, dim=-1) + ARCEE_FUSION_EPS
     divergence = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
     importance = (b - a).abs() * divergence
     flat = importance.reshape(-1)
     q1, median, q3 = (torch.kthvalue(flat, int(f * (flat.numel() - 1)) + 1).values for f in (0.25, 0.5, 0.75))
-    keep = importance >= median + 1.5 * (q3 - q1)
-    return a + (b - a) * keep
+    return importance >= median + 1.5 * (q3 - q1)
 
 
 def _ram_deltas(deltas, model_params, global_params, plus: bool = False) -> Tensor:
@@ -604,6 +726,34 @@ def _ram(base, tensors, model_params, global_params) -> Tensor:
 def _ramplus(base, tensors, model_params, global_params) -> Tensor:
     base = base.float()
     return base + _ramplus_deltas([x.float() - base for x in tensors], model_params, global_params)
+
+
+def _ram_rounded(base, tensors, model_params, global_params, plus: bool = False) -> Tensor:
+    """RAM (and with `plus` RAM+) in the inputs' half dtype with mergekit's steps: each model's term rounded
+    per step, the terms summed as torch reduces a stack. RAM+'s factor is a float32 tensor in mergekit, which
+    promotes a model's unique changes, and so the sum and the result, to float32."""
+    epsilon = float(global_params["epsilon"])
+    flat = [(x - base).reshape(-1) for x in tensors]
+    changed = [f.abs() > epsilon for f in flat]
+    count = torch.zeros_like(flat[0], dtype=torch.int64)
+    for c in changed:
+        count += c
+    alone, shared = count == 1, count > 1
+    divisor = count.clamp(min=1)
+    terms = []
+    for f, c in zip(flat, changed):
+        kept = f * c
+        own = kept * alone
+        if plus:
+            rho = (c & shared).sum() / (c & alone).sum().clamp(min=epsilon)
+            factor = 1 + float(global_params["r"]) * rho.clamp(min=0, max=float(global_params["alpha"]))
+            own = own.float() * factor
+        terms.append(own + kept * shared / divisor)
+    return base + torch.stack(terms).sum(dim=0).reshape(base.shape)
+
+
+def _ramplus_rounded(base, tensors, model_params, global_params) -> Tensor:
+    return _ram_rounded(base, tensors, model_params, global_params, plus=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,6 +856,7 @@ METHODS.update(
             accepts_base=True,  # with a base it interpolates the task vectors
             combine=_nuslerp,
             combine_deltas=_nuslerp_deltas,
+            combine_rounded=_nuslerp_rounded,
             min_models=2,
             max_models=2,
         ),
@@ -717,6 +868,7 @@ METHODS.update(
             accepts_base=True,
             combine=_model_stock,
             combine_deltas=_model_stock_deltas,
+            combine_rounded=_model_stock_rounded,
             min_models=2,
             reference="https://arxiv.org/abs/2403.19522",
         ),
@@ -738,6 +890,7 @@ METHODS.update(
             accepts_base=True,  # with a base it interpolates the task vectors
             combine=_multislerp,
             combine_deltas=_multislerp_vectors,
+            combine_rounded=_multislerp_rounded,
             reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
         ),
         "karcher": MethodSpec(
@@ -747,6 +900,7 @@ METHODS.update(
             needs_base=False,
             base_is_input=True,
             combine=_karcher,
+            combine_rounded=_karcher_rounded,
             reference="https://arxiv.org/abs/2603.04972",
         ),
         "sce": MethodSpec(
@@ -757,6 +911,7 @@ METHODS.update(
             accepts_base=True,
             combine=_sce,
             combine_deltas=_sce_deltas,
+            combine_rounded=_sce_rounded,
             reference="https://arxiv.org/abs/2408.07990",
         ),
         "nearswap": MethodSpec(
@@ -767,6 +922,7 @@ METHODS.update(
             accepts_base=True,
             combine=_nearswap,
             combine_deltas=_nearswap_deltas,
+            combine_rounded=_nearswap_rounded,
             min_models=1,
             max_models=1,
             ranges={"t": _AT_LEAST_0},  # a distance in weight units, not a fraction
@@ -779,6 +935,7 @@ METHODS.update(
             needs_base=True,
             accepts_base=True,
             combine=_arcee_fusion,
+            combine_rounded=_arcee_fusion_rounded,
             min_models=1,
             max_models=1,
             mergekit_note=(
@@ -795,6 +952,7 @@ METHODS.update(
             accepts_base=True,
             combine=_ram,
             combine_deltas=_ram_deltas,
+            combine_rounded=_ram_rounded,
             ranges={"epsilon": _AT_LEAST_0},
             reference="https://arxiv.org/abs/2601.13572",
         ),
@@ -806,6 +964,7 @@ METHODS.update(
             accepts_base=True,
             combine=_ramplus,
             combine_deltas=_ramplus_deltas,
+            combine_rounded=_ramplus_rounded,
             ranges={"epsilon": _AT_LEAST_0, "r": _AT_LEAST_0, "alpha": _AT_LEAST_0},
             reference="https://arxiv.org/abs/2601.13572",
         ),
@@ -852,8 +1011,10 @@ def merge_tensor(
 
     `compute` other than float32 (`compute_dtype: recipe` with a half-precision recipe) reproduces mergekit
     0.1.5: the inputs are rounded to `compute` as mergekit reads them, task-vector methods compute in it with
-    mergekit's roundings (`_merge_deltas_rounded`) and the result is in `compute`; the other methods compute
-    in float32 from the rounded inputs, which is what mergekit does for linear and slerp.
+    mergekit's roundings (`_merge_deltas_rounded`), methods with a `combine_rounded` follow their own mergekit
+    steps, and the others compute in float32 from the rounded inputs, which is what mergekit does for linear
+    and slerp. The result is in the dtype mergekit's steps end in (`compute`, or float32 where mergekit
+    promotes: ramplus_tl).
     """
     spec = _spec(method)
     if tensors or not spec.uses_task_vectors:
@@ -869,7 +1030,7 @@ def merge_tensor(
                 return base.clone()
             deltas = [x - base for x in tensors]
             return base + _merge_deltas_rounded(spec, deltas, models, globals_, generator, compute)
-        return spec.combine(base, tensors, models, globals_)
+        return (spec.combine_rounded or spec.combine)(base, tensors, models, globals_)
     if spec.uses_task_vectors:
         base32 = base.float()
         if not tensors:
