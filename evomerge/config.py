@@ -39,13 +39,29 @@ def _torch_dtypes() -> dict[str, Any]:
 DTYPES = _torch_dtypes()  # name -> torch.dtype
 
 
-MAX_ALIASES = 100  # YAML aliases (`*name`) one file may use: nested ones expand exponentially when walked
+MAX_NODES = 100_000  # values one YAML file may expand to, aliases walked (a job spec has a few hundred)
+
+
+def _expanded_size(node: Any, seen: dict[int, int]) -> int:
+    """How many values `node` stands for once its aliases are walked (shared nodes counted once per use, the sum
+    itself memoised: nested aliases give exponential totals in linear time)."""
+    if id(node) in seen:
+        return seen[id(node)]
+    seen[id(node)] = 1  # a node that contains itself (a recursive alias) counts once more per level, never loops
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, seen) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, seen) + _expanded_size(v, seen) for k, v in node.value)
+    else:
+        size = 1
+    seen[id(node)] = size
+    return size
 
 
 def read_yaml(path: str | Path, error: type[Exception], what: str) -> tuple[Any, Path]:
-    """(parsed data, absolute path). A missing file, bytes that are not UTF-8 text, a syntax error or more than
-    MAX_ALIASES aliases (a few lines of nested aliases stand for gigabytes once walked) raise `error` naming the
-    file, before anything is built from it."""
+    """(parsed data, absolute path). A missing file, bytes that are not UTF-8 text, a syntax error or a document
+    that expands to more than MAX_NODES values (a few lines of nested aliases stand for billions once walked)
+    raise `error` naming the file, before anything is built from it."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise error(f"{p}: no such {what} file")
@@ -54,10 +70,11 @@ def read_yaml(path: str | Path, error: type[Exception], what: str) -> tuple[Any,
     except UnicodeDecodeError as e:
         raise error(f"{p}: not a text file (byte {e.start} is not UTF-8); a {what} file is YAML text") from None
     try:
-        aliases = sum(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader))
-        if aliases > MAX_ALIASES:
-            raise error(f"{p}: uses {aliases} YAML aliases; evomerge reads at most {MAX_ALIASES} per file (nested "
-                        "aliases expand to an unbounded size): write the values out")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        size = _expanded_size(node, {}) if node is not None else 0
+        if size > MAX_NODES:
+            raise error(f"{p}: expands to {size:.3g} values through its YAML aliases; evomerge reads at most "
+                        f"{MAX_NODES:,} (nested aliases grow without bound): write the values out")
         return yaml.safe_load(text), p.resolve()
     except yaml.YAMLError as e:
         raise error(f"{p}: not valid YAML ({e})") from None

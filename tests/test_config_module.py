@@ -96,18 +96,21 @@ def test_layer_count_in_text_config():
 
 
 def test_yaml_files_that_are_not_text_or_expand_without_bound_are_refused_naming_the_file(tmp_path):
-    from evomerge.config import MAX_ALIASES, ConfigError, read_yaml
+    from evomerge.config import MAX_NODES, ConfigError, read_yaml
 
     garbage = tmp_path / "g.yaml"
     garbage.write_bytes(bytes(range(128, 256)) * 8)
     with pytest.raises(ConfigError, match=r"g.yaml: not a text file \(byte 0 is not UTF-8\); a job spec file is YAML"):
         read_yaml(garbage, ConfigError, "job spec")
-    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]"
-                                                     for p, c in zip("abcdefghijklm", "bcdefghijklmn")]
-    bomb = tmp_path / "bomb.yaml"
-    bomb.write_text("\n".join(lines) + "\n")  # 9^14 leaves when walked, 1 KB on disk
-    with pytest.raises(ConfigError, match=rf"bomb.yaml: uses 117 YAML aliases; evomerge reads at most {MAX_ALIASES}"):
-        read_yaml(bomb, ConfigError, "job spec")
+    for fan, depth in ((9, 14), (11, 10)):  # 117 aliases; 90 aliases (under any alias count one would allow)
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        lines = [f"a: &a [{', '.join(['x'] * fan)}]"] + [f"{c}: &{c} [{', '.join(['*' + q] * fan)}]"
+                                                       for q, c in zip(letters[:depth - 1], letters[1:depth])]
+        bomb = tmp_path / "bomb.yaml"
+        bomb.write_text("\n".join(lines) + "\n")  # fan^depth values when walked, about 1 KB on disk
+        with pytest.raises(ConfigError, match=rf"bomb.yaml: expands to .* values through its YAML aliases; "
+                                              rf"evomerge reads at most {MAX_NODES:,}"):
+            read_yaml(bomb, ConfigError, "job spec")
     fine = tmp_path / "fine.yaml"
     fine.write_text("base: &b {weight: 0.5}\nmodels: [*b, *b]\n")
     assert read_yaml(fine, ConfigError, "recipe")[0] == {"base": {"weight": 0.5}, "models": [{"weight": 0.5}] * 2}

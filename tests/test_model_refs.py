@@ -270,3 +270,17 @@ def test_a_worker_keeps_adapters_as_their_factors_and_merges_what_the_folders_me
         assert got.keys() == expected.keys()
         for name, t in expected.items():
             assert torch.equal(got[name], t), (placement, name)
+
+
+def test_a_model_plus_adapter_loads_as_one_model_for_eval(tmp_path, zoo_dir):
+    """`evomerge eval MODEL+ADAPTER` and the report's parents load through checkpoints.hf.load_model: the module's
+    weights are peft's merge_and_unload, and the adapter's files are not held open afterwards."""
+    from evomerge.checkpoints.hf import load_model
+
+    base = zoo_dir / "llama" / "base"
+    adapter = make_adapter(base, tmp_path / "ad", seed=21, target_modules=["q_proj", "lm_head"])
+    model = load_model(resolve_model_ref(f"{base}+{adapter}"))
+    expected = peft_merged(base, adapter)
+    got = model.state_dict()
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6, rtol=0) for k in expected)
+    assert not torch.equal(got["lm_head.weight"], open_checkpoint(base).get("lm_head.weight"))

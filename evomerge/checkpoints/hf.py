@@ -16,6 +16,7 @@ import torch
 
 from evomerge.checkpoints.io import CheckpointError, read_json
 from evomerge.checkpoints.lora import AdaptedCheckpoint, open_checkpoint
+from evomerge.checkpoints.targets import checkpoint_targets
 
 
 def check_no_custom_code(folder: str | Path) -> None:
@@ -42,11 +43,14 @@ def load_model(folder: str | Path, dtype: Any = None, device: str = "cpu") -> An
     if not isinstance(ck, AdaptedCheckpoint):
         return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, use_safetensors=True, **kw).to(device)
     assert ck.base is not None and ck.adapter is not None  # MODEL+ADAPTER: the model, then the adapted tensors
-    model = AutoModelForCausalLM.from_pretrained(ck.base.path, trust_remote_code=False, use_safetensors=True, **kw)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in sorted(ck.adapter.targets()):
-            params[name].copy_(ck.get(name))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ck.base.path, trust_remote_code=False, use_safetensors=True, **kw)
+        targets = checkpoint_targets(model, sorted(ck.adapter.targets()))  # checkpoint name -> the module's tensor
+        with torch.no_grad():
+            for name, tensor in targets.items():
+                tensor.copy_(ck.get(name))
+    finally:
+        ck.close()
     return model.to(device)
 
 

@@ -201,6 +201,8 @@ class AdaptedCheckpoint(Checkpoint):
     def close(self) -> None:
         if self.base is not None:
             self.base.close()
+        if self.adapter is not None:
+            self.adapter._handle = None
 
 
 def open_adapted(folder: Path) -> AdaptedCheckpoint:

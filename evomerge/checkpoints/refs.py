@@ -112,7 +112,10 @@ def adapted_folder(model: Path, adapter: Path) -> Path:
     model's tensors first, so a mismatch is an error before any work)."""
     model, adapter = Path(model).resolve(), Path(adapter).resolve()
     base = open_folder(model)
-    check_adapter(open_adapter(adapter), base)
+    try:
+        check_adapter(open_adapter(adapter), base)
+    finally:
+        base.close()
     key = hashlib.sha256(f"{model}\0{adapter}".encode()).hexdigest()[:12]
     folder = cache_root() / "adapted" / f"{model.name}+{adapter.name}-{key}"
     note = {"model": str(model), "adapter": str(adapter)}

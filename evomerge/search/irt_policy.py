@@ -135,7 +135,11 @@ class IRTPolicy:
         data = {"calibration": cal.to_dict(), "item_ids": ids, "fitted_on": [r.id for r in rows],
                 "printed_error": error, "printed_basis": basis}
         self.store.save_irt(self.job, o.name, fit_gen, data)
-        lost = f"; the model lost to the {min(cal.baselines, key=cal.baselines.get)}" if cal.estimator == "mean" else ""
+        lost = ""
+        if cal.estimator in ("mean", "anchor") and cal.model_mae is not None and cal.baselines \
+                and cal.model_mae >= min(cal.baselines.values()):  # replaced by the better baseline (irt._honest)
+            lost = (f" (the model, {cal.model_mae:.3f}, lost to the {min(cal.baselines, key=cal.baselines.get)}, "
+                    "which is used instead)")
         self.say(f"IRT for {o.name} (generation {fit_gen}): fitted on {len(rows)} fully scored candidates, "
                  f"{cal.model.dims} dimension(s), {len(cal.anchors.items)} anchors of {len(ids)} items "
                  f"({cal.anchors.method}), estimator {cal.estimator}{lost}: error {error:.3f} ({basis}; anchor mean "
