@@ -4,11 +4,13 @@ what the Ray service tests share (free ports, toy specs that travel, the CLI in-
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import yaml
@@ -59,6 +61,28 @@ class StopAfter(Progress):
         self.n -= 1
         if self.n == 0:
             raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def offline_lm_eval(**extra: str) -> Iterator[None]:
+    """lm-eval's datasets offline and its bars off (plus `extra` variables) for a test module, then the environment
+    as it was; torch on one thread."""
+    import os
+
+    import torch
+
+    names = ("HF_DATASETS_OFFLINE", "TQDM_DISABLE", *extra)
+    old = {k: os.environ.get(k) for k in names}
+    os.environ.update({"HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", **extra})
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------------------------ the quiz scorer

@@ -15,23 +15,15 @@ import torch
 import yaml
 
 from conftest import REPO
+from helpers import offline_lm_eval
 
 FITNESS = REPO / "fitness"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _env(tmp_path_factory):
-    old = {k: os.environ.get(k) for k in ("HF_HOME", "HF_DATASETS_OFFLINE", "TQDM_DISABLE")}
-    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["TQDM_DISABLE"] = "1"
-    torch.set_num_threads(1)
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with offline_lm_eval(HF_HOME=str(tmp_path_factory.mktemp("hf_home"))):
+        yield
 
 
 def objectives(*objs, split: str | None = None):

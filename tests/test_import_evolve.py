@@ -8,27 +8,18 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import REPO
-from helpers import quiet
+from helpers import offline_lm_eval, quiet
 
 FITNESS = REPO / "fitness"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _env():
-    old = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "TQDM_DISABLE")}
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["TQDM_DISABLE"] = "1"
-    torch.set_num_threads(1)
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with offline_lm_eval():
+        yield
 
 
 def evolve_config(folder: Path, zoo: Path, **over) -> Path:

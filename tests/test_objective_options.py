@@ -5,15 +5,14 @@ gen_kwargs), asserted on the requests lm-eval builds and on what generation then
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO
+from helpers import offline_lm_eval
 
 FITNESS = REPO / "fitness"
 ARITH = [json.loads(line) for line in (FITNESS / "data/arith/fitness.jsonl").read_text().splitlines()]
@@ -23,16 +22,8 @@ TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %
 
 @pytest.fixture(scope="module", autouse=True)
 def _env(tmp_path_factory):
-    old = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "TQDM_DISABLE")}
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["TQDM_DISABLE"] = "1"
-    torch.set_num_threads(1)
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with offline_lm_eval():
+        yield
 
 
 def objectives(*objs, include=(str(FITNESS),)):
