@@ -284,3 +284,17 @@ def test_a_model_plus_adapter_loads_as_one_model_for_eval(tmp_path, zoo_dir):
     got = model.state_dict()
     assert all(torch.allclose(got[k], expected[k], atol=1e-6, rtol=0) for k in expected)
     assert not torch.equal(got["lm_head.weight"], open_checkpoint(base).get("lm_head.weight"))
+
+
+def test_a_hub_repo_with_only_pickle_weights_is_refused(tmp_path, zoo_dir):
+    home, folder = tmp_path / "hf", tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(zoo_dir / "llama" / "base" / "config.json", folder)
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    hub_cache(home, "zoo/pickled", folder, "c" * 40)
+    code = ("from evomerge.checkpoints.refs import resolve_model_ref\n"
+            "try: resolve_model_ref('zoo/pickled')\n"
+            "except Exception as e: print(type(e).__name__, e)\n")
+    out = run_offline(home, code)
+    assert out.returncode == 0 and out.stdout.startswith("CheckpointError 'zoo/pickled'"), out.stdout + out.stderr
+    assert "has no safetensors weights" in out.stdout and "refuses pickle" in out.stdout

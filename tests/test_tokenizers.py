@@ -185,3 +185,14 @@ def test_padded_vocabularies_are_sized_as_mergekit_sizes_them(tmp_path, zoo_dir,
     assert a["model.embed_tokens.weight"].shape[0] == b["model.embed_tokens.weight"].shape[0] == rows
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == rows
+
+
+def test_a_token_source_that_lacks_the_token_is_named(tmp_path, family, capsys):
+    from evomerge.service.cli import main
+
+    path = write(tmp_path, family, "lacks", tokenizer={"source": "union", "tokens": {
+        "<a_only>": {"source": str(family["b"])}}})
+    assert main(["merge", str(path), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"tokenizer.tokens.<a_only>.source: model '{family['b']}' has no token '<a_only>'" in err, err
+    assert not (tmp_path / "out").exists()
