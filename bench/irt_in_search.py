@@ -19,8 +19,9 @@ Printed per objective, as ratios against the bounds and baselines measured in th
     OMP_NUM_THREADS=1 .venv/bin/python bench/irt_in_search.py out/irt_search/full0/store.sqlite [--job full0]
         [--anchors 30 --seed-candidates 24 --calibrate-every 2 --calibrate-count 2]
 
-Data: `evomerge run` of a full-fitness job (the demo's space and tasks with `estimator` left out; see the job
-files written by `--write-jobs DIR`), 240 candidates, about 5 minutes on one thread.
+Data: `evomerge run` of a full-fitness job: the demo's spec (`evomerge.service.demo.demo_spec(zoo, out, 1, 240)`)
+with each objective's IRT keys (estimator, anchors, seed_candidates, calibrate_every, calibrate_count) removed,
+`driver.seed` 0, 1 or 2 and `runtime: {kind: local}`; 240 candidates asked, about 5 minutes each on one thread.
 """
 
 from __future__ import annotations
