@@ -4,8 +4,8 @@ Run as a process of its own (`python tests/ray_nodes.py`), so that the Ray it st
 given to it: token authentication (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN) and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 (Ray's "single machine" switch: node addresses default to loopback and every listener binds 127.0.0.1). Nodes are
 started with Ray's own multi-node test utility (`ray.cluster_utils.Cluster`), each a raylet of its own with its
-own workers; `ray start --address` cannot do this on loopback (with the switch on it refuses to join a head; with
-it off it rewrites 127.0.0.1 to the machine's address and binds every interface).
+own workers; `ray start --address` cannot do this on loopback (with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it
+refuses to join a head; with =1 it rewrites 127.0.0.1 to the machine's address and binds every interface).
 
 Protocol: one JSON object per line on stdout. First {"dashboard": url, "gcs": address, "nodes": [id, ...]} once
 the head (1 CPU, with the Jobs API) and one more node (1 CPU) are up. Then, for each line read on stdin:
