@@ -248,3 +248,65 @@ def test_candidates_stream_into_the_engine_without_a_staging_copy(worker, recipe
     assert produced == len(mat.checkpoints[mat.anchor].names()) >= 30 and peak <= 4, (produced, peak)
     whole = worker.evaluator.evaluate(dict(mat.iter_merged(recipe, worker._torch_dtype)))
     assert streamed.items == whole.items
+
+
+def test_gen_kwargs_reach_the_vllm_engine(zoo_dir):
+    """An objective's gen_kwargs reach the vLLM engine as they reach transformers (lm-eval builds the requests;
+    the zoo experts answer zero-shot): with max_gen_toks 2 no 3-digit sum is right, fewer items are right than
+    without the bound, and the transformers backend scores every item the same way."""
+    from evomerge.fitness.evaluator import Evaluator
+    from evomerge.fitness.objectives import parse_objectives
+
+    def objectives(**extra):
+        return parse_objectives({"include": [str(FITNESS)], "split": "fitness", "objectives": [
+            {"task": "zoo_arith", "limit": 24, **extra}]}, base_dir=FITNESS)
+
+    bounded = {"gen_kwargs": {"max_gen_toks": 2, "until": ["\n", "+"]}}
+    llama = zoo_dir / "llama"
+    vllm = Evaluator(objectives(**bounded), llama / "base", backend="vllm", vllm_args={"max_model_len": 64})
+    try:
+        got = vllm.evaluate(llama / "arith")
+    finally:
+        vllm.close()
+    hf = Evaluator(objectives(**bounded), llama / "base", backend="hf").evaluate(llama / "arith")
+    assert got.items["zoo_arith"] == hf.items["zoo_arith"]
+    answers = {str(d["id"]): d["answer"] for d in load_items("arith")}
+    assert all(v == 0.0 for i, v in got.items["zoo_arith"].items() if len(answers[i]) > 2)
+    unbounded = Evaluator(objectives(), llama / "base", backend="hf").evaluate(llama / "arith")
+    assert unbounded.values["zoo_arith"] > got.values["zoo_arith"] > 0  # the bound cut answers, not everything
+
+
+def load_items(task: str) -> list[dict]:
+    """A zoo task's fitness split as lm-eval reads it (fitness/data/TASK/fitness.jsonl, one JSON object a line)."""
+    return [json.loads(line) for line in (FITNESS / "data" / task / "fitness.jsonl").read_text().splitlines()
+            if line.strip()]
+
+
+def test_a_chat_template_renders_the_same_prompts_for_vllm_as_for_transformers(zoo_dir, tmp_path):
+    """apply_chat_template with a system instruction on the vLLM backend: lm-eval renders the prompts with that
+    backend's tokenizer (here a template that keeps the user turns only, so the zoo expert still answers), and
+    both backends score every item the same way. What the template does to a prompt is asserted on the built
+    requests in tests/test_objective_options.py."""
+    import shutil
+
+    from evomerge.fitness.evaluator import Evaluator
+    from evomerge.fitness.objectives import parse_objectives
+
+    folder = tmp_path / "base"
+    shutil.copytree(zoo_dir / "llama" / "base", folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    template = "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+
+    def objectives(**extra):
+        return parse_objectives({"include": [str(FITNESS)], "split": "fitness", "objectives": [
+            {"task": "zoo_arith", "limit": 24, **extra}]}, base_dir=FITNESS)
+
+    chat = {"apply_chat_template": True, "system_instruction": "add"}
+    vllm = Evaluator(objectives(**chat), folder, backend="vllm", vllm_args={"max_model_len": 64})
+    try:
+        got = vllm.evaluate(zoo_dir / "llama" / "arith")
+    finally:
+        vllm.close()
+    hf = Evaluator(objectives(**chat), folder, backend="hf").evaluate(zoo_dir / "llama" / "arith")
+    assert got.items["zoo_arith"] == hf.items["zoo_arith"] and got.values["zoo_arith"] > 0
