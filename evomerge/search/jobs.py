@@ -150,7 +150,12 @@ def run_job(path: str | Path, out: TextIO | None = None, progress: Progress | No
     check_backend_here(spec, address)
     progress = progress or Progress()
     fresh = _create_new(Path(spec.store))  # this run made the file (atomically): it may remove it if refused
-    store = Store(spec.store)
+    try:
+        store = Store(spec.store)
+    except BaseException:  # refused as a store (a network filesystem, say): the empty file made here goes again
+        if fresh and Path(spec.store).stat().st_size == 0 and Path(spec.store).stat().st_ino == fresh:
+            Path(spec.store).unlink()
+        raise
     try:
         with WriterLock(store, spec.name):  # one writer per job: a second `run` of it waits for no one
             if store.job(spec.name) is not None:
