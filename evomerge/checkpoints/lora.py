@@ -42,7 +42,7 @@ class Factors:
     """One target tensor's low-rank update: delta = scale * B @ A (transposed for embeddings and fan_in_fan_out)."""
 
     a: str  # keys in the adapter file
-    b: str | None
+    b: str
     scale: float
     transpose: bool
 
@@ -63,19 +63,20 @@ class LoraAdapter:
             self._handle = safe_open(str(self.path / ADAPTER_WEIGHTS), framework="pt", device="cpu")
         return self._handle.get_tensor(key)
 
-    def delta(self, target: str) -> torch.Tensor:
-        """The dense float32 update of one target tensor (made now, for this tensor only)."""
-        f = self.factors[target]
-        assert f.b is not None
-        d = (self.tensor(f.b).float() @ self.tensor(f.a).float()) * f.scale
-        return d.T if f.transpose else d
-
     def targets(self) -> set[str]:
         return set(self.factors) | set(self.replaced)
 
     @property
     def num_bytes(self) -> int:
         return (self.path / ADAPTER_WEIGHTS).stat().st_size
+
+
+def apply_lora(tensor: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:
+    """`tensor` + scale * B @ A (transposed for embeddings and fan_in_fan_out), added in float32 and returned in
+    `tensor`'s dtype: the one place an adapter's update is made, so reading an adapted folder and a search
+    worker's resident factors give the same numbers."""
+    delta = (b.float() @ a.float()) * scale
+    return (tensor.float() + (delta.T if transpose else delta)).to(tensor.dtype)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -161,7 +162,7 @@ def check_adapter(adapter: LoraAdapter, base: Checkpoint) -> None:
         if target not in base:
             problems.append(f"'{target}' is not in the base")
             continue
-        a, b = adapter.shapes[f.a], adapter.shapes[f.b or f.a]
+        a, b = adapter.shapes[f.a], adapter.shapes[f.b]
         out_in = (a[1], b[0]) if f.transpose else (b[0], a[1])
         if base.info(target).shape != out_in:
             problems.append(f"'{target}': the base has {list(base.info(target).shape)}, the adapter's factors make "
@@ -194,8 +195,9 @@ class AdaptedCheckpoint(Checkpoint):
             tensor = self.adapter.tensor(self.adapter.replaced[name]).to(self.info(name).dtype)
         else:
             tensor = self.base.get(name)
-        if name in self.adapter.factors:
-            tensor = (tensor.float() + self.adapter.delta(name)).to(tensor.dtype)
+        f = self.adapter.factors.get(name)
+        if f is not None:
+            tensor = apply_lora(tensor, self.adapter.tensor(f.a), self.adapter.tensor(f.b), f.scale, f.transpose)
         return tensor if device is None else tensor.to(device)
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from evomerge.checkpoints import Checkpoint, check_compatible, open_checkpoint
-from evomerge.checkpoints.lora import AdaptedCheckpoint
+from evomerge.checkpoints.lora import AdaptedCheckpoint, apply_lora
 from evomerge.checkpoints.targets import checkpoint_targets
 from evomerge.merge.methods import METHODS, merge_task_vectors, merge_tensor
 from evomerge.merge.plan import MergePlan, TensorJob, TensorRef, plan_merge
@@ -131,16 +131,14 @@ class Materialiser:
 
     def _adapted(self, label: str, name: str) -> torch.Tensor:
         """An adapted source's tensor, made now from its model's resident tensor and the adapter's resident factors
-        (the same operations as `AdaptedCheckpoint.get`, so the same numbers as reading the adapted folder)."""
+        (`lora.apply_lora`, as `AdaptedCheckpoint.get` makes it: the same numbers as reading the adapted folder)."""
         base_label, factors, whole = self.lora[label]
         if name in whole:
             tensor = whole[name]
         else:
             tensor = self.tensors[base_label][name]
         if name in factors:
-            a, b, scale, transpose = factors[name]
-            delta = (b.float() @ a.float()) * scale
-            tensor = (tensor.float() + (delta.T if transpose else delta)).to(tensor.dtype)
+            tensor = apply_lora(tensor, *factors[name])
         return tensor
 
     @property
