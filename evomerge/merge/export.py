@@ -175,6 +175,35 @@ def write_checkpoint(
     return out
 
 
+def write_file(out: Path, text: str, force: bool, inputs: Iterable[str | Path] = ()) -> Path:
+    """Write one text file by the output rules (`check_output`, `folder=False`), atomically: a temporary file beside
+    OUT, then a rename (a hard link without `force`, so a file that appeared meanwhile is never replaced; with it,
+    OUT is checked again first: what is there must still be evomerge's own file)."""
+    out = Path(out).expanduser().absolute()
+    check_output(out, force, inputs, folder=False)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    exists = ExportError(f"{out} already exists; choose another path or pass --force to replace it")
+    try:
+        tmp.write_text(text)  # inside: a failed write (disk full) leaves no temporary behind
+        if force:
+            check_output(out, force, inputs, folder=False)
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)
+            except FileExistsError:
+                raise exists from None
+            except OSError:  # a filesystem without hard links: create OUT exclusively, never replace it
+                try:
+                    with open(out, "x") as f:
+                        f.write(text)
+                except FileExistsError:
+                    raise exists from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def _move_into_place(tmp: Path, out: Path, force: bool, inputs: list) -> None:
     """Rename the finished folder to OUT, checking OUT again first: the merge took a while, and someone (another
     merge, the user) may have made OUT meanwhile. Without `force` the rename never replaces anything but an empty

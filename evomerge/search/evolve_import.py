@@ -287,35 +287,19 @@ def write_job(imported: Imported, output: str | Path, source: str | Path, force:
     notes as a comment at its top. Nothing is written when the check fails."""
     import yaml
 
+    from evomerge.merge.export import FILE_MARKER, ExportError, check_output, write_file
     from evomerge.search.spec import parse_job
-
-    import os
-    import uuid
-
-    from evomerge.merge.export import FILE_MARKER, check_output
 
     out = Path(output).expanduser().absolute()
     models = imported.job.get("models", {})
-    inputs = [source, models.get("base", ""), *models.get("sources", {}).values()]
+    inputs = [i for i in (source, models.get("base", ""), *models.get("sources", {}).values()) if i]
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:  # the rules of every evomerge writer: never through a link, never an input, --force only over our own
-        check_output(out, force, [i for i in inputs if i], folder=False)
-    except UserError as e:
+    try:  # the rules of every evomerge writer, checked before the job is: never an input, --force over our own
+        check_output(out, force, inputs, folder=False)
+        parse_job(imported.job, source=str(out), base_dir=out.parent)
+        head = [f"{FILE_MARKER} (import-evolve): a job spec imported from the mergekit-evolve config "
+                f"{Path(source).resolve()}."]
+        head += [f"# note: {n}" for n in imported.notes]
+        return write_file(out, "\n".join(head) + "\n" + yaml.safe_dump(imported.job, sort_keys=False), force, inputs)
+    except ExportError as e:
         raise EvolveImportError(str(e)) from None
-    parse_job(imported.job, source=str(out), base_dir=out.parent)
-    head = [f"{FILE_MARKER} (import-evolve): a job spec imported from the mergekit-evolve config "
-            f"{Path(source).resolve()}."]
-    head += [f"# note: {n}" for n in imported.notes]
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text("\n".join(head) + "\n" + yaml.safe_dump(imported.job, sort_keys=False))
-        if force:
-            os.replace(tmp, out)
-        else:
-            try:
-                os.link(tmp, out)  # never replaces a file that appeared meanwhile
-            except FileExistsError:
-                raise EvolveImportError(f"{out}: exists; give another -o or add --force") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out

@@ -13,15 +13,14 @@ files, README.md, mergekit_config.yml): nothing in a recipe names a file.
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from evomerge.merge.export import DEFAULT_SHARD_BYTES, FILE_MARKER, ExportError, check_not_an_input, check_output
+from evomerge.merge.export import (DEFAULT_SHARD_BYTES, FILE_MARKER, ExportError, check_not_an_input, check_output,
+                                   write_file)
 from evomerge.search.front import knee_index
 from evomerge.search.spec import JobSpec
 from evomerge.store import CandidateRow, Store
@@ -156,30 +155,8 @@ def check_out(out: str | Path, force: bool, folder: bool) -> Path:
 
 
 def write_text(out: Path, text: str, force: bool) -> Path:
-    """Write a file atomically: a temporary file beside OUT, then a rename (a hard link without --force, so a
-    file that appeared meanwhile is never replaced)."""
-    out = check_out(out, force, folder=False)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(text)  # inside: a failed write (disk full) leaves no temporary behind
-        if force:
-            check_output(out, force, folder=False)  # again: what is at OUT now must still be evomerge's own file
-            os.replace(tmp, out)
-        else:
-            try:
-                os.link(tmp, out)
-            except FileExistsError:
-                raise ExportError(f"{out} already exists; choose another path or pass --force to replace it") from None
-            except OSError:  # a filesystem without hard links: create OUT exclusively, never replace it
-                try:
-                    with open(out, "x") as f:
-                        f.write(text)
-                except FileExistsError:
-                    raise ExportError(f"{out} already exists; choose another path or pass --force to replace "
-                                      "it") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    """Write an export's file atomically, by the output rules (`merge.export.write_file`)."""
+    return write_file(out, text, force)
 
 
 def write_model(out: Path, recipe_text: str, card_extra: str, title: str, force: bool,
