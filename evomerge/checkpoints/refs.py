@@ -125,18 +125,36 @@ def adapted_folder(model: Path, adapter: Path) -> Path:
                 return folder
         except ValueError:
             pass
+    shutil.rmtree(folder, ignore_errors=True)  # a damaged or foreign one
+
+    def fill(staging: Path) -> None:
+        root = own_root(model)
+        for name in _COPIED:  # what transformers and the tokenizer read (contents, never links); weights stay put
+            source = model / name
+            if source.is_file() and source.resolve().is_relative_to(root):
+                shutil.copyfile(source, staging / name)
+        (staging / ADAPTED_NOTE).write_text(json.dumps(note, indent=1) + "\n")
+
+    return cache_folder(folder, fill)
+
+
+def cache_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
+    """Make `folder` in evomerge's cache: `fill` a staging folder beside it, then rename it into place, so a reader
+    never sees it half made. Folders are named by what they hold: when another process put one there first, it is
+    the same, and kept."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    root = own_root(model)
-    for name in _COPIED:  # what transformers and the tokenizer read (contents, never links); the weights stay put
-        source = model / name
-        if source.is_file() and source.resolve().is_relative_to(root):
-            shutil.copyfile(source, staging / name)
-    (staging / ADAPTED_NOTE).write_text(json.dumps(note, indent=1) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+    try:
+        fill(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # made meanwhile (not empty): theirs
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

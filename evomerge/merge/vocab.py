@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,8 @@ import torch
 from evomerge.checkpoints import Checkpoint, classify_tensor
 from evomerge.checkpoints.hf import load_tokenizer
 from evomerge.checkpoints.io import TensorInfo
-from evomerge.checkpoints.refs import cache_root
+from evomerge.checkpoints.refs import cache_folder, cache_root
+from evomerge.merge.export import CORE_TOKENIZER_FILES
 from evomerge.merge.recipe import Recipe, RecipeError, TokenSource, TokenizerSpec
 
 
@@ -59,7 +58,7 @@ def vocab_tensors(ck: Checkpoint) -> list[str]:
 
 def _tokenizer_or_none(folder: Path) -> Any:
     """A model's tokenizer; None when its folder has no tokenizer files (mergekit then assumes the base's)."""
-    if not any((Path(folder) / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    if not any((Path(folder) / n).is_file() for n in CORE_TOKENIZER_FILES):
         return None
     return load_tokenizer(folder)
 
@@ -177,19 +176,7 @@ def _save_tokenizer(tok: Any, models: list[str], spec: TokenizerSpec, template: 
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     key = hashlib.sha256(json.dumps([models, repr(spec), template, vocab]).encode()).hexdigest()[:16]
     folder = cache_root() / "tokenizers" / key
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f"{key}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    tok.save_pretrained(staging)
-    try:
-        os.replace(staging, folder)
-    except OSError:  # another process wrote the same content first: use its folder
-        shutil.rmtree(staging, ignore_errors=True)
-        if not folder.is_dir():
-            raise
-    return folder
+    return folder if folder.is_dir() else cache_folder(folder, tok.save_pretrained)
 
 
 class _Aligner:
