@@ -250,14 +250,15 @@ def _check_setting(where: Where, field_path: str, setting: Setting) -> None:
     )
 
 
-def resolve_model_folder(where: Where, field_path: str, label: str, base_dir: Path | None) -> Path:
-    """The model folder a recipe names (a folder, a Hub id[@revision], MODEL+ADAPTER: `checkpoints.refs`)."""
+def resolve_model_folder(where: Where, field_path: str, label: str, base_dir: Path | None, hint: str = "") -> Path:
+    """The model folder a file names at `field_path` (a folder, a Hub id[@revision], MODEL+ADAPTER:
+    `checkpoints.refs`), or `where`'s error for that field, with `hint` after the reason."""
     if not isinstance(label, str) or not label:
         raise where.error(field_path, "must be a model folder path, a Hub id or MODEL+ADAPTER")
     try:
         return resolve_model_ref(label, base_dir)
     except CheckpointError as e:
-        raise where.error(field_path, str(e)) from None
+        raise where.error(field_path, f"{e}{hint}") from None
 
 
 def _parse_params(where: Where, field_path: str, raw: Any, allowed: tuple[str, ...]) -> dict[str, Setting]:

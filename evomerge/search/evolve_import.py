@@ -58,16 +58,12 @@ class Imported:
 def _model_folder(value: Any, base_dir: Path, where: Where, field_path: str) -> Path:
     """A model reference of the evolve file (a folder, a Hub id[@revision], MODEL+ADAPTER) as the folder the job
     names (`checkpoints.refs`: a Hub snapshot, or an adapted folder)."""
-    from evomerge.checkpoints.io import CheckpointError
-    from evomerge.checkpoints.refs import resolve_model_ref
+    from evomerge.merge.recipe import resolve_model_folder
 
     if not isinstance(value, str) or not value:
         raise where.error(field_path, f"expected a model reference, got {value!r}")
-    try:
-        return resolve_model_ref(value, base_dir)
-    except CheckpointError as e:
-        raise where.error(field_path, f"{e} (relative paths resolve against the evolve file's folder, then the "
-                          "working directory)") from None
+    return resolve_model_folder(where, field_path, value, base_dir, hint=" (relative paths resolve against the "
+                                "evolve file's folder, then the working directory)")
 
 
 def _has_chat_template(folder: Path) -> bool:

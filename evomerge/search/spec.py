@@ -260,17 +260,15 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     check_keys(raw, ("base", "base_name", "sources"), where, "models.")
     base = str(raw.get("base_name", "base"))
     from evomerge.checkpoints import CheckpointError, IncompatibleModelsError, check_compatible, open_checkpoint
-    from evomerge.checkpoints.refs import resolve_model_ref
+    from evomerge.merge.recipe import resolve_model_folder
 
     def model(field_path: str, value: Any) -> Path:
         """A folder, Hub id[@revision] or MODEL+ADAPTER (checkpoints.refs); stored resolved (a Hub snapshot's path
         names its commit), so a resumed job reads the same files."""
         if not check_paths:
             return resolve_path(value, base_dir)
-        try:
-            return resolve_model_ref(value, base_dir)
-        except CheckpointError as e:
-            raise where.error(field_path, f"{e}; relative paths resolve against the job file's folder") from None
+        return resolve_model_folder(where, field_path, value, base_dir,
+                                    hint="; relative paths resolve against the job file's folder")
 
     models: dict[str, Path] = {base: model("models.base", raw["base"])}
     for k, v in raw["sources"].items():
