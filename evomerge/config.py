@@ -80,6 +80,28 @@ def read_yaml(path: str | Path, error: type[Exception], what: str) -> tuple[Any,
         raise error(f"{p}: not valid YAML ({e})") from None
 
 
+def settings(x: Any, path: str = "") -> dict[str, Any]:
+    """A nested mapping as its leaves by path (`models[1].parameters.weight`): how two recipes or two job specs are
+    told apart setting by setting."""
+    if isinstance(x, dict):
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            out.update(settings(v, f"{path}.{k}" if path else str(k)))
+        return out
+    if isinstance(x, list):
+        out = {}
+        for i, v in enumerate(x):
+            out.update(settings(v, f"{path}[{i}]"))
+        return out
+    return {path: x}
+
+
+def changed_settings(a: Any, b: Any) -> list[str]:
+    """The paths (`settings`) whose values differ between `a` and `b`, or that only one has; `a`'s order first."""
+    fa, fb = settings(a), settings(b)
+    return [k for k in list(fa) + [k for k in fb if k not in fa] if fa.get(k) != fb.get(k) or (k in fa) != (k in fb)]
+
+
 class Where:
     """Builds the errors of one file: `FILE: field.path: message`, as the file type's error class."""
 

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 import yaml
 
+from evomerge.config import changed_settings, settings
 from evomerge.dashboard.cache import _LOADER, Cache, JobCache, sample_step
 from evomerge.search.front import add_to_front, hypervolume
 from evomerge.search.spec import JobSpec
@@ -331,20 +332,6 @@ def fronts(store: Store, names: list[str], cache: Cache | None = None) -> dict[s
     return {"jobs": out, "shared_objectives": shared}
 
 
-def _flatten(x: Any, path: str = "") -> dict[str, Any]:
-    if isinstance(x, dict):
-        out: dict[str, Any] = {}
-        for k, v in x.items():
-            out.update(_flatten(v, f"{path}.{k}" if path else str(k)))
-        return out
-    if isinstance(x, list):
-        out = {}
-        for i, v in enumerate(x):
-            out.update(_flatten(v, f"{path}[{i}]"))
-        return out
-    return {path: x}
-
-
 def recipe_diff(a_text: str, b_text: str) -> dict[str, Any]:
     """Two recipes side by side: aligned line pairs (difflib's opcodes: equal, replace, delete, insert) and the
     settings that differ, by their path in the recipe (`models[1].parameters.weight`)."""
@@ -357,12 +344,11 @@ def recipe_diff(a_text: str, b_text: str) -> dict[str, Any]:
             lines.append({"tag": tag, "a": a, "b": b, "a_no": i1 + k + 1 if a is not None else None,
                           "b_no": j1 + k + 1 if b is not None else None})
     try:
-        fa = _flatten(yaml.load(a_text, Loader=_LOADER))
-        fb = _flatten(yaml.load(b_text, Loader=_LOADER))
+        a, b = yaml.load(a_text, Loader=_LOADER), yaml.load(b_text, Loader=_LOADER)
     except yaml.YAMLError:
-        fa, fb = {}, {}
-    changes = [{"path": k, "a": fa.get(k), "b": fb.get(k)} for k in list(fa) + [k for k in fb if k not in fa]
-               if fa.get(k) != fb.get(k) or (k in fa) != (k in fb)]
+        a, b = {}, {}
+    fa, fb = settings(a), settings(b)
+    changes = [{"path": k, "a": fa.get(k), "b": fb.get(k)} for k in changed_settings(a, b)]
     return {"lines": lines, "changes": changes, "same": a_text == b_text}
 
 

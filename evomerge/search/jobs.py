@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from evomerge.config import changed_settings
 from evomerge.errors import InternalError
 from evomerge.search.confirm import confirm_front
 from evomerge.search.loop import Progress, Search
@@ -259,18 +260,8 @@ def find_job(target: str | Path, name: str | None = None, readonly: bool = False
 
 
 def spec_changes(given: JobSpec, stored: JobSpec) -> list[str]:
-    """The settings (dotted keys) where a job file now differs from the job as its store keeps it."""
-    out: list[str] = []
-
-    def walk(a: Any, b: Any, at: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b), key=str):
-                walk(a.get(k), b.get(k), f"{at}.{k}" if at else str(k))
-        elif a != b:
-            out.append(at or "(the whole spec)")
-
-    walk(given.to_dict(), stored.to_dict(), "")
-    return out
+    """The settings (by path) where a job file now differs from the job as its store keeps it."""
+    return changed_settings(given.to_dict(), stored.to_dict())
 
 
 def resume_job(target: str | Path, name: str | None = None, out: TextIO | None = None,
