@@ -235,10 +235,17 @@ def objective_table(runtime: Runtime) -> list[tuple[str, str]]:
 def find_job(target: str | Path, name: str | None = None, readonly: bool = False) -> tuple[Store, JobSpec]:
     """A job from its spec file (its store and name) or from a store file (`name` needed if it holds several).
     `readonly`: the store opened read-only (export, reports), so it is never changed, not even upgraded."""
+    store, stored, _ = _find_job(target, name, readonly)
+    return store, stored
+
+
+def _find_job(target: str | Path, name: str | None, readonly: bool) -> tuple[Store, JobSpec, JobSpec | None]:
+    """`find_job`, and the spec file as it reads now (None when `target` is a store)."""
     p = Path(target)
+    given = None
     if p.suffix in (".yaml", ".yml"):
-        spec = load_job(p)
-        store_path, name = spec.store, name or spec.name
+        given = load_job(p)
+        store_path, name = given.store, name or given.name
     else:
         store_path = p
     if not Path(store_path).is_file():
@@ -256,7 +263,7 @@ def find_job(target: str | Path, name: str | None = None, readonly: bool = False
     if job is None:
         store.close()
         raise StoreError(f"{store_path}: no job named '{name}' (jobs: {', '.join(names) or 'none'})")
-    return store, JobSpec.from_dict(job["spec"])
+    return store, JobSpec.from_dict(job["spec"]), given
 
 
 def spec_changes(given: JobSpec, stored: JobSpec) -> list[str]:
@@ -266,7 +273,7 @@ def spec_changes(given: JobSpec, stored: JobSpec) -> list[str]:
 
 def resume_job(target: str | Path, name: str | None = None, out: TextIO | None = None,
                progress: Progress | None = None, address: str | None = None) -> JobResult:
-    store, spec = find_job(target, name)
+    store, spec, given = _find_job(target, name, readonly=False)
     try:
         check_backend_here(spec, address)
     except BaseException:
@@ -278,8 +285,8 @@ def resume_job(target: str | Path, name: str | None = None, out: TextIO | None =
             say = progress.line
             if lock.note:
                 say(f"note: {lock.note}")
-            if Path(target).suffix in (".yaml", ".yml"):
-                changed = spec_changes(load_job(target), spec)
+            if given is not None:
+                changed = spec_changes(given, spec)
                 if changed:
                     say(f"note: {target} differs from the job as stored ({', '.join(changed)}); resume continues "
                         "the stored job as it was started: to search with the new settings, give the job another "
