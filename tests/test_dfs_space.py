@@ -16,15 +16,35 @@ def space_sources(tiny_llamas):
     return {"A": tiny_llamas["a"], "B": tiny_llamas["b"]}
 
 
-def test_genes_are_named_and_bounded(space_sources):
-    space = DataflowSpace.from_sources(space_sources, repeats=2)
+@pytest.mark.parametrize("scales, count, first_scale", [
+    ("slot", 2 * 12, "scale.r0.A.0"),  # the default: one scale per slot
+    ("transition", 2 * 6 + 7 * 6, "scale.embed->A.0"),  # Sakana's W: (layers + 1) x layers
+    ("none", 2 * 6, None),
+])
+def test_genes_are_named_and_bounded(space_sources, scales, count, first_scale):
+    space = DataflowSpace.from_sources(space_sources, repeats=2, scales=scales)
     lower, upper = space.bounds
     names = space.gene_names
-    assert space.num_genes == len(names) == len(lower) == len(upper) == 2 * 6 + 7 * 6
+    assert space.num_genes == len(names) == len(lower) == len(upper) == count
     assert len(set(names)) == len(names)
-    assert names[0] == "keep.r0.A.0" and names[6] == "keep.r1.A.0" and names[12] == "scale.embed->A.0"
+    assert names[0] == "keep.r0.A.0" and names[6] == "keep.r1.A.0"
+    assert first_scale is None or names[12] == first_scale
     assert (lower < upper).all() and (lower[12:] > 0).all()
-    assert DataflowSpace.from_sources(space_sources, scales="none").num_genes == 2 * 6
+    assert DataflowSpace.from_sources(space_sources, repeats=2).scales == "slot"
+
+
+def test_gene_counts_grow_linearly_unless_asked():
+    """Two 8-layer and two 32-layer models, each layer allowed twice: the default's genes grow with the layers,
+    Sakana's transition matrix with their square (the README's table)."""
+    from evomerge.spaces.dataflow import SourceSizes
+
+    def count(layers: int, scales: str, pins: bool = False) -> int:
+        sizes = {n: SourceSizes(layers, 1, 1, 1, 1, False) for n in ("A", "B")}
+        return DataflowSpace({"A": "a", "B": "b"}, sizes, repeats=2, scales=scales, pin_first=pins, pin_last=pins).num_genes
+
+    assert [count(8, "slot"), count(8, "transition"), count(8, "none")] == [64, 32 + 17 * 16, 32]
+    assert [count(32, "slot"), count(32, "transition"), count(32, "none")] == [256, 128 + 65 * 64, 128]
+    assert count(8, "slot", pins=True) == 66  # one more scale per pinned hop
 
 
 def test_identity_genome_reproduces_the_source(space_sources):
@@ -47,6 +67,9 @@ def test_identity_genome_reproduces_the_source(space_sources):
     {"repeats": 3, "min_layers": 4, "max_layers": 6},
     {"pin_first": True, "pin_last": True, "max_layers": 5, "embed": "A", "head": "B"},
     {"scales": "none", "min_layers": 2, "max_layers": 2},
+    {"segments": 3, "min_layers": 2, "max_layers": 7},
+    {"segments": 2, "scales": "none", "pin_first": True, "pin_last": True, "min_layers": 5, "embed": "B"},
+    {"segments": 2, "min_layers": 5},  # late starts leave runs short: they grow, then the first source repeats
 ])
 def test_random_genomes_decode_to_valid_paths(space_sources, options):
     space = DataflowSpace.from_sources(space_sources, **options)
@@ -77,13 +100,49 @@ def test_length_bounds_keep_the_strongest_genes(space_sources):
 
 
 def test_scale_belongs_to_the_transition(space_sources):
-    space = DataflowSpace.from_sources(space_sources, repeats=2)
+    space = DataflowSpace.from_sources(space_sources, repeats=2, scales="transition")
     g = space.identity_genome("A")
     names = space.gene_names
     g[names.index("keep.r1.A.1")] = 1.0  # path A.0 A.1 A.2 A.1
     g[names.index("scale.A.2->A.1")] = 0.6
     g[names.index("scale.A.0->A.1")] = 1.3
     assert [(h.layer, h.scale) for h in space.decode(g).path] == [(0, 1.0), (1, 1.3), (2, 1.0), (1, 0.6)]
+
+
+def test_scale_belongs_to_the_slot(space_sources):
+    space = DataflowSpace.from_sources(space_sources, repeats=2, pin_first=True, pin_last=True, max_layers=6)
+    g = space.identity_genome("A")
+    names = space.gene_names
+    g[names.index("keep.r1.A.1")] = 1.0  # path A.0 (pinned) A.1 A.1 A.2 (pinned)
+    g[names.index("scale.r0.A.1")] = 0.7
+    g[names.index("scale.r1.A.1")] = 1.2
+    g[names.index("scale.first")] = 0.9
+    g[names.index("scale.last")] = 1.4
+    assert [(h.layer, h.scale) for h in space.decode(g).path] == [(0, 0.9), (1, 0.7), (1, 1.2), (2, 1.4)]
+
+
+def test_segments_are_runs_of_layers(space_sources):
+    space = DataflowSpace.from_sources(space_sources, segments=3, head="B")
+    names = space.gene_names
+    assert space.num_genes == 12 and names[:4] == ["seg0.source", "seg0.start", "seg0.length", "seg0.scale"]
+    g = space.identity_genome("B")  # B's layers as the last segment, the others empty
+    assert [(h.model, h.layer, h.scale) for h in space.decode(g).path] == [("B", 0, 1.0), ("B", 1, 1.0), ("B", 2, 1.0)]
+    g[names.index("seg1.source")] = 0.2  # A (first of two sources)
+    g[names.index("seg1.start")] = 0.0
+    g[names.index("seg1.length")] = 0.5  # int(0.5 * (3 + 1)) = 2 layers
+    g[names.index("seg1.scale")] = 0.8  # the hop into the segment
+    assert [(h.model, h.layer, h.scale) for h in space.decode(g).path] == [
+        ("A", 0, 0.8), ("A", 1, 1.0), ("B", 0, 1.0), ("B", 1, 1.0), ("B", 2, 1.0)]
+    g[names.index("seg1.start")] = 0.9  # a run is cut at its source's last layer
+    assert [(h.model, h.layer) for h in space.decode(g).path][:2] == [("A", 2), ("B", 0)]
+    # the gene count does not grow with the layers
+    from evomerge.spaces.dataflow import SourceSizes
+
+    for layers in (8, 32):
+        sizes = {n: SourceSizes(layers, 1, 1, 1, 1, False) for n in ("A", "B")}
+        assert DataflowSpace({"A": "a", "B": "b"}, sizes, segments=3).num_genes == 12
+    with pytest.raises(ValueError, match="transition"):
+        DataflowSpace.from_sources(space_sources, segments=2, scales="transition")
 
 
 def test_costs_count_the_exported_checkpoint(space_sources):

@@ -2,10 +2,21 @@
 
 All layers of all sources are laid out in one sequence (source by source, layer by layer) and that
 sequence is repeated `repeats` times: T = repeats * (total layers) slots. Each slot has a `keep` gene; the
-slot's layer joins the path, in sequence order, where its gene is positive. With `scales="transition"`
-there is one `scale` gene per transition (previous layer -> next layer, the embeddings counting as a
-previous layer): the scale of a hop is the gene of the transition into it, so a layer's input scale depends
-on where it comes from, as in Sakana's scaling matrix W.
+slot's layer joins the path, in sequence order, where its gene is positive. Scales (the factor on the
+residual stream entering a hop) come in three granularities:
+- `slot` (the default): one `scale` gene per slot, so a layer's scale is that of the place it holds in the
+  path; the gene count grows linearly with the layers (2 x T genes in all).
+- `transition`: one gene per (previous layer -> next layer) pair, the embeddings counting as a previous
+  layer, as Sakana's scaling matrix W: it grows with the square of the total layers (T + (N+1) x N genes, N
+  the total layers), which no search budget covers past a few small models; only where asked.
+- `none`: every scale 1 (paths export as mergekit passthrough configs).
+Pinned hops (below) have no slot: with `slot` scales they get one gene each (`scale.first`, `scale.last`).
+
+`segments: N` encodes a path instead as N segments, each a run of consecutive layers of one source (genes:
+source, start, length, and with `slot` scales the scale of the hop into the segment): 4N genes whatever the
+layer counts. A path is then a few long runs (the reader's first layers, then the solver's whole stack), as
+paths that work tend to be, and a mutation that lengthens a run by one layer is one small gene move, where the
+keep encoding needs several indicators to flip together. A segment of length 0 is off.
 
 Decoding is deterministic and always gives a valid path: genes are clipped to their bounds; too many kept
 slots drop the lowest genes, too few add the highest unkept ones (ties: the earlier slot), so the path
@@ -30,6 +41,7 @@ from evomerge.merge.sources import Source, as_source
 from evomerge.spaces.ps import SpaceError
 
 EMBED = "embed"
+SCALES = ("slot", "transition", "none")  # scale-gene granularity, see the module docstring
 
 
 @dataclass(frozen=True)
@@ -74,8 +86,9 @@ class DataflowSpace:
     pin_last: bool = False  # and ends with the last layer of the head source
     embed: str | None = None  # default: the first source
     head: str | None = None  # default: the embed source
-    scales: Literal["transition", "none"] = "transition"
+    scales: Literal["slot", "transition", "none"] = "slot"
     scale_bounds: tuple[float, float] = (0.5, 1.5)
+    segments: int = 0  # 0: a keep gene per slot (Sakana's encoding); N > 0: N segments (see the module docstring)
     slots: list[tuple[str, int]] = field(init=False, repr=False)
     units: list[str] = field(init=False, repr=False)
 
@@ -94,36 +107,63 @@ class DataflowSpace:
                 raise SpaceError(f"{role}: '{name}' is not one of the sources ({', '.join(self.sources)}); name one of them")
         if self.repeats < 1:
             raise SpaceError(f"repeats: must be >= 1 (how often each source's layers may appear), got {self.repeats}")
+        if self.scales not in SCALES:
+            raise SpaceError(f"scales: must be one of {', '.join(SCALES)}, got {self.scales!r}")
         lo, hi = self.scale_bounds
         if not 0 < lo <= hi:
             raise SpaceError(f"scale_bounds: must satisfy 0 < low <= high (scales must be positive), got {self.scale_bounds}")
+        if self.segments < 0:
+            raise SpaceError(f"segments: must be >= 0 (0: a keep gene per layer slot), got {self.segments}")
+        if self.segments and self.scales == "transition":
+            raise SpaceError("scales: 'transition' needs the keep-gene encoding; with segments use slot or none")
         self.slots = [(n, i) for _ in range(self.repeats) for n in self.sources for i in range(self.sizes[n].num_layers)]
         self.units = [f"{n}.{i}" for n in self.sources for i in range(self.sizes[n].num_layers)]
         pins = int(self.pin_first) + int(self.pin_last)
+        room = len(self.slots) if not self.segments else self.segments * max(z.num_layers for z in self.sizes.values())
         if self.max_layers is None:
-            self.max_layers = len(self.slots) + pins
-        if not 1 <= self.min_layers <= self.max_layers or self.max_layers < pins or self.min_layers > len(self.slots) + pins:
+            self.max_layers = room + pins
+        if not 1 <= self.min_layers <= self.max_layers or self.max_layers < pins or self.min_layers > room + pins:
             raise SpaceError(f"min_layers, max_layers: path length bounds [{self.min_layers}, {self.max_layers}] are "
-                             f"impossible with {len(self.slots)} slots and {pins} pinned hops; need "
-                             f"1 <= min_layers <= max_layers, max_layers >= {pins}, min_layers <= {len(self.slots) + pins}")
+                             f"impossible with {room} {'slots' if not self.segments else 'segment layers'} and {pins} "
+                             f"pinned hops; need 1 <= min_layers <= max_layers, max_layers >= {pins}, "
+                             f"min_layers <= {room + pins}")
 
     # ------------------------------------------------------------ genes
 
     @property
+    def _pins(self) -> list[str]:
+        return [p for p, on in (("first", self.pin_first), ("last", self.pin_last)) if on]
+
+    @property
     def gene_names(self) -> list[str]:
+        if self.segments:
+            per = ["source", "start", "length"] + (["scale"] if self.scales == "slot" else [])
+            pins = [f"scale.{p}" for p in self._pins] if self.scales == "slot" else []
+            return [f"seg{j}.{g}" for j in range(self.segments) for g in per] + pins
         keep = [f"keep.r{k // len(self.units)}.{n}.{i}" for k, (n, i) in enumerate(self.slots)]
         if self.scales == "none":
             return keep
+        if self.scales == "slot":
+            return keep + ["scale." + k[len("keep."):] for k in keep] + [f"scale.{p}" for p in self._pins]
         return keep + [f"scale.{a}->{b}" for a in [EMBED, *self.units] for b in self.units]
 
     @property
     def num_genes(self) -> int:
+        if self.segments:
+            return len(self.gene_names)
         n = len(self.slots)
+        if self.scales == "slot":
+            return 2 * n + len(self._pins)
         return n if self.scales == "none" else n + (len(self.units) + 1) * len(self.units)
 
     @property
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper): keep genes in [-1, 1], scale genes in `scale_bounds`."""
+        if self.segments:
+            scale = self._segment_scale_mask()
+            lower, upper = np.zeros(len(scale)), np.ones(len(scale))
+            lower[scale], upper[scale] = self.scale_bounds
+            return lower, upper
         n = len(self.slots)
         lower, upper = np.full(self.num_genes, -1.0), np.full(self.num_genes, 1.0)
         lower[n:], upper[n:] = self.scale_bounds
@@ -139,6 +179,8 @@ class DataflowSpace:
         also the embed and head source."""
         source = source or self.embed
         lower, upper = self.bounds
+        if self.segments:
+            return self._segment_identity(source)
         g = np.where(np.arange(self.num_genes) < len(self.slots), lower, np.clip(1.0, *self.scale_bounds))
         first_rep = len(self.units)
         for k, (n, _) in enumerate(self.slots[:first_rep]):
@@ -159,6 +201,8 @@ class DataflowSpace:
             raise ValueError(f"genome has shape {g.shape}; this space has {self.num_genes} genes")
         g = np.clip(g, *self.bounds)
         assert self.embed is not None and self.head is not None and self.max_layers is not None
+        if self.segments:
+            return self._decode_segments(g, name)
         pins = int(self.pin_first) + int(self.pin_last)
         lo, hi = max(self.min_layers - pins, 0), self.max_layers - pins
         keep = g[: len(self.slots)]
@@ -168,20 +212,85 @@ class DataflowSpace:
             kept = set([k for k in order if k in kept][:hi])
         elif len(kept) < lo:
             kept |= set([k for k in order if k not in kept][: lo - len(kept)])
-        layers = [self.slots[k] for k in sorted(kept)]
+        # (layer, its slot or a pin name): the slot says where a `slot` scale gene sits
+        placed: list[tuple[tuple[str, int], int | str]] = [(self.slots[k], k) for k in sorted(kept)]
         if self.pin_first:
-            layers.insert(0, (self.embed, 0))
+            placed.insert(0, ((self.embed, 0), "first"))
         if self.pin_last:
-            layers.append((self.head, self.sizes[self.head].num_layers - 1))
+            placed.append(((self.head, self.sizes[self.head].num_layers - 1), "last"))
         hops: list[Hop] = []
         prev = EMBED
-        for model, layer in layers:
+        for (model, layer), where in placed:
             hop = Hop(model, layer)
             if self.scales == "transition":
                 hop = Hop(model, layer, float(g[self._scale_gene(prev, hop)]))
+            elif self.scales == "slot":
+                at = len(self.slots) + (where if isinstance(where, int) else len(self.slots) + self._pins.index(where))
+                hop = Hop(model, layer, float(g[at]))
             hops.append(hop)
             prev = f"{model}.{layer}"
         return DataflowRecipe(tuple(hops), dict(self.sources), self.embed, self.head, name=name)
+
+    # ------------------------------------------------------------ segments
+
+    def _segment_scale_mask(self) -> np.ndarray:
+        return np.array([n.endswith(".scale") or n.startswith("scale.") for n in self.gene_names])
+
+    def _segment_layers(self, g: np.ndarray, j: int) -> tuple[str, list[int]]:
+        """Segment j's source and layer indices: the source is the gene's share of the source list, the start a
+        share of that source's layers, the length a share of (its layers + 1), cut at the source's last layer."""
+        per = 4 if self.scales == "slot" else 3
+        src_g, start_g, len_g = g[j * per: j * per + 3]
+        names = list(self.sources)
+        source = names[min(int(src_g * len(names)), len(names) - 1)]
+        n = self.sizes[source].num_layers
+        start = min(int(start_g * n), n - 1)
+        length = min(int(len_g * (n + 1)), n - start)
+        return source, list(range(start, start + length))
+
+    def _decode_segments(self, g: np.ndarray, name: str | None) -> DataflowRecipe:
+        assert self.embed is not None and self.head is not None and self.max_layers is not None
+        pins = int(self.pin_first) + int(self.pin_last)
+        lo, hi = max(self.min_layers - pins, 0), self.max_layers - pins
+        per = 4 if self.scales == "slot" else 3
+        runs = [self._segment_layers(g, j) for j in range(self.segments)]
+        short = lo - sum(len(layers) for _, layers in runs)
+        for j, (source, layers) in enumerate(runs):  # too short: segments grow towards their source's end, in order
+            n = self.sizes[source].num_layers
+            start = layers[-1] + 1 if layers else min(int(g[j * per + 1] * n), n - 1)
+            grow = list(range(start, n))[: max(short, 0)]
+            layers += grow
+            short -= len(grow)
+        if short > 0:  # every segment reaches its source's end: the first one's source repeats from layer 0
+            n0 = self.sizes[runs[0][0]].num_layers
+            runs[0][1].extend(i % n0 for i in range(short))
+        placed: list[tuple[str, int, float]] = []
+        for j, (source, layers) in enumerate(runs):
+            scale = float(g[j * per + 3]) if self.scales == "slot" else 1.0
+            placed += [(source, i, scale if k == 0 else 1.0) for k, i in enumerate(layers)]
+        placed = placed[:hi]  # too long: the last segments are cut
+        hops = [Hop(m, i, sc) for m, i, sc in placed]
+        names = self.gene_names
+        if self.pin_first:
+            hops.insert(0, Hop(self.embed, 0, float(g[names.index("scale.first")]) if self.scales == "slot" else 1.0))
+        if self.pin_last:
+            last = self.sizes[self.head].num_layers - 1
+            hops.append(Hop(self.head, last, float(g[names.index("scale.last")]) if self.scales == "slot" else 1.0))
+        return DataflowRecipe(tuple(hops), dict(self.sources), self.embed, self.head, name=name)
+
+    def _segment_identity(self, source: str) -> np.ndarray:
+        """`source`'s own layers in order as the LAST segment, the earlier ones empty (length 0), every scale 1: a
+        search that starts there grows a run in front of it with a single gene (the length of the segment before)."""
+        g = np.where(self._segment_scale_mask(), np.clip(1.0, *self.scale_bounds), 0.0)  # scale genes 1, others 0
+        per = 4 if self.scales == "slot" else 3
+        names, n = list(self.sources), self.sizes[source].num_layers
+        j = self.segments - 1
+        first = 1 if self.pin_first and source == self.embed else 0
+        last = n - 1 if self.pin_last and source == self.head else n
+        g[j * per] = (names.index(source) + 0.5) / len(names)
+        g[j * per + 1] = (first + 0.5) / n
+        g[j * per + 2] = min((last - first + 0.5) / (n + 1), 1.0)
+        return g
 
     # ------------------------------------------------------------ costs
 

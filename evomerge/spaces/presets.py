@@ -3,7 +3,7 @@
     kind: ps | dfs | hybrid
     # ps: method (a name or a list: a `method` gene), layer_groups, modules, weight, density, parameters, seed
     # dfs: sources (model names, default all), repeats, min_layers, max_layers, pin_first, pin_last,
-    #      embed, head, scales (transition | none), scale_bounds
+    #      embed, head, scales (slot | transition | none), scale_bounds, segments (0: keep genes; N: N runs of layers)
     # hybrid: ps: {...ps keys}, dfs: {...dfs keys}; the DFS sources get one more, `merge` (the PS merge)
 
 Every space has `gene_names`, `num_genes`, `bounds`, `decode(genome, name)`, `seeds()` and `describe()`.
@@ -29,7 +29,7 @@ PS_KEYS = ("kind", "method", "layer_groups", "modules", "weight_bounds", "densit
 # `weight: [a, b]` read like a recipe's layer gradient; the bounds of a gene say what they are
 RENAMED_PS_KEYS = {"weight": "weight_bounds", "density": "density_bounds"}
 DFS_KEYS = ("kind", "sources", "repeats", "min_layers", "max_layers", "pin_first", "pin_last", "embed", "head",
-            "scales", "scale_bounds")
+            "scales", "scale_bounds", "segments")
 AnyRecipe = Union[Recipe, DataflowRecipe]
 
 
@@ -89,7 +89,8 @@ def _dfs(cfg: Mapping[str, Any], models: Mapping[str, Path], where: str, extra: 
         raise SpaceError(f"{where}.sources: {unknown} are not models of the job ({', '.join(models)})")
     sources: dict[str, Path] = {**{n: Path(models[n]) for n in names}, **dict(extra or {})}
     sizes = {n: source_sizes(n, p) for n, p in sources.items()}
-    options = {k: cfg[k] for k in ("repeats", "min_layers", "max_layers", "pin_first", "pin_last", "embed", "head", "scales")
+    options = {k: cfg[k] for k in ("repeats", "min_layers", "max_layers", "pin_first", "pin_last", "embed", "head", "scales",
+                                   "segments")
                if k in cfg}
     if "scale_bounds" in cfg:
         options["scale_bounds"] = tuple(cfg["scale_bounds"])
