@@ -122,3 +122,36 @@ def test_nsga2_front_beats_random_search():
         return hypervolume(F[pareto_mask(F)], np.array([2.0, 2.0]))
 
     assert sum(hv("nsga2", s) for s in range(3)) > sum(hv("random", s) for s in range(3))
+
+
+def test_cmaes_best_seed_starts_at_the_best_point_of_the_first_population():
+    """A warm start: the distribution's mean after the first tell is the best seed, so the next asks lie around it
+    (sigma0 0.05: within 0.25 of it), while the centre start's lie around 0.5."""
+    seeds = np.array([[0.9, 0.1, 0.9, 0.1], [0.3, 0.3, 0.3, 0.3]])  # the second is the loss's optimum
+    d = make_driver("cmaes", N_VAR, 1, 8, seed=0, seeds=seeds, sigma0=0.05, start="best_seed")
+    X = d.ask()
+    np.testing.assert_allclose(X[:2], seeds)
+    d.tell(X, losses(X, 1))
+    np.testing.assert_allclose(d.es.mean, seeds[1])
+    nxt = d.ask()
+    assert np.abs(nxt - 0.3).max() < 0.25
+    centre = make_driver("cmaes", N_VAR, 1, 8, seed=0, seeds=seeds, sigma0=0.05)
+    X = centre.ask()
+    centre.tell(X, losses(X, 1))
+    assert np.abs(centre.es.mean - 0.3).max() > 0.05  # the comparison can fail: the start matters
+    with pytest.raises(DriverError, match="start"):
+        make_driver("cmaes", N_VAR, 1, 8, seed=0, start="best")
+
+
+def test_cmaes_best_seed_replays_identically():
+    def run() -> list[np.ndarray]:
+        d = make_driver("cmaes", N_VAR, 1, 6, seed=3, seeds=np.full((1, N_VAR), 0.2), start="best_seed")
+        out = []
+        for _ in range(4):
+            X = d.ask()
+            d.tell(X, losses(X, 1))
+            out.append(X)
+        return out
+
+    for a, b in zip(run(), run()):
+        np.testing.assert_array_equal(a, b)

@@ -7,7 +7,8 @@ replaying the archive's asks and tells into a fresh one (`resume.py`), which con
 and is what makes an interrupted-then-resumed search equal an uninterrupted one. Nothing of a driver is stored.
 
 - `random`: uniform samples, the baseline.
-- `cmaes`: pycma's CMA-ES (one objective), bounded to the cube, seeded.
+- `cmaes`: pycma's CMA-ES (one objective), bounded to the cube, seeded; `start: best_seed` starts its
+  distribution at the best point of a first population of seeds and uniform points (a warm start).
 - `nsga2`, `nsga3`, `smsemoa`: pymoo's multi-objective algorithms (also fine for one objective). (AGE-MOEA
   needs numba, which evomerge does not install.)
 
@@ -125,34 +126,54 @@ class RandomSearch(Driver):
 # parent is weight 0 or 1). Its box is widened by this margin, so [0, 1] lies in the transform's identity region;
 # the loop clips what lies outside [0, 1] when it decodes.
 CMA_MARGIN = 0.1
+# Where CMA-ES's distribution starts: the cube's centre with the seeds injected into its first population, or
+# (best_seed) at the best point of a first population of seeds and uniform points: a warm start, for spaces whose
+# good region is a thin neighbourhood of a seed (a data-flow path one run away from a parent's own layers).
+CMA_STARTS = ("center", "best_seed")
 
 
 class CMAES(Driver):
     name = "cmaes"
 
     def __init__(self, n_var: int, n_obj: int, pop_size: int, seed: int, seeds: np.ndarray | None = None,
-                 sigma0: float = 0.3):
+                 sigma0: float = 0.3, start: str = "center"):
         super().__init__(n_var, n_obj, pop_size, seed, seeds)
         if n_obj != 1:
             raise DriverError(f"cmaes optimises one objective, the job has {n_obj}: use nsga2, nsga3 or smsemoa"
                               ", or keep one objective")
         if n_var < 2:
             raise DriverError("cmaes needs at least 2 genes (pycma does not do 1-D); use random or nsga2")
-        import cma
-
+        if start not in CMA_STARTS:
+            raise DriverError(f"start: must be one of {', '.join(CMA_STARTS)}, got {start!r}")
         self._np_state = np.random.RandomState(seed).get_state()
         # pycma samples with opts["randn"]: give it a generator of its own, untouched by anything else.
         self.rs = np.random.RandomState(seed + 1)
-        x0 = np.full(n_var, 0.5)
-        with _numpy_global_state(self):
-            self.es = cma.CMAEvolutionStrategy(
-                x0, sigma0, {"bounds": [-CMA_MARGIN, 1.0 + CMA_MARGIN], "randn": self.rs.randn, "seed": float("nan"),
-                             "popsize": pop_size, "verbose": -9, "verb_log": 0, "verb_disp": 0})
+        self.sigma0, self.start = sigma0, start
+        self.es: Any = None
+        self._first: np.ndarray | None = None
+        if start == "center":
+            self._strategy(np.full(n_var, 0.5))
             if seeds is not None and len(seeds):
-                self.es.inject([np.clip(s, 0, 1) for s in np.asarray(seeds, dtype=float)], force=True)
+                with _numpy_global_state(self):
+                    self.es.inject([np.clip(s, 0, 1) for s in np.asarray(seeds, dtype=float)], force=True)
+        else:  # best_seed: a first population (the seeds, then uniform points), and CMA-ES from its best point
+            self._first = _first_population(pop_size, n_var, seeds, np.random.default_rng(seed))
         self._asked: list[np.ndarray] | None = None
 
+    def _strategy(self, x0: np.ndarray) -> None:
+        import cma
+
+        with _numpy_global_state(self):
+            self.es = cma.CMAEvolutionStrategy(
+                x0, self.sigma0, {"bounds": [-CMA_MARGIN, 1.0 + CMA_MARGIN], "randn": self.rs.randn,
+                                  "seed": float("nan"), "popsize": self.pop_size, "verbose": -9, "verb_log": 0,
+                                  "verb_disp": 0})
+
     def ask(self) -> np.ndarray:
+        if self.es is None:
+            assert self._first is not None
+            self._asked = list(self._first)
+            return self._first.copy()
         with _numpy_global_state(self):
             self._asked = self.es.ask()
         return np.array(self._asked)
@@ -161,8 +182,12 @@ class CMAES(Driver):
         X, F = self._check(X, F)
         if self._asked is None or len(X) != len(self._asked):
             raise ValueError("cmaes: tell() must get exactly the points of the last ask()")
-        with _numpy_global_state(self):
-            self.es.tell(self._asked, [float(f) for f in F[:, 0]])
+        if self.es is None:  # the first population told: the distribution starts at its best point
+            finite = np.where(np.isfinite(F[:, 0]), F[:, 0], np.inf)
+            self._strategy(np.clip(np.asarray(self._asked[int(np.argmin(finite))], dtype=float), 0, 1))
+        else:
+            with _numpy_global_state(self):
+                self.es.tell(self._asked, [float(f) for f in F[:, 0]])
         self._asked = None
         self.generation += 1
 
@@ -267,7 +292,7 @@ def accepted_options(name: str) -> list[str]:
     if name == "random":
         return []
     if name == "cmaes":
-        return ["sigma0"]
+        return ["sigma0", "start"]
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.algorithms.moo.nsga3 import NSGA3
     from pymoo.algorithms.moo.sms import SMSEMOA
