@@ -294,7 +294,8 @@ def build_zoo(out_dir: Path, force: bool = False, progress: bool = True, spec: Z
     The manifest lists the models built now plus those of other families that an earlier build left there and
     whose job keys still hold (so `--families depth` adds the depth models to a full zoo's manifest).
     """
-    spec = select_families(spec or ZooSpec(), families)
+    full = spec or ZooSpec()
+    spec = select_families(full, families)
     out_dir = Path(out_dir)
     key = cache_key(spec)
     if not force and is_built(out_dir, spec):
@@ -304,10 +305,10 @@ def build_zoo(out_dir: Path, force: bool = False, progress: bool = True, spec: Z
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per folder: a second caller waits, then finds it built
         if not force and is_built(out_dir, spec):
             return load_manifest(out_dir)
-        return _build(out_dir, spec, key, progress, workers, force)
+        return _build(out_dir, spec, key, progress, workers, force, full)
 
 
-def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int, force: bool) -> dict:
+def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int, force: bool, full: ZooSpec) -> dict:
     t0 = time.time()
 
     def say(msg: str) -> None:
@@ -315,7 +316,7 @@ def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int,
             print(f"[zoo {time.time() - t0:5.0f}s] {msg}", file=sys.stderr, flush=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    kept = _kept_models(out_dir, spec)
+    kept = _kept_models(out_dir, spec, full)
     (out_dir / "manifest.json").unlink(missing_ok=True)
     from evomerge.zoo.tasks import write_data
 
@@ -409,13 +410,14 @@ def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int,
     return manifest
 
 
-def _kept_models(out_dir: Path, spec: ZooSpec) -> dict:
+def _kept_models(out_dir: Path, spec: ZooSpec, full: ZooSpec) -> dict:
     """Manifest entries of models outside `spec` that an earlier build made and that are still current.
 
-    Current: the entry's job key is the one the default zoo gives that model now, and its folder holds the same key.
+    Current: the entry's job key is the one `full` (the zoo `spec` is a part of) gives that model now, and its
+    folder holds the model.
     """
     man = load_manifest(out_dir) or {}
-    current = _job_keys(ZooSpec())
+    current = _job_keys(full)
     kept = {}
     for name, entry in man.get("models", {}).items():
         if name.split("/")[0] in spec.families or name not in current:
