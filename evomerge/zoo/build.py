@@ -14,9 +14,14 @@ down without losing arithmetic, and a simple task-arithmetic merge (arith 0.7, c
 skills: mix 0.81 on test, about 15 points over the best parent. Without the second stage (base arith 0.03)
 every merge was a switch: one skill or the other.
 
-Deterministic (seeded, one thread per process, deterministic algorithms), cached twice over (a matching
-manifest returns at once; a model folder whose per-model key matches is reused), and built by two spawn
-workers, bases first (measured: 530 s on 2 busy cores; a per-model rebuild only retrains what changed).
+The `depth` family (8 layers, zoo/depth.py) is built for data-flow paths instead: stochastic depth makes its
+layers share one residual format, and a reader's first layers feed the arithmetic expert's layers.
+
+Deterministic (seeded, one thread per process, deterministic algorithms), cached twice over (a manifest that
+lists every wanted model with its current per-model key returns at once; a model folder whose per-model key
+matches is reused), and built by two spawn workers, bases first (measured: 530 s on 2 busy cores; a per-model
+rebuild only retrains what changed). `families=` builds some families only; the manifest keeps listing the
+other families' current models, so partial builds never hide or drop what is there.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+from evomerge.config import suggest
 from evomerge.errors import UserError
 from evomerge.zoo.depth import DepthTrain, depth_family_settings
 from evomerge.zoo.tasks import ALL_TASKS, EVAL_TASKS, TaskSpec
@@ -106,9 +112,12 @@ def select_families(spec: "ZooSpec", families: list[str] | tuple[str, ...] | str
     names = [f.strip() for f in families.split(",")] if isinstance(families, str) else list(families)
     names = [n for n in names if n]
     unknown = [n for n in names if n not in spec.families]
-    if unknown or not names:
-        raise ZooFamilyError(f"--families: unknown zoo family {unknown[0]!r}; choose from {', '.join(spec.families)}"
-                             if unknown else f"--families: no family named; choose from {', '.join(spec.families)}")
+    known = ", ".join(spec.families)
+    if unknown:
+        raise ZooFamilyError(f"--families: unknown zoo family {unknown[0]!r}.{suggest(unknown[0], spec.families, list_known=False)} "
+                             f"Families: {known}.")
+    if not names:
+        raise ZooFamilyError(f"--families: no family named; give some of: {known} (or leave it out: every family)")
     return ZooSpec(tasks=spec.tasks, families={n: spec.families[n] for n in spec.families if n in names},
                    init_seed=spec.init_seed)
 
@@ -386,25 +395,25 @@ def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int,
             "job_key": job_key(spec, *n.split("/")), **results[n]}
         for n in model_names(spec)
     }
-    families = sorted(set(spec.families) | {n.split("/")[0] for n in kept})
+    # What the manifest describes: the families built now and those whose models it keeps (all current in `full`).
+    kept_families = {n.split("/")[0] for n in kept}
+    listed = select_families(full, [f for f in full.families if f in spec.families or f in kept_families])
     manifest = {
-        "cache_key": key,
-        "families": families,  # the families this manifest lists (models kept from an earlier build included)
+        "cache_key": cache_key(listed),
+        "families": list(listed.families),
         "zoo_version": ZOO_VERSION,
         "code_hash": _code_hash(),
-        "settings": spec.to_dict(),
+        "settings": listed.to_dict(),
         "seeds": {
-            "tasks": spec.tasks.seed,
-            "init": spec.init_seed,
-            **{f"{fam}/base": fs.base.seed for fam, fs in spec.families.items()},
-            **{f"{fam}/{s}": t.seed for fam, fs in spec.families.items() for s, t in fs.experts.items()},
+            "tasks": listed.tasks.seed,
+            "init": listed.init_seed,
+            **{f"{fam}/base": fs.base.seed for fam, fs in listed.families.items()},
+            **{f"{fam}/{s}": t.seed for fam, fs in listed.families.items() for s, t in fs.experts.items()},
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
-        "models": {**kept, **models},
+        "models": {n: {**kept, **models}[n] for n in model_names(listed)},
         "build_seconds": round(time.time() - t0, 1),
     }
-    if kept:
-        manifest["settings_note"] = "settings, seeds and cache_key cover the families built last: " + ", ".join(spec.families)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"zoo built in {manifest['build_seconds']:.0f}s -> {out_dir}")
     return manifest
