@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ZOO ?= .cache/zoo
+# Zoo families `make zoo` builds (comma-separated; empty: every family: llama, qwen2, depth). `make demo` builds
+# only what the demo uses (llama,depth); `make test` always builds every family.
+ZOO_FAMILIES ?=
 # One thread per process: on small CPU machines oversubscription makes torch much slower.
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
@@ -47,7 +50,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	touch $@
 
 zoo: venv
-	$(VENV)/bin/evomerge zoo build $(ZOO)
+	$(VENV)/bin/evomerge zoo build $(ZOO) $(if $(ZOO_FAMILIES),--families $(ZOO_FAMILIES))
 
 # Debian's chromium, for the dashboard's browser test (Playwright drives it; Playwright downloads no browser).
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
@@ -55,10 +58,12 @@ browser:
 	@test -x /usr/bin/chromium || { echo "installing Debian chromium (apt-get) for the dashboard test"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
+demo: ZOO_FAMILIES = llama,depth
 demo: zoo
-	$(PY) -m evomerge.service.demo --zoo $(ZOO) --out out/demo
+	$(PY) -m evomerge.service.demo --zoo $(ZOO) --zoo-families "$(ZOO_FAMILIES)" --out out/demo
 
 test: zoo venv-mergekit browser
+	$(VENV)/bin/evomerge zoo build $(ZOO)
 	EVOMERGE_ZOO=$(ZOO) $(PY) -m pytest -q -m "not vllm"
 
 # vLLM tests (marked `vllm`) in the vLLM venv; `make test` deselects them.

@@ -254,7 +254,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     from evomerge.zoo.build import build_zoo
 
-    manifest = build_zoo(Path(args.dir), force=args.force, progress=not args.quiet)
+    manifest = build_zoo(Path(args.dir), force=args.force, progress=not args.quiet, families=args.families,
+                         workers=args.workers)
     print(f"zoo ready in {args.dir} ({len(manifest.get('models', {}))} models)")
     return 0
 
@@ -466,10 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
         "build",
         help="train the tiny model zoo (cached: a second call returns at once)",
         description="Train the tiny model zoo deterministically on CPU: Llama- and Qwen2-style base models and "
-        "experts fine-tuned on synthetic skills, plus the task data they are tested on.",
+        "experts fine-tuned on synthetic skills, an 8-layer `depth` family built for data-flow paths, plus the task "
+        "data they are tested on.",
     )
     b.add_argument("dir", nargs="?", default=".cache/zoo", help="output folder (default .cache/zoo)")
     b.add_argument("--force", action="store_true", help="rebuild even if the cached zoo matches")
+    b.add_argument("--families", default=None, metavar="NAMES",
+                   help="comma-separated families to build, e.g. llama,depth (default: every family: llama, qwen2, "
+                   "depth); models of other families already there stay and stay listed")
+    b.add_argument("--workers", type=int, default=2, help="training processes (default 2; 1 trains one model at a time)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     b.set_defaults(func=cmd_zoo_build)
     return parser

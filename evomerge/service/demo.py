@@ -78,6 +78,9 @@ def score_folder(folder: Path, split: str = "test") -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", default=".cache/zoo", help="zoo folder (built if missing)")
+    ap.add_argument("--zoo-families", default="llama,depth",
+                    help="zoo families to build if missing (comma-separated; empty: every family; default llama,depth: "
+                    "the demo never uses qwen2)")
     ap.add_argument("--out", default="out/demo", help="where the store, report, recipe and merged model go")
     ap.add_argument("--workers", type=int, default=2, help="Ray workers (one CPU slot each)")
     ap.add_argument("--evaluations", type=int, default=72, help="search budget in candidates")
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     zoo, out = Path(args.zoo).absolute(), Path(args.out).absolute()
-    build_zoo(zoo, progress=True)
+    build_zoo(zoo, progress=True, families=args.zoo_families or None)
     job_path = out / "job.yaml"
     if out.exists():  # the demo is a fresh search each time (the zoo and venv are what is cached) ...
         ours = job_path.is_file() and job_path.read_text().startswith(MARKER)

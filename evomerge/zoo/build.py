@@ -14,9 +14,14 @@ down without losing arithmetic, and a simple task-arithmetic merge (arith 0.7, c
 skills: mix 0.81 on test, about 15 points over the best parent. Without the second stage (base arith 0.03)
 every merge was a switch: one skill or the other.
 
-Deterministic (seeded, one thread per process, deterministic algorithms), cached twice over (a matching
-manifest returns at once; a model folder whose per-model key matches is reused), and built by two spawn
-workers, bases first (measured: 530 s on 2 busy cores; a per-model rebuild only retrains what changed).
+The `depth` family (8 layers, zoo/depth.py) is built for data-flow paths instead: stochastic depth makes its
+layers share one residual format, and a reader's first layers feed the arithmetic expert's layers.
+
+Deterministic (seeded, one thread per process, deterministic algorithms), cached twice over (a manifest that
+lists every wanted model with its current per-model key returns at once; a model folder whose per-model key
+matches is reused), and built by two spawn workers, bases first (measured: 530 s on 2 busy cores; a per-model
+rebuild only retrains what changed). `families=` builds some families only; the manifest keeps listing the
+other families' current models, so partial builds never hide or drop what is there.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+from evomerge.config import suggest
+from evomerge.errors import UserError
+from evomerge.zoo.depth import DepthTrain, depth_family_settings
 from evomerge.zoo.tasks import ALL_TASKS, EVAL_TASKS, TaskSpec
 from evomerge.zoo.train import ModelSpec, TrainSpec
 
@@ -47,12 +55,19 @@ _STAGE2_ARITH = 0.3
 BASE_MIX2 = {k: v * (1 - _STAGE2_ARITH) + (_STAGE2_ARITH if k == "arith" else 0.0) for k, v in BASE_MIX.items()}
 
 
+class ZooFamilyError(UserError, ValueError):
+    """`--families` names a family the zoo does not have."""
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     model: ModelSpec
     base: TrainSpec
     experts: dict  # skill -> TrainSpec (a full fine-tune of the base on that skill)
     base2: TrainSpec | None = None  # optional second base stage, trained right after `base`
+    # depth family only (zoo/depth.py): role ("base" or a skill) -> how it trains beyond its TrainSpec. Its
+    # experts need not be skill experts (depth/reader scores 0 alone: it is a path's first layers).
+    depth: dict | None = None
 
     @property
     def skills(self) -> tuple[str, ...]:
@@ -79,7 +94,32 @@ def default_families() -> dict[str, FamilySpec]:
             base,
             {"arith": _expert("arith", 1600, 6e-4, 64, 10), "cipher": experts["cipher"]},  # no second base stage
         ),
+        # 8 layers trained with stochastic depth, so data-flow paths across its models work (zoo/depth.py).
+        "depth": _depth_family(),
     }
+
+
+def _depth_family() -> FamilySpec:
+    train, depth = depth_family_settings()
+    return FamilySpec(ModelSpec(family="llama", num_hidden_layers=8), train["base"],
+                      {r: t for r, t in train.items() if r != "base"}, depth=depth)
+
+
+def select_families(spec: "ZooSpec", families: list[str] | tuple[str, ...] | str | None) -> "ZooSpec":
+    """The zoo spec restricted to `families` (names, or one comma-separated string); None: every family."""
+    if families is None:
+        return spec
+    names = [f.strip() for f in families.split(",")] if isinstance(families, str) else list(families)
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in spec.families]
+    known = ", ".join(spec.families)
+    if unknown:
+        raise ZooFamilyError(f"--families: unknown zoo family {unknown[0]!r}.{suggest(unknown[0], spec.families, list_known=False)} "
+                             f"Families: {known}.")
+    if not names:
+        raise ZooFamilyError(f"--families: no family named; give some of: {known} (or leave it out: every family)")
+    return ZooSpec(tasks=spec.tasks, families={n: spec.families[n] for n in spec.families if n in names},
+                   init_seed=spec.init_seed)
 
 
 @dataclass(frozen=True)
@@ -97,6 +137,7 @@ class ZooSpec:
                     "base": v.base.to_dict(),
                     **({"base2": v.base2.to_dict()} if v.base2 is not None else {}),
                     "experts": {s: t.to_dict() for s, t in v.experts.items()},
+                    **({"depth": {r: d.to_dict() for r, d in v.depth.items()}} if v.depth else {}),
                 }
                 for k, v in self.families.items()
             },
@@ -112,9 +153,19 @@ def _code_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def _depth_code_hash() -> str:
+    """zoo/depth.py's hash: it keys the depth family's models only, so editing it rebuilds nothing else."""
+    from evomerge.zoo.depth import code_hash_bytes
+
+    return hashlib.sha256(code_hash_bytes()).hexdigest()[:16]
+
+
 def cache_key(spec: ZooSpec) -> str:
-    blob = json.dumps({"zoo_version": ZOO_VERSION, "code": _code_hash(), "spec": spec.to_dict()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """The key of a whole (possibly partial) zoo; the manifest records it, `is_built` checks per-model keys."""
+    blob = {"zoo_version": ZOO_VERSION, "code": _code_hash(), "spec": spec.to_dict()}
+    if any(fs.depth for fs in spec.families.values()):
+        blob["depth_code"] = _depth_code_hash()
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def job_key(spec: ZooSpec, fam: str, role: str) -> str:
@@ -132,6 +183,9 @@ def job_key(spec: ZooSpec, fam: str, role: str) -> str:
     }
     if role == "base" and fs.base2 is not None:
         blob["train2"] = fs.base2.to_dict()
+    if fs.depth:  # only the depth family's keys hold these, so llama/qwen2 keys are what they always were
+        blob["depth"] = fs.depth[role].to_dict()
+        blob["depth_code"] = _depth_code_hash()
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -169,7 +223,12 @@ def _run_job(job: dict) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(job["parent"], dtype=torch.float32, attn_implementation="eager")
-    stats = ztrain.train_model(model, train, tspec)
+    if job.get("depth"):
+        from evomerge.zoo.depth import train_depth
+
+        stats = train_depth(model, train, tspec, DepthTrain.from_dict(job["depth"]), task_spec)
+    else:
+        stats = ztrain.train_model(model, train, tspec)
     if job.get("train2"):
         stats2 = ztrain.train_model(model, train, TrainSpec(**job["train2"]))
         stats = {"seconds": round(stats["seconds"] + stats2["seconds"], 1), "final_loss": stats2["final_loss"],
@@ -181,6 +240,8 @@ def _run_job(job: dict) -> dict:
     meta = {"parent": job["parent_name"], "model": job["model"], "train_spec": job["train"], "job_key": job["job_key"], **result}
     if job.get("train2"):
         meta["train_spec2"] = job["train2"]
+    if job.get("depth"):
+        meta["depth_spec"] = job["depth"]
     ztrain.save_model(model, tmp, meta)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -206,17 +267,44 @@ def load_manifest(out_dir: Path) -> dict | None:
         return None
 
 
-def is_built(out_dir: Path, spec: ZooSpec | None = None) -> bool:
-    spec = spec or ZooSpec()
+def _job_keys(spec: ZooSpec) -> dict[str, str]:
+    return {f"{fam}/{role}": job_key(spec, fam, role) for fam, fs in spec.families.items() for role in ("base",) + fs.skills}
+
+
+def is_built(out_dir: Path, spec: ZooSpec | None = None, families=None) -> bool:
+    """Every model of `spec` (restricted to `families`) is in the manifest with its current job key, and on disk.
+
+    Per-model, not per-zoo: a manifest written by a partial build (`--families llama`) lists only what it built
+    (and what it kept), so a later full build sees the missing families and builds them (reusing the rest).
+    """
+    spec = select_families(spec or ZooSpec(), families)
     man = load_manifest(out_dir)
-    if not man or man.get("cache_key") != cache_key(spec):
+    if not man or man.get("zoo_version") != ZOO_VERSION:
         return False
-    return all((Path(out_dir) / n / "model.safetensors").exists() for n in model_names(spec))
+    models = man.get("models", {})
+    return all(n in models and _entry_key(Path(out_dir), n, models[n]) == k
+               and (Path(out_dir) / n / "model.safetensors").exists() for n, k in _job_keys(spec).items())
 
 
-def build_zoo(out_dir: Path, force: bool = False, progress: bool = True, spec: ZooSpec | None = None, workers: int = 2) -> dict:
-    """Build (or reuse) the zoo in `out_dir`; returns the manifest."""
-    spec = spec or ZooSpec()
+def _entry_key(out_dir: Path, name: str, entry: dict) -> str | None:
+    """A manifest entry's job key; manifests written before entries listed it: the model folder's own record."""
+    if "job_key" in entry:
+        return entry["job_key"]
+    try:
+        return json.loads((out_dir / name / "zoo_model.json").read_text()).get("job_key")
+    except (OSError, ValueError):
+        return None
+
+
+def build_zoo(out_dir: Path, force: bool = False, progress: bool = True, spec: ZooSpec | None = None, workers: int = 2,
+              families=None) -> dict:
+    """Build (or reuse) the zoo in `out_dir`, every family or only `families`; returns the manifest.
+
+    The manifest lists the models built now plus those of other families that an earlier build left there and
+    whose job keys still hold (so `--families depth` adds the depth models to a full zoo's manifest).
+    """
+    full = spec or ZooSpec()
+    spec = select_families(full, families)
     out_dir = Path(out_dir)
     key = cache_key(spec)
     if not force and is_built(out_dir, spec):
@@ -226,10 +314,10 @@ def build_zoo(out_dir: Path, force: bool = False, progress: bool = True, spec: Z
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per folder: a second caller waits, then finds it built
         if not force and is_built(out_dir, spec):
             return load_manifest(out_dir)
-        return _build(out_dir, spec, key, progress, workers, force)
+        return _build(out_dir, spec, key, progress, workers, force, full)
 
 
-def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int, force: bool) -> dict:
+def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int, force: bool, full: ZooSpec) -> dict:
     t0 = time.time()
 
     def say(msg: str) -> None:
@@ -237,6 +325,7 @@ def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int,
             print(f"[zoo {time.time() - t0:5.0f}s] {msg}", file=sys.stderr, flush=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    kept = _kept_models(out_dir, spec, full)
     (out_dir / "manifest.json").unlink(missing_ok=True)
     from evomerge.zoo.tasks import write_data
 
@@ -263,6 +352,7 @@ def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int,
             "parent_name": f"{fam}/{parent}" if parent else None,
             "out": str(out_dir / fam / role),
             "key": key,
+            **({"depth": fs.depth[role].to_dict()} if fs.depth else {}),
         }
 
     # Bases first (one per family, in parallel), then experts in family order (the first family has priority).
@@ -300,24 +390,48 @@ def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int,
     import torch
     import transformers
 
+    models = {
+        n: {"path": n, "parent": (n.split("/")[0] + "/base") if not n.endswith("/base") else None,
+            "job_key": job_key(spec, *n.split("/")), **results[n]}
+        for n in model_names(spec)
+    }
+    # What the manifest describes: the families built now and those whose models it keeps (all current in `full`).
+    kept_families = {n.split("/")[0] for n in kept}
+    listed = select_families(full, [f for f in full.families if f in spec.families or f in kept_families])
     manifest = {
-        "cache_key": key,
+        "cache_key": cache_key(listed),
+        "families": list(listed.families),
         "zoo_version": ZOO_VERSION,
         "code_hash": _code_hash(),
-        "settings": spec.to_dict(),
+        "settings": listed.to_dict(),
         "seeds": {
-            "tasks": spec.tasks.seed,
-            "init": spec.init_seed,
-            **{f"{fam}/base": fs.base.seed for fam, fs in spec.families.items()},
-            **{f"{fam}/{s}": t.seed for fam, fs in spec.families.items() for s, t in fs.experts.items()},
+            "tasks": listed.tasks.seed,
+            "init": listed.init_seed,
+            **{f"{fam}/base": fs.base.seed for fam, fs in listed.families.items()},
+            **{f"{fam}/{s}": t.seed for fam, fs in listed.families.items() for s, t in fs.experts.items()},
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
-        "models": {
-            n: {"path": n, "parent": (n.split("/")[0] + "/base") if not n.endswith("/base") else None, **results[n]}
-            for n in model_names(spec)
-        },
+        "models": {n: {**kept, **models}[n] for n in model_names(listed)},
         "build_seconds": round(time.time() - t0, 1),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"zoo built in {manifest['build_seconds']:.0f}s -> {out_dir}")
     return manifest
+
+
+def _kept_models(out_dir: Path, spec: ZooSpec, full: ZooSpec) -> dict:
+    """Manifest entries of models outside `spec` that an earlier build made and that are still current.
+
+    Current: the entry's job key is the one `full` (the zoo `spec` is a part of) gives that model now, and its
+    folder holds the model.
+    """
+    man = load_manifest(out_dir) or {}
+    current = _job_keys(full)
+    kept = {}
+    for name, entry in man.get("models", {}).items():
+        if name.split("/")[0] in spec.families or name not in current:
+            continue
+        key = _entry_key(out_dir, name, entry)
+        if key == current[name] and (out_dir / name / "model.safetensors").exists():
+            kept[name] = {**entry, "job_key": key}
+    return kept
