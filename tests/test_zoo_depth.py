@@ -110,6 +110,7 @@ def test_depth_settings_are_the_designed_ones():
     assert (fs.base.steps, fs.base.lr, fs.base.batch_size, fs.base.seed) == (1500, 1.5e-3, 32, 1)
     assert fs.depth["arith"].freeze_embeddings and fs.depth["arith"].stochastic_depth == zdepth.StochasticDepthSpec(0.5, 0.15, 0.15)
     assert (fs.experts["reader"].steps, fs.experts["reader"].seed, fs.depth["reader"].reader_layers) == (3000, 21, 2)
+    assert fs.depth["reader"].reader_early_weight == 0.5  # a one-layer prefix already reads part of the cipher
     d = fs.depth["reader"]
     assert zdepth.DepthTrain.from_dict(json.loads(json.dumps(d.to_dict()))) == d
 
@@ -213,3 +214,7 @@ def test_reader_then_arith_path_beats_every_parent_and_task_arithmetic_on_compos
     merged = ztrain.score(ta, items)
     assert path >= max(parents.values()) + 0.10, (path, parents)
     assert path >= merged + 0.10, (path, merged)
+    # the slope a search climbs (the reader's early weight): one reader layer already reads part of the cipher
+    one = DataflowRecipe(hops[:1] + hops[2:], recipe.sources, "reader", "arith")  # reader 0, then arith 0..7
+    partial = ztrain.score(build_path_model(one, mods), items)
+    assert max(parents.values()) + 0.05 <= partial < path, (partial, parents, path)
