@@ -8,7 +8,11 @@
 3. prints the Pareto front beside the parents (test split) and writes the HTML + JSON report;
 4. exports the best recipe for the target task as mergekit YAML (or our recipe YAML, saying why, when the
    path is not expressible in mergekit) and as a merged checkpoint, then scores that checkpoint, loaded fresh
-   from disk, on the test split beside the parents.
+   from disk, on the test split beside the parents;
+5. layer paths: a data-flow search on the zoo's depth family (a reader whose first layers turn the cipher into
+   the base's embeddings, and an arithmetic expert) for zoo_composed, arithmetic asked in the cipher, which no
+   parent and no weight merge solves; it exports the best path as a standard checkpoint and scores it the same
+   way (`bench/dfs_vs_ps.py` compares it with parameter-space search at equal budgets).
 
 Everything lands in OUT (default out/demo); the job spec is written there too, so `evomerge resume`,
 `evomerge export` and `evomerge dashboard` work on it afterwards.
@@ -28,6 +32,7 @@ from evomerge.config import EXAMPLES
 
 TASKS = EXAMPLES / "fitness"  # the example tasks, package data
 TARGET = "zoo_mix"
+PATH_TARGET = "zoo_composed"  # the data-flow stage's objective
 MARKER = "# written by `make demo` (evomerge/service/demo.py)"
 
 
@@ -61,16 +66,36 @@ def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int) -> dict:
     }
 
 
-def score_folder(folder: Path, split: str = "test") -> float:
-    """The target task's accuracy of a checkpoint loaded from disk, every item of `split`."""
+def paths_spec(zoo: Path, out: Path, evaluations: int) -> dict:
+    """Layer paths through the depth family's reader and arithmetic expert (segment genes, CMA-ES warm-started at
+    the best seed: what found the path fastest in bench/dfs_vs_ps.py), in-process."""
+    fam = zoo / "depth"
+    return {
+        "name": "paths",
+        "models": {"base": str(fam / "base"), "sources": {"reader": str(fam / "reader"), "arith": str(fam / "arith")}},
+        "search_space": {"kind": "dfs", "sources": ["reader", "arith"], "segments": 3, "scales": "none",
+                         "min_layers": 2, "max_layers": 16, "embed": "reader", "head": "arith"},
+        "objectives": {"include": [str(TASKS)], "split": "fitness", "objectives": [
+            {"task": PATH_TARGET, "metric": "exact_match", "direction": "maximise", "limit": 200}]},
+        "report_split": "test",
+        "driver": {"algorithm": "cmaes", "options": {"start": "best_seed"}, "population": 16,
+                   "budget": {"evaluations": evaluations}, "seed": 0},
+        "runtime": {"kind": "local", "workers": 1, "threads": 1, "device": "cpu", "backend": "hf", "batch_size": 64},
+        "store": str(out / "store.sqlite"),
+        "report": str(out / "report"),
+    }
+
+
+def score_folder(folder: Path, split: str = "test", task: str = TARGET) -> float:
+    """A task's accuracy of a checkpoint loaded from disk, every item of `split`."""
     from evomerge.fitness.evaluator import Evaluator
     from evomerge.fitness.objectives import parse_objectives
 
     objectives = parse_objectives({"include": [str(TASKS)], "split": split,
-                                   "objectives": [{"task": TARGET, "metric": "exact_match"}]}, base_dir=TASKS)
+                                   "objectives": [{"task": task, "metric": "exact_match"}]}, base_dir=TASKS)
     ev = Evaluator(objectives, model=folder, backend="hf")
     try:
-        return float(ev.evaluate().values[TARGET])
+        return float(ev.evaluate().values[task])
     finally:
         ev.close()
 
@@ -84,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="out/demo", help="where the store, report, recipe and merged model go")
     ap.add_argument("--workers", type=int, default=2, help="Ray workers (one CPU slot each)")
     ap.add_argument("--evaluations", type=int, default=72, help="search budget in candidates")
+    ap.add_argument("--path-evaluations", type=int, default=160,
+                    help="budget of the data-flow stage (0: skip it)")
     args = ap.parse_args(argv)
 
     from evomerge.compat.quiet import quiet_third_party
@@ -141,14 +168,67 @@ def main(argv: list[str] | None = None) -> int:
     verdict = (f"beats every parent, by {gain:.1f} points over the best one" if gain > 0
                else f"does NOT beat the best parent ({gain:.1f} points)")
     print(f"\nThe merged model {verdict}.")
+    path_gain = run_paths(zoo, out / "paths", args.path_evaluations) if args.path_evaluations else None
     print(f"\nWhere everything is (search {search_s:.0f} s, demo {time.perf_counter() - t_start:.0f} s in all):")
     print(f"  report      {result.html_path}")
     print(f"  store       {result.store}")
     print(f"  recipe      {recipe_out}  [{recipe_kind}]")
     print(f"  model       {model_out}  (safetensors + config + tokenizer + model card; transformers and vLLM load it)")
+    if path_gain is not None:
+        print(f"  paths       {out / 'paths'}  (store, report, best-path checkpoint and recipe)")
     print(f"  dashboard   evomerge dashboard --store {result.store}")
     print(f"  resume      evomerge resume {job_path}")
-    return 0 if gain > 0 else 1
+    return 0 if gain > 0 and (path_gain is None or path_gain > 0) else 1
+
+
+def run_paths(zoo: Path, out: Path, evaluations: int) -> float:
+    """Stage 5: the data-flow search, its export and the fresh-from-disk score. Returns the gain in points of the
+    exported path over the best parent on zoo_composed (test split, every item)."""
+    from evomerge.compat.quiet import quiet_third_party
+    from evomerge.merge.export import ExportError
+    from evomerge.search.jobs import run_job
+    from evomerge.service.cli import search_env
+    from evomerge.service.export import export
+
+    out.mkdir(parents=True)
+    job_path = out / "job.yaml"
+    job_path.write_text(MARKER + "\n" + yaml.safe_dump(paths_spec(zoo, out, evaluations), sort_keys=False))
+    print(f"\nLayer paths: {job_path}\n  data-flow search through the depth family's reader (its first layers turn "
+          f"the cipher into the base's embeddings) and arithmetic expert, for {PATH_TARGET} (arithmetic asked in "
+          f"the cipher); {evaluations} candidates, in-process.\n", flush=True)
+    with search_env():
+        run_job(job_path)
+    with quiet_third_party():
+        recipe_out = out / "best-path.yaml"
+        try:
+            _, selected, _ = export(job_path, recipe_out, fmt="mergekit", best=PATH_TARGET)
+            kind = "mergekit passthrough YAML"
+        except ExportError:
+            _, selected, _ = export(job_path, recipe_out, fmt="recipe", best=PATH_TARGET)
+            kind = "evomerge recipe YAML"
+        model_out = out / "best-path"
+        export(job_path, model_out, fmt="model", best=PATH_TARGET)
+        path = score_folder(model_out, task=PATH_TARGET)
+        parents = {n: score_folder(zoo / "depth" / n, task=PATH_TARGET) for n in ("base", "reader", "arith")}
+    import json
+
+    layers = json.loads((model_out / "config.json").read_text())["num_hidden_layers"]
+    hops = [(str(h["model"]), int(h["layer"])) for h in yaml.safe_load(selected.row.recipe)["dataflow"]["path"]]
+    runs: list[tuple[str, int, int]] = []
+    for model, layer in hops:  # "reader 0-1, arith 0-7": consecutive layers of one source as one run
+        if runs and runs[-1][0] == model and runs[-1][2] == layer - 1:
+            runs[-1] = (model, runs[-1][1], layer)
+        else:
+            runs.append((model, layer, layer))
+    described = ", ".join(f"{m} {a}-{b}" if a != b else f"{m} {a}" for m, a, b in runs)
+    print(f"\nThe best path for {PATH_TARGET} (#{selected.row.id}: {described}; {layers} layers), exported as a "
+          f"standard checkpoint and loaded fresh from disk, on the test split:")
+    for name, value in parents.items():
+        print(f"  parent {name:<10} {value:.1%}")
+    print(f"  path              {path:.1%}   [{kind}: {recipe_out}]")
+    gain = (path - max(parents.values())) * 100
+    print(f"\nThe path {'beats every parent, by %.1f points over the best one' % gain if gain > 0 else 'does NOT beat the best parent (%.1f points)' % gain}.")
+    return gain
 
 
 if __name__ == "__main__":
