@@ -358,3 +358,11 @@ def test_lm_eval_wraps_the_path_model(tmp_path):
     gen = lm.generate_until([Instance("generate_until", {}, ("12+3=", {"until": ["\n"], "max_gen_toks": 5,
                                                                        "do_sample": False}), 0)])
     assert len(ll) == 1 and ll[0][0] < 0 and len(gen) == 1 and isinstance(gen[0], str)
+
+
+def test_path_runs_say_a_path_in_words():
+    from evomerge.merge.dataflow import Hop, path_runs
+
+    hops = [Hop("reader", 0), Hop("reader", 1), Hop("arith", 0), Hop("arith", 1), Hop("arith", 1, 0.8), Hop("arith", 3)]
+    assert path_runs(hops) == "reader 0-1, arith 0-1, arith 1 x0.80, arith 3"
+    assert path_runs([{"model": "m", "layer": 2}, {"model": "m", "layer": 3}]) == "m 2-3"

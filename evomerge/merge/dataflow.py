@@ -95,6 +95,20 @@ class DataflowRecipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
 
+def path_runs(hops: Any) -> str:
+    """A path in words, consecutive layers of one source as one run: "reader 0-1, arith 0-7" (hops: Hop objects or
+    the YAML's {model, layer} mappings; a scale other than 1 shows as "x0.8" after the layer it enters)."""
+    runs: list[list[Any]] = []  # [model, first, last, scales]
+    for h in hops:
+        model, layer, scale = (h.model, h.layer, h.scale) if isinstance(h, Hop) else (
+            str(h["model"]), int(h["layer"]), float(h.get("scale", 1.0)))
+        if runs and runs[-1][0] == model and runs[-1][2] == layer - 1 and scale == 1.0:
+            runs[-1][2] = layer
+        else:
+            runs.append([model, layer, layer, "" if scale == 1.0 else f" x{scale:.2f}"])
+    return ", ".join(f"{m} {a}{f'-{b}' if b != a else ''}{sc}" for m, a, b, sc in runs)
+
+
 # ---------------------------------------------------------------- parsing
 
 def parse_dataflow(data: Any, source_file: Path | None = None, check_paths: bool = True) -> DataflowRecipe:

@@ -185,6 +185,7 @@ def run_paths(zoo: Path, out: Path, evaluations: int) -> float:
     """Stage 5: the data-flow search, its export and the fresh-from-disk score. Returns the gain in points of the
     exported path over the best parent on zoo_composed (test split, every item)."""
     from evomerge.compat.quiet import quiet_third_party
+    from evomerge.merge.dataflow import path_runs
     from evomerge.merge.export import ExportError
     from evomerge.search.jobs import run_job
     from evomerge.service.cli import search_env
@@ -213,14 +214,7 @@ def run_paths(zoo: Path, out: Path, evaluations: int) -> float:
     import json
 
     layers = json.loads((model_out / "config.json").read_text())["num_hidden_layers"]
-    hops = [(str(h["model"]), int(h["layer"])) for h in yaml.safe_load(selected.row.recipe)["dataflow"]["path"]]
-    runs: list[tuple[str, int, int]] = []
-    for model, layer in hops:  # "reader 0-1, arith 0-7": consecutive layers of one source as one run
-        if runs and runs[-1][0] == model and runs[-1][2] == layer - 1:
-            runs[-1] = (model, runs[-1][1], layer)
-        else:
-            runs.append((model, layer, layer))
-    described = ", ".join(f"{m} {a}-{b}" if a != b else f"{m} {a}" for m, a, b in runs)
+    described = path_runs(yaml.safe_load(selected.row.recipe)["dataflow"]["path"])
     print(f"\nThe best path for {PATH_TARGET} (#{selected.row.id}: {described}; {layers} layers), exported as a "
           f"standard checkpoint and loaded fresh from disk, on the test split:")
     for name, value in parents.items():
