@@ -190,3 +190,15 @@ def test_every_method_with_enough_values_is_a_choice_of_the_method_gene():
 def test_methods_a_space_cannot_decode_are_refused(kwargs, match):
     with pytest.raises(SpaceError, match=match):
         ParameterSpace(MODELS, "base", **kwargs)
+
+
+def test_genome_shaping_defaults_are_written_into_the_stored_space():
+    """A job's stored space names its scale granularity even when the job file does not, so a later change of the
+    default cannot silently re-read a stored genome (the dfs default moved from transition to slot)."""
+    from evomerge.spaces.presets import pin_defaults
+
+    assert pin_defaults({"kind": "dfs", "repeats": 1}) == {"kind": "dfs", "repeats": 1, "scales": "slot"}
+    assert pin_defaults({"kind": "dfs", "scales": "transition"})["scales"] == "transition"
+    assert pin_defaults({"kind": "hybrid", "ps": {}, "dfs": {"repeats": 1}})["dfs"] == {"repeats": 1, "scales": "slot"}
+    assert pin_defaults({"kind": "hybrid", "ps": {}})["dfs"] == {"scales": "slot"}
+    assert pin_defaults({"kind": "ps", "method": "ties"}) == {"kind": "ps", "method": "ties"}

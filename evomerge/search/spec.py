@@ -282,12 +282,12 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
         raise where.error("models", f"{e}") from None
 
     # search space (built once here so that its errors surface now)
-    from evomerge.spaces.presets import build_space, load_space_config
+    from evomerge.spaces.presets import build_space, load_space_config, pin_defaults
     from evomerge.spaces.ps import SpaceError
 
     space = None
     try:
-        space_cfg = load_space_config(data["search_space"], base_dir)
+        space_cfg = pin_defaults(load_space_config(data["search_space"], base_dir))
         if check_paths:  # the space reads the models' headers
             space = build_space(space_cfg, models, base)
             for _, genome in space.seeds()[:1]:
