@@ -387,3 +387,52 @@ def test_the_printed_error_holds_when_the_search_drifts_away_from_its_seed_candi
     assert np.mean(err <= 2 * np.array([ests[r.id]["sd"] for r in rows])) >= 0.9
     x0 = [r.genome[0] for r in store.candidates("quiz")]
     assert np.mean(np.array(x0[-40:]) > 0.75) > 1.5 * np.mean(np.array(x0[:12]) > 0.75)  # it did drift
+
+
+def _drifting_quiz(tmp_path: Path, max_error: float) -> tuple[Store, str]:
+    from evomerge.search.loop import Progress
+
+    path = quiz_job(tmp_path, drift=True)
+    spec = yaml.safe_load(path.read_text())
+    spec["runtime"]["scorer_options"]["irt"]["max_error"] = max_error
+    spec["driver"].update(seed=2, budget={"evaluations": 120})
+    path.write_text(yaml.safe_dump(spec))
+    out = io.StringIO()
+    run_job(path, out=out, progress=Progress(out, live=False))
+    return Store(tmp_path / "store.sqlite", readonly=True), out.getvalue()
+
+
+def test_max_error_doubles_the_anchors_until_the_printed_error_is_below_it(tmp_path):
+    """The drifting quiz at 20 anchors prints errors of 0.04-0.07: with max_error 0.04 the fits that need more
+    anchors take 40 or 80 (they say so), and every fit in force prints an error <= 0.04."""
+    store, printed = _drifting_quiz(tmp_path, 0.04)
+    fits = [h["data"] for h in store.irt_history("quiz") if h["data"]]
+    anchors = [len(irt.Calibration.from_dict(d["calibration"]).anchors.items) for d in fits]
+    assert fits and all(d["printed_error"] <= 0.04 for d in fits), [d["printed_error"] for d in fits]
+    assert max(anchors) > 20 and set(anchors) <= {20, 40, 80, 100}, anchors
+    assert "anchors to reach max_error 0.04 (20: " in printed
+    ests = [e for e in store.estimates("quiz") if e["objective"] == "quiz" and e["scored"] < e["total"]]
+    assert ests and max(e["scored"] for e in ests) > 20  # candidates were scored on the larger anchor sets
+
+
+def test_max_error_out_of_reach_scores_in_full_and_says_why(tmp_path):
+    store, printed = _drifting_quiz(tmp_path, 0.002)
+    notes = [h["note"] for h in store.irt_history("quiz")]
+    assert notes and all("stays above max_error 0.002 with up to 100 anchors of 200 items" in n for n in notes), notes
+    assert not [e for e in store.estimates("quiz") if e["scored"] < e["total"]]  # nothing estimated
+    assert "scoring quiz in full until the next refit" in printed
+
+
+def test_max_error_is_checked_and_anchor_counts_double_to_half_the_items():
+    from evomerge.search.irt_policy import anchor_counts
+
+    assert anchor_counts(20, 200, 0.03) == [20, 40, 80, 100]
+    assert anchor_counts(30, 500, 0.03) == [30, 60, 120, 240, 250]
+    assert anchor_counts(30, 500, None) == [30]
+    base = {"task": "zoo_mix", "metric": "exact_match", "estimator": "irt"}
+    assert parse_objectives({"objectives": [{**base, "max_error": 0.03}]}).objectives[0].max_error == 0.03
+    for bad in (0, 1.5, "0.03", True):
+        with pytest.raises(FitnessConfigError, match=r"objectives\[0\]\.max_error: expected a number in \(0, 1\)"):
+            parse_objectives({"objectives": [{**base, "max_error": bad}]})
+    with pytest.raises(FitnessConfigError, match="only apply with `estimator: irt`"):
+        parse_objectives({"objectives": [{"task": "zoo_mix", "metric": "exact_match", "max_error": 0.03}]})

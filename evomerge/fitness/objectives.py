@@ -18,7 +18,8 @@ An objectives file:
         estimator: irt      # full (default) | irt: score new candidates on `anchors` items, estimate the rest
         anchors: 30         # IRT settings (see evomerge/search/irt_policy.py): anchors, anchor_method
                             # (irt | correct | random), seed_candidates, calibrate_every, calibrate_count,
-                            # irt_estimator (auto | pirt | gpirt | merge3 | mix | anchor), anchor_seed
+                            # irt_estimator (auto | pirt | gpirt | merge3 | mix | anchor), anchor_seed,
+                            # max_error (more anchors, then full scoring, while the printed error is above it)
       - name: score         # a weighted sum of task objectives (mergekit-evolve's score): sum of weight x value
         sum: [{task: zoo_arith, weight: 0.7}, {task: zoo_cipher, weight: 0.3}]
         direction: maximise # default: the terms' common direction
@@ -46,7 +47,7 @@ _DIRECTIONS = {
 }
 _BUILTIN_DIRECTION = {"perplexity": "minimise", "params": "minimise", "layers": "minimise", "latency": "minimise"}
 _IRT_KEYS = {"estimator", "anchors", "anchor_method", "seed_candidates", "calibrate_every", "calibrate_count",
-             "irt_estimator", "anchor_seed"}
+             "irt_estimator", "anchor_seed", "max_error"}
 _PROMPT_KEYS = {"num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "system_instruction", "gen_kwargs"}
 _TASK_KEYS = {"name", "task", "metric", "direction", "split", "limit"} | _IRT_KEYS | _PROMPT_KEYS
 ESTIMATOR_CHOICES = ("full", "irt")
@@ -124,6 +125,8 @@ class Objective:
     calibrate_count: int = 2  # ... from this many candidates per period also scored in full
     irt_estimator: str = "auto"  # auto: the least cross-validated error among pirt, gpirt, merge3
     anchor_seed: int = 0
+    max_error: float | None = None  # a fit whose printed error is above it doubles its anchors (up to half the
+    # items); none reaching it: this objective is scored in full until the next refit, and the search says so
     # lm-eval's prompt options (task objectives), applied as lm-eval's `simple_evaluate` applies its arguments
     num_fewshot: int | None = None  # None: the task's own num_fewshot (0 when it sets none)
     apply_chat_template: bool = False
@@ -361,6 +364,12 @@ def _parse_irt(raw: dict, where: str, limit: int | None) -> dict[str, Any]:
                         "(the parents count): raise it, or use `estimator: full`" if key == "seed_candidates" else "")
                 raise FitnessConfigError(f"{where}.{key}: expected a whole number >= {low}, got {v!r}{hint}")
             kw[key] = v
+    if "max_error" in raw:
+        v = raw["max_error"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise FitnessConfigError(f"{where}.max_error: expected a number in (0, 1) (the largest mean absolute "
+                                     f"error of an estimate you accept, in the metric's units), got {v!r}")
+        kw["max_error"] = float(v)
     for key, choices in (("anchor_method", ANCHOR_METHODS), ("irt_estimator", IRT_ESTIMATORS)):
         if key in raw:
             if str(raw[key]) not in choices:

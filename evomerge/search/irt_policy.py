@@ -126,12 +126,23 @@ class IRTPolicy:
             parents = [k for k, r in enumerate(rows) if r.origin.startswith("parent:")]
             estimators = irt.AUTO if o.irt_estimator == "auto" else (o.irt_estimator,)
             checks = self.measured(o.name)
-            cal = irt.calibrate(Y, o.anchors, o.anchor_method, o.anchor_seed, parents, estimators,
-                                extra_residuals=[(r, raw_sd) for r, raw_sd, _ in checks])
+            tried: list[tuple[int, float]] = []
+            for n in anchor_counts(o.anchors, len(ids), o.max_error):
+                cal = irt.calibrate(Y, n, o.anchor_method, o.anchor_seed, parents, estimators,
+                                    extra_residuals=[(r, raw_sd) for r, raw_sd, _ in checks])
+                error, basis = printed_error(cal, [abs(r) for r, _, _ in checks])
+                tried.append((n, error))
+                if o.max_error is None or error <= o.max_error:
+                    break
+            else:
+                raise irt.IRTUnavailable(
+                    f"its error stays above max_error {o.max_error:g} with up to {tried[-1][0]} anchors of "
+                    f"{len(ids)} items (" + ", ".join(f"{n}: {e:.3f}" for n, e in tried) + ")")
         except irt.IRTUnavailable as e:
             self.store.save_irt(self.job, o.name, fit_gen, None, str(e))
             return None, str(e)
-        error, basis = printed_error(cal, [abs(r) for r, _, _ in checks])
+        more = f"; {len(cal.anchors.items)} anchors to reach max_error {o.max_error:g} ({', '.join(f'{n}: {e:.3f}' for n, e in tried)})" \
+            if len(tried) > 1 else ""
         data = {"calibration": cal.to_dict(), "item_ids": ids, "fitted_on": [r.id for r in rows],
                 "printed_error": error, "printed_basis": basis}
         self.store.save_irt(self.job, o.name, fit_gen, data)
@@ -144,7 +155,7 @@ class IRTPolicy:
                  f"{cal.model.dims} dimension(s), {len(cal.anchors.items)} anchors of {len(ids)} items "
                  f"({cal.anchors.method}), estimator {cal.estimator}{lost}: error {error:.3f} ({basis}; anchor mean "
                  f"{cal.baselines.get('anchor mean', float('nan')):.3f}, random subset "
-                 f"{cal.baselines.get('random subset', float('nan')):.3f})")
+                 f"{cal.baselines.get('random subset', float('nan')):.3f}){more}")
         return data, None
 
     def measured(self, objective: str) -> list[tuple[float, float, int]]:
@@ -216,6 +227,19 @@ def printed_error(cal: irt.Calibration, measured: list[float]) -> tuple[float, s
     basis = f"{n} candidates held out of the fit" + (f" and the latest {len(recent)} calibration candidates"
                                                         if recent else "")
     return total / (n + len(recent)), basis
+
+
+def anchor_counts(anchors: int, items: int, max_error: float | None) -> list[int]:
+    """The anchor counts a fit tries, in order: the objective's own, then (with a max_error) doubling up to half the
+    items; scoring more than half on every candidate would save less than it risks. The error compared with
+    max_error is the printed one, which pools the latest calibration candidates' measured errors: a fit cannot
+    talk its way under max_error on its own held-out check alone."""
+    counts = [anchors]
+    while max_error is not None and counts[-1] * 2 <= items // 2:
+        counts.append(counts[-1] * 2)
+    if max_error is not None and counts[-1] < items // 2:
+        counts.append(items // 2)
+    return counts
 
 
 def calibration_choice(sds: list[float], count: int, seed: list[int]) -> list[int]:
