@@ -155,3 +155,14 @@ def test_cmaes_best_seed_replays_identically():
 
     for a, b in zip(run(), run()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cmaes_option_values_are_checked_before_a_job_starts():
+    from evomerge.search.drivers import check_options
+
+    with pytest.raises(DriverError, match="start: 'best' is not one of center, best_seed. Did you mean 'best_seed'"):
+        check_options("cmaes", {"start": "best"})
+    for bad in (0, -0.1, "0.3", True):
+        with pytest.raises(DriverError, match="sigma0: expected a number > 0"):
+            check_options("cmaes", {"sigma0": bad})
+    check_options("cmaes", {"start": "best_seed", "sigma0": 0.2})

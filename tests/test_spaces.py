@@ -202,3 +202,20 @@ def test_genome_shaping_defaults_are_written_into_the_stored_space():
     assert pin_defaults({"kind": "hybrid", "ps": {}, "dfs": {"repeats": 1}})["dfs"] == {"repeats": 1, "scales": "slot"}
     assert pin_defaults({"kind": "hybrid", "ps": {}})["dfs"] == {"scales": "slot"}
     assert pin_defaults({"kind": "ps", "method": "ties"}) == {"kind": "ps", "method": "ties"}
+
+
+def test_a_stored_spec_without_scales_is_read_with_the_default_it_was_written_under(tmp_path):
+    """Specs stored before `scales` was pinned decode with the old default (transition): an old store resumes
+    with the genome length it was written with; a fresh job file gets today's default (slot)."""
+    from evomerge.search.spec import JobSpec, parse_job
+
+    from helpers import GOLDEN as golden
+
+    job = {"name": "j", "models": {"base": str(golden / "base"), "sources": {"a": str(golden / "a")}},
+           "search_space": {"kind": "dfs", "repeats": 1}, "objectives": {"objectives": [{"builtin": "params"}]},
+           "driver": {"budget": {"evaluations": 8}}, "store": str(tmp_path / "s.sqlite")}
+    fresh = parse_job(job, check_paths=False)
+    assert fresh.search_space["scales"] == "slot"
+    assert JobSpec.from_dict(fresh.to_dict()).search_space["scales"] == "slot"  # stored after pinning: kept
+    old = {**fresh.to_dict(), "search_space": {"kind": "dfs", "repeats": 1}}  # what an older evomerge stored
+    assert JobSpec.from_dict(old).search_space["scales"] == "transition"

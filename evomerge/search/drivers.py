@@ -314,6 +314,13 @@ def check_options(name: str, options: dict[str, Any]) -> None:
             taken = f"it takes {', '.join(known)}" if known else "it takes none"
             raise DriverError(f"{key}: not an option of {name}." + suggest(key, known, list_known=False)
                               + f" ({taken})")
+    if name == "cmaes":  # values too, so a typo stops the job before anything is stored or started
+        if "start" in options and options["start"] not in CMA_STARTS:
+            raise DriverError(f"start: {options['start']!r} is not one of {', '.join(CMA_STARTS)}."
+                              + suggest(str(options["start"]), CMA_STARTS, list_known=False))
+        sigma = options.get("sigma0", 0.3)
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+            raise DriverError(f"sigma0: expected a number > 0 (the initial step, a share of the unit cube), got {sigma!r}")
 
 
 def make_driver(name: str, n_var: int, n_obj: int, pop_size: int, seed: int, seeds: np.ndarray | None = None,

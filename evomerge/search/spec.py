@@ -72,6 +72,9 @@ if TYPE_CHECKING:
 VLLM_MISSING = ("vllm is not installed in this Python environment; install it (`pip install vllm` on a GPU machine, "
                 "`make venv-vllm` for the CPU build), or use backend hf or auto (vLLM when installed, else "
                 "transformers)")
+# The dfs `scales` default of every evomerge that stored a spec without it (the default became `slot` when specs
+# began to store it, 2026-12-01): a stored spec lacking it decodes its genomes with this.
+SCALES_BEFORE_PINNING = "transition"
 TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "driver", "runtime", "store", "report")
 DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row", "mode", "lag")
 DRIVER_MODES = ("generational", "steady")
@@ -204,7 +207,12 @@ class JobSpec:
         """A stored spec back: the YAML form (`to_dict`), or the field dump stores of schema 1-2 kept."""
         if "objectives_dir" in d:
             d = _from_field_dump(d)
-        return parse_job(dict(d), source=source, check_paths=check_paths)
+        d = dict(d)
+        if isinstance(d.get("search_space"), Mapping):  # stored before the genome-shaping defaults were pinned
+            from evomerge.spaces.presets import pin_defaults
+
+            d["search_space"] = pin_defaults(d["search_space"], scales=SCALES_BEFORE_PINNING)
+        return parse_job(d, source=source, check_paths=check_paths)
 
 
 def _from_field_dump(d: Mapping[str, Any]) -> dict[str, Any]:

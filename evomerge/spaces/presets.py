@@ -63,13 +63,13 @@ def load_space_config(value: str | Mapping[str, Any], base_dir: Path | None = No
     raise SpaceError(f"search_space: no preset or file '{value}'; presets: {', '.join(preset_names())}")
 
 
-def pin_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The space mapping with the defaults that shape its genome written in (a dfs space's `scales`), so a stored
-    job keeps decoding its genomes the same way when a default changes (the default moved from `transition` to
-    `slot` on 2026-12-01: a store written before then without `scales:` no longer replays, and resume says that
-    the asked genomes are not the stored ones)."""
+def pin_defaults(cfg: Mapping[str, Any], scales: str | None = None) -> dict[str, Any]:
+    """The space mapping with the defaults that shape its genome written in (a dfs space's `scales`, default: the
+    current default), so a stored job keeps decoding its genomes the same way when a default changes. A stored
+    spec that lacks them was written before they were pinned, when the dfs default was `transition`:
+    `JobSpec.from_dict` passes that."""
     out = dict(cfg)
-    default = DataflowSpace.__dataclass_fields__["scales"].default
+    default = scales or DataflowSpace.__dataclass_fields__["scales"].default
     if out.get("kind") == "dfs":
         out.setdefault("scales", default)
     elif out.get("kind") == "hybrid" and isinstance(out.get("dfs") or {}, Mapping):
