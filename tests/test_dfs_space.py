@@ -162,3 +162,36 @@ def test_impossible_bounds_are_refused(space_sources):
         DataflowSpace.from_sources(space_sources, scale_bounds=(0.0, 1.0))
     with pytest.raises(ValueError, match="impossible"):
         DataflowSpace.from_sources(space_sources, min_layers=5, max_layers=3)
+
+
+def test_segment_paths_grow_repeat_and_cut_exactly():
+    """The length rules of the segment encoding, on sources of 3 (A) and 4 (B) layers, checked hop by hop."""
+    from evomerge.spaces.dataflow import SourceSizes
+
+    sizes = {"A": SourceSizes(3, 1, 1, 1, 1, False), "B": SourceSizes(4, 1, 1, 1, 1, False)}
+
+    def path(genes, **options):
+        space = DataflowSpace({"A": "a", "B": "b"}, sizes, scales="none", **options)
+        return [f"{h.model}{h.layer}" for h in space.decode(np.array(genes, dtype=float)).path]
+
+    # runs [A2], [B3] and an empty one, min 6: A and B are at their ends, the empty run starts at its start gene
+    # (B3), then the first run's source repeats from layer 0
+    assert path([0, .99, .3, .9, .99, .3, .9, .99, 0], segments=3, min_layers=6) == ["A2", "A0", "A1", "A2", "B3", "B3"]
+    # runs [A0 A1 A2] and [B0 B1 B2 B3], max 4: the last hops are cut
+    assert path([0, 0, 1, .9, 0, 1], segments=2, min_layers=2, max_layers=4) == ["A0", "A1", "A2", "B0"]
+    # a short run grows towards its source's end before anything repeats
+    assert path([0, 0, .3, .9, .5, .2], segments=2, min_layers=5) == ["A0", "A1", "A2", "B2", "B3"]
+    with pytest.raises(ValueError, match="segments: expected a whole number >= 0"):
+        DataflowSpace({"A": "a", "B": "b"}, sizes, segments=2.5)
+    with pytest.raises(ValueError, match="Did you mean 'slot'"):
+        DataflowSpace({"A": "a", "B": "b"}, sizes, scales="slots")
+
+
+def test_segment_identity_with_pins_and_scales(space_sources):
+    space = DataflowSpace.from_sources(space_sources, segments=2, pin_first=True, pin_last=True)
+    names = space.gene_names
+    assert names[-2:] == ["scale.first", "scale.last"] and space.num_genes == 2 * 4 + 2
+    g = space.identity_genome("A")
+    assert [(h.model, h.layer, h.scale) for h in space.decode(g).path] == [("A", 0, 1.0), ("A", 1, 1.0), ("A", 2, 1.0)]
+    g[names.index("scale.first")], g[names.index("seg1.scale")], g[names.index("scale.last")] = 0.7, 1.2, 1.4
+    assert [h.scale for h in space.decode(g).path] == [0.7, 1.2, 1.4]  # first (pinned), A1 enters seg1, last (pinned)

@@ -169,6 +169,17 @@ def test_a_partial_build_is_not_a_full_one_and_a_full_build_reuses_it(tmp_path):
     assert man["families"] == ["llama", "depth"] and zbuild.is_built(tmp_path, spec)
     assert man["cache_key"] == zbuild.cache_key(spec) and set(man["settings"]["families"]) == {"llama", "depth"}
     assert man["models"]["llama/arith"]["job_key"] == zbuild.job_key(spec, "llama", "arith")
+    # an interrupted build leaves no manifest: the next partial build still finds the other family in its folders
+    (tmp_path / "manifest.json").unlink()
+    man = zbuild.build_zoo(tmp_path, progress=False, spec=spec, workers=1, families="depth")
+    assert set(man["models"]) == {"llama/base", "llama/arith", "depth/base", "depth/reader"}
+    assert man["models"]["llama/arith"]["accuracy"] and zbuild.is_built(tmp_path, spec)
+    # a family with one model gone is not listed (no half-listed family), and the build does not fail
+    import shutil
+
+    shutil.rmtree(tmp_path / "llama/arith")
+    man = zbuild.build_zoo(tmp_path, progress=False, spec=spec, workers=1, families="depth", force=True)
+    assert set(man["models"]) == {"depth/base", "depth/reader"} and man["families"] == ["depth"]
 
 
 # ---- the layer path the family exists for ---------------------------------------------------------------------

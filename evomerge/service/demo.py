@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     zoo, out = Path(args.zoo).absolute(), Path(args.out).absolute()
-    build_zoo(zoo, progress=True, families=args.zoo_families or None)
+    families = [f for f in (args.zoo_families or "").split(",") if f]
+    if families and args.path_evaluations and "depth" not in families:
+        families.append("depth")  # the layer-path stage searches the depth family
+    build_zoo(zoo, progress=True, families=",".join(families) or None)
     job_path = out / "job.yaml"
     if out.exists():  # the demo is a fresh search each time (the zoo and venv are what is cached) ...
         ours = job_path.is_file() and job_path.read_text().startswith(MARKER)

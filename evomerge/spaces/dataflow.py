@@ -4,8 +4,9 @@ All layers of all sources are laid out in one sequence (source by source, layer 
 sequence is repeated `repeats` times: T = repeats * (total layers) slots. Each slot has a `keep` gene; the
 slot's layer joins the path, in sequence order, where its gene is positive. Scales (the factor on the
 residual stream entering a hop) come in three granularities:
-- `slot` (the default): one `scale` gene per slot, so a layer's scale is that of the place it holds in the
-  path; the gene count grows linearly with the layers (2 x T genes in all).
+- `slot` (the default): one `scale` gene per slot: the scale goes with that copy of the layer (slot r, source,
+  layer) wherever it lands in the path, whatever precedes it; the gene count grows linearly with the layers (2 x T
+  genes in all). With `segments`, `slot` means one scale per segment, on the hop that enters it.
 - `transition`: one gene per (previous layer -> next layer) pair, the embeddings counting as a previous
   layer, as Sakana's scaling matrix W: it grows with the square of the total layers (T + (N+1) x N genes, N
   the total layers), which no search budget covers past a few small models; only where asked.
@@ -16,7 +17,10 @@ Pinned hops (below) have no slot: with `slot` scales they get one gene each (`sc
 source, start, length, and with `slot` scales the scale of the hop into the segment): 4N genes whatever the
 layer counts. A path is then a few long runs (the reader's first layers, then the solver's whole stack), as
 paths that work tend to be, and a mutation that lengthens a run by one layer is one small gene move, where the
-keep encoding needs several indicators to flip together. A segment of length 0 is off.
+keep encoding needs several indicators to flip together. A segment of length 0 is off; `repeats` does not apply
+(a layer may appear in several segments). A path shorter than `min_layers` grows each segment, in order, towards
+its source's last layer (a segment that was off is switched on at its start gene), then repeats the first
+segment's source from layer 0; a path longer than `max_layers` loses its last hops.
 
 Decoding is deterministic and always gives a valid path: genes are clipped to their bounds; too many kept
 slots drop the lowest genes, too few add the highest unkept ones (ties: the earlier slot), so the path
@@ -108,12 +112,16 @@ class DataflowSpace:
         if self.repeats < 1:
             raise SpaceError(f"repeats: must be >= 1 (how often each source's layers may appear), got {self.repeats}")
         if self.scales not in SCALES:
-            raise SpaceError(f"scales: must be one of {', '.join(SCALES)}, got {self.scales!r}")
+            from evomerge.config import suggest
+
+            raise SpaceError(f"scales: must be one of {', '.join(SCALES)}, got {self.scales!r}."
+                             + suggest(str(self.scales), SCALES, list_known=False))
         lo, hi = self.scale_bounds
         if not 0 < lo <= hi:
             raise SpaceError(f"scale_bounds: must satisfy 0 < low <= high (scales must be positive), got {self.scale_bounds}")
-        if self.segments < 0:
-            raise SpaceError(f"segments: must be >= 0 (0: a keep gene per layer slot), got {self.segments}")
+        if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 0:
+            raise SpaceError(f"segments: expected a whole number >= 0 (0: a keep gene per layer slot; N: N runs of "
+                             f"layers), got {self.segments!r}")
         if self.segments and self.scales == "transition":
             raise SpaceError("scales: 'transition' needs the keep-gene encoding; with segments use slot or none")
         self.slots = [(n, i) for _ in range(self.repeats) for n in self.sources for i in range(self.sizes[n].num_layers)]

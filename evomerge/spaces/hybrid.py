@@ -57,5 +57,7 @@ class HybridSpace:
         return [(label, np.concatenate([g, ident])) for label, g in self.ps.seeds()]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "hybrid", "ps": self.ps.describe(), "dfs": {"repeats": self.dfs.repeats, "num_genes": self.dfs.num_genes},
+        encoding = {"segments": self.dfs.segments} if self.dfs.segments else {"repeats": self.dfs.repeats}
+        return {"kind": "hybrid", "ps": self.ps.describe(),
+                "dfs": {**encoding, "scales": self.dfs.scales, "num_genes": self.dfs.num_genes},
                 "num_genes": self.num_genes}

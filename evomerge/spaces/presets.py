@@ -130,7 +130,9 @@ class DataflowSeeds:
                 for n in self.space.sources]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "dfs", "sources": list(self.space.sources), "repeats": self.space.repeats, "num_genes": self.num_genes}
+        sp = self.space
+        encoding = {"segments": sp.segments} if sp.segments else {"repeats": sp.repeats}
+        return {"kind": "dfs", "sources": list(sp.sources), **encoding, "scales": sp.scales, "num_genes": self.num_genes}
 
 
 def build_space(cfg: Mapping[str, Any], models: Mapping[str, Path], base: str, where: str = "search_space") -> Space:

@@ -396,7 +396,8 @@ def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int,
         for n in model_names(spec)
     }
     # What the manifest describes: the families built now and those whose models it keeps (all current in `full`).
-    kept_families = {n.split("/")[0] for n in kept}
+    kept_families = {f for f in full.families if f not in spec.families
+                     and all(n in kept for n in model_names(select_families(full, [f])))}  # whole families only
     listed = select_families(full, [f for f in full.families if f in spec.families or f in kept_families])
     manifest = {
         "cache_key": cache_key(listed),
@@ -422,16 +423,24 @@ def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int,
 def _kept_models(out_dir: Path, spec: ZooSpec, full: ZooSpec) -> dict:
     """Manifest entries of models outside `spec` that an earlier build made and that are still current.
 
-    Current: the entry's job key is the one `full` (the zoo `spec` is a part of) gives that model now, and its
-    folder holds the model.
+    Current: the model folder's own record (`zoo_model.json`) has the job key `full` (the zoo `spec` is a part of)
+    gives that model now, and the folder holds the model. Read from the folders, not the old manifest: a build
+    interrupted after removing the manifest must not make the next partial build forget the other families.
     """
-    man = load_manifest(out_dir) or {}
-    current = _job_keys(full)
+    entries = (load_manifest(out_dir) or {}).get("models", {})
     kept = {}
-    for name, entry in man.get("models", {}).items():
-        if name.split("/")[0] in spec.families or name not in current:
+    for name, key in _job_keys(full).items():
+        if name.split("/")[0] in spec.families:
             continue
-        key = _entry_key(out_dir, name, entry)
-        if key == current[name] and (out_dir / name / "model.safetensors").exists():
-            kept[name] = {**entry, "job_key": key}
+        folder = out_dir / name
+        try:
+            meta = json.loads((folder / "zoo_model.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("job_key") != key or not (folder / "model.safetensors").exists():
+            continue
+        entry = entries.get(name) or {
+            "path": name, "parent": None if name.endswith("/base") else name.split("/")[0] + "/base",
+            **{k: meta[k] for k in ("name", "train", "accuracy", "seconds") if k in meta}}
+        kept[name] = {**entry, "job_key": key}
     return kept
