@@ -21,6 +21,7 @@ Everything lands in OUT (default out/demo); the job spec is written there too, s
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -214,8 +215,6 @@ def run_paths(zoo: Path, out: Path, evaluations: int) -> float:
         export(job_path, model_out, fmt="model", best=PATH_TARGET)
         path = score_folder(model_out, task=PATH_TARGET)
         parents = {n: score_folder(zoo / "depth" / n, task=PATH_TARGET) for n in ("base", "reader", "arith")}
-    import json
-
     layers = json.loads((model_out / "config.json").read_text())["num_hidden_layers"]
     described = path_runs(yaml.safe_load(selected.row.recipe)["dataflow"]["path"])
     print(f"\nThe best path for {PATH_TARGET} (#{selected.row.id}: {described}; {layers} layers), exported as a "
@@ -224,7 +223,9 @@ def run_paths(zoo: Path, out: Path, evaluations: int) -> float:
         print(f"  parent {name:<10} {value:.1%}")
     print(f"  path              {path:.1%}   [{kind}: {recipe_out}]")
     gain = (path - max(parents.values())) * 100
-    print(f"\nThe path {'beats every parent, by %.1f points over the best one' % gain if gain > 0 else 'does NOT beat the best parent (%.1f points)' % gain}.")
+    verdict = (f"beats every parent, by {gain:.1f} points over the best one" if gain > 0
+               else f"does NOT beat the best parent ({gain:.1f} points)")
+    print(f"\nThe path {verdict}.")
     return gain
 
 
