@@ -33,6 +33,7 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ten times th
 
 
 def _finite(v: Any) -> Any:
+    """JSON has no NaN/inf: send them as None."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v

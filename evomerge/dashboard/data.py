@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from evomerge.config import changed_settings, settings
-from evomerge.dashboard.cache import _LOADER, Cache, JobCache, sample_step
+from evomerge.dashboard.cache import _LOADER, Cache, JobCache, _finite, clean, sample_step
 from evomerge.search.front import add_to_front, hypervolume
 from evomerge.search.spec import JobSpec
 from evomerge.store import CandidateRow, Store
@@ -33,15 +33,6 @@ OTHER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "l
 UNKNOWN_LAYERS = 8  # columns drawn when no model folder says how many layers there are
 
 
-def _finite(v: Any) -> Any:
-    """JSON has no NaN/inf: send them as None."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def _clean(values: dict[str, Any] | None) -> dict[str, Any] | None:
-    return None if values is None else {k: _finite(v) for k, v in values.items()}
 
 
 # ---------------------------------------------------------------- jobs
@@ -145,7 +136,7 @@ def job_detail(store: Store, name: str, cache: Cache | None = None, since: str |
             test = scores.get(f"parent:{label}") or {}
             parents.append({"name": label, "candidate": row.id if row else other["id"] if other else None,
                             "status": row.status if row else other["status"] if other else None,
-                            "fitness": None if row is None else _clean(row.values), split: _clean(test.get("values")),
+                            "fitness": None if row is None else clean(row.values), split: clean(test.get("values")),
                             "reason": test.get("reason")})
         return {"summary": job_summary(store, name, spec), "objectives": objs, "split": split,
                 "points": RawList(points), "drop": drop, "full": after is None, "cursor": jc.cursor,
@@ -320,10 +311,10 @@ def fronts(store: Store, names: list[str], cache: Cache | None = None) -> dict[s
         with jc.lock:
             if _refresh(store, name, jc) is None:
                 return None
-            pts = [{"id": i, "generation": jc.entries[i].row.generation, "values": _clean(jc.entries[i].row.values),
+            pts = [{"id": i, "generation": jc.entries[i].row.generation, "values": clean(jc.entries[i].row.values),
                     "summary": jc.entries[i].summary} for i in sorted(jc.front) if i in jc.entries]
             out.append({"name": name, "objectives": objectives(store, name), "front": pts,
-                        "parents": [{"name": e.row.origin[len("parent:"):], "id": e.row.id, "values": _clean(e.row.values)}
+                        "parents": [{"name": e.row.origin[len("parent:"):], "id": e.row.id, "values": clean(e.row.values)}
                                     for e in jc.entries.values() if e.row.generation == 0
                                     and e.row.origin.startswith("parent:") and e.row.status == "done"]})
     shared = [o["name"] for o in out[0]["objectives"]] if out else []
@@ -360,7 +351,7 @@ def candidates_diff(store: Store, job_a: str, id_a: int, job_b: str, id_b: int) 
 
     def side(job: str, r: CandidateRow) -> dict[str, Any]:
         return {"job": job, "id": r.id, "status": r.status, "generation": r.generation, "origin": r.origin,
-                "values": _clean(r.values), "recipe_hash": r.recipe_hash}
+                "values": clean(r.values), "recipe_hash": r.recipe_hash}
 
     return {"a": side(job_a, ra), "b": side(job_b, rb), **recipe_diff(ra.recipe, rb.recipe)}
 
@@ -600,7 +591,7 @@ def candidate_detail(store: Store, name: str, cid: int, cache: Cache | None = No
         })
     return {
         "job": name, "id": row.id, "generation": row.generation, "idx": row.idx, "origin": row.origin,
-        "status": row.status, "reason": row.reason, "values": _clean(row.values), "estimated": row.estimated,
+        "status": row.status, "reason": row.reason, "values": clean(row.values), "estimated": row.estimated,
         "estimates": estimated,
         "worker": row.worker, "eval_seconds": row.eval_seconds, "genome": row.genome, "front": front,
         "recipe": row.recipe, "recipe_hash": row.recipe_hash, "summary": summary, "recipe_error": recipe_error,
