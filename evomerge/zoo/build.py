@@ -432,15 +432,10 @@ def _kept_models(out_dir: Path, spec: ZooSpec, full: ZooSpec) -> dict:
     for name, key in _job_keys(full).items():
         if name.split("/")[0] in spec.families:
             continue
-        folder = out_dir / name
-        try:
-            meta = json.loads((folder / "zoo_model.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if meta.get("job_key") != key or not (folder / "model.safetensors").exists():
+        result = _cached_result({"out": str(out_dir / name), "job_key": key})
+        if result is None:
             continue
         entry = entries.get(name) or {
-            "path": name, "parent": None if name.endswith("/base") else name.split("/")[0] + "/base",
-            **{k: meta[k] for k in ("name", "train", "accuracy", "seconds") if k in meta}}
+            "path": name, "parent": None if name.endswith("/base") else name.split("/")[0] + "/base", **result}
         kept[name] = {**entry, "job_key": key}
     return kept
