@@ -143,6 +143,15 @@ class DataflowSpace:
         return [p for p, on in (("first", self.pin_first), ("last", self.pin_last)) if on]
 
     @property
+    def _per_segment(self) -> int:
+        """Genes per segment: source, start, length, and with `slot` scales the scale of the hop into it."""
+        return 4 if self.scales == "slot" else 3
+
+    def _pin_scale(self, g: np.ndarray, pin: str) -> float:
+        """A pinned hop's `slot` scale: in both encodings the pins' genes are the last ones."""
+        return float(g[self.num_genes - len(self._pins) + self._pins.index(pin)])
+
+    @property
     def gene_names(self) -> list[str]:
         if self.segments:
             per = ["source", "start", "length"] + (["scale"] if self.scales == "slot" else [])
@@ -157,11 +166,12 @@ class DataflowSpace:
 
     @property
     def num_genes(self) -> int:
+        pins = len(self._pins) if self.scales == "slot" else 0
         if self.segments:
-            return len(self.gene_names)
+            return self.segments * self._per_segment + pins
         n = len(self.slots)
         if self.scales == "slot":
-            return 2 * n + len(self._pins)
+            return 2 * n + pins
         return n if self.scales == "none" else n + (len(self.units) + 1) * len(self.units)
 
     @property
@@ -233,8 +243,8 @@ class DataflowSpace:
             if self.scales == "transition":
                 hop = Hop(model, layer, float(g[self._scale_gene(prev, hop)]))
             elif self.scales == "slot":
-                at = len(self.slots) + (where if isinstance(where, int) else len(self.slots) + self._pins.index(where))
-                hop = Hop(model, layer, float(g[at]))
+                scale = float(g[len(self.slots) + where]) if isinstance(where, int) else self._pin_scale(g, where)
+                hop = Hop(model, layer, scale)
             hops.append(hop)
             prev = f"{model}.{layer}"
         return DataflowRecipe(tuple(hops), dict(self.sources), self.embed, self.head, name=name)
@@ -242,12 +252,16 @@ class DataflowSpace:
     # ------------------------------------------------------------ segments
 
     def _segment_scale_mask(self) -> np.ndarray:
-        return np.array([n.endswith(".scale") or n.startswith("scale.") for n in self.gene_names])
+        mask = np.zeros(self.num_genes, dtype=bool)
+        if self.scales == "slot":  # each segment's 4th gene, then the pins'
+            mask[np.arange(self.segments) * 4 + 3] = True
+            mask[self.segments * 4:] = True
+        return mask
 
     def _segment_layers(self, g: np.ndarray, j: int) -> tuple[str, list[int]]:
         """Segment j's source and layer indices: the source is the gene's share of the source list, the start a
         share of that source's layers, the length a share of (its layers + 1), cut at the source's last layer."""
-        per = 4 if self.scales == "slot" else 3
+        per = self._per_segment
         src_g, start_g, len_g = g[j * per: j * per + 3]
         names = list(self.sources)
         source = names[min(int(src_g * len(names)), len(names) - 1)]
@@ -260,7 +274,7 @@ class DataflowSpace:
         assert self.embed is not None and self.head is not None and self.max_layers is not None
         pins = int(self.pin_first) + int(self.pin_last)
         lo, hi = max(self.min_layers - pins, 0), self.max_layers - pins
-        per = 4 if self.scales == "slot" else 3
+        per = self._per_segment
         runs = [self._segment_layers(g, j) for j in range(self.segments)]
         short = lo - sum(len(layers) for _, layers in runs)
         for j, (source, layers) in enumerate(runs):  # too short: segments grow towards their source's end, in order
@@ -278,19 +292,18 @@ class DataflowSpace:
             placed += [(source, i, scale if k == 0 else 1.0) for k, i in enumerate(layers)]
         placed = placed[:hi]  # too long: the last segments are cut
         hops = [Hop(m, i, sc) for m, i, sc in placed]
-        names = self.gene_names
+        slot = self.scales == "slot"
         if self.pin_first:
-            hops.insert(0, Hop(self.embed, 0, float(g[names.index("scale.first")]) if self.scales == "slot" else 1.0))
+            hops.insert(0, Hop(self.embed, 0, self._pin_scale(g, "first") if slot else 1.0))
         if self.pin_last:
-            last = self.sizes[self.head].num_layers - 1
-            hops.append(Hop(self.head, last, float(g[names.index("scale.last")]) if self.scales == "slot" else 1.0))
+            hops.append(Hop(self.head, self.sizes[self.head].num_layers - 1, self._pin_scale(g, "last") if slot else 1.0))
         return DataflowRecipe(tuple(hops), dict(self.sources), self.embed, self.head, name=name)
 
     def _segment_identity(self, source: str) -> np.ndarray:
         """`source`'s own layers in order as the LAST segment, the earlier ones empty (length 0), every scale 1: a
         search that starts there grows a run in front of it with a single gene (the length of the segment before)."""
         g = np.where(self._segment_scale_mask(), np.clip(1.0, *self.scale_bounds), 0.0)  # scale genes 1, others 0
-        per = 4 if self.scales == "slot" else 3
+        per = self._per_segment
         names, n = list(self.sources), self.sizes[source].num_layers
         j = self.segments - 1
         first = 1 if self.pin_first and source == self.embed else 0
