@@ -42,13 +42,13 @@ from search_quality import run  # noqa: E402  (bench scripts share the in-proces
 import yaml  # noqa: E402
 
 from evomerge.merge.dataflow import path_runs  # noqa: E402
+from evomerge.service.demo import PATH_SPACE, PATH_TARGET, paths_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-OBJECTIVE = "zoo_composed"
+OBJECTIVE = PATH_TARGET  # zoo_composed
 
-KEEP = {"kind": "dfs", "sources": ["reader", "arith"], "repeats": 1, "scales": "none", "min_layers": 2,
-        "max_layers": 16, "embed": "reader", "head": "arith"}
-SEGMENTS = {**{k: v for k, v in KEEP.items() if k != "repeats"}, "segments": 3}
+SEGMENTS = PATH_SPACE  # the demo's layer-path space
+KEEP = {**{k: v for k, v in SEGMENTS.items() if k != "segments"}, "repeats": 1}
 # name -> (search space, CMA-ES start); every search gets the same budget, population and objective
 SEARCHES = {
     "ps": ("sakana_ps", "best_seed"),
@@ -66,20 +66,12 @@ SEARCHES = {
 
 
 def job(name: str, zoo: Path, out: Path, space, start: str, seed: int, budget: int, population: int, limit: int) -> dict:
-    fam = zoo / "depth"
-    return {
-        "name": name,
-        "models": {"base": str(fam / "base"), "sources": {"reader": str(fam / "reader"), "arith": str(fam / "arith")}},
-        "search_space": space,
-        "objectives": {"include": [str(REPO / "fitness")], "split": "fitness",
-                       "objectives": [{"task": OBJECTIVE, "metric": "exact_match", "direction": "maximise", "limit": limit}]},
-        "report_split": "test",
-        "driver": {"algorithm": "cmaes", "options": {"start": start}, "population": population,
-                   "budget": {"evaluations": budget}, "seed": seed},
-        "runtime": {"threads": 1},
-        "store": str(out / f"{name}.sqlite"),
-        "report": str(out / name),
-    }
+    """The demo's data-flow job (`paths_spec`) with this search's space, start, seed, population and item limit."""
+    spec = paths_spec(zoo, out, budget)
+    spec.update(name=name, search_space=space, store=str(out / f"{name}.sqlite"), report=str(out / name))
+    spec["driver"].update(options={"start": start}, population=population, seed=seed)
+    spec["objectives"]["objectives"][0]["limit"] = limit
+    return spec
 
 
 def first_reached(rows, best: float) -> int:

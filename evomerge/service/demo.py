@@ -67,15 +67,20 @@ def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int) -> dict:
     }
 
 
+# Layer paths through the depth family's reader and arithmetic expert, in the order their layers run; segment genes
+# (what found the path fastest in bench/dfs_vs_ps.py, which varies this space)
+PATH_SPACE = {"kind": "dfs", "sources": ["reader", "arith"], "segments": 3, "scales": "none", "min_layers": 2,
+              "max_layers": 16, "embed": "reader", "head": "arith"}
+
+
 def paths_spec(zoo: Path, out: Path, evaluations: int) -> dict:
-    """Layer paths through the depth family's reader and arithmetic expert (segment genes, CMA-ES warm-started at
-    the best seed: what found the path fastest in bench/dfs_vs_ps.py), in-process."""
+    """The data-flow stage's job: PATH_SPACE, CMA-ES warm-started at the best seed, in-process (bench/dfs_vs_ps.py
+    starts from it too)."""
     fam = zoo / "depth"
     return {
         "name": "paths",
         "models": {"base": str(fam / "base"), "sources": {"reader": str(fam / "reader"), "arith": str(fam / "arith")}},
-        "search_space": {"kind": "dfs", "sources": ["reader", "arith"], "segments": 3, "scales": "none",
-                         "min_layers": 2, "max_layers": 16, "embed": "reader", "head": "arith"},
+        "search_space": dict(PATH_SPACE),
         "objectives": {"include": [str(TASKS)], "split": "fitness", "objectives": [
             {"task": PATH_TARGET, "metric": "exact_match", "direction": "maximise", "limit": 200}]},
         "report_split": "test",
