@@ -92,6 +92,22 @@ def paths_spec(zoo: Path, out: Path, evaluations: int) -> dict:
     }
 
 
+def export_best(job_path: Path, recipe_out: Path, model_out: Path, objective: str):
+    """The job's best candidate for `objective`: its recipe as mergekit YAML where mergekit can say it, else ours,
+    and its checkpoint. Returns (the selection, export notes, what kind of recipe file was written)."""
+    from evomerge.merge.export import ExportError
+    from evomerge.service.export import export
+
+    try:
+        _, selected, notes = export(job_path, recipe_out, fmt="mergekit", best=objective)
+        kind = "mergekit YAML (`mergekit-yaml` accepts it)"
+    except ExportError as e:
+        _, selected, notes = export(job_path, recipe_out, fmt="recipe", best=objective)
+        kind = f"evomerge recipe YAML (`evomerge merge` builds it; not mergekit: {e})"
+    export(job_path, model_out, fmt="model", best=objective)
+    return selected, notes, kind
+
+
 def score_folder(folder: Path, split: str = "test", task: str = TARGET) -> float:
     """A task's accuracy of a checkpoint loaded from disk, every item of `split`."""
     from evomerge.fitness.evaluator import Evaluator
@@ -120,10 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from evomerge.compat.quiet import quiet_third_party
-    from evomerge.merge.export import ExportError
     from evomerge.search.jobs import run_job
     from evomerge.service.cli import search_env
-    from evomerge.service.export import export
     from evomerge.zoo.build import build_zoo
 
     t_start = time.perf_counter()
@@ -152,16 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     search_s = time.perf_counter() - t0
 
     # The best recipe for the target task: mergekit YAML where expressible, else ours; and the checkpoint.
-    recipe_out = out / "best-recipe.yaml"
+    recipe_out, model_out = out / "best-recipe.yaml", out / "best-model"
     with quiet_third_party():  # the export and the final scoring print only the lines below
-        try:
-            _, selected, notes = export(job_path, recipe_out, fmt="mergekit", best=TARGET)
-            recipe_kind = "mergekit YAML (`mergekit-yaml` accepts it)"
-        except ExportError as e:
-            _, selected, notes = export(job_path, recipe_out, fmt="recipe", best=TARGET)
-            recipe_kind = f"evomerge recipe YAML (`evomerge merge` builds it; not mergekit: {e})"
-        model_out = out / "best-model"
-        export(job_path, model_out, fmt="model", best=TARGET)
+        selected, notes, recipe_kind = export_best(job_path, recipe_out, model_out, TARGET)
         for note in notes:
             print(f"note: {note}")
 
@@ -195,10 +202,8 @@ def run_paths(zoo: Path, out: Path, evaluations: int) -> float:
     exported path over the best parent on zoo_composed (test split, every item)."""
     from evomerge.compat.quiet import quiet_third_party
     from evomerge.merge.dataflow import path_runs
-    from evomerge.merge.export import ExportError
     from evomerge.search.jobs import run_job
     from evomerge.service.cli import search_env
-    from evomerge.service.export import export
 
     out.mkdir(parents=True)
     job_path = out / "job.yaml"
@@ -209,15 +214,8 @@ def run_paths(zoo: Path, out: Path, evaluations: int) -> float:
     with search_env():
         run_job(job_path)
     with quiet_third_party():
-        recipe_out = out / "best-path.yaml"
-        try:
-            _, selected, _ = export(job_path, recipe_out, fmt="mergekit", best=PATH_TARGET)
-            kind = "mergekit passthrough YAML"
-        except ExportError:
-            _, selected, _ = export(job_path, recipe_out, fmt="recipe", best=PATH_TARGET)
-            kind = "evomerge recipe YAML"
-        model_out = out / "best-path"
-        export(job_path, model_out, fmt="model", best=PATH_TARGET)
+        recipe_out, model_out = out / "best-path.yaml", out / "best-path"
+        selected, _, kind = export_best(job_path, recipe_out, model_out, PATH_TARGET)
         path = score_folder(model_out, task=PATH_TARGET)
         parents = {n: score_folder(zoo / "depth" / n, task=PATH_TARGET) for n in ("base", "reader", "arith")}
     layers = json.loads((model_out / "config.json").read_text())["num_hidden_layers"]
