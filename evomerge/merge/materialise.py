@@ -32,7 +32,8 @@ from torch import nn
 from evomerge.checkpoints import Checkpoint, check_compatible, open_checkpoint
 from evomerge.checkpoints.lora import AdaptedCheckpoint, apply_lora
 from evomerge.checkpoints.targets import checkpoint_targets
-from evomerge.merge.methods import METHODS, merge_task_vectors, merge_tensor
+from evomerge.merge import fused
+from evomerge.merge.methods import METHODS, _with_defaults, merge_task_vectors, merge_tensor
 from evomerge.merge.plan import MergePlan, TensorJob, TensorRef, plan_merge
 from evomerge.merge.recipe import Recipe, RecipeError
 from evomerge.merge.sparsify import RANKED, RankCache
@@ -65,6 +66,8 @@ class Materialiser:
         self._label_of = {ck.path.resolve(): label for label, ck in self.checkpoints.items()}
         self.rank_cache = rank_cache
         self.ranks: dict[tuple[str, str], RankCache] = {}
+        # fused.Sketch per (source label, tensor, base label, base tensor): the one-pass CPU merge's thresholds
+        self.sketches: dict[tuple[str, str, str, str], fused.Sketch | None] = {}
         self._pinned = False  # some source is in pinned memory (copies to the GPU may be non-blocking)
         self._pin_warned = False  # the host refused to pin more: the rest stays pageable, said once
         # Resident state: `native` keeps tensors[label][name] in their own dtype; `float32` keeps the anchor as
@@ -190,6 +193,11 @@ class Materialiser:
             return self._stored_delta(label, ref.name)
         return self._full(labels, ref) - self._full(labels, base)
 
+    def _shape(self, labels: Mapping[str, str], job: TensorJob) -> torch.Size:
+        """A task-vector merge's shape: its base tensor's."""
+        assert job.base is not None
+        return torch.Size(self.checkpoints[labels[job.base.model]].info(job.base.name).shape)
+
     def _rank(self, labels: Mapping[str, str], ref: TensorRef, base: TensorRef, delta: torch.Tensor) -> RankCache | None:
         """The cached ranks of a source's task vector against the anchor (built from `delta` on first use)."""
         label, base_label = labels[ref.model], labels[base.model]
@@ -274,11 +282,49 @@ class Materialiser:
         return plan_merge(recipe, {k: self.checkpoints[v] for k, v in labels.items()}, check=False)
 
     # ---------------------------------------------------------------- merging
-    def _merge(self, plan: MergePlan, labels: Mapping[str, str], job: TensorJob) -> torch.Tensor:
-        """One merged tensor in float32 on the device (a fresh tensor: the caller may keep or modify it)."""
+    def _fused(self, plan: MergePlan, labels: Mapping[str, str], job: TensorJob, out: torch.Tensor) -> bool:
+        """Merge `job` into `out` with the one-pass CPU kernel (`fused`), where it computes this merge: the same
+        bits as the torch path. False where it does not (then `out` holds nothing of use)."""
         spec = METHODS[plan.method]
-        gen = torch.Generator().manual_seed(job.seed) if spec.random else None
+        if self.device.type != "cpu" or job.base is None or fused.library() is None:
+            return False
+        models, globals_ = _with_defaults(spec, job.model_params, job.global_params)
+        if not fused.supports(spec, globals_, len(job.inputs)):
+            return False
+        base_label = labels[job.base.model]
+        base = self._read(base_label, job.base.name)
+        sources: list[tuple[torch.Tensor, bool]] = []
+        keys = []
+        for ref in job.inputs:
+            label = labels[ref.model]
+            if label == base_label and ref.name == job.base.name:
+                return False  # the base among the inputs: a zero task vector (rare; the torch path has it)
+            if self._float32_layout():
+                if base_label != self.anchor or ref.name != job.base.name:
+                    return False
+                sources.append((self._stored_delta(label, ref.name), True))
+            else:
+                sources.append((self._read(label, ref.name), False))
+            keys.append((label, ref.name, base_label, job.base.name))
+
+        def sketch_of(i: int) -> fused.Sketch | None:
+            if keys[i] not in self.sketches:
+                self.sketches[keys[i]] = fused.sketch(base, *sources[i])
+            return self.sketches[keys[i]]
+
+        return fused.merge(out, base, sources, spec, models, globals_, sketch_of)
+
+    def _merge(self, plan: MergePlan, labels: Mapping[str, str], job: TensorJob,
+               out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One merged tensor on the device. Where the one-pass kernel computes it, written into `out` (or a fresh
+        tensor of `dtype`) and returned; else a fresh float32 tensor. The caller may keep or modify it."""
+        spec = METHODS[plan.method]
         compute = plan.recipe.compute_torch_dtype()
+        if compute == torch.float32 and spec.uses_task_vectors and self.device.type == "cpu":
+            target = out if out is not None else torch.empty(self._shape(labels, job), dtype=dtype or torch.float32)
+            if self._fused(plan, labels, job, target):
+                return target
+        gen = torch.Generator().manual_seed(job.seed) if spec.random else None
         if compute != torch.float32:  # compute_dtype: recipe, mergekit's half-precision numbers (not the hot path)
             base = self._full(labels, job.base) if job.base is not None else None
             tensors = [self._full(labels, r) for r in job.inputs]
@@ -304,7 +350,7 @@ class Materialiser:
         labels = self.worker_labels(recipe)
         plan = self.plan(recipe, labels)
         for job in plan.jobs:
-            merged = self._merge(plan, labels, job)
+            merged = self._merge(plan, labels, job, dtype=dtype)
             yield job.out_name, merged if dtype is None else merged.to(dtype)
 
     @torch.no_grad()
@@ -319,4 +365,6 @@ class Materialiser:
             target = targets.get(job.out_name)
             if target is None:
                 raise RecipeError(f"the merged tensor '{job.out_name}' has no place in this worker's model (data-flow recipes need their own module)")
-            target.copy_(self._merge(plan, labels, job))
+            merged = self._merge(plan, labels, job, target)
+            if merged is not target:
+                target.copy_(merged)

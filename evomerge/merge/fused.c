@@ -1,0 +1,315 @@
+/* The task-vector merge (task arithmetic, TIES) of one tensor in one pass over memory, for CPU workers.
+
+   evomerge/merge/fused.py builds this file into a shared library on first use and calls it through ctypes; read
+   its docstring first. The torch path (methods._merge_deltas) makes some 30 elementwise passes per task vector
+   (boolean masks, sign election, agreement), each a round trip through memory; this file reads every source once
+   per block of BLOCK elements, keeps the block in L1 and writes the merged block once, in the output's dtype.
+
+   Exactness: every float operation below is the one the torch path makes, in the same order, in float32 (built
+   with -ffp-contract=off and without -ffast-math, so no operation is fused or reordered): the results are the
+   same bits (tests/test_fused.py). The magnitude threshold of TIES is found without a sort: a histogram of the
+   task vector's magnitudes by the top bits of their float32 pattern (a "sketch", built once per source tensor)
+   names the one bin the threshold lies in; the pass keeps what is above that bin, drops what is below, and lists
+   the entries inside it ("undecided"); fused.py finds the exact threshold among those few, and the fix-up pass
+   recomputes the undecided entries. */
+
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 256
+#define MAX_SOURCES 16
+#define SHIFT 14 /* magnitude bins: float32 bits >> SHIFT, 512 bins per octave */
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+enum { KEEP_ALL = 0, THRESHOLD = 1, KEEP_NONE = 2, RUN = 3 };
+enum { CONSENSUS_NONE = 0, CONSENSUS_SUM = 1, CONSENSUS_COUNT = 2 };
+
+typedef struct {
+    int64_t n;                      /* entries of the tensor */
+    int32_t n_sources;
+    int32_t base_dtype;
+    const void *base;               /* the base tensor (the anchor of every task vector) */
+    const void *source[MAX_SOURCES];
+    int32_t source_dtype[MAX_SOURCES];
+    int32_t is_delta[MAX_SOURCES];  /* 1: source is already the task vector (float32 layout), 0: minus base */
+    int32_t mode[MAX_SOURCES];      /* KEEP_ALL (density >= 1), THRESHOLD, RUN, KEEP_NONE (density <= 0) */
+    int32_t bin[MAX_SOURCES];       /* THRESHOLD: magnitudes in a higher bin are kept, lower dropped */
+    uint32_t value[MAX_SOURCES];    /* RUN: the threshold magnitude's bits: above it kept, below dropped, */
+    int64_t quota[MAX_SOURCES];     /* and of the entries equal to it the first quota (by position) */
+    float weight[MAX_SOURCES];
+    int32_t consensus;
+    int32_t normalize;              /* consensus: divide by the agreeing weights */
+    int32_t divide_total;           /* no consensus, normalize: divide by total (the weights' sum) */
+    float total;
+    int32_t scale;                  /* multiply by lambda */
+    float lambda;
+    void *out;
+    int32_t out_dtype;
+} Job;
+
+static inline uint32_t bits_of(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline float float_of(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+static void load(const void *src, int dtype, int64_t off, int len, float *dst) {
+    if (dtype == DT_F32) {
+        memcpy(dst, (const float *)src + off, (size_t)len * 4);
+    } else if (dtype == DT_BF16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        uint32_t *d = (uint32_t *)dst;
+        for (int j = 0; j < len; j++) d[j] = (uint32_t)s[j] << 16;
+    } else {
+        const _Float16 *s = (const _Float16 *)src + off;
+        for (int j = 0; j < len; j++) dst[j] = (float)s[j];
+    }
+}
+
+/* float32 -> the output dtype, rounded to nearest even as torch rounds (bf16 NaN: 0x7fc0, as c10 writes it). */
+static inline uint16_t to_bf16(float x) {
+    uint32_t u = bits_of(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static void store(const float *src, int len, void *dst, int dtype, int64_t off) {
+    if (dtype == DT_F32) {
+        memcpy((float *)dst + off, src, (size_t)len * 4);
+    } else if (dtype == DT_BF16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (int j = 0; j < len; j++) d[j] = to_bf16(src[j]);
+    } else {
+        _Float16 *d = (_Float16 *)dst + off;
+        for (int j = 0; j < len; j++) d[j] = (_Float16)src[j];
+    }
+}
+
+static inline void store_one(float x, void *dst, int dtype, int64_t j) {
+    if (dtype == DT_F32) ((float *)dst)[j] = x;
+    else if (dtype == DT_BF16) ((uint16_t *)dst)[j] = to_bf16(x);
+    else ((_Float16 *)dst)[j] = (_Float16)x;
+}
+
+static inline uint32_t key_of(float delta) { return (bits_of(delta) & 0x7fffffffu) >> SHIFT; }
+
+/* The merge of a block of entries from their task vectors d[i] and masks, as methods._merge_deltas computes
+   it, stage by stage (each loop vectorises): c_i = (d_i * mask_i) * w_i (in place of d), the consensus sign,
+   agreement, normalisation, lambda, then base + result. */
+static void combine(const Job *J, int len, const float *b, float (*d)[BLOCK], float (*mask)[BLOCK], float *out) {
+    int s = J->n_sources;
+    for (int i = 0; i < s; i++) {
+        float w = J->weight[i], *c = d[i], *m = mask[i];
+        if (J->mode[i] == KEEP_NONE)
+            for (int j = 0; j < len; j++) c[j] = 0.0f * w;
+        else
+            for (int j = 0; j < len; j++) c[j] = (c[j] * m[j]) * w;
+    }
+    if (J->consensus == CONSENSUS_NONE) {
+        for (int j = 0; j < len; j++) out[j] = d[0][j];
+        for (int i = 1; i < s; i++)
+            for (int j = 0; j < len; j++) out[j] = out[j] + d[i][j];
+        if (J->divide_total)
+            for (int j = 0; j < len; j++) out[j] = out[j] / J->total;
+    } else {
+        float sign[BLOCK], divisor[BLOCK];
+        for (int j = 0; j < len; j++) sign[j] = 0.0f;
+        for (int i = 0; i < s; i++) {
+            const float *c = d[i];
+            if (J->consensus == CONSENSUS_SUM)
+                for (int j = 0; j < len; j++) sign[j] = sign[j] + c[j];
+            else
+                for (int j = 0; j < len; j++) sign[j] = sign[j] + ((c[j] > 0.0f ? 1.0f : 0.0f) - (c[j] < 0.0f ? 1.0f : 0.0f));
+        }
+        for (int j = 0; j < len; j++) {
+            sign[j] = sign[j] >= 0.0f ? 1.0f : -1.0f;
+            out[j] = 0.0f;
+            divisor[j] = 0.0f;
+        }
+        for (int i = 0; i < s; i++) {
+            const float *c = d[i];
+            float w = J->weight[i];
+            for (int j = 0; j < len; j++) {
+                float agree = (c[j] * sign[j]) > 0.0f ? 1.0f : 0.0f;
+                out[j] = out[j] + c[j] * agree;
+                divisor[j] = divisor[j] + w * agree;
+            }
+        }
+        if (J->normalize)
+            for (int j = 0; j < len; j++) out[j] = out[j] / (divisor[j] == 0.0f ? 1.0f : divisor[j]);
+    }
+    if (J->scale)
+        for (int j = 0; j < len; j++) out[j] = out[j] * J->lambda;
+    for (int j = 0; j < len; j++) out[j] = b[j] + out[j];
+}
+
+/* Histogram of |source - base| (or |source| for a task vector) by key_of, over [start, end): counts[2^(31-SHIFT)]
+   (exact zeros counted apart: whether a zero is kept or dropped never changes a merged entry). */
+int fused_sketch(const void *base, int32_t base_dtype, const void *source, int32_t source_dtype, int32_t is_delta,
+                 int64_t start, int64_t end, uint32_t *counts, int64_t *zeros) {
+    float b[BLOCK], x[BLOCK];
+    int64_t z = 0;
+    for (int64_t off = start; off < end; off += BLOCK) {
+        int len = end - off < BLOCK ? (int)(end - off) : BLOCK;
+        load(source, source_dtype, off, len, x);
+        if (!is_delta) {
+            load(base, base_dtype, off, len, b);
+            for (int j = 0; j < len; j++) x[j] = x[j] - b[j];
+        }
+        for (int j = 0; j < len; j++) {
+            uint32_t u = bits_of(x[j]) & 0x7fffffffu;
+            if (u == 0) z++;
+            else counts[u >> SHIFT]++;
+        }
+    }
+    *zeros = z;
+    return SHIFT;
+}
+
+/* The exact values of the heavy bins (slot[bin] >= 0): table[slot][low SHIFT bits of the magnitude] counts them.
+   bf16 task vectors pile up on a few values per bin (their differences have at most 9 significant bits). */
+void fused_bin_values(const void *base, int32_t base_dtype, const void *source, int32_t source_dtype,
+                      int32_t is_delta, int64_t n, const int32_t *slot, uint32_t *table) {
+    float b[BLOCK], x[BLOCK];
+    for (int64_t off = 0; off < n; off += BLOCK) {
+        int len = n - off < BLOCK ? (int)(n - off) : BLOCK;
+        load(source, source_dtype, off, len, x);
+        if (!is_delta) {
+            load(base, base_dtype, off, len, b);
+            for (int j = 0; j < len; j++) x[j] = x[j] - b[j];
+        }
+        for (int j = 0; j < len; j++) {
+            uint32_t u = bits_of(x[j]) & 0x7fffffffu;
+            int32_t at = u ? slot[u >> SHIFT] : -1;
+            if (at >= 0) table[((int64_t)at << SHIFT) + (u & ((1u << SHIFT) - 1))]++;
+        }
+    }
+}
+
+/* Entries some source's threshold bin leaves undecided, in index order: what the fix-up needs to finish them
+   without reading the sources again (the base, every task vector, and which sources are undecided, one bit each). */
+typedef struct {
+    int64_t cap, count;
+    int64_t *index;
+    float *base;
+    float *delta[MAX_SOURCES];
+    uint32_t *undecided;
+    uint32_t *kept;  /* the pass's decision for every other source, one bit each */
+} Pending;
+
+/* The pass over [start, end): writes every merged entry, treating undecided magnitudes (in source i's threshold
+   bin, nonzero) as dropped, and lists the entries with any undecided source. Returns 0, or 1 when the list would
+   overflow its capacity (the caller then merges this tensor the torch way). */
+int fused_pass(const Job *J, int64_t start, int64_t end, Pending *P) {
+    static __thread float d[MAX_SOURCES][BLOCK], mask[MAX_SOURCES][BLOCK];
+    float b[BLOCK], out[BLOCK];
+    uint32_t und[BLOCK];
+    int64_t run[MAX_SOURCES] = {0};  /* RUN: the bin's entries seen so far */
+    int s = J->n_sources;
+    if (s < 1 || s > MAX_SOURCES) return -1;
+    P->count = 0;
+    for (int64_t off = start; off < end; off += BLOCK) {
+        int len = end - off < BLOCK ? (int)(end - off) : BLOCK;
+        uint32_t any = 0;
+        load(J->base, J->base_dtype, off, len, b);
+        for (int j = 0; j < len; j++) und[j] = 0;
+        for (int i = 0; i < s; i++) {
+            float *di = d[i], *mi = mask[i];
+            load(J->source[i], J->source_dtype[i], off, len, di);
+            if (!J->is_delta[i])
+                for (int j = 0; j < len; j++) di[j] = di[j] - b[j];
+            if (J->mode[i] == KEEP_ALL || J->mode[i] == KEEP_NONE) {
+                for (int j = 0; j < len; j++) mi[j] = 1.0f;
+                continue;
+            }
+            if (J->mode[i] == RUN) {
+                uint32_t v = J->value[i];
+                int64_t q = J->quota[i];
+                int equal = 0;
+                for (int j = 0; j < len; j++) equal += (bits_of(di[j]) & 0x7fffffffu) == v;
+                if (run[i] + equal <= q || run[i] >= q) {  /* all of this block's ties kept, or none */
+                    uint32_t cut = run[i] >= q ? v + 1 : v;
+                    for (int j = 0; j < len; j++) mi[j] = (bits_of(di[j]) & 0x7fffffffu) >= cut ? 1.0f : 0.0f;
+                    run[i] += equal;
+                } else {  /* the block where the quota runs out */
+                    for (int j = 0; j < len; j++) {
+                        uint32_t u = bits_of(di[j]) & 0x7fffffffu;
+                        int tie = u == v;
+                        mi[j] = (u > v) | (tie & (run[i] < q)) ? 1.0f : 0.0f;
+                        run[i] += tie;
+                    }
+                }
+                continue;
+            }
+            uint32_t bin = (uint32_t)J->bin[i];
+            for (int j = 0; j < len; j++) {
+                uint32_t u = bits_of(di[j]) & 0x7fffffffu, k = u >> SHIFT;
+                mi[j] = k > bin ? 1.0f : 0.0f;
+                uint32_t here = (uint32_t)((k == bin) & (u != 0)) << i;
+                und[j] |= here;
+                any |= here;
+            }
+        }
+        if (any) {
+            int picked[BLOCK], m = 0;
+            for (int j = 0; j < len; j++) {  /* branch-free: a few percent of entries, at random */
+                picked[m] = j;
+                m += und[j] != 0;
+            }
+            if (P->count + m > P->cap) return 1;
+            for (int t = 0; t < m; t++) {
+                int j = picked[t];
+                int64_t c = P->count + t;
+                P->index[c] = off + j;
+                P->base[c] = b[j];
+                P->undecided[c] = und[j];
+                uint32_t kept = 0;
+                for (int i = 0; i < s; i++) kept |= (uint32_t)(mask[i][j] != 0.0f) << i;
+                P->kept[c] = kept;
+            }
+            for (int i = 0; i < s; i++)
+                for (int t = 0; t < m; t++) P->delta[i][P->count + t] = d[i][picked[t]];
+            P->count += m;
+        }
+        combine(J, len, b, d, mask, out);
+        store(out, len, J->out, J->out_dtype, off);
+    }
+    return 0;
+}
+
+/* The pending entries of one pass, now that each threshold is known: source i keeps an undecided magnitude above
+   threshold[i], and of those equal to it the first quota[i] (ties by position, as a stable sort breaks them). */
+void fused_fixup(const Job *J, const Pending *P, const float *threshold, const int64_t *quota) {
+    static __thread float d[MAX_SOURCES][BLOCK], mask[MAX_SOURCES][BLOCK];
+    float out[BLOCK];
+    int s = J->n_sources;
+    int64_t ties[MAX_SOURCES];
+    for (int i = 0; i < s; i++) ties[i] = 0;
+    for (int64_t off = 0; off < P->count; off += BLOCK) {
+        int len = P->count - off < BLOCK ? (int)(P->count - off) : BLOCK;
+        const uint32_t *und = P->undecided + off, *kept = P->kept + off;
+        for (int i = 0; i < s; i++) {
+            float *di = d[i], *mi = mask[i];
+            memcpy(di, P->delta[i] + off, (size_t)len * 4);
+            float v = threshold[i];
+            int64_t t = ties[i], q = quota[i];
+            for (int j = 0; j < len; j++) {  /* branch-free: which sources are undecided is data */
+                float a = float_of(bits_of(di[j]) & 0x7fffffffu);
+                int listed = (int)(und[j] >> i & 1u), equal = listed & (a == v);
+                int keep = listed ? (a > v) | (equal & (t < q)) : (int)(kept[j] >> i & 1u);
+                t += equal;
+                mi[j] = keep ? 1.0f : 0.0f;
+            }
+            ties[i] = t;
+        }
+        combine(J, len, P->base + off, d, mask, out);
+        for (int j = 0; j < len; j++) store_one(out[j], J->out, J->out_dtype, P->index[off + j]);
+    }
+}
+
+/* Source i's undecided magnitudes in a pending list, in index order, into out; returns how many. */
+int64_t fused_undecided(const Pending *P, int32_t i, float *out) {
+    int64_t m = 0;
+    for (int64_t c = 0; c < P->count; c++) {
+        out[m] = float_of(bits_of(P->delta[i][c]) & 0x7fffffffu);
+        m += P->undecided[c] >> i & 1u;
+    }
+    return m;
+}
