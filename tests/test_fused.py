@@ -19,7 +19,7 @@ import torch
 
 from evomerge.merge import fused
 from evomerge.merge.materialise import Materialiser
-from evomerge.merge.methods import METHODS, _merge_deltas, _with_defaults, merge_task_vectors
+from evomerge.merge.methods import METHODS, _merge_deltas, _with_defaults
 from evomerge.merge.recipe import parse_recipe
 from evomerge.zoo.shapes import llama_config, write_random_family
 

@@ -200,6 +200,29 @@ def test_plan_counts_what_the_worker_allocates(bf16_family, sdtype):
     assert 0.5 * part(opt, "rank caches") <= cached <= part(opt, "rank caches"), (cached, part(opt, "rank caches"))
 
 
+def test_plan_of_the_one_pass_cpu_merge(bf16_family):
+    """A CPU worker's TIES with stable ties goes through merge.fused: no rank caches, a small transient and the
+    sketches, which the plan budgets at least as large as the worker builds them; in mergekit's tie order on bf16
+    sources the plan keeps the torch path's budget and says how to get the fast one."""
+    from evomerge.merge import fused
+
+    models = [bf16_family[k] for k in ("base", "e1", "e2", "e3")]
+    load = dict(engine_dtype="bfloat16", methods=("ties",), batch_size=2, max_length=16, fused=True)
+    fast = plan_worker(models, Workload(**load, stable_ties=True), cpu_machine(), sources="device").chosen
+    slow = plan_worker(models, Workload(**load, stable_ties=False), cpu_machine(), sources="device")
+    assert not fast.rank_cache and slow.chosen.rank_cache
+    assert "one-pass" in next(p.note for p in fast.parts if p.name == "candidate transient")
+    assert any("stable_ties: true" in n for n in slow.notes)
+    if fused.library() is None:
+        return
+    mat = Materialiser(bf16_family, "base")
+    module = mat.build_module(torch.bfloat16)
+    mat.apply(recipe_for(bf16_family, "ties", {"weight": 0.5, "density": 0.4}, {"stable_ties": True}, "bfloat16"), module)
+    built = sum(sk.nbytes for sk in mat.sketches.values() if sk is not None)
+    assert len(mat.sketches) == 3 * len(mat.checkpoints["base"].names()) and not mat.ranks
+    assert 0 < built <= part(fast, "threshold sketches")
+
+
 def test_plan_refuses_with_part_shortfall_and_fix(bf16_family):
     models = [bf16_family[k] for k in ("base", "e1", "e2", "e3")]
     need = plan_worker(models, Workload(methods=("ties",), batch_size=2, max_length=16), cpu_machine(), "device")

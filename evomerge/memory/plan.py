@@ -38,6 +38,12 @@ GiB = 1024**3
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 PLACEMENTS = ("device", "host", "disk")
 # Methods whose sparsifier ranks magnitudes (rank caches help them); the others never build a cache.
+# Methods evomerge.merge.fused computes in one pass on a CPU worker: no float32 copies of task vectors, no masks,
+# no rank caches; per source tensor a threshold sketch (tail counts and heavy bins' values, 34-110 KiB measured at
+# 0.17-1B parameters), and while a sketch is built, its table of heavy bins (bins of more than 1/2048 of a tensor).
+FUSED_METHODS = ("task_arithmetic", "ties")
+SKETCH_BYTES = 128 * 1024
+SKETCH_SLOT = 64 * 1024  # one heavy bin's value counts while a sketch is built; at most 512 at once
 RANKED_METHODS = ("ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "magnitude_prune")
 # Nominal bandwidths (bytes/s) where this machine cannot measure them: an H100 SXM's HBM3, PCIe 5.0 x16 from
 # pinned (and pageable) host memory, and one NVMe drive. Measured figures replace them where the device is here.
@@ -92,6 +98,7 @@ class ModelShape:
     vocab: int
     intermediate: int
     model_type: str
+    tensors: int = 0  # how many tensors (0: unknown, estimated from the layers)
 
 
 def read_shape(folder: str | Path) -> ModelShape:
@@ -118,7 +125,7 @@ def read_shape(folder: str | Path) -> ModelShape:
         largest=max(t.numel for t in ck.tensors.values()), layers=arch.num_layers, hidden=int(hidden),
         kv_dim=int(kv_heads) * int(head_dim), vocab=int(arch.vocab_size or 0),
         intermediate=int(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden),
-        model_type=arch.model_type)
+        model_type=arch.model_type, tensors=len(ck.tensors))
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,8 @@ class Workload:
     methods: tuple[str, ...] = ("ties",)  # merge methods a candidate may use (none for a pure data-flow space)
     path_layers: int | None = None  # the longest data-flow path (None: no data-flow candidates)
     path_sources: int = 0  # model folders a data-flow path reads layers from
+    fused: bool = False  # the one-pass CPU merge kernel is built or buildable here (merge.fused.available())
+    stable_ties: bool = False  # the space's magnitude methods break ties by position (parameters.stable_ties)
 
 
 @dataclass(frozen=True)
@@ -450,6 +459,27 @@ def plan_worker(models: Sequence[str | Path | ModelShape], workload: Workload, m
     per_elem = 4 + (8 if ref.dtype in ("bfloat16", "float16") else 0)
     rank_bytes = (n_models - 1) * params * per_elem if (tv_methods and ranked) else 0
     transient_dev = (k + 4) * ref.largest * 4 + ref.largest * e_bytes if tv_methods else 0
+    transient_note = f"largest tensor ({count(ref.largest)}) x {k} task vectors in float32, masks, merged"
+    # A CPU worker merges these methods in one pass (merge.fused), unless TIES must follow mergekit's tie order on
+    # 16-bit sources (their ties straddle thresholds: only the sort has that order, and the torch path runs).
+    fused = (not cuda and workload.fused and tv_methods and set(workload.methods) <= set(FUSED_METHODS)
+             and ("ties" not in workload.methods or workload.stable_ties or ref.dtype == "float32"))
+    sketch_part = None
+    if fused:
+        rank_bytes = 0
+        tensors = ref.tensors or ref.layers * 9 + 3
+        # the undecided entries of a pass (at most ~1% of the largest tensor per source: index, base, deltas, bits)
+        # and the merged tensor when it is not written into the engine's own parameter (a vLLM reload)
+        build = min(512, max(1, ref.largest // 1024)) * SKETCH_SLOT + 3 * (1 << 19)
+        transient_dev = build + math.ceil(k * ref.largest * (20 + 4 * k) / 100) + ref.largest * e_bytes
+        transient_note = "one-pass CPU merge: a sketch's build table, undecided entries, one merged tensor"
+        sketch_part = Part("threshold sketches", k * tensors * SKETCH_BYTES, "device",
+                           f"{k} x {tensors} source tensors' magnitude sketches (one-pass merge)")
+    elif (not cuda and workload.fused and "ties" in workload.methods and not workload.stable_ties
+          and set(workload.methods) <= set(FUSED_METHODS)):
+        notes.append(f"TIES on {ref.dtype} sources in mergekit's tie order: each tensor's threshold ties are ordered by "
+                     "a full sort, the slow path; set search_space.parameters.stable_ties: true for the one-pass "
+                     "merge (ties kept by position; export --format mergekit says so)")
     path_part = None
     if workload.path_layers:
         extra = max(0, workload.path_sources) * params * e_bytes
@@ -469,8 +499,9 @@ def plan_worker(models: Sequence[str | Path | ModelShape], workload: Workload, m
         fetched = (k + 1) * ref.largest * (4 if workload.sources_dtype == "float32" else _BYTES.get(ref.dtype, 4))
         if tv_methods:
             parts.append(Part("candidate transient", transient_dev + (fetched if placement != "device" else 0),
-                              "device", f"largest tensor ({count(ref.largest)}) x {k} task vectors in float32, "
-                              "masks, merged"))
+                              "device", transient_note))
+        if sketch_part is not None:
+            parts.append(sketch_part)
         if path_part is not None:
             shared = placement == "device" and workload.sources_dtype == "native" and engine_dtype == ref.dtype
             if not shared:

@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -136,6 +137,14 @@ def _build() -> ctypes.CDLL:
     lib.fused_undecided.argtypes = [p, ctypes.c_int32, p]
     lib.fused_undecided.restype = ctypes.c_int64
     return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built or can be (not turned off, a compiler on PATH), without building it: what the
+    memory plan asks."""
+    if os.environ.get("EVOMERGE_FUSED", "1") == "0" or _failed is not None:
+        return False
+    return _lib is not None or shutil.which(os.environ.get("CC", "cc")) is not None
 
 
 def library() -> ctypes.CDLL | None:

@@ -76,8 +76,13 @@ def memory_plan(spec: JobSpec, address: str | None = None, gpu_memory: Any = Non
     from evomerge.runtime.cluster import address_from
     from evomerge.spaces.presets import build_space, space_demands
 
+    from evomerge.merge import fused
+
     rt = spec.runtime
-    methods, path_layers, path_sources = space_demands(build_space(spec.search_space, spec.models, spec.base))
+    space = build_space(spec.search_space, spec.models, spec.base)
+    methods, path_layers, path_sources = space_demands(space)
+    ps = getattr(space, "ps", space)  # a hybrid's parameter-space half
+    stable_ties = bool((getattr(ps, "parameters", None) or {}).get("stable_ties", False))
     gpu = parse_size(gpu_memory, "--gpu-memory") if gpu_memory is not None else (
         int(rt.gpu_memory * GiB) if rt.gpu_memory else None)
     host = parse_size(host_memory, "--host-memory") if host_memory is not None else (
@@ -89,7 +94,8 @@ def memory_plan(spec: JobSpec, address: str | None = None, gpu_memory: Any = Non
     backend = resolve_backend(rt.backend)
     workload = Workload(backend=backend, engine_dtype=rt.dtype, sources_dtype=rt.sources_dtype,
                         batch_size=rt.batch_size, max_length=rt.max_length, methods=methods,
-                        path_layers=path_layers, path_sources=path_sources)
+                        path_layers=path_layers, path_sources=path_sources, fused=fused.available(),
+                        stable_ties=stable_ties)
     models = [spec.models[spec.base], *(p for k, p in spec.models.items() if k != spec.base)]
     return plan_worker(models, workload, machine, sources=rt.sources, rank_cache=rt.rank_cache)
 
