@@ -253,7 +253,9 @@ def test_a_candidate_off_the_front_says_it_has_no_test_scores(job, tmp_path):
 def test_mergekit_accepts_the_export_and_gives_the_same_tensors(job, tmp_path):
     config = tmp_path / "mk.yml"
     path, selected, notes = export(job, config, fmt="mergekit", knee=True)
-    assert not notes
+    # the search merged TIES with stable ties (a new job's default): the export says mergekit's order may differ;
+    # on these float32 models no tie straddles a threshold, so mergekit gives our tensors all the same
+    assert len(notes) == 1 and "stable_ties" in notes[0] and "stable_ties" not in config.read_text()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([str(MERGEKIT), str(config), str(tmp_path / "theirs")], env=env, capture_output=True,
                          text=True, timeout=300)

@@ -64,7 +64,7 @@ def test_an_evolve_config_becomes_a_job_that_runs(zoo_dir, tmp_path, capsys):
                            "cipher": zoo_dir / "llama/cipher"}
     assert spec.search_space == {"kind": "ps", "method": "ties", "layer_groups": 2, "modules": ["self_attn", "mlp", "*"],
                                  "weight_bounds": [0.0, 1.0], "density_bounds": [0.0, 1.0],
-                                 "parameters": {"normalize": True}, "seed": 0}  # 4 layers / granularity 2
+                                 "parameters": {"normalize": True, "stable_ties": True}, "seed": 0}  # 4 layers / granularity 2
     (score,) = spec.objectives.objectives
     assert score.kind == "sum" and score.direction == "maximise"
     assert [(w, t.task, t.metric, t.limit) for w, t in score.terms] == [(0.75, "zoo_arith", "exact_match", 8),

@@ -159,9 +159,10 @@ def test_the_spec_travels_with_absolute_paths(tmp_path, monkeypatch):
     assert Path(spec["models"]["base"]).is_absolute() and Path(spec["models"]["base"]) .resolve() == (GOLDEN / "base").resolve()
     assert spec["store"] == str(tmp_path / "jobs" / "out" / "store.sqlite")
     from evomerge.search.spec import parse_job
-    from evomerge.spaces.presets import load_space_config
+    from evomerge.spaces.presets import load_space_config, pin_defaults
 
-    assert spec["search_space"] == load_space_config("sakana_ps")  # inlined: the cluster's presets cannot change it
+    # inlined, defaults pinned: the cluster's presets (or a later default) cannot change it
+    assert spec["search_space"] == pin_defaults(load_space_config("sakana_ps"))
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     monkeypatch.chdir(moved)  # the YAML form reads back to the same job from anywhere

@@ -201,7 +201,13 @@ def test_genome_shaping_defaults_are_written_into_the_stored_space():
     assert pin_defaults({"kind": "dfs", "scales": "transition"})["scales"] == "transition"
     assert pin_defaults({"kind": "hybrid", "ps": {}, "dfs": {"repeats": 1}})["dfs"] == {"repeats": 1, "scales": "slot"}
     assert pin_defaults({"kind": "hybrid", "ps": {}})["dfs"] == {"scales": "slot"}
-    assert pin_defaults({"kind": "ps", "method": "ties"}) == {"kind": "ps", "method": "ties"}
+    assert pin_defaults({"kind": "ps", "method": "ties"}) == {"kind": "ps", "method": "ties",
+                                                               "parameters": {"stable_ties": True}}
+    assert pin_defaults({"kind": "ps", "method": "linear"}) == {"kind": "ps", "method": "linear"}
+    assert pin_defaults({"kind": "ps", "method": ["linear", "breadcrumbs"], "parameters": {"stable_ties": False}}
+                        )["parameters"] == {"stable_ties": False}
+    assert pin_defaults({"kind": "hybrid", "ps": {}})["ps"] == {"parameters": {"stable_ties": True}}  # ties: the default
+    assert pin_defaults({"kind": "ps"}, stable_ties=None) == {"kind": "ps"}  # a stored spec: merged as it was
 
 
 def test_a_stored_spec_without_scales_is_read_with_the_default_it_was_written_under(tmp_path):

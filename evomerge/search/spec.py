@@ -211,7 +211,7 @@ class JobSpec:
         if isinstance(d.get("search_space"), Mapping):  # stored before the genome-shaping defaults were pinned
             from evomerge.spaces.presets import pin_defaults
 
-            d["search_space"] = pin_defaults(d["search_space"], scales=SCALES_BEFORE_PINNING)
+            d["search_space"] = pin_defaults(d["search_space"], scales=SCALES_BEFORE_PINNING, stable_ties=None)
         return parse_job(d, source=source, check_paths=check_paths)
 
 

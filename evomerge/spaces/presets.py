@@ -18,6 +18,7 @@ import numpy as np
 
 from evomerge.config import EXAMPLES, Where, check_keys, read_yaml, renamed_keys
 from evomerge.merge.dataflow import DataflowRecipe
+from evomerge.merge.methods import METHODS
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.sources import as_source
 from evomerge.spaces.dataflow import DataflowSpace, source_sizes
@@ -63,18 +64,37 @@ def load_space_config(value: str | Mapping[str, Any], base_dir: Path | None = No
     raise SpaceError(f"search_space: no preset or file '{value}'; presets: {', '.join(preset_names())}")
 
 
-def pin_defaults(cfg: Mapping[str, Any], scales: str | None = None) -> dict[str, Any]:
-    """The space mapping with the defaults that shape its genome written in (a dfs space's `scales`, default: the
-    current default), so a stored job keeps decoding its genomes the same way when a default changes. A stored
-    spec that lacks them was written before they were pinned, when the dfs default was `transition`:
-    `JobSpec.from_dict` passes that."""
+def pin_defaults(cfg: Mapping[str, Any], scales: str | None = None, stable_ties: bool | None = True) -> dict[str, Any]:
+    """The space mapping with the defaults that shape its genome or its merges written in, so a stored job keeps
+    decoding its genomes, and merging them, the same way when a default changes:
+
+    - a dfs space's `scales` (default: the current default). A stored spec that lacks it was written before it was
+      pinned, when the dfs default was `transition`: `JobSpec.from_dict` passes that.
+    - a ps space's `parameters.stable_ties` where its methods rank magnitudes (TIES, breadcrumbs): `true` for a new
+      job (equal magnitudes at a threshold kept by position: the one-pass CPU merge, `merge/fused.py`, instead of a
+      full sort per tensor to reproduce mergekit's order). A stored spec that lacks it was merged in mergekit's
+      order: `JobSpec.from_dict` passes None, which leaves it out (and its recipes' text as it was)."""
     out = dict(cfg)
     default = scales or DataflowSpace.__dataclass_fields__["scales"].default
     if out.get("kind") == "dfs":
         out.setdefault("scales", default)
     elif out.get("kind") == "hybrid" and isinstance(out.get("dfs") or {}, Mapping):
         out["dfs"] = {**(out.get("dfs") or {}), "scales": (out.get("dfs") or {}).get("scales", default)}
+    if out.get("kind") == "ps":
+        out = _pin_ties(out, stable_ties)
+    elif out.get("kind") == "hybrid" and isinstance(out.get("ps") or {}, Mapping):
+        out["ps"] = _pin_ties(dict(out.get("ps") or {}), stable_ties)
     return out
+
+
+def _pin_ties(ps: dict[str, Any], stable_ties: bool | None) -> dict[str, Any]:
+    method = ps.get("method", "ties")
+    methods = [method] if isinstance(method, str) else list(method)
+    params = ps.get("parameters") or {}
+    if stable_ties is None or not isinstance(params, Mapping) or not any(
+            m in METHODS and "stable_ties" in METHODS[m].global_params for m in methods):
+        return ps
+    return {**ps, "parameters": {**params, "stable_ties": params.get("stable_ties", stable_ties)}}
 
 
 def _check_keys(cfg: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
