@@ -222,20 +222,26 @@ int fused_pass(const Job *J, int64_t start, int64_t end, Pending *P) {
             if (J->mode[i] == RUN) {
                 uint32_t v = J->value[i];
                 int64_t q = J->quota[i];
-                int equal = 0;
-                for (int j = 0; j < len; j++) equal += (bits_of(di[j]) & 0x7fffffffu) == v;
-                if (run[i] + equal <= q || run[i] >= q) {  /* all of this block's ties kept, or none */
-                    uint32_t cut = run[i] >= q ? v + 1 : v;
-                    for (int j = 0; j < len; j++) mi[j] = (bits_of(di[j]) & 0x7fffffffu) >= cut ? 1.0f : 0.0f;
-                    run[i] += equal;
-                } else {  /* the block where the quota runs out */
+                if (run[i] >= q) {  /* the quota is spent: only what is above the value */
+                    for (int j = 0; j < len; j++) mi[j] = (bits_of(di[j]) & 0x7fffffffu) > v ? 1.0f : 0.0f;
+                    continue;
+                }
+                int equal = 0;  /* first as if every tie of this block were kept, counting them */
+                for (int j = 0; j < len; j++) {
+                    uint32_t u = bits_of(di[j]) & 0x7fffffffu;
+                    mi[j] = u >= v ? 1.0f : 0.0f;
+                    equal += u == v;
+                }
+                if (run[i] + equal > q) {  /* the block where the quota runs out */
+                    int64_t r = run[i];
                     for (int j = 0; j < len; j++) {
                         uint32_t u = bits_of(di[j]) & 0x7fffffffu;
                         int tie = u == v;
-                        mi[j] = (u > v) | (tie & (run[i] < q)) ? 1.0f : 0.0f;
-                        run[i] += tie;
+                        mi[j] = (u > v) | (tie & (r < q)) ? 1.0f : 0.0f;
+                        r += tie;
                     }
                 }
+                run[i] += equal;
                 continue;
             }
             uint32_t bin = (uint32_t)J->bin[i];
