@@ -89,11 +89,11 @@ def worker(args: argparse.Namespace) -> None:
     from evomerge.merge.materialise import Materialiser
     from evomerge.merge.recipe import parse_recipe
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     sampler = Sampler()
     sampler.start()
     paths = {n: Path(p) for n, p in json.loads(args.paths).items()}
-    machine = Machine.detect("cpu")  # one thread's copy bandwidth, measured here
+    machine = Machine.detect("cpu")  # the copy bandwidth of --threads threads, measured here
     bandwidth = machine.bandwidth["device"]
     machine = replace(machine, bandwidth={**machine.bandwidth, "disk": bandwidth})  # the families sit in the page cache
     workload = Workload(backend="hf", engine_dtype="bfloat16", sources_dtype=args.sources_dtype, batch_size=BATCH,
@@ -133,7 +133,7 @@ def worker(args: argparse.Namespace) -> None:
         "bandwidth": bandwidth}))
 
 
-def mergekit_time(paths: dict[str, Path], k: int) -> float | None:
+def mergekit_time(paths: dict[str, Path], k: int, threads: int = 1) -> float | None:
     """Seconds for mergekit's `merge_state_dicts` on the same TIES candidate (all tensors in memory first)."""
     py = REPO / ".venv-mergekit" / "bin" / "python"
     if not py.exists():
@@ -144,7 +144,7 @@ import json, sys, time, torch
 from safetensors.torch import load_file
 from pathlib import Path
 from mergekit.merge_methods.api import merge_state_dicts
-torch.set_num_threads(1)
+torch.set_num_threads(int(sys.argv[2]))
 r = json.loads(sys.argv[1])
 def load(folder):
     out = {}
@@ -162,8 +162,9 @@ with torch.no_grad():
     merge_state_dicts(models, "ties", parameters=params, base="base", dtype=torch.float32, out_dtype=torch.bfloat16)
     print(time.perf_counter() - t)
 """
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([str(py), "-c", code, json.dumps(recipe)], capture_output=True, text=True, env=env)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    res = subprocess.run([str(py), "-c", code, json.dumps(recipe), str(threads)], capture_output=True, text=True,
+                         env=env)
     if res.returncode != 0:
         print(f"mergekit failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
         return None
@@ -177,6 +178,8 @@ def main() -> None:
     ap.add_argument("--root", default=str(REPO / ".cache" / "bench-real"))
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--mergekit-ties", action="store_true", help="break TIES ties as mergekit does (a full sort)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per worker: tensors merged at once, and the threads the bound's copy uses")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--paths", help=argparse.SUPPRESS)
     ap.add_argument("--placement", default="device", help=argparse.SUPPRESS)
@@ -196,8 +199,10 @@ def main() -> None:
         for placement, sdtype in runs:
             cmd = [sys.executable, __file__, "--worker", "--paths", json.dumps({k: str(v) for k, v in paths.items()}),
                    "--placement", placement, "--sources-dtype", sdtype, "--candidates", str(args.candidates),
+                   "--threads", str(args.threads),
                    *(["--mergekit-ties"] if args.mergekit_ties else [])]
-            res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            res = subprocess.run(cmd, capture_output=True, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             if res.returncode != 0:
                 print(res.stderr[-3000:])
                 raise SystemExit(f"worker failed: {placement} {sdtype}")
@@ -218,7 +223,7 @@ def main() -> None:
         if not args.no_mergekit and size == args.sizes.split(",")[0]:
             ours = min(r["candidate_s"] for r in rows if r["size"] == size and r["placement"] == "device"
                        and r["sources_dtype"] == "native")
-            mk = mergekit_time(paths, 1)
+            mk = mergekit_time(paths, 1, args.threads)
             if mk is not None:
                 print(f"[{size}] mergekit merge_state_dicts (tensors already in memory): {mk:.2f} s vs ours {ours:.2f} s "
                       f"-> RATIO {mk / ours:.1f}x faster (target >= 10x)")

@@ -176,9 +176,18 @@ def test_materialiser_uses_the_kernel_and_matches_the_torch_path(tmp_path, monke
                                       for k in paths if k != "base"]})
     mat = Materialiser(paths, "base")
     module = mat.build_module(torch.bfloat16)
-    mat.apply(recipe, module)
-    assert len(mat.sketches) == 3 * len(mat.checkpoints["base"].names())  # every tensor went through the kernel
-    fast = {n: t.clone() for n, t in module.state_dict().items()}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # several tensors at once, one thread each
+        mat.apply(recipe, module)
+        assert len(mat.sketches) == 3 * len(mat.checkpoints["base"].names())  # every tensor went through the kernel
+        fast = {n: t.clone() for n, t in module.state_dict().items()}
+        torch.set_num_threads(1)
+        mat.apply(recipe, module)
+        for name, t in module.state_dict().items():
+            assert torch.equal(t, fast[name]), name
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setenv("EVOMERGE_FUSED", "0")
     slow_mat = Materialiser(paths, "base")
     slow_mat.apply(recipe, module)

@@ -23,6 +23,7 @@ iterator), so the transient beyond the resident state is a few tensors in float3
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -282,7 +283,8 @@ class Materialiser:
         return plan_merge(recipe, {k: self.checkpoints[v] for k, v in labels.items()}, check=False)
 
     # ---------------------------------------------------------------- merging
-    def _fused(self, plan: MergePlan, labels: Mapping[str, str], job: TensorJob, out: torch.Tensor) -> bool:
+    def _fused(self, plan: MergePlan, labels: Mapping[str, str], job: TensorJob, out: torch.Tensor,
+               threads: int | None = None) -> bool:
         """Merge `job` into `out` with the one-pass CPU kernel (`fused`), where it computes this merge: the same
         bits as the torch path. False where it does not (then `out` holds nothing of use)."""
         spec = METHODS[plan.method]
@@ -312,15 +314,16 @@ class Materialiser:
                 self.sketches[keys[i]] = fused.sketch(base, *sources[i])
             return self.sketches[keys[i]]
 
-        return fused.merge(out, base, sources, spec, models, globals_, sketch_of)
+        return fused.merge(out, base, sources, spec, models, globals_, sketch_of, threads=threads)
 
     def _merge(self, plan: MergePlan, labels: Mapping[str, str], job: TensorJob,
-               out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, dtype: torch.dtype | None = None, one_pass: bool = True) -> torch.Tensor:
         """One merged tensor on the device. Where the one-pass kernel computes it, written into `out` (or a fresh
-        tensor of `dtype`) and returned; else a fresh float32 tensor. The caller may keep or modify it."""
+        tensor of `dtype`) and returned; else a fresh float32 tensor. The caller may keep or modify it.
+        `one_pass=False`: the kernel declined this job already."""
         spec = METHODS[plan.method]
         compute = plan.recipe.compute_torch_dtype()
-        if compute == torch.float32 and spec.uses_task_vectors and self.device.type == "cpu":
+        if one_pass and compute == torch.float32 and spec.uses_task_vectors and self.device.type == "cpu":
             target = out if out is not None else torch.empty(self._shape(labels, job), dtype=dtype or torch.float32)
             if self._fused(plan, labels, job, target):
                 return target
@@ -361,10 +364,25 @@ class Materialiser:
         if targets is None:
             assert module is not None
             targets = self.targets(module)
+        jobs = []
         for job in plan.jobs:
             target = targets.get(job.out_name)
             if target is None:
                 raise RecipeError(f"the merged tensor '{job.out_name}' has no place in this worker's model (data-flow recipes need their own module)")
-            merged = self._merge(plan, labels, job, target)
+            jobs.append((job, target))
+        threads = torch.get_num_threads()
+        if (threads > 1 and len(jobs) > 1 and self.device.type == "cpu" and self.placement != "disk"
+                and METHODS[plan.method].uses_task_vectors and plan.recipe.compute_torch_dtype() == torch.float32
+                and fused.library() is not None):
+            # one-pass merges, several tensors at once (one thread each: the kernel lets go of the GIL); what the
+            # kernel declines is merged the torch way afterwards, with torch's own threads
+            with ThreadPoolExecutor(threads) as pool:
+                done = list(pool.map(lambda jt: self._fused(plan, labels, jt[0], jt[1], threads=1), jobs))
+            jobs = [jt for jt, ok in zip(jobs, done) if not ok]
+            one_pass = False
+        else:
+            one_pass = True
+        for job, target in jobs:
+            merged = self._merge(plan, labels, job, target, one_pass=one_pass)
             if merged is not target:
                 target.copy_(merged)
