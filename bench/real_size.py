@@ -6,7 +6,9 @@ state (Materialiser + the scoring engine's bf16 module), materialises 3-model TI
 runs one forward pass, while a sampler thread reads /proc/self/status every 2 ms. Printed, per run:
 
   - peak RSS (anonymous memory, what the plan predicts; the page cache of `disk` sources is not the process's)
-    against the plan's prediction for the same job on this machine: RATIO measured / planned (target within 15%);
+    against the plan's prediction for the same job on this machine: RATIO measured / planned (target within 15%),
+    and the same beyond the runtime (this process before any worker state against the plan's runtime part, which
+    is sized for a worker that has lm-eval and Ray imported: this one has torch and transformers only);
   - resident sources against the sum of the checkpoints' sizes (target <= 1.1x with native sources);
   - per-candidate materialisation time against the placement's bound (its inputs read once, the merged model
     written once, over this machine's copy bandwidth measured in the same run; target within 5x);
@@ -90,6 +92,7 @@ def worker(args: argparse.Namespace) -> None:
     from evomerge.merge.recipe import parse_recipe
 
     torch.set_num_threads(args.threads)
+    baseline = Sampler.read()["RssAnon"]  # this process before any worker state: its runtime
     sampler = Sampler()
     sampler.start()
     paths = {n: Path(p) for n, p in json.loads(args.paths).items()}
@@ -130,6 +133,7 @@ def worker(args: argparse.Namespace) -> None:
         "predicted": predicted_anon, "parts": {p.name: p.bytes for p in option.parts},
         "resident": mat.resident_bytes, "checkpoints": ckpt_bytes, "build_s": build_s,
         "candidate_s": per_candidate, "first_s": times[0], "bound_s": option.materialise_seconds,
+        "sketches": sum(sk.nbytes for sk in mat.sketches.values() if sk is not None), "baseline": baseline,
         "bandwidth": bandwidth}))
 
 
@@ -210,9 +214,13 @@ def main() -> None:
             r["size"] = size
             rows.append(r)
             engine = r["parts"]["engine weights"]
+            beyond = r["predicted"] - r["parts"]["runtime"]
             print(f"[{size}] {r['params'] / 1e9:.2f}B sources {placement}/{sdtype}: peak RSS {r['peak_anon'] / gib:.2f} GiB "
                   f"(anon; VmHWM {r['hwm'] / gib:.2f}) vs plan {r['predicted'] / gib:.2f} GiB -> RATIO measured/planned "
-                  f"{r['peak_anon'] / r['predicted']:.3f} (target 0.85-1.15)")
+                  f"{r['peak_anon'] / r['predicted']:.3f} (target 0.85-1.15); beyond the runtime (this process "
+                  f"{r['baseline'] / gib:.2f} GiB, planned {r['parts']['runtime'] / gib:.2f} GiB for a worker with lm-eval "
+                  f"and Ray) {(r['peak_anon'] - r['baseline']) / gib:.2f} vs {beyond / gib:.2f} GiB -> RATIO "
+                  f"{(r['peak_anon'] - r['baseline']) / beyond:.3f}")
             if placement != "disk":
                 print(f"[{size}]     resident sources {r['resident'] / gib:.2f} GiB vs checkpoints {r['checkpoints'] / gib:.2f}"
                       f" GiB -> RATIO {r['resident'] / r['checkpoints']:.2f} (target <= 1.1 native); + engine "

@@ -496,7 +496,9 @@ def plan_worker(models: Sequence[str | Path | ModelShape], workload: Workload, m
         where = {"device": "device", "host": "host", "disk": "page cache"}[placement]
         home = "device" if not cuda and placement == "device" else where
         parts.append(Part("sources", resident, home, res_note + ("; the page cache keeps what fits" if placement == "disk" else "")))
-        fetched = (k + 1) * ref.largest * (4 if workload.sources_dtype == "float32" else _BYTES.get(ref.dtype, 4))
+        # tensors copied in from the host or read from disk; the one-pass merge reads the page cache in place
+        fetched = 0 if fused and placement == "disk" else (
+            (k + 1) * ref.largest * (4 if workload.sources_dtype == "float32" else _BYTES.get(ref.dtype, 4)))
         if tv_methods:
             parts.append(Part("candidate transient", transient_dev + (fetched if placement != "device" else 0),
                               "device", transient_note))

@@ -266,7 +266,9 @@ def merge(
     """Write base + the merged task vectors into `out`, as `base + merge_task_vectors(...)` rounded to `out`'s
     dtype. `sources`: (tensor, is_delta) per model (is_delta: the tensor is already source - base); parameters with
     defaults filled; `sketch_of(i)`: source i's sketch (built on first use by the caller's cache). False when the
-    kernel does not compute this merge (nothing usable written: the caller merges the torch way)."""
+    kernel does not compute this merge (`out` may then hold part of one: the caller merges the torch way into it).
+    `out` may be the memory of the base or a source: each block is read before it is written, and the fix-up
+    works from the values the pass recorded."""
     lib = library()
     n = base.numel()
     if (lib is None or not supports(spec, global_params, len(sources)) or n == 0
