@@ -9,9 +9,11 @@
    with -ffp-contract=off and without -ffast-math, so no operation is fused or reordered): the results are the
    same bits (tests/test_fused.py). The magnitude threshold of TIES is found without a sort: a histogram of the
    task vector's magnitudes by the top bits of their float32 pattern (a "sketch", built once per source tensor)
-   names the one bin the threshold lies in; the pass keeps what is above that bin, drops what is below, and lists
-   the entries inside it ("undecided"); fused.py finds the exact threshold among those few, and the fix-up pass
-   recomputes the undecided entries. */
+   names the one bin the threshold lies in. Where the sketch knows that bin's values exactly (a heavy bin: the rule
+   for bf16 sources), the threshold value and how many of its ties are kept are known before the pass, which
+   decides everything (RUN: ties kept by position, counted as it goes). Otherwise the pass keeps what is above the
+   bin, drops what is below, and lists the entries inside it ("undecided"); fused.py finds the exact threshold
+   among those few, and the fix-up recomputes the undecided entries from what the pass recorded. */
 
 #include <stdint.h>
 #include <string.h>
@@ -164,7 +166,8 @@ int fused_sketch(const void *base, int32_t base_dtype, const void *source, int32
 }
 
 /* The exact values of the heavy bins (slot[bin] >= 0): table[slot][low SHIFT bits of the magnitude] counts them.
-   bf16 task vectors pile up on a few values per bin (their differences have at most 9 significant bits). */
+   bf16 task vectors pile up on a few values per bin (the difference of two close bf16 numbers has at most 9
+   significant bits). */
 void fused_bin_values(const void *base, int32_t base_dtype, const void *source, int32_t source_dtype,
                       int32_t is_delta, int64_t n, const int32_t *slot, uint32_t *table) {
     float b[BLOCK], x[BLOCK];

@@ -177,8 +177,8 @@ class Sketch:
     """The magnitudes of one task vector binned by their top float32 bits: where any rank's value lies, to one
     bin (1/512 of an octave). `tail[r]`: how many nonzero magnitudes are in bin `top - r` or above. `exact`: for
     the heavy bins, their values (float32 bits, descending) and how many entries hold each. bf16 sources pile up
-    there: their differences have at most 9 significant bits, so a bin's entries are a few values with many ties
-    each, and which ties a threshold keeps is a matter of position, decided in the pass itself."""
+    there: the difference of two close bf16 numbers has at most 9 significant bits, so a bin's entries are a few
+    values with many ties each, and which ties a threshold keeps is a matter of position, decided in the pass."""
 
     n: int
     nonzero: int
