@@ -146,6 +146,18 @@ def test_mergekit_tie_order_declines_where_ties_straddle():
     assert got is not None and torch.equal(bits(got), bits(want))
 
 
+def test_a_nan_in_the_merge_is_left_to_torch():
+    """torch writes a NaN's bf16 bits its own way: a merge whose result holds one is declined after the pass, and a
+    TIES source with a NaN has no sketch (declined before)."""
+    base, sources = family(10_000, torch.bfloat16, 2, seed=8)
+    sources[1][123] = float("nan")
+    got, _ = run_both("task_arithmetic", base, sources, [{"weight": 0.5}, {"weight": 0.5}], {}, torch.bfloat16)
+    assert got is None
+    got, _ = run_both("ties", base, sources, THREE[:2], {"stable_ties": True}, torch.bfloat16)
+    assert got is None
+    assert fused.sketch(base, sources[1], False) is None
+
+
 def test_sketch_brackets_every_rank():
     """The bin a rank falls in, and the exact value a heavy bin gives it, against a sort."""
     base, sources = family(30_000, torch.bfloat16, 1, seed=7)

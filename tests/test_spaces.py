@@ -210,6 +210,23 @@ def test_genome_shaping_defaults_are_written_into_the_stored_space():
     assert pin_defaults({"kind": "ps"}, stable_ties=None) == {"kind": "ps"}  # a stored spec: merged as it was
 
 
+def test_a_stored_ties_spec_keeps_mergekits_tie_order(tmp_path):
+    """A job file gets stable ties pinned; a stored spec without them (searched in mergekit's order) reads back
+    without them, so its resumed merges and recipe text stay as they were."""
+    from evomerge.search.spec import JobSpec, parse_job
+
+    from helpers import GOLDEN as golden
+
+    job = {"name": "j", "models": {"base": str(golden / "base"), "sources": {"a": str(golden / "a")}},
+           "search_space": {"kind": "ps", "method": "ties"}, "objectives": {"objectives": [{"builtin": "params"}]},
+           "driver": {"budget": {"evaluations": 8}}, "store": str(tmp_path / "s.sqlite")}
+    fresh = parse_job(job, check_paths=False)
+    assert fresh.search_space["parameters"] == {"stable_ties": True}
+    stored = JobSpec.from_dict({**fresh.to_dict(), "search_space": {"kind": "ps", "method": "ties"}})
+    assert "parameters" not in stored.search_space
+    assert JobSpec.from_dict(fresh.to_dict()).search_space["parameters"] == {"stable_ties": True}
+
+
 def test_a_stored_spec_without_scales_is_read_with_the_default_it_was_written_under(tmp_path):
     """Specs stored before `scales` was pinned decode with the old default (transition): an old store resumes
     with the genome length it was written with; a fresh job file gets today's default (slot)."""

@@ -39,8 +39,9 @@ _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 PLACEMENTS = ("device", "host", "disk")
 # Methods whose sparsifier ranks magnitudes (rank caches help them); the others never build a cache.
 # Methods evomerge.merge.fused computes in one pass on a CPU worker: no float32 copies of task vectors, no masks,
-# no rank caches; per source tensor a threshold sketch (tail counts and heavy bins' values, 34-110 KiB measured at
-# 0.17-1B parameters), and while a sketch is built, its table of heavy bins (bins of more than 1/2048 of a tensor).
+# no rank caches; per source tensor a threshold sketch (tail counts and heavy bins' values, 30-40 KiB on average
+# measured at 0.17-1B parameters), and while a sketch is built, its table of heavy bins (bins of more than 1/2048
+# of a tensor). Whether the kernel builds is read on the planning machine: its compiler stands for the workers'.
 FUSED_METHODS = ("task_arithmetic", "ties")
 SKETCH_BYTES = 128 * 1024
 SKETCH_SLOT = 64 * 1024  # one heavy bin's value counts while a sketch is built; at most 512 at once
@@ -142,6 +143,7 @@ class Workload:
     path_sources: int = 0  # model folders a data-flow path reads layers from
     fused: bool = False  # the one-pass CPU merge kernel is built or buildable here (merge.fused.available())
     stable_ties: bool = False  # the space's magnitude methods break ties by position (parameters.stable_ties)
+    threads: int = 1  # torch threads per worker (a CPU worker's one-pass merges run that many tensors at once)
 
 
 @dataclass(frozen=True)
@@ -462,8 +464,9 @@ def plan_worker(models: Sequence[str | Path | ModelShape], workload: Workload, m
     transient_note = f"largest tensor ({count(ref.largest)}) x {k} task vectors in float32, masks, merged"
     # A CPU worker merges these methods in one pass (merge.fused), unless TIES must follow mergekit's tie order on
     # 16-bit sources (their ties straddle thresholds: only the sort has that order, and the torch path runs).
+    # (float32 sources too: their ties straddle rarely, but they may, and such a tensor takes the torch path.)
     fused = (not cuda and workload.fused and tv_methods and set(workload.methods) <= set(FUSED_METHODS)
-             and ("ties" not in workload.methods or workload.stable_ties or ref.dtype == "float32"))
+             and ("ties" not in workload.methods or workload.stable_ties))
     sketch_part = None
     if fused:
         rank_bytes = 0
@@ -471,8 +474,10 @@ def plan_worker(models: Sequence[str | Path | ModelShape], workload: Workload, m
         # the undecided entries of a pass (at most ~1% of the largest tensor per source: index, base, deltas, bits)
         # and the merged tensor when it is not written into the engine's own parameter (a vLLM reload)
         build = min(512, max(1, ref.largest // 1024)) * SKETCH_SLOT + 3 * (1 << 19)
-        transient_dev = build + math.ceil(k * ref.largest * (20 + 4 * k) / 100) + ref.largest * e_bytes
-        transient_note = "one-pass CPU merge: a sketch's build table, undecided entries, one merged tensor"
+        at_once = max(1, workload.threads)  # a worker merges `threads` tensors at once
+        transient_dev = at_once * (build + math.ceil(k * ref.largest * (20 + 4 * k) / 100)) + ref.largest * e_bytes
+        transient_note = (f"one-pass CPU merge: {at_once} x (a sketch's build table, undecided entries), one merged "
+                          "tensor")
         sketch_part = Part("threshold sketches", k * tensors * SKETCH_BYTES, "device",
                            f"{k} x {tensors} source tensors' magnitude sketches (one-pass merge)")
     elif (not cuda and workload.fused and "ties" in workload.methods and not workload.stable_ties

@@ -65,11 +65,19 @@ static void load(const void *src, int dtype, int64_t off, int len, float *dst) {
     }
 }
 
-/* float32 -> the output dtype, rounded to nearest even as torch rounds (bf16 NaN: 0x7fc0, as c10 writes it). */
+/* float32 -> the output dtype, rounded to nearest even as torch rounds (a NaN never gets here: see has_nan). */
 static inline uint16_t to_bf16(float x) {
     uint32_t u = bits_of(x);
     if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Whether a block of merged values holds a NaN: the pass then declines the tensor (torch's NaN bits differ from
+   one conversion kernel to another; a merged NaN fails its candidate anyway). */
+static inline int has_nan(const float *x, int len) {
+    int nan = 0;
+    for (int j = 0; j < len; j++) nan |= x[j] != x[j];
+    return nan;
 }
 
 static void store(const float *src, int len, void *dst, int dtype, int64_t off) {
@@ -198,8 +206,8 @@ typedef struct {
 } Pending;
 
 /* The pass over [start, end): writes every merged entry, treating undecided magnitudes (in source i's threshold
-   bin, nonzero) as dropped, and lists the entries with any undecided source. Returns 0, or 1 when the list would
-   overflow its capacity (the caller then merges this tensor the torch way). */
+   bin, nonzero) as dropped, and lists the entries with any undecided source. Returns 0; 1 when the list would
+   overflow its capacity, 2 when a merged value is NaN (the caller then merges this tensor the torch way). */
 int fused_pass(const Job *J, int64_t start, int64_t end, Pending *P) {
     static __thread float d[MAX_SOURCES][BLOCK], mask[MAX_SOURCES][BLOCK];
     float b[BLOCK], out[BLOCK];
@@ -278,6 +286,7 @@ int fused_pass(const Job *J, int64_t start, int64_t end, Pending *P) {
             P->count += m;
         }
         combine(J, len, b, d, mask, out);
+        if (has_nan(out, len)) return 2;
         store(out, len, J->out, J->out_dtype, off);
     }
     return 0;
@@ -285,7 +294,7 @@ int fused_pass(const Job *J, int64_t start, int64_t end, Pending *P) {
 
 /* The pending entries of one pass, now that each threshold is known: source i keeps an undecided magnitude above
    threshold[i], and of those equal to it the first quota[i] (ties by position, as a stable sort breaks them). */
-void fused_fixup(const Job *J, const Pending *P, const float *threshold, const int64_t *quota) {
+int fused_fixup(const Job *J, const Pending *P, const float *threshold, const int64_t *quota) {
     static __thread float d[MAX_SOURCES][BLOCK], mask[MAX_SOURCES][BLOCK];
     float out[BLOCK];
     int s = J->n_sources;
@@ -309,8 +318,10 @@ void fused_fixup(const Job *J, const Pending *P, const float *threshold, const i
             ties[i] = t;
         }
         combine(J, len, P->base + off, d, mask, out);
+        if (has_nan(out, len)) return 2;
         for (int j = 0; j < len; j++) store_one(out[j], J->out, J->out_dtype, P->index[off + j]);
     }
+    return 0;
 }
 
 /* Source i's undecided magnitudes in a pending list, in index order, into out; returns how many. */

@@ -3,7 +3,7 @@
 Why: the torch path (`methods._merge_deltas`) is some 30 elementwise passes per task vector (TIES's masks, sign
 election and agreement), each a trip through memory at 5-8 ns per element on one thread, and a magnitude
 threshold costs a selection per tensor per candidate: 100-400x the memory-bandwidth bound of a candidate at
-0.17-1B parameters. `fused.c` reads each source once per block of 512 entries, merges the block in L1 and writes
+0.17-1B parameters. `fused.c` reads each source once per block of 256 entries, merges the block in L1 and writes
 it once, straight into the engine's parameter in its dtype; a TIES threshold is found from a per-tensor histogram
 of the task vector's magnitudes (a `Sketch`, built once per source tensor and kept: the sources do not change
 between candidates, only weights and densities do) plus the few entries of the one bin it falls in.
@@ -133,7 +133,7 @@ def _build() -> ctypes.CDLL:
     lib.fused_pass.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p]
     lib.fused_pass.restype = ctypes.c_int
     lib.fused_fixup.argtypes = [p, p, p, p]
-    lib.fused_fixup.restype = None
+    lib.fused_fixup.restype = ctypes.c_int
     lib.fused_undecided.argtypes = [p, ctypes.c_int32, p]
     lib.fused_undecided.restype = ctypes.c_int64
     return lib
@@ -266,9 +266,9 @@ def merge(
     """Write base + the merged task vectors into `out`, as `base + merge_task_vectors(...)` rounded to `out`'s
     dtype. `sources`: (tensor, is_delta) per model (is_delta: the tensor is already source - base); parameters with
     defaults filled; `sketch_of(i)`: source i's sketch (built on first use by the caller's cache). False when the
-    kernel does not compute this merge (`out` may then hold part of one: the caller merges the torch way into it).
-    `out` may be the memory of the base or a source: each block is read before it is written, and the fix-up
-    works from the values the pass recorded."""
+    kernel does not compute this merge, or declines it after the pass (a NaN in the result: torch's bits for a NaN
+    are its own business); `out` may then hold part of one and the caller merges the torch way into it, so `out`
+    must not share memory with the base or a source."""
     lib = library()
     n = base.numel()
     if (lib is None or not supports(spec, global_params, len(sources)) or n == 0
@@ -318,7 +318,7 @@ def merge(
     parts = 1 if any(m == _MODES["run"] for m in job.mode[: len(sources)]) else max(1, min(threads, n // _CHUNK_MIN))
     bounds = [n * p // parts for p in range(parts + 1)]
     s = len(sources)
-    lists = [_Undecided(sum(inside.values()), s) for _ in range(parts)]
+    lists = [_Undecided(min(sum(inside.values()), bounds[p + 1] - bounds[p]), s) for p in range(parts)]
 
     def run(fn: Callable[[int], object]) -> list:
         if parts == 1:
@@ -328,7 +328,7 @@ def merge(
 
     jp = ctypes.byref(job)
     if any(run(lambda p: lib.fused_pass(jp, bounds[p], bounds[p + 1], ctypes.byref(lists[p].struct)))):
-        return False
+        return False  # an undecided list overflowed, or the merge holds a NaN (torch writes NaN bits its own way)
     if not need:
         return True
     thresholds = np.zeros(s, dtype=np.float32)
@@ -346,23 +346,7 @@ def merge(
         for p in range(parts):
             quotas[p, i] = min(ties, int(torch.count_nonzero(vals[p] == v)))
             ties -= int(quotas[p, i])
-    run(lambda p: lib.fused_fixup(jp, ctypes.byref(lists[p].struct), thresholds.ctypes.data, quotas[p].ctypes.data))
-    return True
-    thresholds = np.zeros(s, dtype=np.float32)
-    quotas = np.zeros((parts, s), dtype=np.int64)
-    for i, keep in need.items():
-        vals = [torch.from_numpy(lists[p][1][i][: lists[p][5][i]]) for p in range(parts)]
-        found = torch.cat(vals)
-        if found.numel() != inside[i]:
-            return False  # the sketch does not describe this tensor (it changed under us): merge the torch way
-        v = torch.kthvalue(found, found.numel() - keep + 1).values
-        ties = keep - int(torch.count_nonzero(found > v))
-        if not stable and int(torch.count_nonzero(found == v)) != ties:
-            return False  # equal magnitudes straddle the threshold: mergekit's order comes from its sort only
-        thresholds[i] = float(v)
-        for p in range(parts):
-            quotas[p, i] = min(ties, int(torch.count_nonzero(vals[p] == v)))
-            ties -= int(quotas[p, i])
-    run(lambda p: lib.fused_fixup(jp, lists[p][2], lists[p][3], lists[p][5].ctypes.data, thresholds.ctypes.data,
-                                  quotas[p].ctypes.data))
+    if any(run(lambda p: lib.fused_fixup(jp, ctypes.byref(lists[p].struct), thresholds.ctypes.data,
+                                         quotas[p].ctypes.data))):
+        return False
     return True

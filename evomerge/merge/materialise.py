@@ -23,6 +23,7 @@ iterator), so the transient beyond the resident state is a few tensors in float3
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -314,7 +315,13 @@ class Materialiser:
                 self.sketches[keys[i]] = fused.sketch(base, *sources[i])
             return self.sketches[keys[i]]
 
-        return fused.merge(out, base, sources, spec, models, globals_, sketch_of, threads=threads)
+        if not fused.merge(out, base, sources, spec, models, globals_, sketch_of, threads=threads):
+            return False
+        try:  # written through its pointer: tell autograd, as copy_ would
+            torch.autograd.graph.increment_version(out)
+        except RuntimeError:  # an inference tensor has no version counter
+            pass
+        return True
 
     def _merge(self, plan: MergePlan, labels: Mapping[str, str], job: TensorJob,
                out: torch.Tensor | None = None, dtype: torch.dtype | None = None, one_pass: bool = True) -> torch.Tensor:
@@ -323,7 +330,8 @@ class Materialiser:
         `one_pass=False`: the kernel declined this job already."""
         spec = METHODS[plan.method]
         compute = plan.recipe.compute_torch_dtype()
-        if one_pass and compute == torch.float32 and spec.uses_task_vectors and self.device.type == "cpu":
+        if (one_pass and compute == torch.float32 and spec.uses_task_vectors and self.device.type == "cpu"
+                and fused.library() is not None):
             target = out if out is not None else torch.empty(self._shape(labels, job), dtype=dtype or torch.float32)
             if self._fused(plan, labels, job, target):
                 return target
@@ -371,18 +379,20 @@ class Materialiser:
                 raise RecipeError(f"the merged tensor '{job.out_name}' has no place in this worker's model (data-flow recipes need their own module)")
             jobs.append((job, target))
         threads = torch.get_num_threads()
+        later: list[tuple[TensorJob, torch.Tensor, bool]] = [(job, target, True) for job, target in jobs]
         if (threads > 1 and len(jobs) > 1 and self.device.type == "cpu" and self.placement != "disk"
                 and METHODS[plan.method].uses_task_vectors and plan.recipe.compute_torch_dtype() == torch.float32
                 and fused.library() is not None):
-            # one-pass merges, several tensors at once (one thread each: the kernel lets go of the GIL); what the
-            # kernel declines is merged the torch way afterwards, with torch's own threads
+            # One-pass merges, several tensors at once (one thread each: the kernel lets go of the GIL). A target
+            # that two checkpoint tensors share (tied weights) is left to the loop below, which keeps their order.
+            # What the kernel declines is merged the torch way afterwards, with torch's own threads.
+            uses = Counter(target.data_ptr() for _, target in jobs)
+            alone = [(job, target) for job, target in jobs if uses[target.data_ptr()] == 1]
             with ThreadPoolExecutor(threads) as pool:
-                done = list(pool.map(lambda jt: self._fused(plan, labels, jt[0], jt[1], threads=1), jobs))
-            jobs = [jt for jt, ok in zip(jobs, done) if not ok]
-            one_pass = False
-        else:
-            one_pass = True
-        for job, target in jobs:
+                done = dict(zip((id(t) for _, t in alone),
+                                pool.map(lambda jt: self._fused(plan, labels, jt[0], jt[1], threads=1), alone)))
+            later = [(job, target, id(target) not in done) for job, target in jobs if not done.get(id(target), False)]
+        for job, target, one_pass in later:
             merged = self._merge(plan, labels, job, target, one_pass=one_pass)
             if merged is not target:
                 target.copy_(merged)

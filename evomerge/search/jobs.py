@@ -73,10 +73,9 @@ def memory_plan(spec: JobSpec, address: str | None = None, gpu_memory: Any = Non
 
     from evomerge.fitness.evaluator import resolve_backend
     from evomerge.memory import GiB, Machine, Workload, parse_size, plan_worker
+    from evomerge.merge import fused
     from evomerge.runtime.cluster import address_from
     from evomerge.spaces.presets import build_space, space_demands
-
-    from evomerge.merge import fused
 
     rt = spec.runtime
     space = build_space(spec.search_space, spec.models, spec.base)
@@ -95,7 +94,7 @@ def memory_plan(spec: JobSpec, address: str | None = None, gpu_memory: Any = Non
     workload = Workload(backend=backend, engine_dtype=rt.dtype, sources_dtype=rt.sources_dtype,
                         batch_size=rt.batch_size, max_length=rt.max_length, methods=methods,
                         path_layers=path_layers, path_sources=path_sources, fused=fused.available(),
-                        stable_ties=stable_ties)
+                        stable_ties=stable_ties, threads=max(1, int(rt.threads)))
     models = [spec.models[spec.base], *(p for k, p in spec.models.items() if k != spec.base)]
     return plan_worker(models, workload, machine, sources=rt.sources, rank_cache=rt.rank_cache)
 

@@ -212,7 +212,7 @@ class JobSpec:
             from evomerge.spaces.presets import pin_defaults
 
             d["search_space"] = pin_defaults(d["search_space"], scales=SCALES_BEFORE_PINNING, stable_ties=None)
-        return parse_job(d, source=source, check_paths=check_paths)
+        return parse_job(d, source=source, check_paths=check_paths, pin=False)
 
 
 def _from_field_dump(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -243,10 +243,12 @@ def load_job(path: str | Path) -> JobSpec:
     return parse_job(data, source=str(path), base_dir=p.parent)
 
 
-def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", check_paths: bool = True) -> JobSpec:
+def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", check_paths: bool = True,
+              pin: bool = True) -> JobSpec:
     """Check a job spec mapping. `check_paths=False` checks its structure and values but not what it needs of this
     machine (the models and objectives' files, an installed vLLM, the installed optimisers' option names): a stored
-    spec read on another machine, a spec bound for a cluster."""
+    spec read on another machine, a spec bound for a cluster. `pin=False`: a stored spec, whose space keeps the
+    merge defaults it was searched with (`pin_defaults(stable_ties=None)`: no stable_ties added)."""
     base_dir = Path(base_dir).resolve()
     where = Where(source, JobSpecError)
     if not isinstance(data, dict):
@@ -295,7 +297,7 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
 
     space = None
     try:
-        space_cfg = pin_defaults(load_space_config(data["search_space"], base_dir))
+        space_cfg = pin_defaults(load_space_config(data["search_space"], base_dir), stable_ties=True if pin else None)
         if check_paths:  # the space reads the models' headers
             space = build_space(space_cfg, models, base)
             for _, genome in space.seeds()[:1]:
