@@ -37,7 +37,6 @@ from evomerge.errors import UserError
 GiB = 1024**3
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 PLACEMENTS = ("device", "host", "disk")
-# Methods whose sparsifier ranks magnitudes (rank caches help them); the others never build a cache.
 # Methods evomerge.merge.fused computes in one pass on a CPU worker: no float32 copies of task vectors, no masks,
 # no rank caches; per source tensor a threshold sketch (tail counts and heavy bins' values, 30-40 KiB on average
 # measured at 0.17-1B parameters), and while a sketch is built, its table of heavy bins (bins of more than 1/2048
@@ -45,6 +44,7 @@ PLACEMENTS = ("device", "host", "disk")
 FUSED_METHODS = ("task_arithmetic", "ties")
 SKETCH_BYTES = 128 * 1024
 SKETCH_SLOT = 64 * 1024  # one heavy bin's value counts while a sketch is built; at most 512 at once
+# Methods whose sparsifier ranks magnitudes (rank caches help them); the others never build a cache.
 RANKED_METHODS = ("ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "magnitude_prune")
 # Nominal bandwidths (bytes/s) where this machine cannot measure them: an H100 SXM's HBM3, PCIe 5.0 x16 from
 # pinned (and pageable) host memory, and one NVMe drive. Measured figures replace them where the device is here.

@@ -6,13 +6,16 @@ threshold costs a selection per tensor per candidate: 100-400x the memory-bandwi
 0.17-1B parameters. `fused.c` reads each source once per block of 256 entries, merges the block in L1 and writes
 it once, straight into the engine's parameter in its dtype; a TIES threshold is found from a per-tensor histogram
 of the task vector's magnitudes (a `Sketch`, built once per source tensor and kept: the sources do not change
-between candidates, only weights and densities do) plus the few entries of the one bin it falls in.
+between candidates, only weights and densities do). Where the sketch knows the threshold's bin exactly (its heavy
+bins: bf16 sources), the pass decides every entry itself, ties by position; elsewhere it lists the few entries of
+that bin and a fix-up finishes them once the exact threshold is known.
 
 The results are the torch path's bits (same float32 operations, same order; `tests/test_fused.py` compares them
 for every mode). What it covers: task-vector methods without a random sparsifier and without rescaling
 (`task_arithmetic`, `ties`; any consensus), float32 computation, CPU tensors of float32/bfloat16/float16, up to 16
-sources. Anything else, and TIES with mergekit's tie order where equal magnitudes straddle a threshold (that order
-is an unstable sort's: only the sort reproduces it), goes the torch way; `merge` says so by returning False.
+sources. Anything else, TIES with mergekit's tie order where equal magnitudes straddle a threshold (that order is
+an unstable sort's: only the sort reproduces it), and a result holding a NaN go the torch way; `merge` says so by
+returning False.
 
 Built on first use with the C compiler (`$CC`, else `cc`) into `$XDG_CACHE_HOME/evomerge/kernels` (one file per
 source, flags and CPU); with no compiler the torch path runs, with one warning. `EVOMERGE_FUSED=0` turns it off.
