@@ -150,19 +150,25 @@ static void combine(const Job *J, int len, const float *b, float (*d)[BLOCK], fl
     for (int j = 0; j < len; j++) out[j] = b[j] + out[j];
 }
 
+/* A block of one task vector in float32: source - base, or the source itself where it is one already. */
+static void load_delta(const void *base, int base_dtype, const void *source, int source_dtype, int is_delta,
+                       int64_t off, int len, float *x) {
+    float b[BLOCK];
+    load(source, source_dtype, off, len, x);
+    if (is_delta) return;
+    load(base, base_dtype, off, len, b);
+    for (int j = 0; j < len; j++) x[j] = x[j] - b[j];
+}
+
 /* Histogram of |source - base| (or |source| for a task vector) by key_of, over [start, end): counts[2^(31-SHIFT)]
    (exact zeros counted apart: whether a zero is kept or dropped never changes a merged entry). */
 int fused_sketch(const void *base, int32_t base_dtype, const void *source, int32_t source_dtype, int32_t is_delta,
                  int64_t start, int64_t end, uint32_t *counts, int64_t *zeros) {
-    float b[BLOCK], x[BLOCK];
+    float x[BLOCK];
     int64_t z = 0;
     for (int64_t off = start; off < end; off += BLOCK) {
         int len = end - off < BLOCK ? (int)(end - off) : BLOCK;
-        load(source, source_dtype, off, len, x);
-        if (!is_delta) {
-            load(base, base_dtype, off, len, b);
-            for (int j = 0; j < len; j++) x[j] = x[j] - b[j];
-        }
+        load_delta(base, base_dtype, source, source_dtype, is_delta, off, len, x);
         for (int j = 0; j < len; j++) {
             uint32_t u = bits_of(x[j]) & 0x7fffffffu;
             if (u == 0) z++;
@@ -178,14 +184,10 @@ int fused_sketch(const void *base, int32_t base_dtype, const void *source, int32
    significant bits). */
 void fused_bin_values(const void *base, int32_t base_dtype, const void *source, int32_t source_dtype,
                       int32_t is_delta, int64_t n, const int32_t *slot, uint32_t *table) {
-    float b[BLOCK], x[BLOCK];
+    float x[BLOCK];
     for (int64_t off = 0; off < n; off += BLOCK) {
         int len = n - off < BLOCK ? (int)(n - off) : BLOCK;
-        load(source, source_dtype, off, len, x);
-        if (!is_delta) {
-            load(base, base_dtype, off, len, b);
-            for (int j = 0; j < len; j++) x[j] = x[j] - b[j];
-        }
+        load_delta(base, base_dtype, source, source_dtype, is_delta, off, len, x);
         for (int j = 0; j < len; j++) {
             uint32_t u = bits_of(x[j]) & 0x7fffffffu;
             int32_t at = u ? slot[u >> SHIFT] : -1;
