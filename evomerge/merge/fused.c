@@ -98,7 +98,8 @@ static inline void store_one(float x, void *dst, int dtype, int64_t j) {
     else ((_Float16 *)dst)[j] = (_Float16)x;
 }
 
-static inline uint32_t key_of(float delta) { return (bits_of(delta) & 0x7fffffffu) >> SHIFT; }
+/* |x| as its float32 bits: for magnitudes the bits order as the values do, and bits >> SHIFT is x's bin. */
+static inline uint32_t abs_bits(float x) { return bits_of(x) & 0x7fffffffu; }
 
 /* The merge of a block of entries from their task vectors d[i] and masks, as methods._merge_deltas computes
    it, stage by stage (each loop vectorises): c_i = (d_i * mask_i) * w_i (in place of d), the consensus sign,
@@ -160,7 +161,7 @@ static void load_delta(const void *base, int base_dtype, const void *source, int
     for (int j = 0; j < len; j++) x[j] = x[j] - b[j];
 }
 
-/* Histogram of |source - base| (or |source| for a task vector) by key_of, over [start, end): counts[2^(31-SHIFT)]
+/* Histogram of |source - base| (or |source| for a task vector) by abs_bits >> SHIFT, over [start, end): counts[2^(31-SHIFT)]
    (exact zeros counted apart: whether a zero is kept or dropped never changes a merged entry). */
 int fused_sketch(const void *base, int32_t base_dtype, const void *source, int32_t source_dtype, int32_t is_delta,
                  int64_t start, int64_t end, uint32_t *counts, int64_t *zeros) {
@@ -170,7 +171,7 @@ int fused_sketch(const void *base, int32_t base_dtype, const void *source, int32
         int len = end - off < BLOCK ? (int)(end - off) : BLOCK;
         load_delta(base, base_dtype, source, source_dtype, is_delta, off, len, x);
         for (int j = 0; j < len; j++) {
-            uint32_t u = bits_of(x[j]) & 0x7fffffffu;
+            uint32_t u = abs_bits(x[j]);
             if (u == 0) z++;
             else counts[u >> SHIFT]++;
         }
@@ -189,7 +190,7 @@ void fused_bin_values(const void *base, int32_t base_dtype, const void *source, 
         int len = n - off < BLOCK ? (int)(n - off) : BLOCK;
         load_delta(base, base_dtype, source, source_dtype, is_delta, off, len, x);
         for (int j = 0; j < len; j++) {
-            uint32_t u = bits_of(x[j]) & 0x7fffffffu;
+            uint32_t u = abs_bits(x[j]);
             int32_t at = u ? slot[u >> SHIFT] : -1;
             if (at >= 0) table[((int64_t)at << SHIFT) + (u & ((1u << SHIFT) - 1))]++;
         }
@@ -236,19 +237,19 @@ int fused_pass(const Job *J, int64_t start, int64_t end, Pending *P) {
                 uint32_t v = J->value[i];
                 int64_t q = J->quota[i];
                 if (run[i] >= q) {  /* the quota is spent: only what is above the value */
-                    for (int j = 0; j < len; j++) mi[j] = (bits_of(di[j]) & 0x7fffffffu) > v ? 1.0f : 0.0f;
+                    for (int j = 0; j < len; j++) mi[j] = abs_bits(di[j]) > v ? 1.0f : 0.0f;
                     continue;
                 }
                 int equal = 0;  /* first as if every tie of this block were kept, counting them */
                 for (int j = 0; j < len; j++) {
-                    uint32_t u = bits_of(di[j]) & 0x7fffffffu;
+                    uint32_t u = abs_bits(di[j]);
                     mi[j] = u >= v ? 1.0f : 0.0f;
                     equal += u == v;
                 }
                 if (run[i] + equal > q) {  /* the block where the quota runs out */
                     int64_t r = run[i];
                     for (int j = 0; j < len; j++) {
-                        uint32_t u = bits_of(di[j]) & 0x7fffffffu;
+                        uint32_t u = abs_bits(di[j]);
                         int tie = u == v;
                         mi[j] = (u > v) | (tie & (r < q)) ? 1.0f : 0.0f;
                         r += tie;
@@ -259,7 +260,7 @@ int fused_pass(const Job *J, int64_t start, int64_t end, Pending *P) {
             }
             uint32_t bin = (uint32_t)J->bin[i];
             for (int j = 0; j < len; j++) {
-                uint32_t u = bits_of(di[j]) & 0x7fffffffu, k = u >> SHIFT;
+                uint32_t u = abs_bits(di[j]), k = u >> SHIFT;
                 mi[j] = k > bin ? 1.0f : 0.0f;
                 uint32_t here = (uint32_t)((k == bin) & (u != 0)) << i;
                 und[j] |= here;
@@ -311,7 +312,7 @@ int fused_fixup(const Job *J, const Pending *P, const float *threshold, const in
             float v = threshold[i];
             int64_t t = ties[i], q = quota[i];
             for (int j = 0; j < len; j++) {  /* branch-free: which sources are undecided is data */
-                float a = float_of(bits_of(di[j]) & 0x7fffffffu);
+                float a = float_of(abs_bits(di[j]));
                 int listed = (int)(und[j] >> i & 1u), equal = listed & (a == v);
                 int keep = listed ? (a > v) | (equal & (t < q)) : (int)(kept[j] >> i & 1u);
                 t += equal;
@@ -330,7 +331,7 @@ int fused_fixup(const Job *J, const Pending *P, const float *threshold, const in
 int64_t fused_undecided(const Pending *P, int32_t i, float *out) {
     int64_t m = 0;
     for (int64_t c = 0; c < P->count; c++) {
-        out[m] = float_of(bits_of(P->delta[i][c]) & 0x7fffffffu);
+        out[m] = float_of(abs_bits(P->delta[i][c]));
         m += P->undecided[c] >> i & 1u;
     }
     return m;
