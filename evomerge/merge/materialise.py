@@ -284,12 +284,18 @@ class Materialiser:
         return plan_merge(recipe, {k: self.checkpoints[v] for k, v in labels.items()}, check=False)
 
     # ---------------------------------------------------------------- merging
+    def _one_pass(self, plan: MergePlan) -> bool:
+        """Whether this plan's merges may go through the one-pass CPU kernel (`fused`); each tensor's own inputs
+        may still make `_fused` decline."""
+        return (self.device.type == "cpu" and METHODS[plan.method].uses_task_vectors
+                and plan.recipe.compute_torch_dtype() == torch.float32 and fused.library() is not None)
+
     def _fused(self, plan: MergePlan, labels: Mapping[str, str], job: TensorJob, out: torch.Tensor,
                threads: int | None = None) -> bool:
-        """Merge `job` into `out` with the one-pass CPU kernel (`fused`), where it computes this merge: the same
-        bits as the torch path. False where it does not (then `out` holds nothing of use)."""
+        """Merge `job` of a `_one_pass` plan into `out` with the kernel: the same bits as the torch path. False
+        where the kernel does not compute this merge (then `out` may hold part of one: merge it the torch way)."""
         spec = METHODS[plan.method]
-        if self.device.type != "cpu" or job.base is None or fused.library() is None:
+        if job.base is None:
             return False
         models, globals_ = _with_defaults(spec, job.model_params, job.global_params)
         if not fused.supports(spec, globals_, len(job.inputs)):
@@ -330,8 +336,7 @@ class Materialiser:
         `one_pass=False`: the kernel declined this job already."""
         spec = METHODS[plan.method]
         compute = plan.recipe.compute_torch_dtype()
-        if (one_pass and compute == torch.float32 and spec.uses_task_vectors and self.device.type == "cpu"
-                and fused.library() is not None):
+        if one_pass and self._one_pass(plan):
             target = out if out is not None else torch.empty(self._shape(labels, job), dtype=dtype or torch.float32)
             if self._fused(plan, labels, job, target):
                 return target
@@ -380,9 +385,7 @@ class Materialiser:
             jobs.append((job, target))
         threads = torch.get_num_threads()
         later: list[tuple[TensorJob, torch.Tensor, bool]] = [(job, target, True) for job, target in jobs]
-        if (threads > 1 and len(jobs) > 1 and self.device.type == "cpu" and self.placement != "disk"
-                and METHODS[plan.method].uses_task_vectors and plan.recipe.compute_torch_dtype() == torch.float32
-                and fused.library() is not None):
+        if threads > 1 and len(jobs) > 1 and self.placement != "disk" and self._one_pass(plan):
             # One-pass merges, several tensors at once (one thread each: the kernel lets go of the GIL). A target
             # that two checkpoint tensors share (tied weights) is left to the loop below, which keeps their order.
             # What the kernel declines is merged the torch way afterwards, with torch's own threads.
