@@ -465,8 +465,9 @@ def plan_worker(models: Sequence[str | Path | ModelShape], workload: Workload, m
     # A CPU worker merges these methods in one pass (merge.fused), unless TIES must follow mergekit's tie order on
     # 16-bit sources (their ties straddle thresholds: only the sort has that order, and the torch path runs).
     # (float32 sources too: their ties straddle rarely, but they may, and such a tensor takes the torch path.)
-    fused = (not cuda and workload.fused and tv_methods and set(workload.methods) <= set(FUSED_METHODS)
-             and ("ties" not in workload.methods or workload.stable_ties))
+    kernel_methods = not cuda and workload.fused and tv_methods and set(workload.methods) <= set(FUSED_METHODS)
+    mergekit_order = "ties" in workload.methods and not workload.stable_ties
+    fused = kernel_methods and not mergekit_order
     sketch_part = None
     if fused:
         rank_bytes = 0
@@ -480,8 +481,7 @@ def plan_worker(models: Sequence[str | Path | ModelShape], workload: Workload, m
                           "tensor")
         sketch_part = Part("threshold sketches", k * tensors * SKETCH_BYTES, "device",
                            f"{k} x {tensors} source tensors' magnitude sketches (one-pass merge)")
-    elif (not cuda and workload.fused and "ties" in workload.methods and not workload.stable_ties
-          and set(workload.methods) <= set(FUSED_METHODS)):
+    elif kernel_methods:  # and mergekit's order
         notes.append(f"TIES on {ref.dtype} sources in mergekit's tie order: each tensor's threshold ties are ordered by "
                      "a full sort, the slow path; set search_space.parameters.stable_ties: true for the one-pass "
                      "merge (ties kept by position; export --format mergekit says so)")
