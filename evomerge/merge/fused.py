@@ -183,7 +183,6 @@ class Sketch:
     there: the difference of two close bf16 numbers has at most 9 significant bits, so a bin's entries are a few
     values with many ties each, and which ties a threshold keeps is a matter of position, decided in the pass."""
 
-    n: int
     nonzero: int
     top: int
     tail: np.ndarray  # uint32, non-decreasing
@@ -233,7 +232,7 @@ def sketch(base: torch.Tensor, source: torch.Tensor, is_delta: bool) -> Sketch |
         return None
     used = np.flatnonzero(counts)
     if used.size == 0:
-        return Sketch(n, 0, 0, np.zeros(1, dtype=np.uint32), {})
+        return Sketch(0, 0, np.zeros(1, dtype=np.uint32), {})
     lo, hi = int(used[0]), int(used[-1])
     tail = np.cumsum(counts[lo : hi + 1][::-1], dtype=np.int64).astype(np.uint32)
     exact: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -248,7 +247,7 @@ def sketch(base: torch.Tensor, source: torch.Tensor, is_delta: bool) -> Sketch |
             low = np.flatnonzero(table[at])[::-1]
             if low.size <= _MAX_VALUES:
                 exact[int(b)] = ((int(b) << SHIFT) + low.astype(np.uint32), table[at][low].copy())
-    return Sketch(n, n - zeros.value, hi, tail, exact)
+    return Sketch(n - zeros.value, hi, tail, exact)
 
 
 # ---------------------------------------------------------------------------------------------------- merging
