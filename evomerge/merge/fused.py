@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from evomerge.merge.methods import MethodSpec
+from evomerge.merge.sparsify import kept_count
 
 SOURCE = Path(__file__).with_name("fused.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared")
@@ -290,7 +291,7 @@ def merge(
             if density <= 0:
                 mode = "keep_none"
             elif density < 1:
-                k = max(1, int(density * n))  # as sparsify.magnitude counts
+                k = kept_count(density, n)
                 sk = sketch_of(i)
                 if sk is None:
                     return False

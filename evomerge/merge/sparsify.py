@@ -205,6 +205,11 @@ def _sorted_window(flat: Tensor, lo: int, hi: int, tie_order: str) -> Tensor:
     return _window_from_order(_mergekit_order(flat, tie_order), flat.numel(), lo, hi, tie_order)
 
 
+def kept_count(density: float, n: int) -> int:
+    """How many of n entries a magnitude threshold at `density` (0 < density < 1) keeps: at least one."""
+    return max(1, int(density * n))
+
+
 def magnitude(delta: Tensor, density: float, rescale: bool = False, rank: RankCache | None = None,
               stable_ties: bool = False) -> Tensor:
     """Keep the `density` fraction of entries with the largest |x| (at least one if density > 0). `stable_ties`:
@@ -214,7 +219,7 @@ def magnitude(delta: Tensor, density: float, rescale: bool = False, rank: RankCa
     n = delta.numel()
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * n))
+    k = kept_count(density, n)
     mask = rank_window_mask(delta.abs(), n - k, n, tie_order="descending", rank=rank, stable=stable_ties)
     return _apply(delta, mask, rescale)
 
