@@ -100,7 +100,8 @@ def worker(args: argparse.Namespace) -> None:
     bandwidth = machine.bandwidth["device"]
     machine = replace(machine, bandwidth={**machine.bandwidth, "disk": bandwidth})  # the families sit in the page cache
     workload = Workload(backend="hf", engine_dtype="bfloat16", sources_dtype=args.sources_dtype, batch_size=BATCH,
-                        max_length=LENGTH, methods=("ties",), fused=fused.available(), stable_ties=STABLE_TIES)
+                        max_length=LENGTH, methods=("ties",), fused=fused.available(), stable_ties=STABLE_TIES,
+                        threads=args.threads)
     plan = plan_worker([paths["base"], *(p for n, p in paths.items() if n != "base")], workload, machine,
                        sources=args.placement, rank_cache=False)
     option = next(o for o in plan.options if o.placement == args.placement)
