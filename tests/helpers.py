@@ -96,6 +96,7 @@ class QuizScorer:
 
     calls = 0
     interrupt_at: int | None = None
+    asked: list[tuple[str, bool]] = []  # every evaluate call: (the recipe as the store writes it, scored in full)
 
     def __init__(self, options: dict, split: str | None = None):
         rng = np.random.default_rng(5)
@@ -123,7 +124,10 @@ class QuizScorer:
         return np.ones(ITEMS) if self.options.get("constant") else y
 
     def evaluate(self, recipe, items=None):
+        from evomerge.search.recorder import recipe_text
+
         QuizScorer.calls += 1
+        QuizScorer.asked.append((recipe_text(recipe), not (items and "quiz" in items)))
         if QuizScorer.interrupt_at is not None and QuizScorer.calls == QuizScorer.interrupt_at:
             raise KeyboardInterrupt
         y = self.answers(recipe)
@@ -144,9 +148,11 @@ def failing_scorer(spec, split=None):
     raise FitnessConfigError("objectives: zoo_mix: metric 'exact_mach' is not one the task computes")
 
 
-def quiz_job(folder: Path, **options) -> Path:
+def quiz_job(folder: Path, irt: dict | None = None, **options) -> Path:
+    """A quiz-scored IRT search (the quiz objective's IRT settings updated by `irt`; `options` go to the scorer)."""
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2}
+    settings = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2,
+                **(irt or {})}
     spec = {"name": "quiz", "search_space": "sakana_ps",
             "models": {"base": str(GOLDEN / "base"), "sources": {"a": str(GOLDEN / "a"), "b": str(GOLDEN / "b")}},
             "driver": {"algorithm": "nsga2", "population": 6, "budget": {"evaluations": 48}, "seed": 2},

@@ -39,7 +39,7 @@ class GenerationalLoop:
         return self.state
 
     def step(self, state: LoopState) -> LoopState:
-        """One generation: ask, decode, evaluate (cache first), tell, checkpoint."""
+        """One generation: ask, decode, evaluate (cache first), confirm (IRT), tell, checkpoint."""
         rec, started, g = self.recorder, time.monotonic(), state.generation
         batch, recipes = rec.ask(self.driver, g, state.next_id)
         if rec.irt:  # IRT: fit or load the calibration, choose who is scored on anchors only
@@ -49,6 +49,7 @@ class GenerationalLoop:
         for out in rec.ctx.runtime.as_completed():
             rec.settle(out)
             rec.tally(state.failures, batch)
+        rec.confirm_entrants(batch)  # IRT: estimates that could change the front are measured first
         self.driver.tell(batch.X, rec.told_losses(batch))
         new = LoopState(generation=g + 1, next_id=state.next_id + len(batch.rows),
                         evaluations=state.evaluations + len(batch.rows), failures=state.failures.copy(),

@@ -10,7 +10,10 @@ For each objective with `estimator: irt`, generation by generation:
 3. other generations' candidates are scored on the anchors only; their value is the estimate (`estimated`,
    with its uncertainty and estimator in the `estimates` table). In the generation before each refit,
    `calibrate_count` candidates (seeded choice) are scored in full: they feed the refit and measure the
-   estimator's error on candidates no fit has seen (the `measured` column beside the estimate).
+   estimator's error on candidates no fit has seen (the `measured` column beside the estimate);
+4. before a generation is told to the driver, up to `confirm_count` of its estimated candidates whose interval
+   (estimate +- 2 sd) overlaps the front are scored in full (`entrants`): the driver is told their measured
+   values, and they join the next refit (the front, where the search is heading, is where the fits need data).
 Where IRT cannot help (too few informative items, items not 0/1, the objective not their mean, a failed fit),
 the objective is scored in full until the next refit, and the progress output says why.
 """
@@ -18,7 +21,7 @@ the objective is scored in full until the next refit, and the progress output sa
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -98,7 +101,8 @@ class IRTPolicy:
         g0 = self._first_generation(o, generation)
         if g0 is None:
             return None
-        period = o.calibrate_every if o.calibrate_count > 0 else 10 ** 9  # nothing new to refit on: never
+        # nothing new to refit on: never
+        period = o.calibrate_every if o.calibrate_count > 0 or o.confirm_count > 0 else 10 ** 9
         fit_gen = g0 + period * ((generation - g0) // period)
         stored = self.store.irt(self.job, o.name, fit_gen)
         if stored is None:
@@ -178,6 +182,39 @@ class IRTPolicy:
         return {rows[i].id for i in calibration_choice([0.0] * len(rows), o.calibrate_count,
                                                         [o.anchor_seed, generation, 17])}
 
+    # ------------------------------------------------------------ before the driver is told
+
+    def entrants(self, rows: list["CandidateRow"], front: np.ndarray, losses: Callable[[dict], list[float]],
+                 names: list[str]) -> list[int]:
+        """Which of a generation's estimated candidates are scored in full before the driver is told: per IRT
+        objective, up to `confirm_count` of those whose interval on it (estimate +- 2 sd) overlaps the front, the
+        ones whose estimate lies farthest beyond the front first. `front`: the losses (objectives in `names`
+        order, `losses(values)`) of the front the batch is measured against: earlier generations' candidates and
+        this one's never estimated. Read from the `estimates` table, so a resumed generation chooses the same.
+
+        Why: the driver keeps the candidates that look best, and an estimate that looks best is more often too high
+        than too low (the winner's curse). A candidate the front would take on its estimate, or might take within
+        its uncertainty, is measured before it is told; the others cannot change the front whatever their error."""
+        ests = {(e["candidate"], e["objective"]): e for e in self.store.estimates(self.job)}
+        chosen: set[int] = set()
+        for o in self.objectives:
+            if self.current.get(o.name) is None or o.confirm_count == 0:
+                continue
+            k, margins = names.index(o.name), []
+            for r in rows:
+                e = ests.get((r.id, o.name))
+                if r.values is None or e is None or o.name not in self.anchored.get(r.id, {}):
+                    continue
+                # the estimates the candidate was first given, also once it is measured (a resume chooses alike)
+                values = {**r.values, **{n: ests[r.id, n]["value"] for n in self.anchored[r.id] if (r.id, n) in ests}}
+                point = np.array(losses(values), dtype=float)
+                best = point.copy()  # the interval's end the front likes better (either direction)
+                best[k] = min(losses({**values, o.name: e["value"] + s * 2 * e["sd"]})[k] for s in (-1, 1))
+                if front_margin(front, best, k) > 0:
+                    margins.append((-front_margin(front, point, k), r.id))
+            chosen.update(cid for _, cid in sorted(margins)[:o.confirm_count])
+        return sorted(chosen)
+
     def _once(self, key: str, text: str) -> None:
         if key not in self._said:
             self._said.add(key)
@@ -229,6 +266,17 @@ def printed_error(cal: irt.Calibration, measured: list[float]) -> tuple[float, s
     return total / (n + len(recent)), basis
 
 
+def front_margin(front: np.ndarray, point: np.ndarray, k: int) -> float:
+    """How far `point` (losses) lies beyond the front along objective k: the least loss on k among the front's
+    points at least as good on every other objective, minus the point's (positive: the front would take it;
+    infinite: no front point is as good elsewhere)."""
+    if len(front) == 0:
+        return float("inf")
+    others = np.delete(np.arange(front.shape[1]), k)
+    cover = np.all(front[:, others] <= point[others], axis=1)
+    return float(np.min(front[cover, k]) - point[k]) if cover.any() else float("inf")
+
+
 def anchor_counts(anchors: int, items: int, max_error: float | None) -> list[int]:
     """The anchor counts a fit tries, in order: the objective's own, then (with a max_error) doubling up to half the
     items; scoring more than half on every candidate would save less than it risks. The error compared with
@@ -267,7 +315,8 @@ def irt_summary(store: "Store", job: str) -> dict[str, Any]:
         picks = [e for e in mine if e["measured"] is not None and e["scored"] != e["total"]]  # confirmed later
         items = store.items_of(job, name)
         total = max((len(v) for v in items.values()), default=0)
-        scored = sum(len(v) for c, v in items.items() if c in done)
+        # a confirmed candidate was scored twice: its anchors, then every item (the store keeps the latter)
+        scored = sum(len(v) for c, v in items.items() if c in done) + sum(e["scored"] or 0 for e in picks)
         entry: dict[str, Any] = {
             "fits": [_fit_summary(h) for h in fits],
             "estimated": sum(1 for e in mine if e["measured"] is None),
@@ -279,8 +328,10 @@ def irt_summary(store: "Store", job: str) -> dict[str, Any]:
             "mean_2sd": float(np.mean([2 * e["sd"] for e in checks])) if checks else None,
             "printed_error": (last["data"] or {}).get("printed_error"),
             "printed_basis": (last["data"] or {}).get("printed_basis"),
-            # the front's picks, estimated then measured: chosen for high estimates, so their error is larger
+            # confirmed: estimated, then measured because their interval overlapped the front (before the driver
+            # was told) or as the front's picks after the search; chosen for high estimates, their error is larger
             "confirmed": len(picks),
+            "confirmed_items": sum(total + (e["scored"] or 0) for e in picks),
             "confirmed_mae": float(np.mean([abs(e["value"] - e["measured"]) for e in picks])) if picks else None,
             "items_per_candidate": total, "items_scored": scored, "items_full": total * len(done),
             "items_fraction": scored / (total * len(done)) if total and done else None,

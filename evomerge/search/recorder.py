@@ -164,6 +164,44 @@ class Recorder:
         if out.internal:
             raise internal_error(self.job, out, f"candidate {out.cid}")
 
+    def confirm_entrants(self, batch: Batch) -> list[int]:
+        """IRT, before a complete batch is told: score in full the estimated candidates the policy picks because
+        their interval overlaps the front (`IRTPolicy.entrants`), and put the measured values in the batch (what the
+        driver is told), the store and the repeats of their recipes in this batch. Returns the ids scored."""
+        if self.irt is None:
+            return []
+        names = [o.name for o in self.ctx.objectives.objectives]
+        mine = self.store.candidates(self.job, generation=batch.generation)
+        earlier = [r.losses for r in self.store.candidates(self.job, status="done")
+                   if r.generation < batch.generation and r.losses is not None]
+        measured = [r.losses for r in mine if r.status == "done" and r.id not in self.irt.anchored]
+        F = np.array(earlier + measured, dtype=float).reshape(-1, len(names))
+        chosen = set(self.irt.entrants([r for r in mine if r.status == "done"], F[pareto_mask(F)] if len(F) else F,
+                                       self.problem.losses, names))
+        todo = [r for r in mine if r.id in chosen and r.status == "done" and r.estimated]
+        if not todo:
+            return []
+        self.ctx.progress.line(f"generation {batch.generation}: {len(todo)} estimated candidate(s) whose interval "
+                               "overlaps the front scored on every item before the driver is told "
+                               f"({', '.join(f'#{r.id}' for r in todo)})")
+        for r in todo:
+            self.ctx.runtime.submit(r.id, self.problem.decode(r.genome))
+        scored = []
+        for out in self.ctx.runtime.as_completed():
+            scored.append(out.cid)
+            self.record(out, estimated=False)  # measured in full it may fail: recorded so, told as a failure
+            batch.results[out.cid] = out.values if out.ok else None
+            if out.ok:
+                for name, value in out.values.items():
+                    if name in self.irt.anchored.get(out.cid, {}):
+                        self.store.set_measured(self.job, out.cid, name, value)
+            repeats = [r.id for r in mine if r.status == "cached" and r.cached_from == out.cid]
+            if repeats:
+                first = self.store.candidate(self.job, out.cid)
+                for cid in repeats:
+                    self.cached(cid, first, batch.results)
+        return sorted(scored)
+
     def tally(self, counter: FailureCount, batch: Batch) -> bool:
         """Walk the failure counter over the batch's rows in id order, as far as their outcomes are in (cached
         rows count neither way); True once the whole batch is counted. Raises SearchStopped at the limit."""

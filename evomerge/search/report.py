@@ -181,8 +181,9 @@ def irt_lines(report: dict[str, Any]) -> list[str]:
                  if e.get("within_2sd") is not None else "")
         printed = f"; expected error {e['printed_error']:.3f}" if e.get("printed_error") is not None else ""
         frac = f"{100 * e['items_fraction']:.0f}%" if e["items_fraction"] is not None else "-"
+        confirmed = f"; {e['confirmed']} confirmed in full" if e.get("confirmed") else ""
         out.append(f"IRT {name}: {e['estimated']} candidates estimated ({how}{printed}); error measured against full "
-                   f"scoring: {mae} calibration candidates{cover}; items scored: {frac} of full scoring"
+                   f"scoring: {mae} calibration candidates{cover}{confirmed}; items scored: {frac} of full scoring"
                    + (f"; now scored in full: {e['fallback']}" if e.get("fallback") else ""))
     return out
 
@@ -344,6 +345,11 @@ def irt_html(report: dict[str, Any]) -> str:
                         f"{e['mean_2sd']:.3f} wide on average)" if e.get("within_2sd") is not None else "") + ". ")
         else:
             text += "No estimate was checked against full scoring. "
+        if e.get("confirmed") and e.get("confirmed_mae") is not None:
+            text += (f"{e['confirmed']} estimated candidate(s) were then scored on every item, because their "
+                     "interval overlapped the front before the driver was told of them, or as the front's picks "
+                     f"({e.get('confirmed_items', '?')} item scorings); off by {e['confirmed_mae']:.3f} on average (chosen "
+                     "for high estimates, they show the winner's curse that measuring them removes). ")
         if e["items_fraction"] is not None:
             text += (f"In all, {e['items_scored']} of {e['items_full']} item scorings were run "
                      f"({100 * e['items_fraction']:.0f}% of full scoring). ")

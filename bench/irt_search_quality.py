@@ -1,0 +1,226 @@
+"""IRT-reduced searches against full-fitness searches of the same seeds: is the front as good, at what item cost?
+
+For each seed, one search scores every candidate on every item (`estimator: full`) and one or more score most
+candidates on the IRT anchors (the demo's objectives and IRT settings, each setting varied by `--irt KEY=V,...`).
+After each IRT search the candidates of its final front are scored in full here (what a user exports is measured
+anyway), and the bench prints, per seed and summed over seeds, as ratios against the full-fitness search run in
+the same bench:
+- hypervolume of the IRT front re-scored in full / hypervolume of the full-fitness front (target >= 0.95; the
+  reference point is 0 on every objective: accuracies, all maximised);
+- items scored by the IRT search, with its in-search confirmations, the post-search confirmation and this
+  re-scoring, / items scored by the full-fitness search (target <= 0.25);
+- the error of the estimates the IRT search measured later (its calibration and confirmed candidates), and the
+  error it printed at its last fit.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/irt_search_quality.py --zoo .cache/zoo --out out/bench_irt \\
+        [--space hybrid|layerwise_ps|...] [--seeds 0,1,2] [--evaluations 280] [--parallel 2] \\
+        [--irt confirm_count=0 --irt confirm_count=1,seed_candidates=12]
+
+Every search runs as its own `evomerge run` process (`--parallel` at once, one thread each); a search whose store
+holds a finished job of the same spec is not run again (delete OUT to start over). About 3-5 minutes per search
+on one thread at 280 evaluations of the demo's two zoo tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from evomerge.search.front import hypervolume, pareto_mask  # noqa: E402
+from evomerge.service.demo import demo_spec  # noqa: E402
+from evomerge.store import Store  # noqa: E402
+
+IRT_KEYS = ("estimator", "anchors", "seed_candidates", "calibrate_every", "calibrate_count", "confirm_count")
+
+
+def job(zoo: Path, out: Path, name: str, space: str, seed: int, evaluations: int, irt: dict | None) -> dict:
+    """The demo's job (two zoo tasks, NSGA-II, population 12) on one local thread, its IRT settings replaced by
+    `irt` (None: full fitness)."""
+    spec = demo_spec(zoo, out, 1, evaluations)
+    spec.update(name=name, store=str(out / name / "store.sqlite"), report=str(out / name / "report"))
+    spec.pop("report_split", None)  # the test split is not what this bench compares
+    if space != "hybrid":
+        spec["search_space"] = space
+    spec["driver"]["seed"] = seed
+    spec["runtime"] = {"kind": "local", "threads": 1, "device": "cpu", "backend": "hf", "batch_size": 64}
+    for o in spec["objectives"]["objectives"]:
+        for k in IRT_KEYS:
+            o.pop(k, None)
+        if irt is not None:
+            o.update({"estimator": "irt", "anchors": 30, "seed_candidates": 24, "calibrate_every": 2,
+                      "calibrate_count": 2, **irt})
+    return spec
+
+
+def finished(spec: dict) -> bool:
+    path = Path(spec["store"])
+    if not path.exists():
+        return False
+    store = Store(path, readonly=True)
+    try:
+        row = store.job(spec["name"])
+        return bool(row) and row["status"] == "done"
+    finally:
+        store.close()
+
+
+def run_all(specs: list[dict], parallel: int) -> None:
+    todo = [s for s in specs if not finished(s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    running: list[tuple[subprocess.Popen, dict, float]] = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            s = todo.pop(0)
+            folder = Path(s["store"]).parent
+            if folder.exists():
+                for p in folder.glob("store.sqlite*"):
+                    p.unlink()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "job.yaml"
+            path.write_text(yaml.safe_dump(s, sort_keys=False))
+            log = open(folder / "run.log", "w")
+            p = subprocess.Popen([str(REPO / ".venv/bin/evomerge"), "run", str(path)], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env)
+            running.append((p, s, time.monotonic()))
+            print(f"  started {s['name']}", flush=True)
+        time.sleep(2)
+        for p, s, t in list(running):
+            if p.poll() is not None:
+                running.remove((p, s, t))
+                print(f"  {s['name']}: rc {p.returncode} after {time.monotonic() - t:.0f} s", flush=True)
+                if p.returncode != 0:
+                    raise SystemExit(f"{s['name']} failed: see {Path(s['store']).parent / 'run.log'}")
+
+
+def items_scored(store: Store, job_name: str) -> int:
+    """Every item scoring the search ran: the items stored per done candidate, plus the anchors of candidates
+    estimated first and measured later (the store keeps their full items only)."""
+    done = {r.id for r in store.candidates(job_name, status="done")}
+    total = 0
+    for (name,) in [(o[0],) for o in store.objectives(job_name) or []]:
+        total += sum(len(v) for c, v in store.items_of(job_name, name).items() if c in done)
+    total += sum(e["scored"] for e in store.estimates(job_name)
+                 if e["measured"] is not None and e["scored"] is not None and e["scored"] < e["total"])
+    return total
+
+
+def rescore_front(spec_dict: dict) -> tuple[np.ndarray, int]:
+    """The final front's candidates still estimated, scored in full here; returns the front's measured values
+    (rows: candidates, columns: objectives) and the items this scoring ran."""
+    from evomerge.search.jobs import make_runtime
+    from evomerge.search.spec import JobSpec
+    from evomerge.spaces.presets import build_space
+
+    store = Store(Path(spec_dict["store"]), readonly=True)
+    name = spec_dict["name"]
+    spec = JobSpec.from_dict(store.job(name)["spec"])
+    front = set(store.front(name))
+    rows = [r for r in store.candidates(name, status="done") if r.id in front]
+    names = [o[0] for o in store.objectives(name)]
+    values = {r.id: dict(r.values) for r in rows}
+    todo = [r for r in rows if r.estimated]
+    spent = 0
+    if todo:
+        space = build_space(spec.search_space, spec.models, spec.base)
+        runtime = make_runtime(spec)
+        for r in todo:
+            runtime.submit(r.id, space.decode(np.array(r.genome)))
+        for out in runtime.as_completed():
+            assert out.ok, out.reason
+            values[out.cid] = dict(out.values)
+            spent += sum(len(v) for v in out.items.values())
+        runtime.close()
+    store.close()
+    return np.array([[values[r.id][n] for n in names] for r in rows]), spent
+
+
+def hv(values: np.ndarray) -> float:
+    F = -values  # losses of maximised accuracies; reference point 0
+    return float(hypervolume(F[pareto_mask(F)], np.zeros(F.shape[1]))) if len(F) else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", default=str(REPO / ".cache/zoo"))
+    ap.add_argument("--out", default=str(REPO / "out/bench_irt"))
+    ap.add_argument("--space", default="hybrid", help="hybrid (the demo's) or a preset name (layerwise_ps, ...)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--evaluations", type=int, default=280)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--irt", action="append", default=None,
+                    help="IRT settings of one IRT search per seed, KEY=V[,KEY=V]; repeat for more (default: the "
+                         "objectives' defaults over the demo's anchors 30, seed_candidates 24, calibrate 2 x 2)")
+    args = ap.parse_args(argv)
+    zoo, out = Path(args.zoo).resolve(), Path(args.out).resolve()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    settings = []
+    for text in args.irt or [""]:
+        kv = dict(p.split("=", 1) for p in text.split(",") if p)
+        settings.append({k: int(v) for k, v in kv.items()})
+    tag = lambda d: "-".join(f"{k}{v}" for k, v in sorted(d.items())) or "defaults"  # noqa: E731
+    specs = {}
+    for seed in seeds:
+        specs[seed, "full"] = job(zoo, out, f"{args.space}-full-{seed}", args.space, seed, args.evaluations, None)
+        for s in settings:
+            specs[seed, tag(s)] = job(zoo, out, f"{args.space}-irt-{tag(s)}-{seed}", args.space, seed,
+                                      args.evaluations, s)
+    print(f"{len(specs)} searches ({args.space}, {args.evaluations} evaluations, seeds {seeds}); "
+          f"{sum(not finished(s) for s in specs.values())} to run", flush=True)
+    run_all(list(specs.values()), args.parallel)
+
+    results: dict = {"settings": vars(args), "runs": []}
+    for s in settings:
+        hv_sum = [0.0, 0.0]
+        items_sum = [0, 0]
+        for seed in seeds:
+            full, mine = specs[seed, "full"], specs[seed, tag(s)]
+            fs = Store(Path(full["store"]), readonly=True)
+            names = [o[0] for o in fs.objectives(full["name"])]
+            frows = [r for r in fs.candidates(full["name"], status="done")]
+            f_hv = hv(np.array([[r.values[n] for n in names] for r in frows]))
+            f_items = items_scored(fs, full["name"])
+            fs.close()
+            front, spent = rescore_front(mine)
+            st = Store(Path(mine["store"]), readonly=True)
+            i_items = items_scored(st, mine["name"]) + spent
+            n_done = len(st.candidates(mine["name"], status="done"))
+            from evomerge.search.irt_policy import irt_summary
+            summ = irt_summary(st, mine["name"])
+            st.close()
+            i_hv = hv(front)
+            hv_sum[0] += i_hv
+            hv_sum[1] += f_hv
+            items_sum[0] += i_items
+            items_sum[1] += f_items
+            entry = {"seed": seed, "irt": tag(s), "hv_irt_rescored": i_hv, "hv_full": f_hv, "hv_ratio": i_hv / f_hv,
+                     "items_irt": i_items, "items_full": f_items, "items_ratio": i_items / f_items,
+                     "evaluated_irt": n_done, "front_rescored": len(front), "rescore_items": spent,
+                     "objectives": {n: {k: e.get(k) for k in ("measured_mae", "calibration_checks", "within_2sd",
+                                                              "printed_error", "confirmed", "confirmed_mae")}
+                                    for n, e in summ.items()}}
+            results["runs"].append(entry)
+            errs = "; ".join(f"{n}: calibration {e['measured_mae']:.3f} on {e['calibration_checks']}, printed "
+                             f"{e['printed_error']:.3f}, confirmed {e['confirmed']}"
+                             + (f" off {e['confirmed_mae']:.3f}" if e["confirmed_mae"] is not None else "")
+                             for n, e in entry["objectives"].items() if e["measured_mae"] is not None)
+            print(f"{tag(s)} seed {seed}: hypervolume {i_hv:.4f} vs full {f_hv:.4f} ({i_hv / f_hv:.3f}x); items "
+                  f"{i_items} vs {f_items} ({i_items / f_items:.3f}x; {n_done} evaluated); {errs}", flush=True)
+        print(f"{tag(s)} over seeds: hypervolume {hv_sum[0] / hv_sum[1]:.3f}x the full-fitness searches' (target "
+              f">= 0.95), items {items_sum[0] / items_sum[1]:.3f}x (target <= 0.25)\n", flush=True)
+    (out / f"irt_search_quality-{args.space}.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
