@@ -618,25 +618,3 @@ def _honest(cal: Calibration, Y: np.ndarray, fold_models: list, n_anchors: int, 
     if cal.estimator == "mean":  # a sample mean's binomial sd is exact up to the finite task: never narrowed
         cal.sd_scale = max(cal.sd_scale, 1.0)
     return cal
-    cal.honest_mae, cal.honest_n = float(np.mean(np.abs(resid))), len(resid)
-    mae = lambda pairs: float(np.mean([abs(v - t) for v, t in pairs]))  # noqa: E731
-    cal.baselines = {"anchor mean": mae(plain), "random subset": mae(rand)}
-    cal.model_mae = cal.honest_mae  # the model-based estimator's, kept when a mean replaces it
-    if cal.honest_mae >= min(cal.baselines.values()):  # the model loses to a plain mean: use the better mean
-        if cal.baselines["anchor mean"] <= cal.baselines["random subset"]:
-            pairs, cal.estimator = plain, "mean"
-        else:
-            # a random subset's mean, drawn once for every candidate: one random item per stratum of difficulty
-            # (a uniform draw could leave it harder or easier than the task), the constant items counted as the
-            # `anchor` estimator counts them
-            cal.anchors = choose_anchors(cal.model, len(cal.anchors.items), "random", seed)
-            pairs, cal.estimator = rand, "anchor"
-        cal.honest_mae = mae(pairs)
-        n = len(cal.anchors.items)
-        resid = [v - t for v, t in pairs]
-        sds = [float(np.sqrt(max(v * (1 - v), 0.25 / n) / n)) for v, _ in pairs]  # a mean's binomial sd
-    extra = list(extra_residuals)
-    cal.sd_scale = sd_scale_for(list(resid) + [r for r, _ in extra], list(sds) + [s for _, s in extra])
-    if cal.model_mae is not None and cal.honest_mae < cal.model_mae:  # a mean's binomial sd: never narrowed
-        cal.sd_scale = max(cal.sd_scale, 1.0)
-    return cal

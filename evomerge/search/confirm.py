@@ -52,20 +52,9 @@ def confirm_front(recorder: "Recorder", max_rounds: int = 10) -> list[int]:
         if rounds == 1:  # one line, not one per round: later rounds only follow picks the first round moved
             ctx.progress.line(f"confirming the front's picks (best per objective, knee): {len(todo)} estimated "
                               "candidate(s) scored on every fitness item")
-        for r in todo:
-            ctx.runtime.submit(r.id, recorder.problem.decode(r.genome))
-        copies = store.candidates(job, status="cached")  # the same recipes, asked again later
-        for out in ctx.runtime.as_completed():
-            scored.append(out.cid)
-            recorder.record(out, estimated=False)  # measured in full it may fail: recorded so, it leaves the front
-            if out.ok:
-                for name, value in out.values.items():
-                    store.set_measured(job, out.cid, name, value)
-            mine = [copy.id for copy in copies if copy.cached_from == out.cid]
-            if mine:
-                first = store.candidate(job, out.cid)
-                for cid in mine:
-                    recorder.cached(cid, first)
+        # every objective still estimated; a failure in full scoring is recorded so, and the candidate leaves the front
+        names = [o.name for o in ctx.objectives.objectives]
+        scored += recorder.measure({r.id: names for r in todo})
     store.set_front(job, recorder.front_ids())
     if rounds > 1:
         ctx.progress.line(f"confirmed {len(scored)} candidate(s) in {rounds} rounds (each round's full scores moved "

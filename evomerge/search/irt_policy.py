@@ -185,10 +185,10 @@ class IRTPolicy:
     # ------------------------------------------------------------ before the driver is told
 
     def entrants(self, rows: list["CandidateRow"], front: np.ndarray, losses: Callable[[dict], list[float]],
-                 names: list[str]) -> list[int]:
-        """Which of a generation's estimated candidates are scored in full before the driver is told: per IRT
-        objective, up to `confirm_count` of those whose interval on it (estimate +- 2 sd) overlaps the front, the
-        ones whose estimate lies farthest beyond the front first. `front`: the losses (objectives in `names`
+                 names: list[str]) -> dict[int, list[str]]:
+        """Which estimates of a generation's candidates are measured (scored on every item) before the driver is
+        told, {candidate: [objective, ...]}: per IRT objective, up to `confirm_count` candidates whose interval on
+        it (estimate +- 2 sd) overlaps the front, the ones whose estimate lies farthest beyond the front first. `front`: the losses (objectives in `names`
         order, `losses(values)`) of the front the batch is measured against: earlier generations' candidates and
         this one's never estimated. Read from the `estimates` table, so a resumed generation chooses the same.
 
@@ -196,7 +196,7 @@ class IRTPolicy:
         than too low (the winner's curse). A candidate the front would take on its estimate, or might take within
         its uncertainty, is measured before it is told; the others cannot change the front whatever their error."""
         ests = {(e["candidate"], e["objective"]): e for e in self.store.estimates(self.job)}
-        chosen: set[int] = set()
+        chosen: dict[int, list[str]] = {}
         for o in self.objectives:
             if self.current.get(o.name) is None or o.confirm_count == 0:
                 continue
@@ -212,8 +212,9 @@ class IRTPolicy:
                 best[k] = min(losses({**values, o.name: e["value"] + s * 2 * e["sd"]})[k] for s in (-1, 1))
                 if front_margin(front, best, k) > 0:
                     margins.append((-front_margin(front, point, k), r.id))
-            chosen.update(cid for _, cid in sorted(margins)[:o.confirm_count])
-        return sorted(chosen)
+            for _, cid in sorted(margins)[:o.confirm_count]:
+                chosen.setdefault(cid, []).append(o.name)
+        return dict(sorted(chosen.items()))
 
     def _once(self, key: str, text: str) -> None:
         if key not in self._said:
@@ -315,8 +316,13 @@ def irt_summary(store: "Store", job: str) -> dict[str, Any]:
         picks = [e for e in mine if e["measured"] is not None and e["scored"] != e["total"]]  # confirmed later
         items = store.items_of(job, name)
         total = max((len(v) for v in items.values()), default=0)
-        # a confirmed candidate was scored twice: its anchors, then every item (the store keeps the latter)
-        scored = sum(len(v) for c, v in items.items() if c in done) + sum(e["scored"] or 0 for e in picks)
+        # a confirmed candidate was scored twice: its anchors, then every item (the store keeps the latter); one
+        # confirmed on another objective only scored its anchors here again
+        elsewhere = {e["candidate"] for e in ests if e["objective"] != name and e["measured"] is not None
+                     and e["scored"] != e["total"]}
+        scored = sum(len(v) for c, v in items.items() if c in done) + sum(e["scored"] or 0 for e in picks) + sum(
+            e["scored"] or 0 for e in mine if e["measured"] is None and e["candidate"] in elsewhere
+            and e["candidate"] in done)
         entry: dict[str, Any] = {
             "fits": [_fit_summary(h) for h in fits],
             "estimated": sum(1 for e in mine if e["measured"] is None),

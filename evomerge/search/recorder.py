@@ -9,6 +9,7 @@ repeat of a recipe still in flight waits for it. Rows already finished (a resume
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -165,9 +166,9 @@ class Recorder:
             raise internal_error(self.job, out, f"candidate {out.cid}")
 
     def confirm_entrants(self, batch: Batch) -> list[int]:
-        """IRT, before a complete batch is told: score in full the estimated candidates the policy picks because
-        their interval overlaps the front (`IRTPolicy.entrants`), and put the measured values in the batch (what the
-        driver is told), the store and the repeats of their recipes in this batch. Returns the ids scored."""
+        """IRT, before a complete batch is told: score in full the estimates the policy picks because their interval
+        overlaps the front (`IRTPolicy.entrants`), and put the measured values in the batch (what the driver is
+        told), the store and the repeats of their recipes. Returns the ids scored."""
         if self.irt is None:
             return []
         names = [o.name for o in self.ctx.objectives.objectives]
@@ -176,31 +177,52 @@ class Recorder:
                    if r.generation < batch.generation and r.losses is not None]
         measured = [r.losses for r in mine if r.status == "done" and r.id not in self.irt.anchored]
         F = np.array(earlier + measured, dtype=float).reshape(-1, len(names))
-        chosen = set(self.irt.entrants([r for r in mine if r.status == "done"], F[pareto_mask(F)] if len(F) else F,
-                                       self.problem.losses, names))
-        todo = [r for r in mine if r.id in chosen and r.status == "done" and r.estimated]
+        chosen = self.irt.entrants([r for r in mine if r.status == "done"], F[pareto_mask(F)] if len(F) else F,
+                                   self.problem.losses, names)
+        todo = {cid: objs for cid, objs in chosen.items() if objs}
         if not todo:
             return []
-        self.ctx.progress.line(f"generation {batch.generation}: {len(todo)} estimated candidate(s) whose interval "
-                               "overlaps the front scored on every item before the driver is told "
-                               f"({', '.join(f'#{r.id}' for r in todo)})")
-        for r in todo:
-            self.ctx.runtime.submit(r.id, self.problem.decode(r.genome))
-        scored = []
+        self.ctx.progress.line(f"generation {batch.generation}: " + ", ".join(
+            f"#{cid} {'/'.join(objs)}" for cid, objs in todo.items()) + " scored on every item before the driver "
+            "is told (the estimate's interval overlaps the front)")
+        return self.measure(todo, batch.results)
+
+    def measure(self, todo: dict[int, list[str]], results: dict[int, dict | None] | None = None) -> list[int]:
+        """Score the estimated objectives `todo[cid]` of done candidates on every item (their other estimated
+        objectives on their anchors again, and kept as estimated); record the measured values beside the estimates
+        and copy them to the candidates that repeat their recipes (in `results` too, where those are). Objectives
+        already measured are left out, so a resumed confirmation does not score them twice. Returns the ids
+        scored."""
+        ests = {(e["candidate"], e["objective"]): e for e in self.store.estimates(self.job)}
+        open_ = lambda cid, n: (cid, n) in ests and ests[cid, n]["measured"] is None  # noqa: E731
+        jobs: dict[int, tuple[CandidateRow, list[str]]] = {}
+        for cid, objs in sorted(todo.items()):
+            row = self.store.candidate(self.job, cid)
+            objs = [n for n in objs if open_(cid, n)]
+            if row is None or row.status != "done" or not objs:
+                continue
+            stored = self.store.items(self.job, cid)
+            others = {n: list(stored[n]) for (c, n) in ests if c == cid and open_(cid, n) and n not in objs}
+            jobs[cid] = (row, objs)
+            self.ctx.runtime.submit(cid, self.problem.decode(row.genome), items=others or None)
+        copies = self.store.candidates(self.job, status="cached")
         for out in self.ctx.runtime.as_completed():
-            scored.append(out.cid)
-            self.record(out, estimated=False)  # measured in full it may fail: recorded so, told as a failure
-            batch.results[out.cid] = out.values if out.ok else None
+            row, objs = jobs[out.cid]
+            still = out.ok and any(open_(out.cid, n) and n not in objs for (c, n) in ests if c == out.cid)
+            if out.ok:  # the measured objectives from this scoring, the rest as they were told
+                out = replace(out, values={**row.values, **{n: out.values[n] for n in objs}}, estimated=still)
+            self.record(out, estimated=still)  # measured in full it may fail: recorded so, told as a failure
+            if results is not None:
+                results[out.cid] = out.values if out.ok else None
             if out.ok:
-                for name, value in out.values.items():
-                    if name in self.irt.anchored.get(out.cid, {}):
-                        self.store.set_measured(self.job, out.cid, name, value)
-            repeats = [r.id for r in mine if r.status == "cached" and r.cached_from == out.cid]
+                for n in objs:
+                    self.store.set_measured(self.job, out.cid, n, out.values[n])
+            repeats = [c.id for c in copies if c.cached_from == out.cid]
             if repeats:
                 first = self.store.candidate(self.job, out.cid)
                 for cid in repeats:
-                    self.cached(cid, first, batch.results)
-        return sorted(scored)
+                    self.cached(cid, first, results if results is not None and cid in results else None)
+        return sorted(jobs)
 
     def tally(self, counter: FailureCount, batch: Batch) -> bool:
         """Walk the failure counter over the batch's rows in id order, as far as their outcomes are in (cached
