@@ -105,22 +105,24 @@ class QuizScorer:
         self.ids = [f"q{i:03d}" for i in range(ITEMS)]
         self.options = options
         quiz = Objective("quiz", kind="task", task="quiz", direction="maximise", **options.get("irt", {}))
-        self.objectives = ObjectiveSet((quiz, Objective("size", kind="task", task="toy", direction="minimise")),
-                                       split=split or "fitness", source="<quiz>")
+        objs = [quiz, Objective("size", kind="task", task="toy", direction="minimise")]
+        if "second" in options:  # a second IRT objective, `quiz2`: the same kind of items, the skills swapped
+            objs.insert(1, Objective("quiz2", kind="task", task="quiz2", direction="maximise", **options["second"]))
+        self.objectives = ObjectiveSet(tuple(objs), split=split or "fitness", source="<quiz>")
 
-    def answers(self, recipe) -> np.ndarray:
+    def answers(self, recipe, second: bool = False) -> np.ndarray:
         xs = np.round(toy.numbers(recipe), 6)
         # a parent's recipe (the report scores the parents) has one number: the others at the middle of their range.
         # (This used to raise IndexError, recorded as the parents' test score; a bug now stops the job instead.)
         theta_in = np.pad(xs, (0, max(0, 4 - len(xs))), constant_values=0.5)
         theta = np.array([3 * (theta_in[0] - 0.5) + (theta_in[2] - 0.5), 3 * (theta_in[1] - 0.5) - (theta_in[3] - 0.5)])
-        z = self.a @ theta - self.b
+        z = self.a @ (theta[::-1] if second else theta) - self.b
         if self.options.get("drift"):  # a third skill that only the search's later candidates have: a third of the
             # items also need it, and it grows only past 0.75 of the first weight (where the driver heads)
             skill = 8.0 * max(0.0, theta_in[0] - 0.75)
             z = z + np.where(np.arange(ITEMS) % 3 == 2, 3.0 * skill - 1.5, 0.0)
         p = 1 / (1 + np.exp(-z))
-        y = (np.random.default_rng(zlib.crc32(xs.tobytes())).random(ITEMS) < p).astype(float)
+        y = (np.random.default_rng([zlib.crc32(xs.tobytes())] + [1] * second).random(ITEMS) < p).astype(float)
         return np.ones(ITEMS) if self.options.get("constant") else y
 
     def evaluate(self, recipe, items=None):
@@ -133,8 +135,12 @@ class QuizScorer:
         y = self.answers(recipe)
         keep = [self.ids.index(i) for i in items["quiz"]] if items and "quiz" in items else list(range(ITEMS))
         xs = toy.numbers(recipe)
-        return FitnessResult({"quiz": float(y[keep].mean()), "size": sum(xs) / len(xs)},
-                             {"quiz": {self.ids[i]: float(y[i]) for i in keep}})
+        values, per_item = {"quiz": float(y[keep].mean()), "size": sum(xs) / len(xs)}, {"quiz": {self.ids[i]: float(y[i]) for i in keep}}
+        if "second" in self.options:
+            y2 = self.answers(recipe, second=True)
+            keep2 = [self.ids.index(i) for i in items["quiz2"]] if items and "quiz2" in items else list(range(ITEMS))
+            values["quiz2"], per_item["quiz2"] = float(y2[keep2].mean()), {self.ids[i]: float(y2[i]) for i in keep2}
+        return FitnessResult(values, per_item)
 
 
 def quiz_scorer(spec, split=None):

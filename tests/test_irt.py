@@ -304,6 +304,39 @@ def test_estimates_that_could_enter_the_front_are_measured_before_the_driver_is_
     assert summary["confirmed_items"] == (ITEMS + 20) * len(twice)
 
 
+def test_a_confirmation_measures_only_the_objectives_whose_interval_overlaps_the_front(tmp_path):
+    """Two IRT objectives, confirm_count 2 on quiz and 0 on quiz2: confirmed candidates get quiz measured (every
+    item) and keep quiz2's estimate (its anchors scored again, counted in quiz2's items)."""
+    second = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2,
+              "confirm_count": 0}
+    result = run_job(quiz_job(tmp_path, irt={"confirm_count": 2}, second=second), **quiet())
+    store = Store(result.store, readonly=True)
+    rows = {r.id: r for r in store.candidates("quiz")}
+    ests = {(e["candidate"], e["objective"]): e for e in store.estimates("quiz")}
+    after = set(result.confirmed)
+    entrants = [c for (c, n), e in ests.items() if n == "quiz" and e["scored"] < ITEMS and e["measured"] is not None
+                and c not in after]
+    assert len(entrants) >= 3
+    quiz, quiz2 = store.items_of("quiz", "quiz"), store.items_of("quiz", "quiz2")
+    scorer = QuizScorer({"second": {}})
+    from evomerge.search.spec import JobSpec
+    from evomerge.spaces.presets import build_space
+
+    spec = JobSpec.from_dict(result.report["spec"])
+    space = build_space(spec.search_space, spec.models, spec.base)
+    for c in entrants:
+        r = rows[c]
+        y = scorer.answers(space.decode(np.array(r.genome)))
+        assert len(quiz[c]) == ITEMS and r.values["quiz"] == pytest.approx(y.mean())  # measured
+        assert r.estimated and len(quiz2[c]) == 20 and ests[c, "quiz2"]["measured"] is None  # still estimated
+        assert r.values["quiz2"] == ests[c, "quiz2"]["value"]
+    summary = result.report["irt"]["quiz2"]
+    done = {c for c, r in rows.items() if r.status == "done"}
+    picks2 = [e for (c, n), e in ests.items() if n == "quiz2" and e["measured"] is not None and e["scored"] < ITEMS]
+    again = [c for c in entrants if c in done and ests[c, "quiz2"]["measured"] is None]
+    assert again and summary["items_scored"] == sum(len(quiz2[c]) for c in done) + 20 * len(picks2) + 20 * len(again)
+
+
 def test_a_search_interrupted_while_confirming_entrants_resumes_to_the_same_archive(tmp_path):
     QuizScorer.asked = []
     straight = run_job(quiz_job(tmp_path / "a", irt={"confirm_count": 2}), **quiet())
