@@ -1,7 +1,7 @@
 """IRT-reduced searches against full-fitness searches of the same seeds: is the front as good, at what item cost?
 
 For each seed, one search scores every candidate on every item (`estimator: full`) and one or more score most
-candidates on the IRT anchors (the demo's objectives and IRT settings, each setting varied by `--irt KEY=V,...`).
+candidates on the IRT anchors (the demo's objectives; IRT settings over a fixed base, varied by `--irt KEY=V,...`).
 After each IRT search the candidates of its final front are scored in full here (what a user exports is measured
 anyway), and the bench prints, per seed and summed over seeds, as ratios against the full-fitness search run in
 the same bench:
@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluations", type=int, default=280)
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--irt", action="append", default=None,
-                    help="IRT settings of one IRT search per seed, KEY=V[,KEY=V]; repeat for more (default: the "
-                         "objectives' defaults over the demo's anchors 30, seed_candidates 24, calibrate 2 x 2)")
+                    help="IRT settings of one IRT search per seed, KEY=V[,KEY=V], over anchors 30, seed_candidates "
+                         "24, calibrate_every 2, calibrate_count 2 (the demo's before confirmations; other keys: the "
+                         "objectives' defaults); repeat for more")
     args = ap.parse_args(argv)
     zoo, out = Path(args.zoo).resolve(), Path(args.out).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -177,6 +177,7 @@ def test_bad_input_says_what_to_do():
     ({"estimator": "cheap"}, r"estimator: 'cheap' is not one of full, irt"),
     ({"estimator": "irt", "anchor_method": "kmeans"}, r"anchor_method: 'kmeans' is not one of irt, correct, random"),
     ({"estimator": "irt", "anchors": 0}, r"anchors: expected a whole number >= 1"),
+    ({"estimator": "irt", "confirm_count": -1}, r"confirm_count: expected a whole number >= 0, got -1"),
 ])
 def test_bad_irt_settings_name_file_field_and_fix(extra, message):
     with pytest.raises(FitnessConfigError, match=message) as e:
@@ -186,9 +187,11 @@ def test_bad_irt_settings_name_file_field_and_fix(extra, message):
 
 def test_irt_settings_parse():
     s = parse_objectives({"objectives": [{"task": "zoo_mix", "estimator": "irt", "anchors": 25, "anchor_method": "random",
-                                          "calibrate_every": 3, "seed_candidates": 16}, {"task": "zoo_arith"}]})
+                                          "calibrate_every": 3, "seed_candidates": 16, "confirm_count": 2},
+                                         {"task": "zoo_arith"}]})
     o, full = s.objectives
-    assert (o.estimator, o.anchors, o.anchor_method, o.calibrate_every, o.seed_candidates) == ("irt", 25, "random", 3, 16)
+    assert (o.estimator, o.anchors, o.anchor_method, o.calibrate_every, o.seed_candidates, o.confirm_count) == \
+        ("irt", 25, "random", 3, 16, 2)
     assert full.estimator == "full"
 
 

@@ -123,8 +123,8 @@ class Objective:
     seed_candidates: int = 32  # candidates scored in full (parents first) before the first fit
     calibrate_every: int = 2  # refit every this many generations, ...
     calibrate_count: int = 2  # ... from this many candidates per period also scored in full
-    confirm_count: int = 1  # per generation, this many estimated candidates whose interval on this objective
-    # overlaps the front are scored in full before the driver is told (evomerge/search/irt_policy.py `entrants`)
+    confirm_count: int = 1  # per generation, up to this many estimated candidates whose interval on this objective
+    # overlaps the front have it scored in full before the driver is told (evomerge/search/irt_policy.py `entrants`)
     irt_estimator: str = "auto"  # auto: the least cross-validated error among pirt, gpirt, merge3
     anchor_seed: int = 0
     max_error: float | None = None  # a fit whose printed error is above it doubles its anchors (up to half the

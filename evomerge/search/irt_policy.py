@@ -12,8 +12,8 @@ For each objective with `estimator: irt`, generation by generation:
    `calibrate_count` candidates (seeded choice) are scored in full: they feed the refit and measure the
    estimator's error on candidates no fit has seen (the `measured` column beside the estimate);
 4. before a generation is told to the driver, up to `confirm_count` of its estimated candidates whose interval
-   (estimate +- 2 sd) overlaps the front are scored in full (`entrants`): the driver is told their measured
-   values, and they join the next refit (the front, where the search is heading, is where the fits need data).
+   (estimate +- 2 sd) on the objective overlaps the front have it scored in full (`entrants`, `Recorder.measure`):
+   the driver is told the measured values, and they join the next refit (the front, where the search is heading, is where the fits need data).
 Where IRT cannot help (too few informative items, items not 0/1, the objective not their mean, a failed fit),
 the objective is scored in full until the next refit, and the progress output says why.
 """
@@ -188,9 +188,10 @@ class IRTPolicy:
                  names: list[str]) -> dict[int, list[str]]:
         """Which estimates of a generation's candidates are measured (scored on every item) before the driver is
         told, {candidate: [objective, ...]}: per IRT objective, up to `confirm_count` candidates whose interval on
-        it (estimate +- 2 sd) overlaps the front, the ones whose estimate lies farthest beyond the front first. `front`: the losses (objectives in `names`
-        order, `losses(values)`) of the front the batch is measured against: earlier generations' candidates and
-        this one's never estimated. Read from the `estimates` table, so a resumed generation chooses the same.
+        it (estimate +- 2 sd) overlaps the front, the ones whose estimate lies farthest beyond the front first.
+        `front`: the losses (objectives in `names` order, `losses(values)`) of the front the batch is measured
+        against: earlier generations' candidates and this one's never estimated. Read from the `estimates` table,
+        so a resumed generation chooses the same.
 
         Why: the driver keeps the candidates that look best, and an estimate that looks best is more often too high
         than too low (the winner's curse). A candidate the front would take on its estimate, or might take within

@@ -38,7 +38,10 @@ MARKER = "# written by `make demo` (evomerge/service/demo.py)"
 
 
 def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int) -> dict:
-    irt = {"estimator": "irt", "anchors": 30, "seed_candidates": 24, "calibrate_every": 2, "calibrate_count": 2}
+    # one generation of seed candidates, one calibration candidate per refit, one confirmation per generation and
+    # objective: on the zoo, as good a front as full scoring at a third of its items (bench/irt_search_quality.py)
+    irt = {"estimator": "irt", "anchors": 30, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 1,
+           "confirm_count": 1}
     return {
         "name": "demo",
         "models": {"base": str(zoo / "llama/base"),
