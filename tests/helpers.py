@@ -96,7 +96,7 @@ class QuizScorer:
 
     calls = 0
     interrupt_at: int | None = None
-    asked: list[tuple[str, bool]] = []  # every evaluate call: (the recipe as the store writes it, scored in full)
+    asked: list[tuple[str, bool]] | None = None  # a list: every evaluate call, (the recipe as stored, scored in full)
 
     def __init__(self, options: dict, split: str | None = None):
         rng = np.random.default_rng(5)
@@ -129,13 +129,15 @@ class QuizScorer:
         from evomerge.search.recorder import recipe_text
 
         QuizScorer.calls += 1
-        QuizScorer.asked.append((recipe_text(recipe), not (items and "quiz" in items)))
+        if QuizScorer.asked is not None:
+            QuizScorer.asked.append((recipe_text(recipe), not (items and "quiz" in items)))
         if QuizScorer.interrupt_at is not None and QuizScorer.calls == QuizScorer.interrupt_at:
             raise KeyboardInterrupt
         y = self.answers(recipe)
         keep = [self.ids.index(i) for i in items["quiz"]] if items and "quiz" in items else list(range(ITEMS))
         xs = toy.numbers(recipe)
-        values, per_item = {"quiz": float(y[keep].mean()), "size": sum(xs) / len(xs)}, {"quiz": {self.ids[i]: float(y[i]) for i in keep}}
+        values = {"quiz": float(y[keep].mean()), "size": sum(xs) / len(xs)}
+        per_item = {"quiz": {self.ids[i]: float(y[i]) for i in keep}}
         if "second" in self.options:
             y2 = self.answers(recipe, second=True)
             keep2 = [self.ids.index(i) for i in items["quiz2"]] if items and "quiz2" in items else list(range(ITEMS))

@@ -342,13 +342,16 @@ def test_a_confirmation_measures_only_the_objectives_whose_interval_overlaps_the
 
 def test_a_search_interrupted_while_confirming_entrants_resumes_to_the_same_archive(tmp_path):
     QuizScorer.asked = []
-    straight = run_job(quiz_job(tmp_path / "a", irt={"confirm_count": 2}), **quiet())
+    try:
+        straight = run_job(quiz_job(tmp_path / "a", irt={"confirm_count": 2}), **quiet())
+    finally:
+        asked, QuizScorer.asked = QuizScorer.asked, None
     store = Store(straight.store, readonly=True)
     ests = {e["candidate"]: e for e in store.estimates("quiz")}
     rows = store.candidates("quiz")
     entrants = {r.recipe for r in rows if r.id in ests and ests[r.id]["scored"] < ITEMS and not r.estimated
                 and r.id not in set(straight.confirmed)}
-    calls = [k + 1 for k, (recipe, full) in enumerate(QuizScorer.asked) if full and recipe in entrants]
+    calls = [k + 1 for k, (recipe, full) in enumerate(asked) if full and recipe in entrants]
     second = [k for k in calls if k - 1 in calls]  # a generation's second entrant: its first is measured by then
     assert second, calls
     path = quiz_job(tmp_path / "b", irt={"confirm_count": 2})
