@@ -104,14 +104,19 @@ def run_all(specs: list[dict], parallel: int) -> None:
 
 
 def items_scored(store: Store, job_name: str) -> int:
-    """Every item scoring the search ran: the items stored per done candidate, plus the anchors of candidates
-    estimated first and measured later (the store keeps their full items only)."""
+    """Every item scoring the search ran: per IRT objective as its report counts them (`irt_summary`: the anchors of
+    candidates measured later, and anchors scored again when another objective was confirmed, included), per other
+    objective the items stored for its done candidates."""
+    from evomerge.search.irt_policy import irt_summary
+
+    summary = irt_summary(store, job_name)
     done = {r.id for r in store.candidates(job_name, status="done")}
     total = 0
-    for (name,) in [(o[0],) for o in store.objectives(job_name) or []]:
-        total += sum(len(v) for c, v in store.items_of(job_name, name).items() if c in done)
-    total += sum(e["scored"] for e in store.estimates(job_name)
-                 if e["measured"] is not None and e["scored"] is not None and e["scored"] < e["total"])
+    for name, _ in store.objectives(job_name) or []:
+        if name in summary:
+            total += summary[name]["items_scored"]
+        else:
+            total += sum(len(v) for c, v in store.items_of(job_name, name).items() if c in done)
     return total
 
 
