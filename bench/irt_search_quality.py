@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from evomerge.search.front import hypervolume, pareto_mask  # noqa: E402
+from evomerge.search.irt_policy import irt_summary  # noqa: E402
 from evomerge.service.demo import demo_spec  # noqa: E402
 from evomerge.store import Store  # noqa: E402
 
@@ -107,8 +108,6 @@ def items_scored(store: Store, job_name: str) -> int:
     """Every item scoring the search ran: per IRT objective as its report counts them (`irt_summary`: the anchors of
     candidates measured later, and anchors scored again when another objective was confirmed, included), per other
     objective the items stored for its done candidates."""
-    from evomerge.search.irt_policy import irt_summary
-
     summary = irt_summary(store, job_name)
     done = {r.id for r in store.candidates(job_name, status="done")}
     total = 0
@@ -201,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
             st = Store(Path(mine["store"]), readonly=True)
             i_items = items_scored(st, mine["name"]) + spent
             n_done = len(st.candidates(mine["name"], status="done"))
-            from evomerge.search.irt_policy import irt_summary
             summ = irt_summary(st, mine["name"])
             st.close()
             i_hv = hv(front)
