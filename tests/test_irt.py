@@ -340,6 +340,30 @@ def test_a_confirmation_measures_only_the_objectives_whose_interval_overlaps_the
     assert again and summary["items_scored"] == sum(len(quiz2[c]) for c in done) + 20 * len(picks2) + 20 * len(again)
 
 
+def test_picks_still_estimated_when_the_confirmation_rounds_run_out_are_named(tmp_path):
+    from evomerge.runtime.local import LocalRuntime
+    from evomerge.search.confirm import confirm_front, picks
+    from evomerge.search.jobs import scorer_factory
+    from evomerge.search.loop import Progress, Search
+    from evomerge.search.spec import load_job
+
+    spec = load_job(quiz_job(tmp_path, irt={"confirm_count": 0}))
+    store = Store(spec.store)
+    store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
+    log = io.StringIO()
+    search = Search(spec, store, LocalRuntime(scorer_factory(spec), 1), Progress(log, live=False))
+    search.run()
+    estimated = [r.id for r in store.candidates("quiz", status="done") if r.id in set(picks(search.recorder))
+                 and r.estimated]
+    assert estimated  # without confirmations the picks are estimates
+    assert confirm_front(search.recorder, max_rounds=0) == []
+    assert (f"warning: after 0 round(s) of confirmation the front's picks {', '.join(f'#{c}' for c in estimated)} "
+            "are still estimated") in log.getvalue()
+    confirm_front(search.recorder)
+    assert "warning" not in log.getvalue().split("after 0 round(s)")[1]  # measured once the rounds suffice
+    store.close()
+
+
 def test_a_search_interrupted_while_confirming_entrants_resumes_to_the_same_archive(tmp_path):
     QuizScorer.asked = []
     try:

@@ -59,4 +59,11 @@ def confirm_front(recorder: "Recorder", max_rounds: int = 10) -> list[int]:
     if rounds > 1:
         ctx.progress.line(f"confirmed {len(scored)} candidate(s) in {rounds} rounds (each round's full scores moved "
                           "the front, and its new picks were estimates too)")
+    chosen = set(picks(recorder))
+    left = [r.id for r in store.candidates(job, status="done") if r.id in chosen and r.estimated]
+    if left:  # the rounds ran out: what a user exports by --best or --knee may be an estimate, and must be told
+        ctx.progress.line(f"warning: after {max_rounds} round(s) of confirmation the front's picks "
+                          + ", ".join(f"#{c}" for c in left) + " are still estimated (each round's measured values "
+                          "moved the front to new estimates); their values are marked ~, and `evomerge resume` "
+                          "with a larger budget scores more candidates in full")
     return sorted(scored)
