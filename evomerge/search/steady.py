@@ -21,7 +21,8 @@ What each driver does (see `drivers.py`): `random` always asks `lag` batches ahe
 population as last told, so with lag 1 batch k+1 comes from the population after batch k-1); `cmaes` never asks
 ahead (pycma updates from points of its current distribution only): its batches run back to back with the
 barrier in between, as in generational mode. With IRT-reduced fitness the lag is 0 too, because each batch's
-anchors and calibration are planned from all earlier batches scored.
+anchors and calibration are planned from all earlier batches scored, and its estimates that overlap the front are
+measured before it is told (`Recorder.confirm_entrants`), with nothing else in flight.
 """
 
 from __future__ import annotations
