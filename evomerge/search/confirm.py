@@ -42,6 +42,7 @@ def confirm_front(recorder: "Recorder", max_rounds: int = 10) -> list[int]:
     candidates that repeat their recipe."""
     ctx, store, job = recorder.ctx, recorder.store, recorder.job
     scored: list[int] = []
+    names = [o.name for o in ctx.objectives.objectives]
     rounds = 0
     for rounds in range(1, max_rounds + 1):
         chosen = set(picks(recorder))
@@ -53,7 +54,6 @@ def confirm_front(recorder: "Recorder", max_rounds: int = 10) -> list[int]:
             ctx.progress.line(f"confirming the front's picks (best per objective, knee): {len(todo)} estimated "
                               "candidate(s) scored on every fitness item")
         # every objective still estimated; a failure in full scoring is recorded so, and the candidate leaves the front
-        names = [o.name for o in ctx.objectives.objectives]
         scored += recorder.measure({r.id: names for r in todo})
     store.set_front(job, recorder.front_ids())
     if rounds > 1:

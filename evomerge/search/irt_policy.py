@@ -184,6 +184,10 @@ class IRTPolicy:
 
     # ------------------------------------------------------------ before the driver is told
 
+    def confirming(self) -> bool:
+        """Whether this generation may confirm anything (`entrants`): an objective in force with a confirm_count."""
+        return any(self.current.get(o.name) is not None and o.confirm_count > 0 for o in self.objectives)
+
     def entrants(self, rows: list["CandidateRow"], front: np.ndarray, losses: Callable[[dict], list[float]],
                  names: list[str]) -> dict[int, list[str]]:
         """Which estimates of a generation's candidates are measured (scored on every item) before the driver is

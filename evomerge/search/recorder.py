@@ -169,7 +169,7 @@ class Recorder:
         """IRT, before a complete batch is told: score in full the estimates the policy picks because their interval
         overlaps the front (`IRTPolicy.entrants`), and put the measured values in the batch (what the driver is
         told), the store and the repeats of their recipes. Returns the ids scored."""
-        if self.irt is None:
+        if self.irt is None or not self.irt.confirming():
             return []
         names = [o.name for o in self.ctx.objectives.objectives]
         mine = self.store.candidates(self.job, generation=batch.generation)
@@ -193,22 +193,24 @@ class Recorder:
         and copy them to the candidates that repeat their recipes (in `results` too, where those are). Objectives
         already measured are left out, so a resumed confirmation does not score them twice. Returns the ids
         scored."""
-        ests = {(e["candidate"], e["objective"]): e for e in self.store.estimates(self.job)}
-        open_ = lambda cid, n: (cid, n) in ests and ests[cid, n]["measured"] is None  # noqa: E731
-        jobs: dict[int, tuple[CandidateRow, list[str]]] = {}
+        still_open: dict[int, list[str]] = {}  # per candidate, its objectives estimated and not measured yet
+        for e in self.store.estimates(self.job):
+            if e["measured"] is None:
+                still_open.setdefault(e["candidate"], []).append(e["objective"])
+        jobs: dict[int, tuple[CandidateRow, list[str], bool]] = {}
         for cid, objs in sorted(todo.items()):
             row = self.store.candidate(self.job, cid)
-            objs = [n for n in objs if open_(cid, n)]
+            objs = [n for n in objs if n in still_open.get(cid, [])]
             if row is None or row.status != "done" or not objs:
                 continue
             stored = self.store.items(self.job, cid)
-            others = {n: list(stored[n]) for (c, n) in ests if c == cid and open_(cid, n) and n not in objs}
-            jobs[cid] = (row, objs)
+            others = {n: list(stored[n]) for n in still_open[cid] if n not in objs}  # on their anchors again
+            jobs[cid] = (row, objs, bool(others))
             self.ctx.runtime.submit(cid, self.problem.decode(row.genome), items=others or None)
         copies = self.store.candidates(self.job, status="cached")
         for out in self.ctx.runtime.as_completed():
-            row, objs = jobs[out.cid]
-            still = out.ok and any(open_(out.cid, n) and n not in objs for (c, n) in ests if c == out.cid)
+            row, objs, partial = jobs[out.cid]
+            still = out.ok and partial  # objectives left estimated: the candidate stays estimated
             if out.ok:  # the measured objectives from this scoring, the rest as they were told
                 out = replace(out, values={**row.values, **{n: out.values[n] for n in objs}}, estimated=still)
             self.record(out, estimated=still)  # measured in full it may fail: recorded so, told as a failure
