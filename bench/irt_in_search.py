@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from evomerge.fitness import irt  # noqa: E402
 from evomerge.search.front import pareto_mask  # noqa: E402
-from evomerge.search.irt_policy import calibration_choice, front_margin, printed_error  # noqa: E402
+from evomerge.search.irt_policy import calibration_choice, overlapping, printed_error  # noqa: E402
 from evomerge.store import Store  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def replay(data: dict[str, tuple[list[str], np.ndarray, list]], anchors: int, se
     """The policy over the archive, every objective at once (maximised, as the zoo's accuracies): the seed phase,
     a fit every `every` generations, `count` calibration candidates chosen by the policy's rule in the generation
     before each refit, and per generation and objective up to `confirm` estimated candidates whose interval
-    overlaps the front scored in full (`entrants`' rule: `front_margin`, the front of what earlier generations and
+    overlaps the front scored in full (`entrants`' rule, `overlapping`: the front of what earlier generations and
     this one's measured candidates were told). Returns per objective what `main` prints."""
     names = list(data)
     rows = data[names[0]][2]
@@ -111,16 +111,15 @@ def replay(data: dict[str, tuple[list[str], np.ndarray, list]], anchors: int, se
         front = F[pareto_mask(F)] if len(F) else F
         chosen: list[set[int]] = [set() for _ in names]  # per objective: its estimate measured
         for j in range(len(names)):
-            margins = []
+            candidates = []
             for k in here:
                 if k in calib:
                     continue
                 point = -np.array([e.value for e in est[k]])
                 best = point.copy()
                 best[j] -= 2 * est[k][j].sd
-                if front_margin(front, best, j) > 0:
-                    margins.append((-front_margin(front, point, j), k))
-            chosen[j].update(k for _, k in sorted(margins)[:confirm])
+                candidates.append((k, point, best))
+            chosen[j].update(overlapping(front, candidates, j, confirm))
         confirmed += len(set().union(*chosen))
         for k in here:
             for j, n in enumerate(names):

@@ -205,7 +205,7 @@ class IRTPolicy:
         for o in self.objectives:
             if self.current.get(o.name) is None or o.confirm_count == 0:
                 continue
-            k, margins = names.index(o.name), []
+            k, candidates = names.index(o.name), []
             for r in rows:
                 e = ests.get((r.id, o.name))
                 if r.values is None or e is None or o.name not in self.anchored.get(r.id, {}):
@@ -215,9 +215,8 @@ class IRTPolicy:
                 point = np.array(losses(values), dtype=float)
                 best = point.copy()  # the interval's end the front likes better (either direction)
                 best[k] = min(losses({**values, o.name: e["value"] + s * 2 * e["sd"]})[k] for s in (-1, 1))
-                if front_margin(front, best, k) > 0:
-                    margins.append((-front_margin(front, point, k), r.id))
-            for _, cid in sorted(margins)[:o.confirm_count]:
+                candidates.append((r.id, point, best))
+            for cid in overlapping(front, candidates, k, o.confirm_count):
                 chosen.setdefault(cid, []).append(o.name)
         return dict(sorted(chosen.items()))
 
@@ -281,6 +280,16 @@ def front_margin(front: np.ndarray, point: np.ndarray, k: int) -> float:
     others = np.delete(np.arange(front.shape[1]), k)
     cover = np.all(front[:, others] <= point[others], axis=1)
     return float(np.min(front[cover, k]) - point[k]) if cover.any() else float("inf")
+
+
+def overlapping(front: np.ndarray, candidates: list[tuple[int, np.ndarray, np.ndarray]], k: int,
+                count: int) -> list[int]:
+    """Of `candidates` (id, losses at the estimate, the same with objective k at its interval's better end), the up
+    to `count` whose interval on k reaches beyond the front, the ones whose estimate lies farthest beyond it first
+    (`front_margin`; ties by id)."""
+    margins = [(-front_margin(front, point, k), cid) for cid, point, best in candidates
+               if front_margin(front, best, k) > 0]
+    return [cid for _, cid in sorted(margins)[:count]]
 
 
 def anchor_counts(anchors: int, items: int, max_error: float | None) -> list[int]:
