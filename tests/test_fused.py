@@ -3,11 +3,14 @@
 Every case asserts that the kernel ran (merge returned True) before comparing, so a silent fall-back to the torch
 path cannot pass for the kernel. Sizes are chosen to reach each way a threshold is found: heavy bf16 bins decided
 in the pass by position (RUN), float32 bins resolved after it (the undecided list and its fix-up, over several
-threads), densities 0 and 1, all nonzero entries kept, k = 1.
+threads), densities 0 and 1, all nonzero entries kept, k = 1. Each bit-for-bit case runs twice: through the pass's
+one-loop fast path (asserted to have merged blocks where the job is one it serves) and with it turned off (the
+stage-by-stage loops, which still serve the block where a quota runs out, float16 and more than 4 sources).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import subprocess
@@ -24,6 +27,26 @@ from evomerge.merge.recipe import parse_recipe
 from evomerge.zoo.shapes import llama_config, write_random_family
 
 pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler: the kernel cannot be built here")
+
+
+@pytest.fixture(params=[1, 0], ids=["fast", "staged"], autouse=True)
+def fast_path(request):
+    """The pass with its fast path on (1) and off (0); yields the fast path's block counter."""
+    lib = fused.library()
+    flag = ctypes.c_int.in_dll(lib, "fused_fast")
+    blocks = ctypes.c_int64.in_dll(lib, "fused_fast_blocks")
+    flag.value = request.param
+    blocks.value = 0
+    yield request.param, blocks
+    flag.value = 1
+
+
+# (sources' dtype, output dtype) the fast path has instances for (float32 task vectors: either output)
+FAST_DTYPES = {(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)}
+
+
+def blocks_of(n: int) -> int:
+    return -(-n // 256)  # fused.c's BLOCK
 
 
 def family(n: int, dtype: torch.dtype, sources: int, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -82,23 +105,29 @@ THREE = [{"weight": 0.5, "density": 0.3}, {"weight": 0.3, "density": 0.6}, {"wei
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_ties_stable_every_dtype(dtype, out_dtype):
+def test_ties_stable_every_dtype(dtype, out_dtype, fast_path):
     base, sources = family(200_003, dtype, 3)
     if dtype == torch.bfloat16:
         assert ways(base, sources, THREE) == ["run", "run", "after"]  # both ways, in one merge
     got, want = run_both("ties", base, sources, THREE, {"stable_ties": True}, out_dtype)
     assert got is not None
     assert torch.equal(bits(got), bits(want))
+    served = fast_path[0] and (dtype, out_dtype) in FAST_DTYPES
+    # every block but the one where a RUN source's quota runs out (bf16: two of them; float32 has none)
+    blocks, runs = blocks_of(200_003), 2 if dtype == torch.bfloat16 else 0
+    assert (blocks - runs <= fast_path[1].value <= blocks) if served else fast_path[1].value == 0
 
 
 @pytest.mark.parametrize("extra", [{}, {"normalize": True}, {"normalize": True, "lambda": 0.7}, {"lambda": -1.5}])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_task_arithmetic(extra, dtype):
+def test_task_arithmetic(extra, dtype, fast_path):
     base, sources = family(100_000, dtype, 3, seed=1)
     params = [{"weight": 0.5}, {"weight": -0.25}, {"weight": 1.1}]
     got, want = run_both("task_arithmetic", base, sources, params, extra, torch.bfloat16)
     assert got is not None
     assert torch.equal(bits(got), bits(want))
+    # served where the sources and the output share a dtype (bf16 here): every block
+    assert fast_path[1].value == (blocks_of(100_000) if fast_path[0] and dtype == torch.bfloat16 else 0)
 
 
 @pytest.mark.parametrize("params", [
@@ -114,14 +143,16 @@ def test_ties_edges(params, extra):
     assert torch.equal(bits(got), bits(want))
 
 
-def test_float32_layout_task_vectors_over_threads():
+def test_float32_layout_task_vectors_over_threads(fast_path):
     """Task vectors given as float32 deltas (the float32 layout), a float32 family (bins of many values: resolved
-    after the pass from the undecided list) split over three threads."""
+    after the pass from the undecided list, which the fast path fills too) split over three threads."""
     base, sources = family(3 * (1 << 20) + 17, torch.float32, 3, seed=3)
     assert ways(base, sources, THREE, as_deltas=True) == ["after"] * 3
     got, want = run_both("ties", base, sources, THREE, {"stable_ties": True}, as_deltas=True, threads=3)
     assert got is not None
     assert torch.equal(bits(got), bits(want))
+    n = base.numel()
+    assert fast_path[1].value == (sum(blocks_of(n * (p + 1) // 3 - n * p // 3) for p in range(3)) if fast_path[0] else 0)
 
 
 def test_consensus_by_count():

@@ -3,7 +3,10 @@
    evomerge/merge/fused.py builds this file into a shared library on first use and calls it through ctypes; read
    its docstring first. The torch path (methods._merge_deltas) makes some 30 elementwise passes per task vector
    (boolean masks, sign election, agreement), each a round trip through memory; this file reads every source once
-   per block of BLOCK elements, keeps the block in L1 and writes the merged block once, in the output's dtype.
+   per block of BLOCK elements, keeps the block in L1 and writes the merged block once, in the output's dtype. Most
+   blocks go through one loop that keeps each entry in registers from its load to its store (fast_block: one
+   instance per source count, dtypes and consensus, so that it vectorises); the stage-by-stage loops (combine)
+   serve the rest: the block where a RUN source's quota runs out, float16, mixed dtypes, more than 4 sources.
 
    Exactness: every float operation below is the one the torch path makes, in the same order, in float32 (built
    with -ffp-contract=off and without -ffast-math, so no operation is fused or reordered): the results are the
@@ -208,6 +211,166 @@ typedef struct {
     uint32_t *kept;  /* the pass's decision for every other source, one bit each */
 } Pending;
 
+/* The fast path of the pass: one loop over a block's entries that loads each source entry, forms its task
+   vector, mask and weighted contribution, and merges them in registers (the stage-by-stage loops above make each
+   stage a trip through L1: some 25 stores per entry for three sources, which is what bounded the pass). The float
+   operations per entry are combine()'s, in its order, so the bits are the same. It serves blocks where every
+   source's mask is a comparison: KEEP_ALL, KEEP_NONE and RUN sources (ties kept while the quota lasts, counted in
+   equal[]; the caller redoes the one block per source where the quota runs out the slow way). S, DT (base and
+   sources), DELTA (sources are task vectors) and ODT are constants in each instance: the loop then vectorises. */
+static inline __attribute__((always_inline)) float fast_load(const void *restrict p, int dt, int64_t j) {
+    if (dt == DT_BF16) return float_of((uint32_t)((const uint16_t *)p)[j] << 16);
+    return ((const float *)p)[j];
+}
+
+#define FAST_MAX 4
+
+/* One source's step of the fast loop, for source K (a literal) of S: its contribution c##K; the magnitudes in
+   [a##K, z##K] counted in eq##K (a RUN source's ties; a THRESHOLD source's undecided entries, also marked in und). */
+#define FAST_SOURCE(K)                                                                                      \
+    float c##K = 0.0f;                                                                                       \
+    if (S > K) {                                                                                             \
+        float x = fast_load(p##K, DT, j);                                                                    \
+        if (!DELTA) x = x - b;                                                                               \
+        uint32_t u = abs_bits(x);                                                                            \
+        int32_t in = (u >= a##K) & (u <= z##K);                                                              \
+        eq##K += in;                                                                                         \
+        und |= (uint32_t)(in & thr##K) << K;                                                                  \
+        c##K = none##K ? zw##K : (x * (u >= l##K ? 1.0f : 0.0f)) * w##K;                                    \
+    }
+#define FAST_PARAMS(K)                                                                                      \
+    const void *restrict p##K = S > K ? (const char *)J->source[K] + off * width : NULL;                     \
+    const float w##K = S > K ? J->weight[K] : 0.0f, zw##K = 0.0f * w##K;                                     \
+    const int none##K = S > K && J->mode[K] == KEEP_NONE;                                                    \
+    const uint32_t l##K = S > K ? lo[K] : 0u, a##K = S > K ? count_lo[K] : 1u, z##K = S > K ? count_hi[K] : 0u; \
+    const int32_t thr##K = S > K && J->mode[K] == THRESHOLD;                                                 \
+    int32_t eq##K = 0;
+/* agreement of source K with the elected sign: its contribution added to o, its weight to dv */
+#define FAST_AGREE(K)                                                                                       \
+    if (S > K) {                                                                                             \
+        float agree = (c##K * sg) > 0.0f ? 1.0f : 0.0f;                                                      \
+        o = o + c##K * agree;                                                                                \
+        dv = dv + w##K * agree;                                                                              \
+    }
+#define FAST_SIGN(K)                                                                                        \
+    if (S > K) sg = consensus == CONSENSUS_SUM ? sg + c##K                                                   \
+                                               : sg + ((c##K > 0.0f ? 1.0f : 0.0f) - (c##K < 0.0f ? 1.0f : 0.0f));
+
+static inline __attribute__((always_inline)) int fast_block(const Job *J, const int S, const int DT, const int DELTA,
+                                                            const int ODT, const int consensus, int64_t off, int len,
+                                                            const uint32_t *lo, const uint32_t *count_lo,
+                                                            const uint32_t *count_hi, int64_t *equal, uint32_t *undecided) {
+    /* every source its own pointer and constants (no arrays indexed in the loop): what lets it vectorise */
+    const int64_t width = DT == DT_BF16 ? 2 : 4;
+    const void *restrict base = (const char *)J->base + off * width;
+    void *restrict outp = (char *)J->out + off * (ODT == DT_BF16 ? 2 : 4);
+    FAST_PARAMS(0) FAST_PARAMS(1) FAST_PARAMS(2) FAST_PARAMS(3)
+    const int normalize = J->normalize, divide_total = J->divide_total, scale = J->scale;
+    const float total = J->total, lambda = J->lambda;
+    int nan = 0;
+    for (int j = 0; j < len; j++) {
+        float b = fast_load(base, DT, j);
+        uint32_t und = 0;
+        FAST_SOURCE(0) FAST_SOURCE(1) FAST_SOURCE(2) FAST_SOURCE(3)
+        float o;
+        if (consensus == CONSENSUS_NONE) {
+            o = c0;
+            if (S > 1) o = o + c1;
+            if (S > 2) o = o + c2;
+            if (S > 3) o = o + c3;
+            if (divide_total) o = o / total;
+        } else {
+            float sg = 0.0f, dv = 0.0f;
+            FAST_SIGN(0) FAST_SIGN(1) FAST_SIGN(2) FAST_SIGN(3)
+            sg = sg >= 0.0f ? 1.0f : -1.0f;
+            o = 0.0f;
+            FAST_AGREE(0) FAST_AGREE(1) FAST_AGREE(2) FAST_AGREE(3)
+            if (normalize) o = o / (dv == 0.0f ? 1.0f : dv);
+        }
+        if (scale) o = o * lambda;
+        o = b + o;
+        nan |= o != o;
+        undecided[j] = und;
+        if (ODT == DT_BF16) ((uint16_t *)outp)[j] = to_bf16(o);
+        else ((float *)outp)[j] = o;
+    }
+    equal[0] = eq0;
+    if (S > 1) equal[1] = eq1;
+    if (S > 2) equal[2] = eq2;
+    if (S > 3) equal[3] = eq3;
+    return nan;
+}
+
+/* One instance per (sources, dtype, task vectors or sources, output dtype) the fast path serves. */
+#define FAST_CASE(S, DT, DELTA, ODT) \
+    static int fast_##S##_##DT##_##DELTA##_##ODT(const Job *J, int64_t off, int len, const uint32_t *lo, \
+                                                  const uint32_t *a, const uint32_t *z, int64_t *eq, uint32_t *und) { \
+        if (J->consensus == CONSENSUS_NONE) \
+            return fast_block(J, S, DT, DELTA, ODT, CONSENSUS_NONE, off, len, lo, a, z, eq, und); \
+        if (J->consensus == CONSENSUS_SUM) \
+            return fast_block(J, S, DT, DELTA, ODT, CONSENSUS_SUM, off, len, lo, a, z, eq, und); \
+        return fast_block(J, S, DT, DELTA, ODT, CONSENSUS_COUNT, off, len, lo, a, z, eq, und); \
+    }
+#define FAST_DTYPES(S) \
+    FAST_CASE(S, 1, 0, 1) FAST_CASE(S, 1, 0, 0) FAST_CASE(S, 0, 0, 0) FAST_CASE(S, 0, 1, 1) FAST_CASE(S, 0, 1, 0)
+FAST_DTYPES(1) FAST_DTYPES(2) FAST_DTYPES(3) FAST_DTYPES(4)
+
+/* 0 turns the fast path off (tests compare both ways of the pass); the blocks it merged, for tests to see it ran. */
+int fused_fast = 1;
+int64_t fused_fast_blocks = 0;
+
+typedef int (*FastFn)(const Job *, int64_t, int, const uint32_t *, const uint32_t *, const uint32_t *, int64_t *,
+                      uint32_t *);
+
+/* The fast path's instance for this job, or NULL (sources of mixed dtypes or layouts, more than 4, float16). */
+static FastFn fast_for(const Job *J) {
+    int s = J->n_sources, dt = J->base_dtype, delta = J->is_delta[0], odt = J->out_dtype;
+    if (s < 1 || s > FAST_MAX || (dt != DT_BF16 && dt != DT_F32) || (odt != DT_BF16 && odt != DT_F32)) return NULL;
+    for (int i = 0; i < s; i++)
+        if (J->source_dtype[i] != dt || J->is_delta[i] != delta) return NULL;
+#define PICK(S) \
+    if (s == S) { \
+        if (dt == DT_BF16 && !delta && odt == DT_BF16) return fast_##S##_1_0_1; \
+        if (dt == DT_BF16 && !delta && odt == DT_F32) return fast_##S##_1_0_0; \
+        if (dt == DT_F32 && !delta && odt == DT_F32) return fast_##S##_0_0_0; \
+        if (dt == DT_F32 && delta && odt == DT_BF16) return fast_##S##_0_1_1; \
+        if (dt == DT_F32 && delta && odt == DT_F32) return fast_##S##_0_1_0; \
+    }
+    PICK(1) PICK(2) PICK(3) PICK(4)
+#undef PICK
+    return NULL;
+}
+
+/* The undecided entries of a block the fast path merged, listed as the slow path lists them (index order; the
+   base, every task vector, which sources are undecided, the others' decisions), each read again from the sources:
+   a few percent of a block, in L1 still. Returns 1 when the list would overflow. */
+static int fast_pending(const Job *J, int64_t off, int len, const uint32_t *und, const uint32_t *lo, Pending *P) {
+    int picked[BLOCK], m = 0, s = J->n_sources;
+    for (int j = 0; j < len; j++) {  /* branch-free, as in the pass */
+        picked[m] = j;
+        m += und[j] != 0;
+    }
+    if (P->count + m > P->cap) return 1;
+    for (int t = 0; t < m; t++) {
+        int64_t c = P->count + t, at = off + picked[t];
+        float b, x;
+        uint32_t kept = 0;
+        load(J->base, J->base_dtype, at, 1, &b);
+        for (int i = 0; i < s; i++) {
+            load(J->source[i], J->source_dtype[i], at, 1, &x);
+            if (!J->is_delta[i]) x = x - b;
+            P->delta[i][c] = x;
+            kept |= (uint32_t)(abs_bits(x) >= lo[i]) << i;
+        }
+        P->index[c] = at;
+        P->base[c] = b;
+        P->undecided[c] = und[picked[t]];
+        P->kept[c] = kept & ~und[picked[t]];
+    }
+    P->count += m;
+    return 0;
+}
+
 /* The pass over [start, end): writes every merged entry, treating undecided magnitudes (in source i's threshold
    bin, nonzero) as dropped, and lists the entries with any undecided source. Returns 0; 1 when the list would
    overflow its capacity, 2 when a merged value is NaN (the caller then merges this tensor the torch way). */
@@ -219,9 +382,41 @@ int fused_pass(const Job *J, int64_t start, int64_t end, Pending *P) {
     int s = J->n_sources;
     if (s < 1 || s > MAX_SOURCES) return -1;
     P->count = 0;
+    FastFn fast = fused_fast ? fast_for(J) : NULL;
+    int64_t fast_blocks = 0;
     for (int64_t off = start; off < end; off += BLOCK) {
         int len = end - off < BLOCK ? (int)(end - off) : BLOCK;
         uint32_t any = 0;
+        if (fast) {
+            uint32_t lo[MAX_SOURCES], a[MAX_SOURCES], z[MAX_SOURCES], thr = 0;
+            int64_t equal[MAX_SOURCES];
+            for (int i = 0; i < s; i++) {  /* kept: u >= lo; counted: u in [a, z] */
+                int open = J->mode[i] == RUN && run[i] < J->quota[i];
+                lo[i] = 0u, a[i] = 1u, z[i] = 0u;
+                if (J->mode[i] == RUN) {  /* ties kept while the quota lasts, and counted */
+                    lo[i] = J->value[i] + (open ? 0u : 1u);
+                    if (open) a[i] = z[i] = J->value[i];
+                } else if (J->mode[i] == THRESHOLD) {  /* the bin above kept, the bin itself (but 0) undecided */
+                    uint32_t bin = (uint32_t)J->bin[i];
+                    lo[i] = (bin + 1u) << SHIFT;
+                    a[i] = bin ? bin << SHIFT : 1u, z[i] = lo[i] - 1u;
+                    thr |= 1u << i;
+                }
+            }
+            if (fast(J, off, len, lo, a, z, equal, und)) return 2;
+            int spent = 0, listed = 0;
+            for (int i = 0; i < s; i++) {
+                if (J->mode[i] == RUN) spent |= a[i] <= z[i] && run[i] + equal[i] > J->quota[i];
+                if (thr >> i & 1u) listed |= equal[i] > 0;
+            }
+            if (!spent) {
+                for (int i = 0; i < s; i++)
+                    if (J->mode[i] == RUN && a[i] <= z[i]) run[i] += equal[i];
+                if (listed && fast_pending(J, off, len, und, lo, P)) return 1;
+                fast_blocks++;
+                continue;
+            }  /* the quota of some source runs out in this block: the slow way decides its ties by position */
+        }
         load(J->base, J->base_dtype, off, len, b);
         for (int j = 0; j < len; j++) und[j] = 0;
         for (int i = 0; i < s; i++) {
@@ -292,6 +487,7 @@ int fused_pass(const Job *J, int64_t start, int64_t end, Pending *P) {
         if (has_nan(out, len)) return 2;
         store(out, len, J->out, J->out_dtype, off);
     }
+    __atomic_fetch_add(&fused_fast_blocks, fast_blocks, __ATOMIC_RELAXED);
     return 0;
 }
 

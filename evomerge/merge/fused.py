@@ -3,8 +3,9 @@
 Why: the torch path (`methods._merge_deltas`) is some 30 elementwise passes per task vector (TIES's masks, sign
 election and agreement), each a trip through memory at 5-8 ns per element on one thread, and a magnitude
 threshold costs a selection per tensor per candidate: 100-400x the memory-bandwidth bound of a candidate at
-0.17-1B parameters. `fused.c` reads each source once per block of 256 entries, merges the block in L1 and writes
-it once, straight into the engine's parameter in its dtype; a TIES threshold is found from a per-tensor histogram
+0.17-1B parameters. `fused.c` reads each source once per block of 256 entries, merges the block in registers (one
+vectorised loop per source count, dtypes and consensus; stage by stage in L1 for what that loop does not serve) and
+writes it once, straight into the engine's parameter in its dtype; a TIES threshold is found from a per-tensor histogram
 of the task vector's magnitudes (a `Sketch`, built once per source tensor and kept: the sources do not change
 between candidates, only weights and densities do). Where the sketch knows the threshold's bin exactly (its heavy
 bins: bf16 sources), the pass decides every entry itself, ties by position; elsewhere it lists the few entries of
