@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,8 +190,11 @@ def test_a_nan_in_the_merge_is_left_to_torch():
     assert fused.sketch(base, sources[1], False) is None
 
 
-def test_sketch_brackets_every_rank():
-    """The bin a rank falls in, and the exact value a heavy bin gives it, against a sort."""
+@pytest.mark.parametrize("ids", [1024, 1], ids=["compact", "direct"])
+def test_sketch_brackets_every_rank(ids, monkeypatch):
+    """The bin a rank falls in, and the exact value a heavy bin gives it, against a sort; the heavy bins' values
+    counted in the compact table and (with room for one low-bit pattern only) in the direct one."""
+    monkeypatch.setattr(fused, "_IDS", ids)
     base, sources = family(30_000, torch.bfloat16, 1, seed=7)
     mags = (sources[0].float() - base.float()).abs()
     sk = fused.sketch(base, sources[0], False)
@@ -208,6 +212,11 @@ def test_sketch_brackets_every_rank():
             assert equal == int((ordered == ordered[k - 1]).sum())
             assert keep == k - int((ordered > ordered[k - 1]).sum())
     assert sk.exact, "a bf16 family has heavy bins"
+    assert max(len(v) for v, _ in sk.exact.values()) >= 2  # bins of several values: their order is checked
+    bits_ = ordered.view(torch.int32).numpy()
+    for b, (values, counts) in sk.exact.items():  # every heavy bin: its values, descending, and their counts
+        want, many = np.unique(bits_[(bits_ >> fused.SHIFT) == b], return_counts=True)
+        assert values.tolist() == want[::-1].tolist() and counts.tolist() == many[::-1].tolist(), b
 
 
 def test_materialiser_uses_the_kernel_and_matches_the_torch_path(tmp_path, monkeypatch):

@@ -200,6 +200,35 @@ void fused_bin_values(const void *base, int32_t base_dtype, const void *source, 
     }
 }
 
+/* The same counts in a compact table: a magnitude's low SHIFT bits get a dense id on first sight (lut, 0xffff:
+   none yet), and table[slot][id] counts them. A bf16 family's heavy bins share a few hundred low-bit patterns, so
+   the table is a few hundred KiB where the direct one is 64 KiB per heavy bin (a scatter through L3 at ~11 ns an
+   entry). Returns how many ids were given, or -1 when more than cap would be needed (the caller then counts with
+   fused_bin_values). */
+int64_t fused_bin_values_compact(const void *base, int32_t base_dtype, const void *source, int32_t source_dtype,
+                                 int32_t is_delta, int64_t n, const int32_t *slot, uint16_t *lut, int32_t cap,
+                                 uint32_t *table) {
+    float x[BLOCK];
+    int32_t ids = 0;
+    for (int64_t off = 0; off < n; off += BLOCK) {
+        int len = n - off < BLOCK ? (int)(n - off) : BLOCK;
+        load_delta(base, base_dtype, source, source_dtype, is_delta, off, len, x);
+        for (int j = 0; j < len; j++) {
+            uint32_t u = abs_bits(x[j]);
+            int32_t at = u ? slot[u >> SHIFT] : -1;
+            if (at < 0) continue;
+            uint32_t low = u & ((1u << SHIFT) - 1);
+            uint32_t id = lut[low];
+            if (id == 0xffffu) {
+                if (ids >= cap) return -1;
+                id = lut[low] = (uint16_t)ids++;
+            }
+            table[(int64_t)at * cap + id]++;
+        }
+    }
+    return ids;
+}
+
 /* Entries some source's threshold bin leaves undecided, in index order: what the fix-up needs to finish them
    without reading the sources again (the base, every task vector, and which sources are undecided, one bit each). */
 typedef struct {

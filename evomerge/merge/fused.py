@@ -134,6 +134,9 @@ def _build() -> ctypes.CDLL:
                                  p, p]
     lib.fused_bin_values.argtypes = [p, ctypes.c_int32, p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, p, p]
     lib.fused_bin_values.restype = None
+    lib.fused_bin_values_compact.argtypes = [p, ctypes.c_int32, p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, p, p,
+                                             ctypes.c_int32, p]
+    lib.fused_bin_values_compact.restype = ctypes.c_int64
     lib.fused_sketch.restype = ctypes.c_int
     lib.fused_pass.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p]
     lib.fused_pass.restype = ctypes.c_int
@@ -216,6 +219,7 @@ _HEAVY = 2048  # a bin with more than n / _HEAVY entries is made exact ...
 _HEAVY_MIN = 1024  # ... and more than this many
 _MAX_VALUES = 256  # ... unless it holds more distinct values (float32 sources: their bins stay few-entry ones)
 _SLOTS = 512  # heavy bins counted per pass (a 32 MiB table)
+_IDS = 1024  # distinct low-bit patterns the compact count takes (bf16 families: a few hundred) before the direct one
 
 
 def sketch(base: torch.Tensor, source: torch.Tensor, is_delta: bool) -> Sketch | None:
@@ -243,13 +247,36 @@ def sketch(base: torch.Tensor, source: torch.Tensor, is_delta: bool) -> Sketch |
         bins = heavy[group : group + _SLOTS]
         slot = np.full(_BINS, -1, dtype=np.int32)
         slot[bins] = np.arange(bins.size, dtype=np.int32)
-        table = np.zeros((bins.size, 1 << SHIFT), dtype=np.uint32)
-        lib.fused_bin_values(*args, n, slot.ctypes.data, table.ctypes.data)
-        for at, b in enumerate(bins):
-            low = np.flatnonzero(table[at])[::-1]
+        for at, (low, count) in enumerate(_bin_values(lib, args, n, slot, bins.size)):
             if low.size <= _MAX_VALUES:
-                exact[int(b)] = ((int(b) << SHIFT) + low.astype(np.uint32), table[at][low].copy())
+                exact[int(bins[at])] = ((int(bins[at]) << SHIFT) + low.astype(np.uint32), count)
     return Sketch(n - zeros.value, hi, tail, exact)
+
+
+def _bin_values(lib: ctypes.CDLL, args: tuple, n: int, slot: np.ndarray, slots: int
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per heavy bin (slot order): the low SHIFT bits of its distinct magnitudes, descending, and how many entries
+    hold each. Counted in a compact table where the tensor's heavy bins share at most _IDS low-bit patterns (one
+    pass in L2), else in the direct one (64 KiB per bin)."""
+    lut = np.full(1 << SHIFT, 0xFFFF, dtype=np.uint16)
+    table = np.zeros((slots, _IDS), dtype=np.uint32)
+    ids = lib.fused_bin_values_compact(*args, n, slot.ctypes.data, lut.ctypes.data, _IDS, table.ctypes.data)
+    out = []
+    if ids >= 0:
+        pattern = np.zeros(max(ids, 1), dtype=np.int64)  # id -> low bits
+        given = np.flatnonzero(lut != 0xFFFF)
+        pattern[lut[given].astype(np.int64)] = given
+        for at in range(slots):
+            seen = np.flatnonzero(table[at, :ids])
+            order = np.argsort(pattern[seen])[::-1]
+            out.append((pattern[seen][order], table[at, seen][order].copy()))
+        return out
+    table = np.zeros((slots, 1 << SHIFT), dtype=np.uint32)
+    lib.fused_bin_values(*args, n, slot.ctypes.data, table.ctypes.data)
+    for at in range(slots):
+        low = np.flatnonzero(table[at])[::-1]
+        out.append((low, table[at][low].copy()))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- merging
