@@ -4,6 +4,7 @@ resume identity), on a synthetic task and on the zoo."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -264,6 +265,29 @@ def _told_values(store: Store, confirmed_after: set[int]) -> dict[int, dict[str,
     ests = {(e["candidate"], e["objective"]): e["value"] for e in store.estimates("quiz")}
     return {r.id: {**r.values, **({"quiz": ests[r.id, "quiz"]} if r.id in confirmed_after else {})}
             for r in store.candidates("quiz", status="done")}
+
+
+def test_calibration_candidates_are_chosen_among_the_candidates_that_will_be_evaluated(tmp_path):
+    """A generation of repeats (recipes the cache answers) and two new recipes, in a calibration generation: the
+    two new ones are the calibration candidates (a repeat chosen would be a copy of an earlier candidate's scores,
+    scored in full by nobody), whatever the seed; a repeat within the generation counts once."""
+    from evomerge.search.irt_policy import IRTPolicy
+    from evomerge.store import CandidateRow
+
+    result = run_job(quiz_job(tmp_path, irt={"confirm_count": 0}), **quiet())
+    store = Store(result.store)
+    done = [r for r in store.candidates("quiz") if r.status == "done"]
+    g, next_id = 9, max(r.id for r in store.candidates("quiz")) + 1  # 9: a calibration generation (g0 2, every 2)
+    hashes = [done[k].recipe_hash for k in range(9)] + ["new-a", "new-b", "new-a"]  # the last repeats new-a
+    rows = [CandidateRow(next_id + k, g, k, [0.0], "{}", h, "driver", "pending") for k, h in enumerate(hashes)]
+    store.add_candidates("quiz", rows)
+    objectives = QuizScorer({"irt": {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2,
+                                     "calibrate_count": 2}}).objectives.objectives
+    for seed in range(6):
+        policy = IRTPolicy(store, "quiz", [dataclasses.replace(objectives[0], anchor_seed=seed)], say=lambda _: None)
+        policy.plan(g, rows)
+        full = [r.recipe_hash for r in rows if r.id not in policy.anchored]
+        assert full == ["new-a", "new-b"], (seed, full)
 
 
 @pytest.mark.parametrize("mode", ["generational", "steady"])

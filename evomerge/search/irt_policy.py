@@ -174,13 +174,28 @@ class IRTPolicy:
                 and e["scored"] == e["total"]]
 
     def _calibration_rows(self, o: "Objective", generation: int, rows: list["CandidateRow"]) -> set[int]:
-        """Candidates of this generation scored in full to calibrate: `calibrate_count` of them (seeded), in the
-        generation before each refit."""
+        """Candidates of this generation scored in full to calibrate: `calibrate_count` of them (seeded) among those
+        that will be evaluated, in the generation before each refit."""
         g0 = self._first_generation(o, generation)
         if g0 is None or o.calibrate_count == 0 or (generation - g0) % o.calibrate_every != o.calibrate_every - 1:
             return set()
-        return {rows[i].id for i in calibration_choice([0.0] * len(rows), o.calibrate_count,
-                                                        [o.anchor_seed, generation, 17])}
+        fresh = self._evaluated(rows)
+        return {fresh[i].id for i in calibration_choice([0.0] * len(fresh), o.calibrate_count,
+                                                         [o.anchor_seed, generation, 17])}
+
+    def _evaluated(self, rows: list["CandidateRow"]) -> list["CandidateRow"]:
+        """The rows the recorder will evaluate rather than answer from the cache (`Recorder.start`): the first of
+        their recipe, in the store and in the batch. A calibration candidate that is a repeat would be a copy of an
+        earlier candidate's anchors, scored in full by nobody. The same on a resume: a row of this generation that
+        was evaluated before the stop is its recipe's first in the store."""
+        seen: set[str] = set()
+        out = []
+        for r in sorted(rows, key=lambda r: r.id):
+            hit = self.store.by_hash(self.job, r.recipe_hash)
+            if r.recipe_hash not in seen and (hit is None or hit.id >= r.id):
+                out.append(r)
+            seen.add(r.recipe_hash)
+        return out
 
     # ------------------------------------------------------------ before the driver is told
 
