@@ -243,10 +243,12 @@ typedef struct {
 /* The fast path of the pass: one loop over a block's entries that loads each source entry, forms its task
    vector, mask and weighted contribution, and merges them in registers (the stage-by-stage loops above make each
    stage a trip through L1: some 25 stores per entry for three sources, which is what bounded the pass). The float
-   operations per entry are combine()'s, in its order, so the bits are the same. It serves blocks where every
-   source's mask is a comparison: KEEP_ALL, KEEP_NONE and RUN sources (ties kept while the quota lasts, counted in
-   equal[]; the caller redoes the one block per source where the quota runs out the slow way). S, DT (base and
-   sources), DELTA (sources are task vectors) and ODT are constants in each instance: the loop then vectorises. */
+   operations per entry are combine()'s, in its order, so the bits are the same. Every source's mask is a
+   comparison, u >= lo: KEEP_ALL and KEEP_NONE sources; RUN sources, ties kept while the quota lasts and counted in
+   equal[] (the caller redoes the one block per source where the quota runs out the slow way); THRESHOLD sources,
+   their bin's entries dropped as in the slow pass, counted and marked in undecided[] (fast_pending lists them).
+   S, DT (base and sources), DELTA (sources are task vectors), ODT and the consensus are constants in each
+   instance: the loop then vectorises. */
 static inline __attribute__((always_inline)) float fast_load(const void *restrict p, int dt, int64_t j) {
     if (dt == DT_BF16) return float_of((uint32_t)((const uint16_t *)p)[j] << 16);
     return ((const float *)p)[j];
