@@ -183,31 +183,16 @@ int fused_sketch(const void *base, int32_t base_dtype, const void *source, int32
     return SHIFT;
 }
 
-/* The exact values of the heavy bins (slot[bin] >= 0): table[slot][low SHIFT bits of the magnitude] counts them.
-   bf16 task vectors pile up on a few values per bin (the difference of two close bf16 numbers has at most 9
-   significant bits). */
-void fused_bin_values(const void *base, int32_t base_dtype, const void *source, int32_t source_dtype,
-                      int32_t is_delta, int64_t n, const int32_t *slot, uint32_t *table) {
-    float x[BLOCK];
-    for (int64_t off = 0; off < n; off += BLOCK) {
-        int len = n - off < BLOCK ? (int)(n - off) : BLOCK;
-        load_delta(base, base_dtype, source, source_dtype, is_delta, off, len, x);
-        for (int j = 0; j < len; j++) {
-            uint32_t u = abs_bits(x[j]);
-            int32_t at = u ? slot[u >> SHIFT] : -1;
-            if (at >= 0) table[((int64_t)at << SHIFT) + (u & ((1u << SHIFT) - 1))]++;
-        }
-    }
-}
-
-/* The same counts in a compact table: a magnitude's low SHIFT bits get a dense id on first sight (lut, 0xffff:
-   none yet), and table[slot][id] counts them. A bf16 family's heavy bins share a few hundred low-bit patterns, so
-   the table is a few hundred KiB where the direct one is 64 KiB per heavy bin (a scatter through L3 at ~11 ns an
-   entry). Returns how many ids were given, or -1 when more than cap would be needed (the caller then counts with
-   fused_bin_values). */
-int64_t fused_bin_values_compact(const void *base, int32_t base_dtype, const void *source, int32_t source_dtype,
-                                 int32_t is_delta, int64_t n, const int32_t *slot, uint16_t *lut, int32_t cap,
-                                 uint32_t *table) {
+/* The exact values of the heavy bins (slot[bin] >= 0): table[slot][id] counts the magnitudes whose low SHIFT bits
+   have that id in lut. bf16 task vectors pile up on a few values per bin (the difference of two close bf16 numbers
+   has at most 9 significant bits), and a bf16 family's heavy bins share a few hundred low-bit patterns: with lut
+   all 0xffff (none yet), a pattern gets the next dense id on first sight and the table is a few hundred KiB, where
+   one row of 2^SHIFT per heavy bin (lut the identity, cap 2^SHIFT) is 64 KiB a bin, a scatter through L3 at ~11 ns
+   an entry. Returns how many ids were given, or -1 when more than cap would be needed (the caller then counts
+   again with the identity). */
+int64_t fused_bin_values(const void *base, int32_t base_dtype, const void *source, int32_t source_dtype,
+                         int32_t is_delta, int64_t n, const int32_t *slot, uint16_t *lut, int32_t cap,
+                         uint32_t *table) {
     float x[BLOCK];
     int32_t ids = 0;
     for (int64_t off = 0; off < n; off += BLOCK) {

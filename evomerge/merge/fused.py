@@ -132,11 +132,9 @@ def _build() -> ctypes.CDLL:
     p = ctypes.c_void_p
     lib.fused_sketch.argtypes = [p, ctypes.c_int32, p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64,
                                  p, p]
-    lib.fused_bin_values.argtypes = [p, ctypes.c_int32, p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, p, p]
-    lib.fused_bin_values.restype = None
-    lib.fused_bin_values_compact.argtypes = [p, ctypes.c_int32, p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, p, p,
-                                             ctypes.c_int32, p]
-    lib.fused_bin_values_compact.restype = ctypes.c_int64
+    lib.fused_bin_values.argtypes = [p, ctypes.c_int32, p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, p, p,
+                                     ctypes.c_int32, p]
+    lib.fused_bin_values.restype = ctypes.c_int64
     lib.fused_sketch.restype = ctypes.c_int
     lib.fused_pass.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p]
     lib.fused_pass.restype = ctypes.c_int
@@ -256,26 +254,22 @@ def sketch(base: torch.Tensor, source: torch.Tensor, is_delta: bool) -> Sketch |
 def _bin_values(lib: ctypes.CDLL, args: tuple, n: int, slot: np.ndarray, slots: int
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per heavy bin (slot order): the low SHIFT bits of its distinct magnitudes, descending, and how many entries
-    hold each. Counted in a compact table where the tensor's heavy bins share at most _IDS low-bit patterns (one
-    pass in L2), else in the direct one (64 KiB per bin)."""
+    hold each. Counted in a compact table (a dense id per low-bit pattern) where the tensor's heavy bins share at
+    most _IDS patterns (one pass in L2), else with the patterns themselves as ids (64 KiB per bin)."""
     lut = np.full(1 << SHIFT, 0xFFFF, dtype=np.uint16)
     table = np.zeros((slots, _IDS), dtype=np.uint32)
-    ids = lib.fused_bin_values_compact(*args, n, slot.ctypes.data, lut.ctypes.data, _IDS, table.ctypes.data)
+    if lib.fused_bin_values(*args, n, slot.ctypes.data, lut.ctypes.data, _IDS, table.ctypes.data) < 0:
+        lut = np.arange(1 << SHIFT, dtype=np.uint16)  # the identity: no id is ever given
+        table = np.zeros((slots, 1 << SHIFT), dtype=np.uint32)
+        lib.fused_bin_values(*args, n, slot.ctypes.data, lut.ctypes.data, 1 << SHIFT, table.ctypes.data)
+    pattern = np.zeros(table.shape[1], dtype=np.int64)  # id -> low bits
+    given = np.flatnonzero(lut != 0xFFFF)
+    pattern[lut[given].astype(np.int64)] = given
     out = []
-    if ids >= 0:
-        pattern = np.zeros(max(ids, 1), dtype=np.int64)  # id -> low bits
-        given = np.flatnonzero(lut != 0xFFFF)
-        pattern[lut[given].astype(np.int64)] = given
-        for at in range(slots):
-            seen = np.flatnonzero(table[at, :ids])
-            order = np.argsort(pattern[seen])[::-1]
-            out.append((pattern[seen][order], table[at, seen][order].copy()))
-        return out
-    table = np.zeros((slots, 1 << SHIFT), dtype=np.uint32)
-    lib.fused_bin_values(*args, n, slot.ctypes.data, table.ctypes.data)
     for at in range(slots):
-        low = np.flatnonzero(table[at])[::-1]
-        out.append((low, table[at][low].copy()))
+        seen = np.flatnonzero(table[at])
+        order = np.argsort(pattern[seen])[::-1]
+        out.append((pattern[seen][order], table[at, seen][order].copy()))
     return out
 
 
