@@ -13,7 +13,8 @@ For each objective with `estimator: irt`, generation by generation:
    estimator's error on candidates no fit has seen (the `measured` column beside the estimate);
 4. before a generation is told to the driver, up to `confirm_count` of its estimated candidates whose interval
    (estimate +- 2 sd) on the objective overlaps the front have it scored in full (`entrants`, `Recorder.measure`):
-   the driver is told the measured values, and they join the next refit (the front, where the search is heading, is where the fits need data).
+   the driver is told the measured values, and they join the next refit (the front, where the search is heading,
+   is where the fits need data).
 Where IRT cannot help (too few informative items, items not 0/1, the objective not their mean, a failed fit),
 the objective is scored in full until the next refit, and the progress output says why.
 """
