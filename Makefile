@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv venv-mergekit venv-vllm zoo browser demo test test-fast test-vllm bench bench-fitness clean
+.PHONY: venv venv-mergekit venv-vllm zoo zoo-prebuilt browser demo test test-fast test-vllm bench bench-fitness clean
 
 venv: $(VENV)/.installed
 
@@ -49,8 +49,18 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
+# Copies the committed models in zoo/ whose job keys match the current code; trains only what is stale.
 zoo: venv
 	$(VENV)/bin/evomerge zoo build $(ZOO) $(if $(ZOO_FAMILIES),--families $(ZOO_FAMILIES))
+
+# After changing the zoo's settings or training code: build every family (training what changed) and commit
+# the model folders into zoo/ (git add zoo/ then). The zoo is trained on one machine: see README, "The tiny model zoo".
+zoo-prebuilt: venv
+	$(VENV)/bin/evomerge zoo build $(ZOO)
+	rm -rf zoo/*/
+	cd $(ZOO) && for d in */*/; do case $$d in *.tmp/) continue;; esac; \
+	  if test -f $$d/zoo_model.json; then mkdir -p $(CURDIR)/zoo/$$d && cp $$d/* $(CURDIR)/zoo/$$d; fi; done
+	@echo "zoo/ now holds the models of $(ZOO); commit them: git add zoo/"
 
 # Debian's chromium, for the dashboard's browser test (Playwright drives it; Playwright downloads no browser).
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)

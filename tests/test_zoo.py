@@ -1,14 +1,17 @@
 """Tiny model zoo: acceptance constraints, offline loading, determinism, cache, committed data, lm-eval.
 
-The built zoo is read from $EVOMERGE_ZOO (default: .cache/zoo under the repo root) and built there
-(about 5 minutes on 2 CPU cores) when missing or stale. Tests that need it are marked slow.
+The built zoo is read from $EVOMERGE_ZOO (default: .cache/zoo under the repo root) and built there when missing
+or stale: copied from the committed zoo/ (seconds), trained only where the code changed a model (about 9 minutes
+for all on 2 CPU cores). Tests that need it are marked slow.
 """
 
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ import torch
 from evomerge.zoo import tasks as ztasks
 from evomerge.zoo import tokenizer as ztok
 from evomerge.zoo import train as ztrain
+from evomerge.zoo import build as zbuild
 from evomerge.zoo.build import ZooSpec, build_zoo, is_built, model_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +100,52 @@ def test_tokenizer_and_model_load_offline_through_auto_classes(tmp_path):
     assert type(again).__name__ == "Qwen2ForCausalLM"
     x = torch.tensor([[ztok.BOS_ID] + ztok.encode("12+34=")])
     assert torch.allclose(model(x).logits, again(x).logits, atol=1e-5)  # eager vs sdpa attention
+
+
+def test_the_committed_zoo_is_the_current_code_s_zoo():
+    """Every model the zoo has is committed in zoo/ with the job key the current settings and training code give
+    it (so a build copies it and trains nothing), and with safetensors weights only. Editing the training code or a
+    setting without committing the retrained models (`make zoo-prebuilt`) fails here, before a machine of another
+    CPU kind trains a zoo of its own."""
+    assert zbuild.PREBUILT == ROOT / "zoo"
+    spec = ZooSpec()
+    for name in model_names(spec):
+        meta = json.loads((ROOT / "zoo" / name / "zoo_model.json").read_text())
+        assert meta["job_key"] == zbuild.job_key(spec, *name.split("/")), (name, "stale: run make zoo-prebuilt")
+        weights = sorted(p.name for p in (ROOT / "zoo" / name).iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        assert weights == ["model.safetensors"], (name, weights)
+    committed = {f"{f.parent.name}/{f.name}" for f in (ROOT / "zoo").glob("*/*") if f.is_dir()}
+    assert committed == set(model_names(spec)), committed ^ set(model_names(spec))
+
+
+def test_a_prebuilt_model_is_copied_only_when_its_job_key_matches(tmp_path):
+    tiny = ztrain.ModelSpec(hidden_size=16, intermediate_size=32, num_hidden_layers=2)
+    steps = ztrain.TrainSpec(steps=2, batch_size=4, warmup=1, seed=1, task_weights={"arith": 1.0})
+    spec = ZooSpec(families={"llama": zbuild.FamilySpec(tiny, steps, {"arith": replace(steps, seed=2)})})
+    first = build_zoo(tmp_path / "a", progress=False, spec=spec, workers=1, prebuilt=None)
+    assert {n: m["source"] for n, m in first["models"].items()} == {"llama/base": "trained", "llama/arith": "trained"}
+    meta = json.loads((tmp_path / "a/llama/arith/zoo_model.json").read_text())
+    assert meta["built_on"]["aten_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert meta["built_on"]["threads"] == 1
+
+    copied = build_zoo(tmp_path / "b", progress=False, spec=spec, workers=1, prebuilt=tmp_path / "a")
+    assert {n: m["source"] for n, m in copied["models"].items()} == {"llama/base": "prebuilt", "llama/arith": "prebuilt"}
+    for name in ("llama/base", "llama/arith"):
+        for f in ("model.safetensors", "zoo_model.json", "config.json", "tokenizer.json"):
+            assert filecmp.cmp(tmp_path / "a" / name / f, tmp_path / "b" / name / f, shallow=False), (name, f)
+        assert copied["models"][name]["accuracy"] == first["models"][name]["accuracy"]
+    assert not list((tmp_path / "b").glob("*/*.tmp"))
+
+    # another expert seed: a new job key for the expert only; the base is still copied, the expert trained
+    spec2 = ZooSpec(families={"llama": zbuild.FamilySpec(tiny, steps, {"arith": replace(steps, seed=3)})})
+    mixed = build_zoo(tmp_path / "c", progress=False, spec=spec2, workers=1, prebuilt=tmp_path / "a")
+    assert {n: m["source"] for n, m in mixed["models"].items()} == {"llama/base": "prebuilt", "llama/arith": "trained"}
+    assert filecmp.cmp(tmp_path / "a/llama/base/model.safetensors", tmp_path / "c/llama/base/model.safetensors", shallow=False)
+    assert not filecmp.cmp(tmp_path / "a/llama/arith/model.safetensors", tmp_path / "c/llama/arith/model.safetensors", shallow=False)
+    # force retrains even what the prebuilt folder holds (and, deterministic on one machine, to the same bytes)
+    forced = build_zoo(tmp_path / "d", progress=False, spec=spec, workers=1, prebuilt=tmp_path / "a", force=True)
+    assert {m["source"] for m in forced["models"].values()} == {"trained"}
+    assert filecmp.cmp(tmp_path / "a/llama/arith/model.safetensors", tmp_path / "d/llama/arith/model.safetensors", shallow=False)
 
 
 def test_training_is_bitwise_deterministic():

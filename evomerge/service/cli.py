@@ -252,10 +252,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
-    from evomerge.zoo.build import build_zoo
+    from evomerge.zoo.build import PREBUILT, build_zoo
 
+    if args.prebuilt and not Path(args.prebuilt).is_dir():
+        raise UserError(f"--prebuilt: {args.prebuilt} is not a folder; give the folder of committed zoo models "
+                        "(<family>/<role>/ folders) or leave it out")
+    prebuilt = None if args.no_prebuilt else Path(args.prebuilt) if args.prebuilt else PREBUILT
     manifest = build_zoo(Path(args.dir), force=args.force, progress=not args.quiet, families=args.families,
-                         workers=args.workers)
+                         workers=args.workers, prebuilt=prebuilt)
     print(f"zoo ready in {args.dir} ({len(manifest.get('models', {}))} models)")
     return 0
 
@@ -465,13 +469,21 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="the tiny demo model zoo").add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
     b = zoo.add_parser(
         "build",
-        help="train the tiny model zoo (cached: a second call returns at once)",
-        description="Train the tiny model zoo deterministically on CPU: Llama- and Qwen2-style base models and "
-        "experts fine-tuned on synthetic skills, an 8-layer `depth` family built for data-flow paths, plus the task "
-        "data they are tested on.",
+        help="build the tiny model zoo: copy the committed models, train what is missing (cached)",
+        description="Build the tiny model zoo: Llama- and Qwen2-style base models and experts fine-tuned on synthetic "
+        "skills, an 8-layer `depth` family built for data-flow paths, plus the task data they are tested on. Each "
+        "model is copied from the checkout's committed zoo/ when it was built from exactly the current settings and "
+        "training code (its job key matches), and trained deterministically on CPU otherwise. Training is "
+        "deterministic on one machine, not across CPU kinds: --no-prebuilt trains a zoo of this machine's own, which "
+        "may not meet the zoo's design (README, 'The tiny model zoo').",
     )
     b.add_argument("dir", nargs="?", default=".cache/zoo", help="output folder (default .cache/zoo)")
-    b.add_argument("--force", action="store_true", help="rebuild even if the cached zoo matches")
+    b.add_argument("--force", action="store_true",
+                   help="retrain every model, even if the output folder or the committed zoo holds it")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--prebuilt", default=None, metavar="DIR",
+                   help="folder of prebuilt model folders to copy from (default: the checkout's zoo/ when there is one)")
+    src.add_argument("--no-prebuilt", action="store_true", help="copy nothing: train every model the output folder lacks")
     b.add_argument("--families", default=None, metavar="NAMES",
                    help="comma-separated families to build, e.g. llama,depth (default: every family: llama, qwen2, "
                    "depth); models of other families already there stay and stay listed")

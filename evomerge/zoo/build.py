@@ -22,6 +22,13 @@ lists every wanted model with its current per-model key returns at once; a model
 matches is reused), and built by two spawn workers, bases first (measured: 530 s on 2 busy cores; a per-model
 rebuild only retrains what changed). `families=` builds some families only; the manifest keeps listing the
 other families' current models, so partial builds never hide or drop what is there.
+
+Prebuilt models: the repository commits the built model folders in `zoo/` (`PREBUILT`), and a build copies a
+model from there instead of training it when the committed folder's job key is the one the current code and
+settings give it. Why: training is deterministic on one machine but chaotic across CPU kinds (the same seeds on an
+Intel Xeon, whose MKL and ATen take AVX-512 paths, gave an arithmetic expert at 20% instead of >= 90%), so a zoo
+trained elsewhere is not the zoo the tests and the demo were calibrated on. A changed setting or training code gives
+new keys, and those models are trained again (and should be committed again: `make zoo-prebuilt`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -45,6 +53,16 @@ from evomerge.zoo.tasks import ALL_TASKS, EVAL_TASKS, TaskSpec
 from evomerge.zoo.train import ModelSpec, TrainSpec
 
 ZOO_VERSION = "2"  # bump when the zoo's meaning changes; the source hash below catches code edits too
+
+
+def _checkout_zoo() -> Path | None:
+    """The committed zoo of the evomerge checkout this module runs from; None for an installed package."""
+    root = Path(__file__).resolve().parents[2]
+    return root / "zoo" if (root / "pyproject.toml").is_file() and (root / "zoo").is_dir() else None
+
+
+# Model folders committed with the code (see the module docstring); build_zoo's default `prebuilt`.
+PREBUILT: Path | None = _checkout_zoo()
 
 # Pretraining mix of the base: mostly generic string tasks, a little of each skill (a partial grip).
 _SKILL_SHARE = {"arith": 0.15, "cipher": 0.10, "composed": 0.02}
@@ -237,7 +255,8 @@ def _run_job(job: dict) -> dict:
     out, tmp = Path(job["out"]), Path(job["out"] + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     result = {"name": job["name"], "train": stats, "accuracy": acc, "seconds": round(time.time() - t0, 1)}
-    meta = {"parent": job["parent_name"], "model": job["model"], "train_spec": job["train"], "job_key": job["job_key"], **result}
+    meta = {"parent": job["parent_name"], "model": job["model"], "train_spec": job["train"], "job_key": job["job_key"],
+            "built_on": built_on(), **result}
     if job.get("train2"):
         meta["train_spec2"] = job["train2"]
     if job.get("depth"):
@@ -248,6 +267,43 @@ def _run_job(job: dict) -> dict:
     return result
 
 
+def _copy_prebuilt(job: dict, prebuilt: Path, say) -> dict | None:
+    """Copy `job`'s model from the prebuilt folder when it was built from exactly this job; else None (train it).
+
+    Copied to a temporary folder first and renamed, like a trained model, so an interrupted copy leaves nothing
+    that looks built.
+    """
+    src = Path(prebuilt) / job["name"]
+    if not src.is_dir():
+        return None
+    result = _cached_result({**job, "out": str(src)})
+    if result is None:
+        say(f"{job['name']}: the prebuilt model in {src} is not this job's (its job key differs: settings or training "
+            "code changed), training it instead; commit the new one with `make zoo-prebuilt`")
+        return None
+    out, tmp = Path(job["out"]), Path(job["out"] + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return result
+
+
+def built_on() -> dict:
+    """The machine that trained a model: what decides which CPU kernels (and so which zoo) its training got."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "machine": platform.machine(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def _cached_result(job: dict) -> dict | None:
     """A model folder built earlier from exactly this job (same settings, parent, code) is reused as is."""
     try:
@@ -256,7 +312,7 @@ def _cached_result(job: dict) -> dict | None:
         return None
     if meta.get("job_key") != job["job_key"] or not (Path(job["out"]) / "model.safetensors").exists():
         return None
-    return {k: meta[k] for k in ("name", "train", "accuracy", "seconds")}
+    return {k: meta[k] for k in ("name", "train", "accuracy", "seconds", "built_on") if k in meta}
 
 
 def load_manifest(out_dir: Path) -> dict | None:
@@ -297,11 +353,14 @@ def _entry_key(out_dir: Path, name: str, entry: dict) -> str | None:
 
 
 def build_zoo(out_dir: Path, force: bool = False, progress: bool = True, spec: ZooSpec | None = None, workers: int = 2,
-              families=None) -> dict:
+              families=None, prebuilt: Path | None = PREBUILT) -> dict:
     """Build (or reuse) the zoo in `out_dir`, every family or only `families`; returns the manifest.
 
     The manifest lists the models built now plus those of other families that an earlier build left there and
     whose job keys still hold (so `--families depth` adds the depth models to a full zoo's manifest).
+    `prebuilt`: a folder of model folders (default: the checkout's committed `zoo/`) to copy a model from when its
+    job key matches, instead of training it; None trains every model not already in `out_dir`. `force` retrains
+    every model, ignoring both.
     """
     full = spec or ZooSpec()
     spec = select_families(full, families)
@@ -314,10 +373,11 @@ def build_zoo(out_dir: Path, force: bool = False, progress: bool = True, spec: Z
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per folder: a second caller waits, then finds it built
         if not force and is_built(out_dir, spec):
             return load_manifest(out_dir)
-        return _build(out_dir, spec, key, progress, workers, force, full)
+        return _build(out_dir, spec, key, progress, workers, force, full, None if force else prebuilt)
 
 
-def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int, force: bool, full: ZooSpec) -> dict:
+def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int, force: bool, full: ZooSpec,
+           prebuilt: Path | None) -> dict:
     t0 = time.time()
 
     def say(msg: str) -> None:
@@ -362,10 +422,12 @@ def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int,
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         running: dict = {}
 
-        def finish(r: dict, cached: bool = False) -> None:
-            results[r["name"]] = r
+        def finish(r: dict, how: str = "trained") -> None:
+            results[r["name"]] = {**r, "source": how}
             test = " ".join(f"{t} {a:.2f}" for t, a in r["accuracy"]["test"].items())
-            say(f"{r['name']} {'cached' if cached else 'done in %.0fs' % r['seconds']} (test: {test})")
+            done = {"trained": f"trained in {r['seconds']:.0f}s", "cached": "cached",
+                    "prebuilt": f"copied from {prebuilt}"}[how]
+            say(f"{r['name']} {done} (test: {test})")
             fam, role = r["name"].split("/")
             if role == "base":
                 ready.extend(job(fam, s) for s in spec.families[fam].skills)
@@ -376,7 +438,10 @@ def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int,
             while ready and len(running) < workers:
                 j = ready.pop(0)
                 if not force and (r := _cached_result(j)) is not None:
-                    finish(r, cached=True)
+                    finish(r, "cached")
+                    continue
+                if prebuilt is not None and (r := _copy_prebuilt(j, prebuilt, say)) is not None:
+                    finish(r, "prebuilt")
                     continue
                 running[pool.submit(_run_job, j)] = j
             if not running:
