@@ -391,7 +391,9 @@ def _build(out_dir: Path, spec: ZooSpec, key: str, progress: bool, workers: int,
 
     data, _ = _train_data(spec.tasks)
     write_data(out_dir / "data", data, tasks=ALL_TASKS)
-    say(f"data written to {out_dir / 'data'}; training {len(model_names(spec))} models with {workers} workers")
+    how = f"copied from {prebuilt} where current, else trained" if prebuilt is not None else "trained"
+    say(f"data written to {out_dir / 'data'}; {len(model_names(spec))} models to build ({how}; "
+        f"{workers} training workers; models already in {out_dir} with current keys are kept)")
 
     def job(fam: str, role: str) -> dict:
         fs: FamilySpec = spec.families[fam]
