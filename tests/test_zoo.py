@@ -126,7 +126,7 @@ def test_a_prebuilt_model_is_copied_only_when_its_job_key_matches(tmp_path):
     assert {n: m["source"] for n, m in first["models"].items()} == {"llama/base": "trained", "llama/arith": "trained"}
     meta = json.loads((tmp_path / "a/llama/arith/zoo_model.json").read_text())
     assert meta["built_on"]["aten_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert meta["built_on"]["threads"] == 1
+    assert meta["built_on"]["threads"] == 1 and first["models"]["llama/arith"]["built_on"] == meta["built_on"]
 
     copied = build_zoo(tmp_path / "b", progress=False, spec=spec, workers=1, prebuilt=tmp_path / "a")
     assert {n: m["source"] for n, m in copied["models"].items()} == {"llama/base": "prebuilt", "llama/arith": "prebuilt"}
@@ -277,3 +277,12 @@ def test_a_merge_picked_on_the_fitness_split_beats_every_parent_on_mix(zoo, test
     assert best_parent <= 0.75, test_scores
     assert merged["mix"] >= best_parent + 0.10, (pick, merged, best_parent)
     assert merged["arith"] >= 0.6 and merged["cipher"] >= 0.6, (pick, merged)  # both skills kept, not a switch
+
+
+def test_zoo_build_refuses_a_prebuilt_folder_that_is_not_there(tmp_path, capsys):
+    from evomerge.service.cli import main
+
+    assert main(["zoo", "build", str(tmp_path / "zoo"), "--prebuilt", str(tmp_path / "missing"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --prebuilt: ") and str(tmp_path / "missing") in err[0]
+    assert not (tmp_path / "zoo").exists()  # refused before anything was written

@@ -254,9 +254,9 @@ def _run_job(job: dict) -> dict:
     acc = {split: {t: ztrain.score(model, data[t][split]) for t in EVAL_TASKS} for split in ("fitness", "test")}
     out, tmp = Path(job["out"]), Path(job["out"] + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    result = {"name": job["name"], "train": stats, "accuracy": acc, "seconds": round(time.time() - t0, 1)}
-    meta = {"parent": job["parent_name"], "model": job["model"], "train_spec": job["train"], "job_key": job["job_key"],
-            "built_on": built_on(), **result}
+    result = {"name": job["name"], "train": stats, "accuracy": acc, "seconds": round(time.time() - t0, 1),
+              "built_on": built_on()}
+    meta = {"parent": job["parent_name"], "model": job["model"], "train_spec": job["train"], "job_key": job["job_key"], **result}
     if job.get("train2"):
         meta["train_spec2"] = job["train2"]
     if job.get("depth"):
