@@ -53,12 +53,14 @@ $(VLLM_VENV)/.installed: pyproject.toml
 zoo: venv
 	$(VENV)/bin/evomerge zoo build $(ZOO) $(if $(ZOO_FAMILIES),--families $(ZOO_FAMILIES))
 
-# After changing the zoo's settings or training code: build every family (training what changed) and commit
-# the model folders into zoo/ (git add zoo/ then). The zoo is trained on one machine: see README, "The tiny model zoo".
+# After changing the zoo's settings or training code: build every family (training what changed) and copy the
+# committed families' model folders into zoo/ (git add zoo/ then). The depth family is not committed: its models
+# are over 5 MB each, so every machine trains them. See README, "The tiny model zoo".
+PREBUILT_FAMILIES := llama qwen2
 zoo-prebuilt: venv
 	$(VENV)/bin/evomerge zoo build $(ZOO)
 	rm -rf zoo/*/
-	cd $(ZOO) && for d in */*/; do case $$d in *.tmp/) continue;; esac; \
+	cd $(ZOO) && for d in $(addsuffix /*/,$(PREBUILT_FAMILIES)); do case $$d in *.tmp/) continue;; esac; \
 	  if test -f $$d/zoo_model.json; then mkdir -p $(CURDIR)/zoo/$$d && cp $$d/* $(CURDIR)/zoo/$$d; fi; done
 	@echo "zoo/ now holds the models of $(ZOO); commit them: git add zoo/"
 

@@ -23,7 +23,8 @@ matches is reused), and built by two spawn workers, bases first (measured: 530 s
 rebuild only retrains what changed). `families=` builds some families only; the manifest keeps listing the
 other families' current models, so partial builds never hide or drop what is there.
 
-Prebuilt models: the repository commits the built model folders in `zoo/` (`PREBUILT`), and a build copies a
+Prebuilt models: the repository commits the llama and qwen2 model folders in `zoo/` (`PREBUILT`; the depth
+family's files are over 5 MB, more than the project tracks, so it is trained everywhere), and a build copies a
 model from there instead of training it when the committed folder's job key is the one the current code and
 settings give it. Why: training is deterministic on one machine but chaotic across CPU kinds (the same seeds on an
 Intel Xeon, whose MKL and ATen take AVX-512 paths, gave an arithmetic expert at 20% instead of >= 90%), so a zoo
