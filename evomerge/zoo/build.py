@@ -253,8 +253,6 @@ def _run_job(job: dict) -> dict:
         stats = {"seconds": round(stats["seconds"] + stats2["seconds"], 1), "final_loss": stats2["final_loss"],
                  "stage1_final_loss": stats["final_loss"]}
     acc = {split: {t: ztrain.score(model, data[t][split]) for t in EVAL_TASKS} for split in ("fitness", "test")}
-    out, tmp = Path(job["out"]), Path(job["out"] + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     result = {"name": job["name"], "train": stats, "accuracy": acc, "seconds": round(time.time() - t0, 1),
               "built_on": built_on()}
     meta = {"parent": job["parent_name"], "model": job["model"], "train_spec": job["train"], "job_key": job["job_key"], **result}
@@ -262,17 +260,24 @@ def _run_job(job: dict) -> dict:
         meta["train_spec2"] = job["train2"]
     if job.get("depth"):
         meta["depth_spec"] = job["depth"]
-    ztrain.save_model(model, tmp, meta)
+    _write_folder(Path(job["out"]), lambda tmp: ztrain.save_model(model, tmp, meta))
+    return result
+
+
+def _write_folder(out: Path, write) -> None:
+    """`write(tmp)` fills a temporary folder beside `out`, which then replaces `out`: an interrupted training or
+    copy leaves nothing that looks built."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return result
 
 
 def _copy_prebuilt(job: dict, prebuilt: Path, say) -> dict | None:
     """Copy `job`'s model from the prebuilt folder when it was built from exactly this job; else None (train it).
 
-    Copied to a temporary folder first and renamed, like a trained model, so an interrupted copy leaves nothing
-    that looks built.
+    Written through `_write_folder`, like a trained model.
     """
     src = Path(prebuilt) / job["name"]
     if not src.is_dir():
@@ -282,11 +287,7 @@ def _copy_prebuilt(job: dict, prebuilt: Path, say) -> dict | None:
         say(f"{job['name']}: the prebuilt model in {src} is not this job's (its job key differs: settings or training "
             "code changed), training it instead; commit the new one with `make zoo-prebuilt`")
         return None
-    out, tmp = Path(job["out"]), Path(job["out"] + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    _write_folder(Path(job["out"]), lambda tmp: shutil.copytree(src, tmp))
     return result
 
 
