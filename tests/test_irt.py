@@ -366,7 +366,7 @@ def test_a_confirmation_measures_only_the_objectives_whose_interval_overlaps_the
 
 def test_picks_still_estimated_when_the_confirmation_rounds_run_out_are_named(tmp_path):
     from evomerge.runtime.local import LocalRuntime
-    from evomerge.search.confirm import confirm_front, picks
+    from evomerge.search.confirm import confirm_front, picks, unmeasured
     from evomerge.search.jobs import scorer_factory
     from evomerge.search.loop import Progress, Search
     from evomerge.search.spec import load_job
@@ -377,14 +377,61 @@ def test_picks_still_estimated_when_the_confirmation_rounds_run_out_are_named(tm
     log = io.StringIO()
     search = Search(spec, store, LocalRuntime(scorer_factory(spec), 1), Progress(log, live=False))
     search.run()
-    estimated = [r.id for r in store.candidates("quiz", status="done") if r.id in set(picks(search.recorder))
-                 and r.estimated]
-    assert estimated  # without confirmations the picks are estimates
+    chosen = picks(search.recorder)
+    ests = {(e["candidate"], e["objective"]): e for e in store.estimates("quiz")}
+    estimated = {c: [n for n in objs if ests.get((c, n), {}).get("measured", 0) is None] for c, objs in chosen.items()}
+    estimated = {c: objs for c, objs in estimated.items() if objs}
+    assert estimated and unmeasured(search.recorder) == estimated  # without confirmations the picks are estimates
     assert confirm_front(search.recorder, max_rounds=0) == []
-    assert (f"warning: after 0 round(s) of confirmation the front's picks {', '.join(f'#{c}' for c in estimated)} "
-            "are still estimated") in log.getvalue()
-    confirm_front(search.recorder)
-    assert "warning" not in log.getvalue().split("after 0 round(s)")[1]  # measured once the rounds suffice
+    assert (f"warning: after 0 round(s) of confirmation the front's picks "
+            + ", ".join(f"#{c} ({'/'.join(o)})" for c, o in estimated.items()) + " are still estimated") in log.getvalue()
+    scored = confirm_front(search.recorder)
+    assert scored and "warning" not in log.getvalue().split("after 0 round(s)")[1]  # measured once the rounds suffice
+    store.close()
+
+
+def test_the_front_s_picks_are_measured_on_the_objectives_that_make_them_picks(tmp_path):
+    """Two IRT objectives, no in-search confirmation: after the search, the best candidate on quiz is measured on
+    quiz and keeps its quiz2 estimate (and the other way round), the knee is measured on both, and the items spent
+    are the measured objectives' every item plus the other's anchors again."""
+    from evomerge.runtime.local import LocalRuntime
+    from evomerge.search.confirm import confirm_front, picks, unmeasured
+    from evomerge.search.jobs import scorer_factory
+    from evomerge.search.loop import Progress, Search
+    from evomerge.search.spec import load_job
+
+    second = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2,
+              "confirm_count": 0}
+    spec = load_job(quiz_job(tmp_path, irt={"confirm_count": 0}, second=second))
+    store = Store(spec.store)
+    store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
+    search = Search(spec, store, LocalRuntime(scorer_factory(spec), 1), Progress(io.StringIO(), live=False))
+    search.run()
+    before = {(e["candidate"], e["objective"]): e for e in store.estimates("quiz")}
+    assert unmeasured(search.recorder)  # something to confirm
+    scored = confirm_front(search.recorder)
+    assert unmeasured(search.recorder) == {}
+    after = {(e["candidate"], e["objective"]): e for e in store.estimates("quiz")}
+    items = {n: store.items_of("quiz", n) for n in ("quiz", "quiz2")}
+    partial = []
+    for c in scored:
+        newly = [n for n in ("quiz", "quiz2") if before[c, n]["measured"] is None and after[c, n]["measured"] is not None]
+        assert newly, c
+        for n in ("quiz", "quiz2"):
+            assert len(items[n][c]) == (ITEMS if after[c, n]["measured"] is not None else 20), (c, n)
+        if len(newly) == 1 and after[c, {"quiz": "quiz2", "quiz2": "quiz"}[newly[0]]]["measured"] is None:
+            partial.append(c)
+    assert partial  # a best-on-one-objective pick measured there only: its other objective is still an estimate
+    for c, objs in picks(search.recorder).items():
+        assert all(after[c, n]["measured"] is not None for n in objs if (c, n) in after), (c, objs)
+    rows = {r.id: r for r in store.candidates("quiz", status="done")}
+    assert all(rows[c].estimated for c in partial)  # marked estimated: one of its values is
+    from evomerge.service.export import Selected, card_sections
+
+    c = partial[0]
+    left = [n for n in ("quiz", "quiz2") if after[c, n]["measured"] is None]
+    card = card_sections(store, "quiz", spec, Selected(rows[c], "test"))
+    assert f"The fitness values of `{left[0]}` are estimates" in card and "the others are measured" in card
     store.close()
 
 

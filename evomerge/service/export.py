@@ -127,8 +127,13 @@ def card_sections(store: Store, job: str, spec: JobSpec, selected: Selected) -> 
         lines.append(f"| {o.name} | {o.direction} | {_fmt((row.values or {}).get(o.name))} | "
                      f"{_fmt((test or {}).get(o.name))} |")
     if row.estimated:
-        lines += ["", "The fitness values are estimates from a subset of the items (IRT-reduced fitness); the "
-                  f"`{split}` values are measured on every item."]
+        guessed = [e["objective"] for e in store.estimates(job)
+                   if e["candidate"] == (row.cached_from or row.id) and e["measured"] is None and e["scored"] < e["total"]]
+        some = guessed and len(guessed) < len(row.values or {})
+        which = ("The fitness values of " + ", ".join(f"`{n}`" for n in guessed) + " are estimates from a subset of "
+                 "the items (IRT-reduced fitness; the others are measured on every item)") if some else \
+            "The fitness values are estimates from a subset of the items (IRT-reduced fitness)"
+        lines += ["", f"{which}; the `{split}` values are measured on every item."]
     if test is None:
         lines += ["", f"Not scored on the `{split}` split (it was not on the front when the job's report was made)."]
     lines += ["", "## Lineage", "",
