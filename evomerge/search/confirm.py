@@ -46,10 +46,7 @@ def picks(recorder: "Recorder") -> dict[int, list[str]]:
 
 def unmeasured(recorder: "Recorder") -> dict[int, list[str]]:
     """The picks' objectives that make them picks and are still estimates: {id: [objective, ...]}."""
-    still: dict[int, set[str]] = {}
-    for e in recorder.store.estimates(recorder.job):
-        if e["measured"] is None and e["scored"] < e["total"]:
-            still.setdefault(e["candidate"], set()).add(e["objective"])
+    still = recorder.store.open_estimates(recorder.job)
     todo = {cid: [n for n in objs if n in still.get(cid, ())] for cid, objs in picks(recorder).items()}
     return {cid: objs for cid, objs in todo.items() if objs}
 

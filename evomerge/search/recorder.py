@@ -193,10 +193,7 @@ class Recorder:
         and copy them to the candidates that repeat their recipes (in `results` too, where those are). Objectives
         already measured are left out, so a resumed confirmation does not score them twice. Returns the ids
         scored."""
-        still_open: dict[int, list[str]] = {}  # per candidate, its objectives estimated and not measured yet
-        for e in self.store.estimates(self.job):
-            if e["measured"] is None:
-                still_open.setdefault(e["candidate"], []).append(e["objective"])
+        still_open = self.store.open_estimates(self.job)
         jobs: dict[int, tuple[CandidateRow, list[str], bool]] = {}
         for cid, objs in sorted(todo.items()):
             row = self.store.candidate(self.job, cid)

@@ -127,8 +127,7 @@ def card_sections(store: Store, job: str, spec: JobSpec, selected: Selected) -> 
         lines.append(f"| {o.name} | {o.direction} | {_fmt((row.values or {}).get(o.name))} | "
                      f"{_fmt((test or {}).get(o.name))} |")
     if row.estimated:
-        guessed = [e["objective"] for e in store.estimates(job)
-                   if e["candidate"] == (row.cached_from or row.id) and e["measured"] is None and e["scored"] < e["total"]]
+        guessed = store.open_estimates(job).get(row.cached_from or row.id, [])
         some = guessed and len(guessed) < len(row.values or {})
         which = ("The fitness values of " + ", ".join(f"`{n}`" for n in guessed) + " are estimates from a subset of "
                  "the items (IRT-reduced fitness; the others are measured on every item)") if some else \

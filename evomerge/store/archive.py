@@ -490,6 +490,15 @@ class Store:
             self.db.execute("UPDATE estimates SET measured=? WHERE job=? AND candidate=? AND objective=?",
                             (value, job, cid, objective))
 
+    def open_estimates(self, job: str) -> dict[int, list[str]]:
+        """Per candidate, the objectives whose value is still an estimate (estimated, not measured since; a candidate
+        scored in full while a calibration was in force has its `measured` set from the start), in objective order."""
+        out: dict[int, list[str]] = {}
+        for cid, name in self.db.execute("SELECT candidate, objective FROM estimates WHERE job=? AND measured IS NULL "
+                                         "ORDER BY candidate, objective", (job,)):
+            out.setdefault(cid, []).append(name)
+        return out
+
     def estimates(self, job: str) -> list[dict[str, Any]]:
         cols = ("candidate", "objective", "value", "sd", "estimator", "anchor_mean", "measured", "scored", "total",
                 "fit_generation")
