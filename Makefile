@@ -56,7 +56,7 @@ zoo: venv
 # After changing the zoo's settings or training code: build every family (training what changed) and copy the
 # committed families' model folders into zoo/ (git add zoo/ then). The depth family is not committed: its models
 # are over 5 MB each, so every machine trains them. See README, "The tiny model zoo".
-PREBUILT_FAMILIES := llama qwen2
+PREBUILT_FAMILIES := llama qwen2  # evomerge/zoo/build.py COMMITTED_FAMILIES, which the committed-zoo test reads
 zoo-prebuilt: venv
 	$(VENV)/bin/evomerge zoo build $(ZOO)
 	rm -rf zoo/*/

@@ -64,6 +64,9 @@ def _checkout_zoo() -> Path | None:
 
 # Model folders committed with the code (see the module docstring); build_zoo's default `prebuilt`.
 PREBUILT: Path | None = _checkout_zoo()
+# the families whose models are committed in PREBUILT (`make zoo-prebuilt`'s PREBUILT_FAMILIES); depth's files
+# are over 5 MB each, more than the project tracks
+COMMITTED_FAMILIES = ("llama", "qwen2")
 
 # Pretraining mix of the base: mostly generic string tasks, a little of each skill (a partial grip).
 _SKILL_SHARE = {"arith": 0.15, "cipher": 0.10, "composed": 0.02}
