@@ -364,19 +364,27 @@ def test_a_confirmation_measures_only_the_objectives_whose_interval_overlaps_the
     assert again and summary["items_scored"] == sum(len(quiz2[c]) for c in done) + 20 * len(picks2) + 20 * len(again)
 
 
-def test_picks_still_estimated_when_the_confirmation_rounds_run_out_are_named(tmp_path):
+def _searched_unconfirmed(folder: Path, log: io.StringIO, **options):
+    """A quiz search run with no in-search confirmation and stopped before the picks' confirmation:
+    (spec, store, search), for tests that call `confirm_front` themselves."""
     from evomerge.runtime.local import LocalRuntime
-    from evomerge.search.confirm import confirm_front, picks, unmeasured
     from evomerge.search.jobs import scorer_factory
     from evomerge.search.loop import Progress, Search
     from evomerge.search.spec import load_job
 
-    spec = load_job(quiz_job(tmp_path, irt={"confirm_count": 0}))
+    spec = load_job(quiz_job(folder, irt={"confirm_count": 0}, **options))
     store = Store(spec.store)
     store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
-    log = io.StringIO()
     search = Search(spec, store, LocalRuntime(scorer_factory(spec), 1), Progress(log, live=False))
     search.run()
+    return spec, store, search
+
+
+def test_picks_still_estimated_when_the_confirmation_rounds_run_out_are_named(tmp_path):
+    from evomerge.search.confirm import confirm_front, picks, unmeasured
+
+    log = io.StringIO()
+    _, store, search = _searched_unconfirmed(tmp_path, log)
     chosen = picks(search.recorder)
     ests = {(e["candidate"], e["objective"]): e for e in store.estimates("quiz")}
     estimated = {c: [n for n in objs if ests.get((c, n), {}).get("measured", 0) is None] for c, objs in chosen.items()}
@@ -394,19 +402,11 @@ def test_the_front_s_picks_are_measured_on_the_objectives_that_make_them_picks(t
     """Two IRT objectives, no in-search confirmation: after the search, the best candidate on quiz is measured on
     quiz and keeps its quiz2 estimate (and the other way round), the knee is measured on both, and the items spent
     are the measured objectives' every item plus the other's anchors again."""
-    from evomerge.runtime.local import LocalRuntime
     from evomerge.search.confirm import confirm_front, picks, unmeasured
-    from evomerge.search.jobs import scorer_factory
-    from evomerge.search.loop import Progress, Search
-    from evomerge.search.spec import load_job
 
     second = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2,
               "confirm_count": 0}
-    spec = load_job(quiz_job(tmp_path, irt={"confirm_count": 0}, second=second))
-    store = Store(spec.store)
-    store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
-    search = Search(spec, store, LocalRuntime(scorer_factory(spec), 1), Progress(io.StringIO(), live=False))
-    search.run()
+    spec, store, search = _searched_unconfirmed(tmp_path, io.StringIO(), second=second)
     before = {(e["candidate"], e["objective"]): e for e in store.estimates("quiz")}
     assert unmeasured(search.recorder)  # something to confirm
     scored = confirm_front(search.recorder)
