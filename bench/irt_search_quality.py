@@ -157,8 +157,8 @@ def rescore_front(spec_dict: dict) -> tuple[np.ndarray, np.ndarray, int, int]:
             spent += sum(len(v) for v in out.items.values())
         runtime.close()
     store.close()
-    return (np.array([[values[r.id][n] for n in names] for r in rows]), others.reshape(-1, len(names)), spent,
-            len(todo))
+    measured = np.array([[values[r.id][n] for n in names] for r in rows]).reshape(-1, len(names))
+    return measured, others.reshape(-1, len(names)), spent, len(todo)
 
 
 def hv(values: np.ndarray) -> float:
