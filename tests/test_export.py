@@ -106,6 +106,54 @@ def test_best_and_knee_pick_the_expected_candidates(job):
     store.close()
 
 
+def test_an_estimate_is_a_pick_only_if_it_wins_at_the_worse_end_of_its_interval(job, tmp_path):
+    """The best by fit is given an estimate: with a small sd it stays the pick of `export --best`, the report and
+    the confirmation alike; with an sd whose worse end (value - 2 sd) falls below the runner-up's measured fit,
+    the runner-up is picked. The knee moves the same way once its values are estimates with wide intervals."""
+    import shutil
+    from types import SimpleNamespace
+
+    from evomerge.search.confirm import CAUTION_SDS, choose
+    from evomerge.search.report import pick_summary
+
+    path = tmp_path / "est.sqlite"
+    shutil.copy(job, path)
+    store = Store(path)
+    done = sorted(store.candidates("toy", status="done"), key=lambda r: (-r.values["fit"], r.id))
+    first, second = done[0], done[1]
+    gap = first.values["fit"] - second.values["fit"]
+    assert gap > 0
+    names = ["fit", "size"]
+    objectives = SimpleNamespace(objectives=[SimpleNamespace(name="fit", direction="maximise"),
+                                             SimpleNamespace(name="size", direction="minimise")])
+
+    def estimate(cid: int, objective: str, sd: float) -> None:
+        row = store.candidate("toy", cid)
+        with store.transaction():
+            store.save_estimate("toy", cid, objective, row.values[objective], sd, "irt", 0.5, 10, 100, 0)
+
+    def picked() -> tuple[int, int | None]:
+        chosen = choose(store, "toy", names, store.front("toy"))
+        summary = pick_summary(store, "toy", objectives, store.candidates("toy", status="done"))
+        assert select(store, "toy", best="fit").row.id == summary["best"]["fit"]["id"] == chosen.best["fit"]
+        assert select(store, "toy", knee=True).row.id == (summary["knee"] or {}).get("id") == chosen.knee
+        return chosen.best["fit"], chosen.knee
+
+    knee_before = picked()[1]
+    estimate(first.id, "fit", 0.4 * gap / CAUTION_SDS)  # worse end: first's fit - 0.4 gap, still above second's
+    assert picked()[0] == first.id
+    assert "an estimate chosen at the worse end" in select(store, "toy", best="fit").why
+    estimate(first.id, "fit", 1.5 * gap / CAUTION_SDS)  # worse end below second's measured fit
+    assert picked()[0] == second.id and "estimate" not in select(store, "toy", best="fit").why
+    front = [store.candidate("toy", c) for c in store.front("toy")]
+    assert len(front) >= 3 and knee_before is not None
+    span = {n: np.ptp([r.losses[k] for r in front]) for k, n in enumerate(names)}
+    for n in names:  # the knee's values made uncertain by more than the front spans: it drops to an extreme
+        estimate(knee_before, n, span[n] / CAUTION_SDS)
+    assert picked()[1] != knee_before
+    store.close()
+
+
 def test_a_failed_candidate_is_refused_with_its_reason(job, tmp_path, capsys):
     store = Store(job, readonly=True)
     failed = store.candidates("toy", status="failed")

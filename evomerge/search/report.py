@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from evomerge.merge.api import describe
+from evomerge.search.confirm import choose
 from evomerge.search.context import SearchContext
-from evomerge.search.front import hypervolume, knee_index
+from evomerge.search.front import hypervolume
 from evomerge.search.irt_policy import irt_summary
 from evomerge.search.recorder import internal_error
 from evomerge.spaces.ps import parent_recipe
@@ -114,22 +115,25 @@ def summary(store: Any, job: str, counts: dict[str, int], front: list[dict[str, 
 
 
 def pick_summary(store: Any, job: str, objectives: Any, done: list[Any]) -> dict[str, Any]:
-    """What `evomerge export --best OBJECTIVE` and `--knee` select, by the same rules (best: the done candidate with
-    the best value, lowest id on ties; knee: `knee_index` over the stored front), with the commands that export
-    them as our recipe YAML and as a merged checkpoint."""
+    """What `evomerge export --best OBJECTIVE` and `--knee` select, by the same rule (`confirm.choose`: best over
+    the done candidates, knee over the stored front, an estimate counted at the worse end of its interval), with the
+    commands that export them as our recipe YAML and as a merged checkpoint."""
     out: dict[str, Any] = {"best": {}, "knee": None}
-    for k, o in enumerate(objectives.objectives):
-        if done:
-            row = min(done, key=lambda r: (r.losses[k], r.id))
-            out["best"][o.name] = {"id": row.id, "value": row.values[o.name], "direction": o.direction,
-                                   "estimated": row.estimated, "recipe_yaml": row.recipe,
-                                   "export": export_command(store.path, job, f"--best {shlex.quote(o.name)}", "recipe",
-                                                            f"best-{o.name}.yaml"),
-                                   "export_model": export_command(store.path, job, f"--best {shlex.quote(o.name)}",
-                                                                  "model", f"best-{o.name}-model")}
-    rows = [r for r in (store.candidate(job, cid) for cid in store.front(job)) if r is not None and r.status == "done"]
-    if rows:
-        row = rows[knee_index(np.array([r.losses for r in rows]))]
+    if not done:
+        return out
+    names = [o.name for o in objectives.objectives]
+    chosen = choose(store, job, names, store.front(job))
+    rows = {r.id: r for r in done}
+    for o in objectives.objectives:
+        row = rows[chosen.best[o.name]]
+        out["best"][o.name] = {"id": row.id, "value": row.values[o.name], "direction": o.direction,
+                               "estimated": row.estimated, "recipe_yaml": row.recipe,
+                               "export": export_command(store.path, job, f"--best {shlex.quote(o.name)}", "recipe",
+                                                        f"best-{o.name}.yaml"),
+                               "export_model": export_command(store.path, job, f"--best {shlex.quote(o.name)}",
+                                                              "model", f"best-{o.name}-model")}
+    if chosen.knee is not None:
+        row = rows[chosen.knee]
         out["knee"] = {"id": row.id, "values": row.values, "estimated": row.estimated, "recipe_yaml": row.recipe,
                        "export": export_command(store.path, job, "--knee", "recipe", "knee.yaml"),
                        "export_model": export_command(store.path, job, "--knee", "model", "knee-model")}

@@ -2,7 +2,9 @@
 
 Selection: `--candidate ID`; `--best OBJECTIVE` (the done candidate with the best value, direction-aware, lowest
 id on ties); `--knee` (the front's knee, `evomerge.search.front.knee_index`: closest to the ideal point once each
-objective's losses are scaled to [0, 1] over the front). Only evaluated (done, or cached copies of done) candidates
+objective's losses are scaled to [0, 1] over the front). Both by `evomerge.search.confirm.choose`, the rule the
+report and the post-search confirmation share: a value still an IRT estimate counts at the worse end of its 2-sd
+interval. Only evaluated (done, or cached copies of done) candidates
 are exported: a failed one has no model worth writing, and the error says why it failed.
 
 Writing: OUT must not exist unless `--force`, must not be a symbolic link (it could point anywhere), and its
@@ -17,11 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from evomerge.merge.export import (DEFAULT_SHARD_BYTES, FILE_MARKER, ExportError, check_not_an_input, check_output,
                                    write_file)
-from evomerge.search.front import knee_index
+from evomerge.search.confirm import choose
 from evomerge.search.spec import JobSpec
 from evomerge.store import CandidateRow, Store
 
@@ -68,23 +68,27 @@ def select(store: Store, job: str, candidate: int | None = None, best: str | Non
             span = f"ids {ids[0]}..{ids[-1]}" if ids else "no candidates yet"
             raise ExportError(f"{store.path}: job '{job}' has no candidate {candidate} ({span})")
         selected = Selected(row, f"candidate {candidate}")
-    elif best is not None:
-        objectives = {o.name: o for o in objectives_of(store, job)}
-        if best not in objectives:
-            raise ExportError(f"--best {best}: job '{job}' has no such objective (objectives: {', '.join(objectives)})")
-        o = objectives[best]
-        rows = store.candidates(job, status="done")
-        if not rows:
-            raise ExportError(f"{store.path}: job '{job}' has no evaluated candidates yet")
-        row = min(rows, key=lambda r: (r.losses[o.index], r.id))
-        selected = Selected(row, f"best by {best} ({o.direction}d: {row.values[best]:.6g})")
     else:
-        front = [store.candidate(job, cid) for cid in store.front(job)]
-        rows = [r for r in front if r is not None and r.status == "done"]
-        if not rows:
-            raise ExportError(f"{store.path}: job '{job}' has no front yet (no evaluated candidates)")
-        row = rows[knee_index(np.array([r.losses for r in rows]))]
-        selected = Selected(row, f"knee of the front ({len(rows)} candidates)")
+        if not store.candidates(job, status="done"):
+            raise ExportError(f"{store.path}: job '{job}' has no " + (
+                "evaluated candidates yet" if best is not None else "front yet (no evaluated candidates)"))
+        columns = objectives_of(store, job)
+        names = [o.name for o in columns]
+        if best is not None and best not in names:
+            raise ExportError(f"--best {best}: job '{job}' has no such objective (objectives: {', '.join(names)})")
+        chosen = choose(store, job, names, store.front(job))
+        cid = chosen.best[best] if best is not None else chosen.knee
+        row = store.candidate(job, cid) if cid is not None else None
+        if row is None or row.values is None:
+            raise ExportError(f"{store.path}: job '{job}' has no front yet (no evaluated candidates on it)")
+        if best is not None:
+            o = columns[names.index(best)]
+            estimate = best in store.open_estimates(job).get(row.id, ())
+            note = ", an estimate chosen at the worse end of its interval" if estimate else ""
+            selected = Selected(row, f"best by {best} ({o.direction}d: {row.values[best]:.6g}{note})")
+        else:
+            size = len([c for c in store.front(job) if (r := store.candidate(job, c)) and r.status == "done"])
+            selected = Selected(row, f"knee of the front ({size} candidates)")
     row = selected.row
     if row.status == "failed":
         raise ExportError(f"candidate {row.id} failed ({row.reason}): there is no working model to export; pick an "
