@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from evomerge.search.confirm import choose  # noqa: E402
 from evomerge.search.front import hypervolume, pareto_mask  # noqa: E402
 from evomerge.search.irt_policy import irt_summary  # noqa: E402
 from evomerge.service.demo import demo_spec  # noqa: E402
@@ -124,13 +126,14 @@ def items_scored(store: Store, job_name: str) -> int:
     return total
 
 
-def rescore_front(spec_dict: dict) -> tuple[np.ndarray, np.ndarray, int, int]:
+def rescore_front(spec_dict: dict) -> tuple[np.ndarray, np.ndarray, int, int, dict[int, dict[str, float]]]:
     """The final front's candidates still estimated, scored in full here. Returns the front's measured values
     (rows: candidates, columns: objectives), the measured values of the search's other candidates scored in full on
     every objective (seed, calibration and confirmed candidates the estimated front dominated: once the front is
     measured, they may be on it again, as `Recorder.front_ids` would recompute it), the items this scoring ran and
-    how many candidates it scored. Candidates off the front still estimated are left out (their values are not
-    known): what the two sets' front covers is a lower bound on the re-scored search's."""
+    how many candidates it scored, and the re-scored values by candidate id. Candidates off the front still
+    estimated are left out (their values are not known): what the two sets' front covers is a lower bound on the
+    re-scored search's."""
     from evomerge.search.jobs import make_runtime
     from evomerge.search.spec import JobSpec
     from evomerge.spaces.presets import build_space
@@ -158,7 +161,41 @@ def rescore_front(spec_dict: dict) -> tuple[np.ndarray, np.ndarray, int, int]:
         runtime.close()
     store.close()
     measured = np.array([[values[r.id][n] for n in names] for r in rows]).reshape(-1, len(names))
-    return measured, others.reshape(-1, len(names)), spent, len(todo)
+    rescored = {r.id: values[r.id] for r in todo}
+    return measured, others.reshape(-1, len(names)), spent, len(todo), rescored
+
+
+def pick_values(spec_dict: dict, rescored: dict[int, dict[str, float]]) -> dict[str, float | None]:
+    """What a user exports by `--best OBJECTIVE` from the IRT search (`confirm.choose`, after its confirmation):
+    the pick's measured value per objective (the bench's re-scoring where the search left it estimated; None when
+    it is still an estimate off the front, which the bench does not score)."""
+    store = Store(Path(spec_dict["store"]), readonly=True)
+    name = spec_dict["name"]
+    names = [o[0] for o in store.objectives(name)]
+    chosen = choose(store, name, names, store.front(name))
+    still = store.open_estimates(name)
+    out: dict[str, float | None] = {}
+    for n, cid in chosen.best.items():
+        row = store.candidate(name, cid)
+        if n not in still.get(cid, ()):
+            out[n] = row.values[n]
+        else:
+            out[n] = rescored[cid][n] if cid in rescored else None
+    store.close()
+    return out
+
+
+def final_confirmation(spec_dict: dict) -> dict:
+    """What the post-search confirmation of the picks did, from the search's log (`evomerge.search.confirm`'s
+    lines): candidates scored, rounds, and whether picks were left estimated when the rounds ran out."""
+    text = (Path(spec_dict["store"]).parent / "run.log").read_text()
+    first = re.search(r"confirming the front's picks .*?: (\d+) estimated candidate", text)
+    more = re.search(r"confirmed (\d+) candidate\(s\) in (\d+) rounds", text)
+    if more:
+        candidates, rounds = int(more.group(1)), int(more.group(2))
+    else:
+        candidates, rounds = (int(first.group(1)), 1) if first else (0, 0)
+    return {"candidates": candidates, "rounds": rounds, "picks_left_estimated": "are still estimated" in text}
 
 
 def hv(values: np.ndarray) -> float:
@@ -200,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in settings:
         hv_sum = [0.0, 0.0, 0.0]
         items_sum = [0, 0, 0]
+        pick_ratios: list[float] = []  # a --best pick's measured value over the full search's best (maximised)
         for seed in seeds:
             full, mine = specs[seed, "full"], specs[seed, tag(s)]
             fs = Store(Path(full["store"]), readonly=True)
@@ -208,12 +246,18 @@ def main(argv: list[str] | None = None) -> int:
             f_hv = hv(np.array([[r.values[n] for n in names] for r in frows]))
             f_items = items_scored(fs, full["name"])
             fs.close()
-            front, others, spent, rescored = rescore_front(mine)
+            front, others, spent, rescored, rescored_values = rescore_front(mine)
+            picked = pick_values(mine, rescored_values)
+            fs = Store(Path(full["store"]), readonly=True)
+            full_best = {n: (max if d == "maximise" else min)(r.values[n] for r in fs.candidates(full["name"], status="done"))
+                         for n, d in fs.objectives(full["name"])}
+            fs.close()
             st = Store(Path(mine["store"]), readonly=True)
             search_items = items_scored(st, mine["name"])  # the search's own, confirmations included
             i_items = search_items + spent  # and the bench's re-scoring of the front
             n_done = len(st.candidates(mine["name"], status="done"))
             summ = irt_summary(st, mine["name"])
+            final = final_confirmation(mine)
             st.close()
             i_hv = hv(np.vstack([front, others]))  # the front re-scored, with the measured candidates it dominated
             front_hv = hv(front)  # the old front's members alone (this bench's figure before 2026-12-02)
@@ -227,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                      "hv_front_only": front_hv, "hv_ratio_front_only": front_hv / f_hv,
                      "items_irt": i_items, "items_full": f_items, "items_ratio": i_items / f_items,
                      "items_ratio_search": search_items / f_items,
-                     "evaluated_irt": n_done, "front": len(front), "front_rescored": rescored, "rescore_items": spent,
+                     "evaluated_irt": n_done, "final_confirmation": final, "picks": picked, "full_best": full_best, "front": len(front), "front_rescored": rescored, "rescore_items": spent,
                      "objectives": {n: {k: e.get(k) for k in ("measured_mae", "calibration_checks", "within_2sd",
                                                               "printed_error", "confirmed", "confirmed_mae")}
                                     for n, e in summ.items()}}
+            pick_ratios += [v / full_best[n] for n, v in picked.items() if v is not None and full_best[n]]
             results["runs"].append(entry)
             errs = "; ".join(f"{n}: calibration {e['measured_mae']:.3f} on {e['calibration_checks']}, printed "
                              f"{e['printed_error']:.3f}, confirmed {e['confirmed']}"
@@ -239,10 +284,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tag(s)} seed {seed}: hypervolume {i_hv:.4f} vs full {f_hv:.4f} ({i_hv / f_hv:.3f}x; the old front's members alone "
                   f"{front_hv / f_hv:.3f}x); items "
                   f"{search_items} vs {f_items} ({search_items / f_items:.3f}x; {n_done} evaluated), with the bench's "
-                  f"re-scoring of {rescored} front candidates {i_items / f_items:.3f}x; {errs}", flush=True)
+                  f"re-scoring of {rescored} front candidates {i_items / f_items:.3f}x; the picks' confirmation "
+                  f"{final['candidates']} candidate(s) in {final['rounds']} round(s)"
+                  + (", picks left estimated" if final["picks_left_estimated"] else "") + "; --best picks "
+                  + ", ".join(f"{n} {'?' if v is None else f'{v:.3f}'} (full search's best {full_best[n]:.3f})"
+                              for n, v in picked.items()) + f"; {errs}", flush=True)
         print(f"{tag(s)} over seeds: hypervolume {hv_sum[0] / hv_sum[1]:.3f}x the full-fitness searches' (target "
               f">= 0.95; the old front's members alone {hv_sum[2] / hv_sum[1]:.3f}x), items {items_sum[2] / items_sum[1]:.3f}x (target <= 0.25), with the bench's re-scoring of the "
-              f"front {items_sum[0] / items_sum[1]:.3f}x\n", flush=True)
+              f"front {items_sum[0] / items_sum[1]:.3f}x; the --best picks measured at "
+              + (f"{np.mean(pick_ratios):.3f}x" if pick_ratios else "?")
+              + " the full-fitness search's best value (mean over seeds and objectives)\n", flush=True)
     (out / f"irt_search_quality-{args.space}.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

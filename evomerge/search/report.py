@@ -359,8 +359,10 @@ def irt_html(report: dict[str, Any]) -> str:
                      f"({100 * e['items_fraction']:.0f}% of full scoring). ")
         if e.get("fallback"):
             text += f"Now scored in full: {esc(e['fallback'])}. "
-        out.append(f"<p>{text}The front's picks (best per objective and the knee) were scored on every item before "
-                   "this report, and every value on the report split is measured.</p>")
+        out.append(f"<p>{text}The picks (best per objective and the knee) are chosen with each estimate at the worse "
+                   "end of its two-standard-deviation interval; those still estimated were then scored on every item "
+                   "of the objectives that make them picks, before this report. Every value on the report split is "
+                   "measured.</p>")
     return "".join(out)
 
 

@@ -456,8 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--job", dest="name", default=None, help="job name, when the store holds several")
     pick = x.add_mutually_exclusive_group(required=True)
     pick.add_argument("--candidate", type=int, default=None, metavar="ID", help="candidate id")
-    pick.add_argument("--best", default=None, metavar="OBJECTIVE", help="the best evaluated candidate by this objective")
-    pick.add_argument("--knee", action="store_true", help="the knee of the Pareto front")
+    pick.add_argument("--best", default=None, metavar="OBJECTIVE",
+                      help="the best evaluated candidate by this objective (an IRT estimate counts at the worse end "
+                           "of its 2-sd interval)")
+    pick.add_argument("--knee", action="store_true",
+                      help="the knee of the Pareto front (IRT estimates counted the same way)")
     x.add_argument("--format", default="recipe", choices=["recipe", "mergekit", "model"], help="what to write (default recipe)")
     x.add_argument("-o", "--output", required=True, help="file (recipe, mergekit) or folder (model) to write")
     x.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
