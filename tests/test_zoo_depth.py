@@ -225,7 +225,9 @@ def test_reader_then_arith_path_beats_every_parent_and_task_arithmetic_on_compos
     merged = ztrain.score(ta, items)
     assert path >= max(parents.values()) + 0.10, (path, parents)
     assert path >= merged + 0.10, (path, merged)
-    # the slope a search climbs (the reader's early weight): one reader layer already reads part of the cipher
+    # the slope a search climbs (the reader's early weight): one reader layer already reads part of the cipher.
+    # The depth family is trained on each machine and its floats differ by CPU: 0.21 where this was written (README,
+    # "The depth family"); 0.226 on another (2026-12-03), 23 of 500 items above arith's 0.18, 84 below the path
     one = DataflowRecipe(hops[:1] + hops[2:], recipe.sources, "reader", "arith")  # reader 0, then arith 0..7
     partial = ztrain.score(build_path_model(one, mods), items)
-    assert max(parents.values()) + 0.05 <= partial < path, (partial, parents, path)
+    assert max(parents.values()) + 0.03 <= partial <= path - 0.05, (partial, parents, path)
