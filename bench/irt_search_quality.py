@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             front, others, spent, rescored, rescored_values = rescore_front(mine)
             picked = pick_values(mine, rescored_values)
             fs = Store(Path(full["store"]), readonly=True)
-            full_best = {n: (max if d == "maximise" else min)(r.values[n] for r in fs.candidates(full["name"], status="done"))
+            full_best = {n: (max if d == "maximise" else min)(r.values[n] for r in frows)
                          for n, d in fs.objectives(full["name"])}
             fs.close()
             st = Store(Path(mine["store"]), readonly=True)
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                      "hv_front_only": front_hv, "hv_ratio_front_only": front_hv / f_hv,
                      "items_irt": i_items, "items_full": f_items, "items_ratio": i_items / f_items,
                      "items_ratio_search": search_items / f_items,
-                     "evaluated_irt": n_done, "final_confirmation": final, "picks": picked, "full_best": full_best, "front": len(front), "front_rescored": rescored, "rescore_items": spent,
+                     "evaluated_irt": n_done, "final_confirmation": final, "picks": picked, "full_best": full_best,
+                     "front": len(front), "front_rescored": rescored, "rescore_items": spent,
                      "objectives": {n: {k: e.get(k) for k in ("measured_mae", "calibration_checks", "within_2sd",
                                                               "printed_error", "confirmed", "confirmed_mae")}
                                     for n, e in summ.items()}}
