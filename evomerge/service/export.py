@@ -76,7 +76,8 @@ def select(store: Store, job: str, candidate: int | None = None, best: str | Non
         names = [o.name for o in columns]
         if best is not None and best not in names:
             raise ExportError(f"--best {best}: job '{job}' has no such objective (objectives: {', '.join(names)})")
-        chosen = choose(store, job, names, store.front(job))
+        front = store.front(job)
+        chosen = choose(store, job, names, front)
         cid = chosen.best[best] if best is not None else chosen.knee
         row = store.candidate(job, cid) if cid is not None else None
         if row is None or row.values is None:
@@ -87,7 +88,7 @@ def select(store: Store, job: str, candidate: int | None = None, best: str | Non
             note = ", an estimate chosen at the worse end of its interval" if estimate else ""
             selected = Selected(row, f"best by {best} ({o.direction}d: {row.values[best]:.6g}{note})")
         else:
-            size = len([c for c in store.front(job) if (r := store.candidate(job, c)) and r.status == "done"])
+            size = len([c for c in front if (r := store.candidate(job, c)) and r.status == "done"])
             selected = Selected(row, f"knee of the front ({size} candidates)")
     row = selected.row
     if row.status == "failed":
