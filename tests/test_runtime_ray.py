@@ -340,6 +340,29 @@ def test_a_hung_candidate_is_killed_at_its_deadline_retried_then_failed_and_the_
         rt.close()
 
 
+def test_a_worker_killed_long_after_the_last_start_is_replaced_not_the_search_stopped(tmp_path, cluster):
+    """The one worker is killed at its candidate's deadline when the last worker start is older than the start
+    timeout (late in a long search): its replacement has the start timeout from when it was asked for. (It was
+    measured from the last worker that became ready, and the job stopped with "no Ray worker became ready in
+    600 s" a second after the kill.)"""
+    from evomerge.search.jobs import ray_runtime
+
+    spec = spec_for(tmp_path, workers=1)
+    spec.runtime.candidate_timeout, spec.runtime.max_retries = 2.0, 0
+    rt = ray_runtime(spec, cluster=cluster_view(cluster))
+    rt.wait_ready()
+    try:
+        rt._last_ready -= 2 * rt.start_timeout  # as if the worker had been running for twice the start timeout
+        rt.submit(0, {"key": "hang", "sleep": 3600})  # killed at 2 s, not retried
+        rt.submit(1, {"key": 1, "sleep": 0.1, "value": 0.3})  # waits for the replacement
+        outs = {o.cid: o for o in rt.as_completed()}
+        assert not outs[0].ok and outs[0].reason.startswith("timed out after 2 s, 1 times")
+        assert outs[1].ok and outs[1].values
+        assert rt.stats().worker_deaths == 1 and len(rt.worker_pids()) == 1
+    finally:
+        rt.close()
+
+
 def test_the_default_deadline_comes_from_the_times_of_calls_of_the_same_kind():
     from evomerge.runtime.scheduler import AUTO_AFTER, AUTO_FLOOR, RayRuntime, _Task
 

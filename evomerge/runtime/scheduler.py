@@ -70,6 +70,7 @@ class _Slot:
     busy: float = 0.0
     candidates: int = 0
     materialise: float | None = None  # its last outcome's materialise time (the live display's phase)
+    started: float = field(default_factory=time.monotonic)  # when its actor was asked for (start_timeout counts)
 
 
 class RayRuntime(OutcomeStream):
@@ -307,8 +308,10 @@ class RayRuntime(OutcomeStream):
         if self._expire(ready):
             self._dispatch()
         if not ready:
-            if (not any(s.state in ("idle", "busy") for s in self._slots)
-                    and time.monotonic() - self._last_ready > self.start_timeout):
+            # no worker runs: each starting one has start_timeout from when it was asked for (a replacement of a
+            # worker killed late in a search too, not from the last time one became ready)
+            since = max([self._last_ready] + [s.started for s in self._slots if s.state == "starting"])
+            if not any(s.state in ("idle", "busy") for s in self._slots) and time.monotonic() - since > self.start_timeout:
                 raise WorkerStartError(self._no_worker_message())
             return
         slot = watched[ready[0]]
