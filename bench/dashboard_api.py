@@ -92,7 +92,7 @@ class Generator:
 
     def generation(self, g: int, first: int, count: int, pause: float = 0.0) -> list[int]:
         from evomerge.fitness.objectives import CandidateFailed
-        from evomerge.search.recorder import recipe_hash, recipe_text
+        from evomerge.search.problem import recipe_hash, recipe_text
         from evomerge.store import CandidateRow
 
         job = self.spec.name

@@ -22,8 +22,9 @@ the same bench:
         [--irt confirm_count=0 --irt confirm_count=1,seed_candidates=12]
 
 Every search runs as its own `evomerge run` process (`--parallel` at once, one thread each); a search whose store
-holds a finished job of the same spec is not run again (delete OUT to start over). About 3-5 minutes per search
-on one thread at 280 evaluations of the demo's two zoo tasks.
+holds a finished job of the same spec is not run again (delete OUT to start over). About 7-11 minutes per search
+on one thread at 280 evaluations of the demo's two zoo tasks (two at once on a 2-core machine; every one of the 280
+is a distinct merge since the drivers breed repeats again, `driver.duplicates: skip`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def finished(spec: dict) -> bool:
     store = Store(path, readonly=True)
     try:
         row = store.job(spec["name"])
-        return bool(row) and row["status"] == "done"
+        same = bool(row) and row["spec"]["driver"].get("duplicates", "cache") == spec["driver"].get("duplicates", "skip")
+        return same and row["status"] == "done"
     finally:
         store.close()
 
@@ -211,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--evaluations", type=int, default=280)
     ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--duplicates", choices=("skip", "cache"), default="skip",
+                    help="every search's driver.duplicates: skip (the default: repeats bred again) or cache (asked, "
+                         "answered from the archive: how evomerge searched before 2026-12-03)")
     ap.add_argument("--irt", action="append", default=None,
                     help="IRT settings of one IRT search per seed, KEY=V[,KEY=V], over anchors 30, seed_candidates "
                          "24, calibrate_every 2, calibrate_count 2 (the demo's before confirmations; other keys: the "
@@ -229,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in settings:
             specs[seed, tag(s)] = job(zoo, out, f"{args.space}-irt-{tag(s)}-{seed}", args.space, seed,
                                       args.evaluations, s)
+    for spec in specs.values():  # a stored search of the other setting is run again (`finished`)
+        spec["driver"]["duplicates"] = args.duplicates
     print(f"{len(specs)} searches ({args.space}, {args.evaluations} evaluations, seeds {seeds}); "
           f"{sum(not finished(s) for s in specs.values())} to run", flush=True)
     run_all(list(specs.values()), args.parallel)

@@ -126,7 +126,7 @@ class QuizScorer:
         return np.ones(ITEMS) if self.options.get("constant") else y
 
     def evaluate(self, recipe, items=None):
-        from evomerge.search.recorder import recipe_text
+        from evomerge.search.problem import recipe_text
 
         QuizScorer.calls += 1
         if QuizScorer.asked is not None:

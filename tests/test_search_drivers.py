@@ -166,3 +166,28 @@ def test_cmaes_option_values_are_checked_before_a_job_starts():
         with pytest.raises(DriverError, match="sigma0: expected a number > 0"):
             check_options("cmaes", {"sigma0": bad})
     check_options("cmaes", {"start": "best_seed", "sigma0": 0.2})
+
+
+def test_a_driver_given_what_points_mean_never_asks_one_twice_and_asks_nothing_once_all_are_asked():
+    """`same`: a point's identity (the search passes its recipe's hash). Eleven identities (the first gene in
+    tenths): every ask holds new ones only, across generations; once mating reaches none it has not asked (in
+    pymoo's 100 tries) the ask is empty."""
+    same = lambda x: round(float(x[0]) * 10)  # noqa: E731
+    d = make_driver("nsga2", 3, 2, 4, seed=0, same=same)
+    seen, sizes = [], []
+    for _ in range(20):
+        X = d.ask()
+        sizes.append(len(X))
+        if len(X) == 0:
+            break
+        seen += [same(x) for x in X]
+        d.tell(X, np.stack([X[:, 0], 1 - X[:, 1]], axis=1))
+    assert len(seen) == len(set(seen)) and 8 <= len(seen) <= 11
+    assert sizes[-1] == 0 and all(n > 0 for n in sizes[:-1])
+    plain = make_driver("nsga2", 3, 2, 4, seed=0)  # by coordinates only: identities repeat
+    keys = []
+    for _ in range(5):
+        X = plain.ask()
+        keys += [same(x) for x in X]
+        plain.tell(X, np.stack([X[:, 0], 1 - X[:, 1]], axis=1))
+    assert len(keys) > len(set(keys))

@@ -52,6 +52,39 @@ def test_identical_recipes_are_evaluated_once(tmp_path):
     assert counts == {"done": 1, "cached": 23}
 
 
+def test_the_pymoo_drivers_never_ask_a_recipe_asked_before(tmp_path):
+    """On layer paths over the golden models most genomes mean a path asked before. With `duplicates: cache` the
+    archive answers them and they spend the budget; with `skip` (the default) the driver breeds again, and the
+    same budget evaluates that many distinct recipes, in generations of the full population."""
+    space = {"kind": "dfs", "repeats": 1, "min_layers": 1, "max_layers": 4, "scales": "none"}
+    counts = {}
+    for mode in ("cache", "skip"):
+        (tmp_path / mode).mkdir()
+        result = run_job(write_job(tmp_path / mode, search_space=space, driver={"duplicates": mode}), **quiet())
+        store = Store(result.store)
+        rows = store.candidates("toy")
+        counts[mode] = store.counts("toy")
+        assert len(rows) == 24
+        if mode == "skip":
+            assert len({r.recipe_hash for r in rows}) == 24
+            assert [r.generation for r in rows] == [i // 6 for i in range(24)]
+            assert store.job("toy")["spec"]["driver"]["duplicates"] == "skip"
+    assert counts["cache"].get("cached", 0) >= 6  # the space does repeat (else this test shows nothing)
+    assert counts["skip"] == {"done": 24}
+
+
+def test_a_space_of_one_recipe_ends_the_search_with_one_line(tmp_path):
+    """Every genome means the same merge: the first population is that one candidate, the driver breeds nothing
+    new, and the search ends (done, report written) before its budget, saying why."""
+    space = {"kind": "ps", "method": "ties", "weight_bounds": [0.5, 0.5], "density_bounds": [1.0, 1.0]}
+    lines = io.StringIO()
+    result = run_job(write_job(tmp_path, search_space=space), **quiet(lines))
+    store = Store(result.store)
+    assert store.counts("toy") == {"done": 1} and store.job("toy")["status"] == "done"
+    assert "bred nothing new" in lines.getvalue() and "before its budget" in lines.getvalue()
+    assert result.json_path.is_file()
+
+
 def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path):
     path = write_job(tmp_path, runtime={"scorer": "evomerge.scoring.toy:scorer", "scorer_options": {"fail_above": 0.5}})
     result = run_job(path, **quiet())
@@ -330,4 +363,7 @@ def test_a_spec_stored_by_an_older_evomerge_reads_back_as_the_same_job(tmp_path)
                        "backend": "hf", "batch_size": 64, "evaluator": "evomerge.scoring.toy:scorer",
                        "evaluator_options": {}},
            "store": str(spec.store), "report": str(spec.report), "report_split": "test", "source": str(path)}
-    assert JobSpec.from_dict(old).to_dict() == spec.to_dict()
+    want = spec.to_dict()
+    assert want["driver"]["duplicates"] == "skip"  # a new job's default; an old one asked its repeats, and still does
+    want["driver"]["duplicates"] = "cache"
+    assert JobSpec.from_dict(old).to_dict() == want

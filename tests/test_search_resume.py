@@ -60,13 +60,22 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+# layer paths over the golden models: most genomes repeat a path asked before, which the driver breeds again
+# (`driver.duplicates: skip`), so the replay must re-breed them alike
+PATHS = {"kind": "dfs", "repeats": 1, "min_layers": 1, "max_layers": 4, "scales": "none"}
+
+
 @pytest.mark.parametrize("algorithm, space, mode", [("nsga2", "sakana_ps", "generational"),
                                                     ("cmaes", "layerwise_ps", "generational"),
-                                                    ("nsga2", "sakana_ps", "steady")])
+                                                    ("nsga2", "sakana_ps", "steady"),
+                                                    ("nsga2", PATHS, "generational")],
+                         ids=["nsga2", "cmaes", "nsga2-steady", "nsga2-paths"])
 def test_kill_9_mid_search_then_resume_gives_the_same_archive(tmp_path, algorithm, space, mode):
     """Steady mode (lag 1) is killed with a batch asked ahead of the one being waited for: the resume re-submits
     both batches' unfinished rows and reuses the finished ones."""
-    kill_and_resume(tmp_path, algorithm, space, zoo=None, population=6, total=48, min_generation=3, mode=mode)
+    # paths: a generation may be bred short (mating found fewer new paths), so the budget ends a few later
+    total = 48 if space is not PATHS else None
+    kill_and_resume(tmp_path, algorithm, space, zoo=None, population=6, total=total, min_generation=3, mode=mode)
 
 
 @pytest.mark.slow
@@ -75,7 +84,8 @@ def test_kill_9_then_resume_with_real_models_and_lm_eval_fitness(tmp_path, zoo_d
     kill_and_resume(tmp_path, "nsga2", "sakana_ps", zoo=zoo_dir, population=4, total=16, min_generation=1)
 
 
-def kill_and_resume(tmp_path: Path, algorithm: str, space: str, zoo: Path | None, population: int, total: int,
+def kill_and_resume(tmp_path: Path, algorithm: str, space: str | dict, zoo: Path | None, population: int,
+                    total: int | None,
                     min_generation: int, mode: str = "generational") -> None:
     straight = run_job(job(tmp_path / "straight", algorithm, space, zoo, mode), out=io.StringIO(),
                        progress=Progress(io.StringIO(), live=False))
@@ -116,7 +126,7 @@ def kill_and_resume(tmp_path: Path, algorithm: str, space: str, zoo: Path | None
 
     a = [r.identity() for r in Store(straight.store, readonly=True).candidates("killme")]
     b = [r.identity() for r in Store(store_path, readonly=True).candidates("killme")]
-    assert len(a) == total and a == b
+    assert (len(a) == total if total is not None else len(a) >= 48) and a == b
     assert Store(store_path, readonly=True).front("killme") == Store(straight.store, readonly=True).front("killme")
 
 

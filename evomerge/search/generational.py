@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from evomerge.search.recorder import Recorder
 
 
+def exhausted(driver: "Driver", asked: int) -> str:
+    """The line a search ends with when its driver asks nothing (both loops)."""
+    return (f"the {driver.name} driver bred nothing new: every recipe its operators reached in 100 tries was among "
+            f"the {asked} candidates asked (driver.duplicates: skip), so the search ends before its budget")
+
+
 class GenerationalLoop:
     """One run (or continuation) of a generational search, from a checkpointed state to the end of the budget."""
 
@@ -35,13 +41,20 @@ class GenerationalLoop:
 
     def run(self) -> LoopState:
         while not self.budget.spent(self.state.evaluations, self.state.elapsed):
-            self.state = self.step(self.state)
+            new = self.step(self.state)
+            if new is None:
+                break
+            self.state = new
         return self.state
 
-    def step(self, state: LoopState) -> LoopState:
-        """One generation: ask, decode, evaluate (cache first), confirm (IRT), tell, checkpoint."""
+    def step(self, state: LoopState) -> LoopState | None:
+        """One generation: ask, decode, evaluate (cache first), confirm (IRT), tell, checkpoint. None: the driver
+        asked nothing (`driver.duplicates: skip` and every recipe its operators reach was asked): the search ends."""
         rec, started, g = self.recorder, time.monotonic(), state.generation
         batch, recipes = rec.ask(self.driver, g, state.next_id)
+        if not batch.rows:
+            rec.ctx.progress.line(exhausted(self.driver, state.evaluations))
+            return None
         if rec.irt:  # IRT: fit or load the calibration, choose who is scored on anchors only
             rec.irt.plan(g, batch.rows)
         rec.start(batch, recipes)

@@ -15,8 +15,8 @@ from evomerge.store import StoreError
 from evomerge.search.context import Progress, SearchContext
 from evomerge.search.generational import GenerationalLoop
 from evomerge.search.irt_policy import IRTPolicy
-from evomerge.search.problem import FAIL_LOSS, Problem
-from evomerge.search.recorder import Recorder, recipe_hash, recipe_text
+from evomerge.search.problem import FAIL_LOSS, Problem, recipe_hash, recipe_text
+from evomerge.search.recorder import Recorder
 from evomerge.search.resume import load_state, replay
 from evomerge.runtime.base import Runtime
 from evomerge.search.spec import JobSpec, SearchStopped

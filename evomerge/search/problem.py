@@ -3,6 +3,7 @@ cube every driver works in, and objective values turned into losses (every objec
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -10,6 +11,16 @@ import numpy as np
 if TYPE_CHECKING:
     from evomerge.fitness.objectives import ObjectiveSet
     from evomerge.spaces.presets import Space
+
+
+def recipe_text(recipe: Any) -> str:
+    return recipe.to_yaml()
+
+
+def recipe_hash(text: str) -> str:
+    """A recipe's identity in the store: candidates of equal hash are one merge, evaluated once."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
 
 FAIL_LOSS = 1e300  # what a failed candidate is told while no real loss has been seen: worse than any, still finite
 
@@ -59,3 +70,8 @@ class Problem:
 
     def decode(self, genome: Any) -> Any:
         return self.space.decode(np.asarray(genome, dtype=float))
+
+    def recipe_key(self, x: np.ndarray) -> str:
+        """What unit point `x` means: the hash of the recipe the store would hold for it (the drivers' duplicate
+        elimination, `driver.duplicates: skip`)."""
+        return recipe_hash(recipe_text(self.decode(self.stored_genome(x))))

@@ -8,7 +8,6 @@ repeat of a recipe still in flight waits for it. Rows already finished (a resume
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from evomerge.errors import InternalError
 from evomerge.search.front import add_to_front, hypervolume, pareto_mask
+from evomerge.search.problem import recipe_hash, recipe_text
 from evomerge.search.progress import Best, Status
 from evomerge.search.state import Batch, FailureCount, LoopState, Verdict
 from evomerge.store import CandidateRow
@@ -33,14 +33,6 @@ def internal_error(job: str, out: "Outcome", what: str) -> InternalError:
     return InternalError(f"job '{job}' stopped by an internal error while scoring {what} on worker {out.worker}: "
                          f"{out.reason}. This is a bug in evomerge or in the scorer plug-in, not in the candidate; "
                          f"`evomerge resume` retries it once fixed.\n{out.internal}")
-
-
-def recipe_text(recipe: Any) -> str:
-    return recipe.to_yaml()
-
-
-def recipe_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Recorder:

@@ -37,7 +37,8 @@ def fresh_driver(ctx: "SearchContext", problem: "Problem", say: bool = True) -> 
     if say and seeds is not None and len(seeds) > d.population:
         ctx.progress.line(f"note: {len(seeds)} seeds but a population of {d.population}: only the first "
                           f"{d.population} are used")
-    return make_driver(d.algorithm, problem.n_var, problem.n_obj, d.population, d.seed, seeds, **d.options)
+    same = problem.recipe_key if d.duplicates == "skip" else None
+    return make_driver(d.algorithm, problem.n_var, problem.n_obj, d.population, d.seed, seeds, same, **d.options)
 
 
 def load_state(ctx: "SearchContext") -> LoopState:

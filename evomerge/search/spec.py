@@ -18,6 +18,7 @@
       max_failures_in_a_row: 10      # then the job stops with a diagnosis
       mode: generational             # generational (ask, evaluate all, tell) | steady (no generation barrier)
       lag: 1                         # steady: batches asked ahead of the oldest one not yet told
+      duplicates: skip               # skip (nsga2/nsga3/smsemoa never ask a recipe asked before) | cache
     runtime:
       kind: auto                     # auto | local | ray. auto: Ray when workers > 1 or an address is given
                                      # (`evomerge run --address`, RAY_ADDRESS), else in-process
@@ -76,8 +77,13 @@ VLLM_MISSING = ("vllm is not installed in this Python environment; install it (`
 # began to store it, 2026-12-01): a stored spec lacking it decodes its genomes with this.
 SCALES_BEFORE_PINNING = "transition"
 TOP_KEYS = ("name", "models", "search_space", "objectives", "report_split", "driver", "runtime", "store", "report")
-DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row", "mode", "lag")
+DRIVER_KEYS = ("algorithm", "population", "budget", "seed", "options", "max_failures_in_a_row", "mode", "lag",
+               "duplicates")
 DRIVER_MODES = ("generational", "steady")
+DUPLICATES = ("skip", "cache")  # driver.duplicates; see evomerge/search/drivers.py
+# What a stored spec without `driver.duplicates` searched with (every evomerge before 2026-12-03): its asks are
+# replayed as they were made.
+DUPLICATES_BEFORE = "cache"
 RUNTIME_KEYS = ("kind", "workers", "threads", "gpus", "max_retries", "device", "backend", "batch_size", "scorer",
                 "scorer_options", "candidate_timeout", "max_length", "dtype", "sources", "sources_dtype", "rank_cache",
                 "gpu_memory", "host_memory", "engine_memory", "enforce_eager")
@@ -135,6 +141,9 @@ class DriverSpec:
     max_failures_in_a_row: int = 10
     mode: str = "generational"  # steady: no barrier, see evomerge/search/steady.py
     lag: int = 1  # steady: batches asked ahead of the oldest untold one (part of the search's identity)
+    # skip: the pymoo drivers breed again an offspring whose recipe was asked before (part of the search's
+    # identity); cache: they ask it, and the archive answers it (status `cached`, one unit of the budget)
+    duplicates: str = "skip"
 
 
 @dataclass
@@ -192,7 +201,7 @@ class JobSpec:
             "driver": {"algorithm": d.algorithm, "population": d.population,
                        "budget": {"evaluations": d.max_evaluations, "seconds": d.max_seconds}, "seed": d.seed,
                        "options": dict(d.options), "max_failures_in_a_row": d.max_failures_in_a_row, "mode": d.mode,
-                       "lag": d.lag},
+                       "lag": d.lag, "duplicates": d.duplicates},
             "runtime": asdict(self.runtime),
             "store": str(self.store),
             "report": str(self.report),
@@ -212,6 +221,8 @@ class JobSpec:
             from evomerge.spaces.presets import pin_defaults
 
             d["search_space"] = pin_defaults(d["search_space"], scales=SCALES_BEFORE_PINNING, stable_ties=None)
+        if isinstance(d.get("driver"), Mapping) and "duplicates" not in d["driver"]:
+            d["driver"] = {**d["driver"], "duplicates": DUPLICATES_BEFORE}
         return parse_job(d, source=source, check_paths=check_paths, pin=False)
 
 
@@ -408,11 +419,15 @@ def parse_job(data: Any, source: str = "<job>", base_dir: str | Path = ".", chec
     mode = str(dr.get("mode", "generational"))
     if mode not in DRIVER_MODES:
         raise where.error("driver.mode", f"must be generational or steady, got {mode!r}")
+    duplicates = dr.get("duplicates", "skip")
+    if duplicates not in DUPLICATES:
+        raise where.error("driver.duplicates", f"must be skip (never ask a recipe asked before) or cache (ask it; "
+                          f"the archive answers it), got {duplicates!r}")
     driver = DriverSpec(algorithm=algorithm, population=int_field(where, "driver.population", dr.get("population", 12), 2),
                         max_evaluations=evals, max_seconds=None if secs is None else float(secs),
                         seed=int_field(where, "driver.seed", seed, 0), options=dict(options),
                         max_failures_in_a_row=int_field(where, "driver.max_failures_in_a_row", dr.get("max_failures_in_a_row", 10)),
-                        mode=mode, lag=int_field(where, "driver.lag", dr.get("lag", 1), 0))
+                        mode=mode, lag=int_field(where, "driver.lag", dr.get("lag", 1), 0), duplicates=duplicates)
     if algorithm == "cmaes" and space is not None and space.num_genes < 2:
         raise where.error("driver.algorithm", "cmaes needs a space of at least 2 genes; use random or nsga2")
 

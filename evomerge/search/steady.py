@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from evomerge.search.generational import exhausted
 from evomerge.search.state import Batch, Budget, LoopState
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class SteadyLoop:
         self.next_id, self.asked = state.next_id, state.evaluations
         self.next_generation = state.generation + len(ahead)
         self.clock = time.monotonic()  # elapsed time is added up from here at every checkpoint
+        self.exhausted = False  # the driver asked nothing: no more asks (the batches in flight are told)
 
     def run(self) -> LoopState:
         rec = self.recorder
@@ -76,7 +78,7 @@ class SteadyLoop:
     # ------------------------------------------------------------ asking
 
     def _may_ask(self) -> bool:
-        if self.budget.spent(self.asked, self.state.elapsed + (time.monotonic() - self.clock)):
+        if self.exhausted or self.budget.spent(self.asked, self.state.elapsed + (time.monotonic() - self.clock)):
             return False
         return not self.batches or (len(self.batches) <= self.lag and self.driver.can_ask_ahead())
 
@@ -85,6 +87,10 @@ class SteadyLoop:
         while self._may_ask():
             g = self.next_generation
             batch, recipes = rec.ask(self.driver, g, self.next_id)
+            if not batch.rows:
+                self.exhausted = True
+                rec.ctx.progress.line(exhausted(self.driver, self.asked))
+                return
             if rec.irt:  # IRT (lag 0: every earlier batch is told)
                 rec.irt.plan(g, batch.rows)
             self.next_id, self.asked, self.next_generation = (self.next_id + len(batch.rows),
