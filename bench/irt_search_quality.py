@@ -79,8 +79,9 @@ def finished(spec: dict) -> bool:
     store = Store(path, readonly=True)
     try:
         row = store.job(spec["name"])
-        same = bool(row) and row["spec"]["driver"].get("duplicates", "cache") == spec["driver"].get("duplicates", "skip")
-        return same and row["status"] == "done"
+        if not row or row["status"] != "done":
+            return False
+        return row["spec"]["driver"].get("duplicates", "cache") == spec["driver"].get("duplicates", "skip")
     finally:
         store.close()
 

@@ -175,6 +175,7 @@ def test_a_time_budget_ends_the_search(tmp_path):
     ({"driver": {"budget": {}}}, "driver.budget", "never ends"),
     ({"driver": {"populaton": 4}}, "driver.populaton", "Did you mean 'population'"),
     ({"driver": {"mode": "async"}}, "driver.mode", "generational or steady"),
+    ({"driver": {"duplicates": "drop"}}, "driver.duplicates", "skip (never ask a recipe asked before) or cache"),
     ({"driver": {"algorithm": "cmaes", "options": {"sigma": 0.3}}}, "driver.options", "Did you mean 'sigma0'"),
     ({"runtime": {"device": "cdua"}}, "runtime.device", "Did you mean 'cuda'"),
     ({"runtime": {"kind": "local", "backend": "vllm"}}, "runtime.backend", "vllm is not installed"),

@@ -311,7 +311,8 @@ class RayRuntime(OutcomeStream):
             # no worker runs: each starting one has start_timeout from when it was asked for (a replacement of a
             # worker killed late in a search too, not from the last time one became ready)
             since = max([self._last_ready] + [s.started for s in self._slots if s.state == "starting"])
-            if not any(s.state in ("idle", "busy") for s in self._slots) and time.monotonic() - since > self.start_timeout:
+            running = any(s.state in ("idle", "busy") for s in self._slots)
+            if not running and time.monotonic() - since > self.start_timeout:
                 raise WorkerStartError(self._no_worker_message())
             return
         slot = watched[ready[0]]
