@@ -168,7 +168,7 @@ def test_cmaes_option_values_are_checked_before_a_job_starts():
     check_options("cmaes", {"start": "best_seed", "sigma0": 0.2})
 
 
-def test_a_driver_given_what_points_mean_never_asks_one_twice_and_asks_nothing_once_all_are_asked():
+def test_a_driver_given_what_points_mean_never_asks_one_twice_and_ends_with_an_empty_ask():
     """`same`: a point's identity (the search passes its recipe's hash). Eleven identities (the first gene in
     tenths): every ask holds new ones only, across generations; once mating reaches none it has not asked (in
     pymoo's 100 tries) the ask is empty."""
