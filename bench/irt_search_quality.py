@@ -81,7 +81,7 @@ def finished(spec: dict) -> bool:
         row = store.job(spec["name"])
         if not row or row["status"] != "done":
             return False
-        return row["spec"]["driver"].get("duplicates", "cache") == spec["driver"].get("duplicates", "skip")
+        return row["spec"]["driver"].get("duplicates", "cache") == spec["driver"]["duplicates"]
     finally:
         store.close()
 

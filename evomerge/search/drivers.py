@@ -273,11 +273,12 @@ def _recipe_duplicates(key: Callable[[np.ndarray], Hashable]):
             return self._keys[b]
 
         def _do(self, pop, other, is_duplicate):
-            seen = set(self.asked) if other is None else {self.key(x) for x in other.get("X")}
+            earlier = self.asked if other is None else {self.key(x) for x in other.get("X")}
+            batch: set[Hashable] = set()  # this population's points before each one
             for i, x in enumerate(pop.get("X")):
                 k = self.key(x)
-                is_duplicate[i] = k in seen
-                seen.add(k)
+                is_duplicate[i] = k in earlier or k in batch
+                batch.add(k)
             return is_duplicate
 
     return RecipeDuplicates()
