@@ -60,12 +60,14 @@ def load(store_path: Path, job: str | None) -> tuple[str, list, dict[str, tuple[
 
 
 def replay(data: dict[str, tuple[list[str], np.ndarray, list]], anchors: int, seed_candidates: int, every: int,
-           count: int, confirm: int, seed: int = 0) -> dict[str, dict]:
+           count: int, confirm: int, seed: int = 0, neighbours: bool = True) -> dict[str, dict]:
     """The policy over the archive, every objective at once (maximised, as the zoo's accuracies): the seed phase,
     a fit every `every` generations, `count` calibration candidates chosen by the policy's rule in the generation
     before each refit, and per generation and objective up to `confirm` estimated candidates whose interval
     overlaps the front scored in full (`entrants`' rule, `overlapping`: the front of what earlier generations and
-    this one's measured candidates were told). Returns per objective what `main` prints."""
+    this one's measured candidates were told). With `neighbours`, each generation's estimates are corrected by the
+    candidates of earlier generations scored in full (`irt.neighbours`, as `IRTPolicy._neighbours`). Returns per
+    objective what `main` prints."""
     names = list(data)
     rows = data[names[0]][2]
     Ys = [data[n][1] for n in names]
@@ -102,6 +104,16 @@ def replay(data: dict[str, tuple[list[str], np.ndarray, list]], anchors: int, se
                                           len(out[n]["est_rows"])))
                 out[n]["chosen"].append(cals[j].estimator)
         est = {k: [cals[j].estimate(Ys[j][k, cals[j].anchors.items]) for j in range(len(names))] for k in here}
+        if neighbours:
+            for j in range(len(names)):
+                items_j = cals[j].anchors.items
+                ref = sorted(k for k in full[j] if gens[k] < g)
+                raw = np.array([cals[j].estimate(Ys[j][k, items_j]).value for k in ref])
+                nb = irt.neighbours(Ys[j][ref][:, items_j], truth[ref, j] - raw)
+                for k in here:
+                    e = est[k][j]
+                    est[k][j] = irt.Estimate(float(np.clip(e.value + nb.shift(Ys[j][k, items_j]), 0, 1)), e.sd,
+                                             e.estimator)
         calib = set()
         if count and (g - g0) % every == every - 1:
             calib = {here[i] for i in calibration_choice([0.0] * len(here), count, [seed, g, 17])}
@@ -171,13 +183,17 @@ def main() -> None:
     ap.add_argument("--calibrate-every", type=int, default=2)
     ap.add_argument("--calibrate-count", type=int, default=2)
     ap.add_argument("--confirm-count", type=int, default=1)
+    ap.add_argument("--no-neighbours", action="store_true", help="replay without the neighbour correction only")
     args = ap.parse_args()
     job, rows, data = load(args.store, args.job)
     print(f"{args.store} job {job}: {len(rows)} candidates; anchors {args.anchors}, seed_candidates "
           f"{args.seed_candidates}, calibrate every {args.calibrate_every} generations x {args.calibrate_count}, "
           f"confirm {args.confirm_count} per generation and objective")
     results = replay(data, args.anchors, args.seed_candidates, args.calibrate_every, args.calibrate_count,
-                     args.confirm_count)
+                     args.confirm_count, neighbours=not args.no_neighbours)
+    # the peer: the same replay without the neighbour correction
+    without = None if args.no_neighbours else replay(data, args.anchors, args.seed_candidates, args.calibrate_every,
+                                                     args.calibrate_count, args.confirm_count, neighbours=False)
     for name, r in results.items():
         ids, Y, _ = data[name]
         ratios = r["printed_over_true"]
@@ -194,6 +210,10 @@ def main() -> None:
               f"random subset of {args.anchors} {r['random_subset_mae']:.4f} (ratio {r['mae'] / r['random_subset_mae']:.2f})")
         print(f"  within 2 sd: {r['within_2sd']:.0%} (target 90%), mean 2-sd width {r['mean_2sd']:.3f}; "
               f"items scored {r['items_fraction']:.0%} of full scoring (target 25%)")
+        if without is not None:
+            w = without[name]
+            print(f"  without the neighbour correction: in-search MAE {w['mae']:.4f} (with / without "
+                  f"{r['mae'] / w['mae']:.2f}), within 2 sd {w['within_2sd']:.0%}, items {w['items_fraction']:.0%}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ from evomerge.search.irt_policy import irt_summary  # noqa: E402
 from evomerge.service.demo import demo_spec  # noqa: E402
 from evomerge.store import Store  # noqa: E402
 
-IRT_KEYS = ("estimator", "anchors", "seed_candidates", "calibrate_every", "calibrate_count", "confirm_count")
+IRT_KEYS = ("estimator", "anchors", "seed_candidates", "calibrate_every", "calibrate_count", "confirm_count",
+            "max_error")
 
 
 def job(zoo: Path, out: Path, name: str, space: str, seed: int, evaluations: int, irt: dict | None) -> dict:
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = []
     for text in args.irt or [""]:
         kv = dict(p.split("=", 1) for p in text.split(",") if p)
-        settings.append({k: int(v) for k, v in kv.items()})
+        settings.append({k: float(v) if k == "max_error" else int(v) for k, v in kv.items()})
     tag = lambda d: "-".join(f"{k}{v}" for k, v in sorted(d.items())) or "defaults"  # noqa: E731
     specs = {}
     for seed in seeds:
