@@ -16,6 +16,9 @@ standard deviation):
 - `mix`: a convex combination of `anchor`, `pirt` and `merge3` (weights on a 0.1 grid, set by cross-validation;
   `gpirt` is the special case without merge3). Its sd is the weighted sum of theirs (they are highly correlated).
 
+Beside the estimators, `neighbours`: the errors a calibration makes on candidates scored in full, applied to a new
+candidate in proportion to how alike it answered the anchors (a search's near-copies share their parent's error).
+
 `calibrate` does the whole per-task job: dimension chosen on held-out cells, a final fit on every candidate,
 `DRAWS` seeded anchor sets chosen on it, and for each set k-fold cross-validation over the fitted candidates (never
 the parents: merge3 needs them) to set `lam` and the mix's weights and pick the estimator; the anchor set with the

@@ -8,7 +8,9 @@ For each objective with `estimator: irt`, generation by generation:
    candidate of earlier generations scored in full, and recorded in the store (`irt` table). A resumed search
    loads it from there (and would refit identically: fits are seeded, float64, one thread);
 3. other generations' candidates are scored on the anchors only; their value is the estimate (`estimated`,
-   with its uncertainty and estimator in the `estimates` table). In the generation before each refit,
+   with its uncertainty and estimator in the `estimates` table), moved by the errors the calibration makes on the
+   candidates of earlier generations scored in full that answered the anchors alike (`irt.neighbours`: where a
+   leave-one-out over those candidates says it helps; the estimator then reads `<name>+neighbours`). In the generation before each refit,
    `calibrate_count` candidates (seeded choice) are scored in full: they feed the refit and measure the
    estimator's error on candidates no fit has seen (the `measured` column beside the estimate);
 4. before a generation is told to the driver, up to `confirm_count` of its estimated candidates whose interval
