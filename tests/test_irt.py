@@ -152,8 +152,6 @@ def test_irt_beats_a_random_subset_when_skills_are_many_and_merges_mix_two_paren
     assert max(err.values()) < 0.45 * random_mae, (err, random_mae)
 
 
-# ------------------------------------------------------------------------------------------------ bad input
-
 def test_the_neighbour_correction_is_the_shrunk_weighted_mean_of_alike_answerers_residuals():
     """shift = sum_j w_j r_j / (prior + sum_j w_j), w_j = exp(-distance_j / scale), by hand."""
     nb = irt.Neighbours(np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=float), np.array([-0.1, 0.2, 0.4]),
@@ -192,6 +190,8 @@ def test_near_copies_of_misjudged_measured_candidates_get_their_errors_corrected
     assert after <= 1.05 * np.mean(np.abs(r3)), (noise.scale, after, np.mean(np.abs(r3)))
     assert irt.neighbours(A[:5], r[:5]).scale is None  # too few measured to choose anything on
 
+
+# ------------------------------------------------------------------------------------------------ bad input
 
 def test_bad_input_says_what_to_do():
     Y, *_ = synthetic(20, 50, seed=8)

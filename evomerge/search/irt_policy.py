@@ -10,9 +10,9 @@ For each objective with `estimator: irt`, generation by generation:
 3. other generations' candidates are scored on the anchors only; their value is the estimate (`estimated`,
    with its uncertainty and estimator in the `estimates` table), moved by the errors the calibration makes on the
    candidates of earlier generations scored in full that answered the anchors alike (`irt.neighbours`: where a
-   leave-one-out over those candidates says it helps; the estimator then reads `<name>+neighbours`). In the generation before each refit,
-   `calibrate_count` candidates (seeded choice) are scored in full: they feed the refit and measure the
-   estimator's error on candidates no fit has seen (the `measured` column beside the estimate);
+   leave-one-out over those candidates says it helps; the estimator then reads `<name>+neighbours`). In the
+   generation before each refit, `calibrate_count` candidates (seeded choice) are scored in full: they feed the
+   refit and measure the estimator's error on candidates no fit has seen (the `measured` column beside it);
 4. before a generation is told to the driver, up to `confirm_count` of its estimated candidates whose interval
    (estimate +- 2 sd) on the objective overlaps the front have it scored in full (`entrants`, `Recorder.measure`):
    the driver is told the measured values, and they join the next refit (the front, where the search is heading,
