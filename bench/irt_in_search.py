@@ -111,9 +111,7 @@ def replay(data: dict[str, tuple[list[str], np.ndarray, list]], anchors: int, se
                 raw = np.array([cals[j].estimate(Ys[j][k, items_j]).value for k in ref])
                 nb = irt.neighbours(Ys[j][ref][:, items_j], truth[ref, j] - raw)
                 for k in here:
-                    e = est[k][j]
-                    est[k][j] = irt.Estimate(float(np.clip(e.value + nb.shift(Ys[j][k, items_j]), 0, 1)), e.sd,
-                                             e.estimator)
+                    est[k][j] = nb.correct(est[k][j], Ys[j][k, items_j])
         calib = set()
         if count and (g - g0) % every == every - 1:
             calib = {here[i] for i in calibration_choice([0.0] * len(here), count, [seed, g, 17])}

@@ -665,6 +665,14 @@ class Neighbours:
         w = self.weights(y)
         return float(w @ self.residuals / (self.prior + w.sum()))
 
+    def correct(self, est: Estimate, y: np.ndarray) -> Estimate:
+        """`est` (of a candidate that answered the anchors `y`) moved by `shift`, kept within [0, 1] and named
+        `<estimator>+neighbours`; `est` itself when nothing moves it."""
+        shift = self.shift(y)
+        if not shift:
+            return est
+        return Estimate(float(np.clip(est.value + shift, 0.0, 1.0)), est.sd, est.estimator + "+neighbours")
+
 
 def neighbours(answers: np.ndarray, residuals: np.ndarray, scales: Sequence[float] = NEIGHBOUR_SCALES,
                priors: Sequence[float] = NEIGHBOUR_PRIORS, min_count: int = MIN_FIT) -> Neighbours:

@@ -67,12 +67,14 @@ class IRTPolicy:
         """Decide, for every candidate of `generation`, which objectives are scored on anchors only."""
         self.anchored, self.current, self.neighbours = {}, {}, {}
         for o in self.objectives:
-            force = self._in_force(o, generation)
+            measured = self._full_rows(o, generation)  # read once: g0, the fit in force and the correction use it
+            g0 = self._first_generation(o, generation, measured[0])
+            force = self._in_force(o, generation, g0)
             self.current[o.name] = force
             if force is None:
                 continue
-            self.neighbours[o.name] = self._neighbours(o, force, generation)
-            full = self._calibration_rows(o, generation, rows)
+            self.neighbours[o.name] = self._neighbours(o, force, generation, *measured)
+            full = self._calibration_rows(o, generation, rows, g0)
             for r in rows:
                 if r.id not in full:
                     self.anchored.setdefault(r.id, {})[o.name] = force.anchor_ids
@@ -92,9 +94,9 @@ class IRTPolicy:
                 its.append(items[r.id])
         return rows, its
 
-    def _first_generation(self, o: "Objective", generation: int) -> int | None:
-        """g0: the first generation with `seed_candidates` fully scored candidates before it (None: not yet)."""
-        rows, _ = self._full_rows(o, generation)
+    def _first_generation(self, o: "Objective", generation: int, rows: list["CandidateRow"]) -> int | None:
+        """g0: the first generation with `seed_candidates` fully scored candidates before it (None: not yet);
+        `rows`: `_full_rows(o, generation)`'s."""
         per_gen = np.bincount([r.generation for r in rows], minlength=generation) if rows else np.zeros(generation)
         reached = np.flatnonzero(np.cumsum(per_gen) >= o.seed_candidates)
         if len(reached) == 0:
@@ -103,8 +105,7 @@ class IRTPolicy:
             return None
         return int(reached[0]) + 1
 
-    def _in_force(self, o: "Objective", generation: int) -> _InForce | None:
-        g0 = self._first_generation(o, generation)
+    def _in_force(self, o: "Objective", generation: int, g0: int | None) -> _InForce | None:
         if g0 is None:
             return None
         # nothing new to refit on: never
@@ -168,12 +169,12 @@ class IRTPolicy:
                  f"{cal.baselines.get('random subset', float('nan')):.3f}){more}")
         return data, None
 
-    def _neighbours(self, o: "Objective", force: _InForce, generation: int) -> irt.Neighbours:
+    def _neighbours(self, o: "Objective", force: _InForce, generation: int, rows: list["CandidateRow"],
+                    its: list[dict[str, float]]) -> irt.Neighbours:
         """The neighbour correction (`irt.neighbours`) this generation's estimates of `o` get: from every candidate
         of earlier generations scored in full (the fit's, calibration and confirmed ones), its answers on the
         calibration's anchors and the calibration's residual on it. Earlier generations only, so the same on a
-        resume and whatever order this generation's candidates finish in."""
-        rows, its = self._full_rows(o, generation)
+        resume and whatever order this generation's candidates finish in. `rows`, `its`: `_full_rows`'s."""
         answers, residuals = [], []
         for r, it in zip(rows, its):
             y = np.array([it[i] for i in force.anchor_ids], dtype=float)
@@ -201,10 +202,10 @@ class IRTPolicy:
                 for e in self.store.estimates(self.job) if e["objective"] == objective and e["measured"] is not None
                 and e["scored"] == e["total"]]
 
-    def _calibration_rows(self, o: "Objective", generation: int, rows: list["CandidateRow"]) -> set[int]:
+    def _calibration_rows(self, o: "Objective", generation: int, rows: list["CandidateRow"],
+                          g0: int | None) -> set[int]:
         """Candidates of this generation scored in full to calibrate: `calibrate_count` of them (seeded) among those
-        that will be evaluated, in the generation before each refit."""
-        g0 = self._first_generation(o, generation)
+        that will be evaluated, in the generation before each refit (`g0`: `_first_generation`'s)."""
         if g0 is None or o.calibrate_count == 0 or (generation - g0) % o.calibrate_every != o.calibrate_every - 1:
             return set()
         fresh = self._evaluated(rows)
@@ -288,10 +289,8 @@ class IRTPolicy:
                                f"{missing[:3]}: the scorer did not score the items it was asked for")
             y = np.array([its[i] for i in force.anchor_ids], dtype=float)
             est = force.cal.estimate(y)
-            nb = self.neighbours.get(o.name)
-            shift = nb.shift(y) if nb is not None else 0.0
-            if shift:  # measured candidates that answered the anchors alike were misjudged by this much
-                est = irt.Estimate(float(np.clip(est.value + shift, 0.0, 1.0)), est.sd, est.estimator + "+neighbours")
+            if o.name in self.neighbours:  # measured candidates that answered the anchors alike were misjudged
+                est = self.neighbours[o.name].correct(est, y)
             measured = None if o.name in planned else values[o.name]
             if o.name in planned:
                 values[o.name], estimated = float(est.value), True
