@@ -51,7 +51,20 @@ from evomerge.service.demo import demo_spec  # noqa: E402
 from evomerge.store import Store  # noqa: E402
 
 IRT_KEYS = ("estimator", "anchors", "seed_candidates", "calibrate_every", "calibrate_count", "confirm_count",
-            "max_error")
+            "max_error", "irt_estimator", "anchor_method")
+
+
+def _value(key: str, text: str) -> int | float | str:
+    """An `--irt` value as the objective's key takes it: an error (float), a name (str), else a count (int)."""
+    key = key.split(".", 1)[-1]  # OBJECTIVE.KEY: one objective's setting
+    if key not in IRT_KEYS:
+        raise SystemExit(f"--irt: unknown key '{key}' (one of {', '.join(IRT_KEYS)})")
+    if key in ("estimator", "irt_estimator", "anchor_method"):
+        return text
+    try:
+        return float(text) if key == "max_error" else int(text)
+    except ValueError:
+        raise SystemExit(f"--irt: {key}={text}: expected {'a number' if key == 'max_error' else 'a whole number'}")
 
 
 def job(zoo: Path, out: Path, name: str, space: str, seed: int, evaluations: int, irt: dict | None) -> dict:
@@ -68,8 +81,10 @@ def job(zoo: Path, out: Path, name: str, space: str, seed: int, evaluations: int
         for k in IRT_KEYS:
             o.pop(k, None)
         if irt is not None:
+            own = o.get("name") or o.get("task")  # `zoo_composed.confirm_count=2`: that objective's only
             o.update({"estimator": "irt", "anchors": 30, "seed_candidates": 24, "calibrate_every": 2,
-                      "calibrate_count": 2, **irt})
+                      "calibrate_count": 2, **{k: v for k, v in irt.items() if "." not in k},
+                      **{k.split(".", 1)[1]: v for k, v in irt.items() if k.split(".", 1)[0] == own and "." in k}})
     return spec
 
 
@@ -221,14 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--irt", action="append", default=None,
                     help="IRT settings of one IRT search per seed, KEY=V[,KEY=V], over anchors 30, seed_candidates "
                          "24, calibrate_every 2, calibrate_count 2 (the demo's before confirmations; other keys: the "
-                         "objectives' defaults); repeat for more")
+                         "objectives' defaults); OBJECTIVE.KEY=V sets one objective's (zoo_composed.confirm_count=2); "
+                         "repeat for more")
     args = ap.parse_args(argv)
     zoo, out = Path(args.zoo).resolve(), Path(args.out).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = []
     for text in args.irt or [""]:
         kv = dict(p.split("=", 1) for p in text.split(",") if p)
-        settings.append({k: float(v) if k == "max_error" else int(v) for k, v in kv.items()})
+        settings.append({k: _value(k, v) for k, v in kv.items()})
     tag = lambda d: "-".join(f"{k}{v}" for k, v in sorted(d.items())) or "defaults"  # noqa: E731
     specs = {}
     for seed in seeds:
