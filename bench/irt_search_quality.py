@@ -16,15 +16,21 @@ the same bench:
   best per objective and its knee, the post-search confirmation measured already);
 - the error of the estimates the IRT search measured later (its calibration and confirmed candidates), and the
   error it printed at its last fit.
+- with `--rescore-all`, every candidate of each IRT search scored in full afterwards: the hypervolume of everything
+  it produced (against the re-scored front: the loss from not recognising good candidates on their estimates,
+  against the full search: the loss from never producing them), and the error and bias of all its anchor
+  estimates and of those on the best tenth of its candidates by measured value.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/irt_search_quality.py --zoo .cache/zoo --out out/bench_irt \\
         [--space hybrid|layerwise_ps|...] [--seeds 0,1,2] [--evaluations 280] [--parallel 2] \\
-        [--irt confirm_count=0 --irt confirm_count=1,seed_candidates=12]
+        [--irt confirm_count=0 --irt confirm_count=1,seed_candidates=12] [--rescore-all]
 
 Every search runs as its own `evomerge run` process (`--parallel` at once, one thread each); a search whose store
-holds a finished job of the same spec is not run again (delete OUT to start over). About 7-11 minutes per search
-on one thread at 280 evaluations of the demo's two zoo tasks (two at once on a 2-core machine; every one of the 280
-is a distinct merge since the drivers breed repeats again, `driver.duplicates: skip`).
+holds a finished job of the same spec is not run again (delete OUT to start over). About 1-2 minutes per search
+on one thread at 280 evaluations of the demo's two zoo tasks (7-11 on earlier, slower machines; two at once on a
+2-core machine; every one of the 280 is a distinct merge since the drivers breed repeats again,
+`driver.duplicates: skip`). Seeds differ a lot (one setting's ratio ranged 0.81-0.99 over six): compare settings on
+six seeds or more.
 """
 
 from __future__ import annotations
@@ -184,6 +190,57 @@ def rescore_front(spec_dict: dict) -> tuple[np.ndarray, np.ndarray, int, int, di
     return measured, others.reshape(-1, len(names)), spent, len(todo), rescored
 
 
+def rescore_all(spec_dict: dict) -> tuple[list[str], dict[int, dict[str, float]]]:
+    """Every done candidate's measured values (objectives in order, by id): the search's own where it measured them,
+    the rest scored in full here (a full-fitness search's cost per IRT search; kept in the run's folder as
+    rescored_all.json and reused). What splits a hypervolume loss into candidates the search never produced and
+    ones it produced but did not recognise on their estimates."""
+    from evomerge.search.jobs import make_runtime
+    from evomerge.search.spec import JobSpec
+    from evomerge.spaces.presets import build_space
+
+    store = Store(Path(spec_dict["store"]), readonly=True)
+    name = spec_dict["name"]
+    names = [o[0] for o in store.objectives(name)]
+    done = store.candidates(name, status="done")
+    cache = Path(spec_dict["store"]).parent / "rescored_all.json"
+    known = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
+    todo = [r for r in done if r.estimated and r.id not in known]
+    if todo:
+        print(f"  {name}: scoring its {len(todo)} estimated candidates in full (--rescore-all)", flush=True)
+        spec = JobSpec.from_dict(store.job(name)["spec"])
+        space = build_space(spec.search_space, spec.models, spec.base)
+        runtime = make_runtime(spec)
+        for r in todo:
+            runtime.submit(r.id, space.decode(np.array(r.genome)))
+        for out in runtime.as_completed():
+            assert out.ok, out.reason
+            known[out.cid] = dict(out.values)
+        runtime.close()
+        cache.write_text(json.dumps(known))
+    truth = {r.id: known[r.id] if r.estimated else dict(r.values) for r in done}
+    store.close()
+    return names, truth
+
+
+def estimate_errors(spec_dict: dict, truth: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per IRT objective, the errors (estimate - measured) of every estimate the search made from anchors: all of
+    them, and the tenth of those candidates best by measured value (where a search climbs: an estimator that
+    shrinks new abilities towards what it was fitted on under-estimates exactly these)."""
+    store = Store(Path(spec_dict["store"]), readonly=True)
+    out = {}
+    ests = [e for e in store.estimates(spec_dict["name"]) if e["scored"] < e["total"] and e["candidate"] in truth]
+    store.close()
+    for n in sorted({e["objective"] for e in ests}):
+        mine = [e for e in ests if e["objective"] == n]
+        t = np.array([truth[e["candidate"]][n] for e in mine])
+        err = np.array([e["value"] for e in mine]) - t
+        top = t >= np.quantile(t, 0.9)
+        out[n] = {"n": len(mine), "mae": float(np.abs(err).mean()), "bias": float(err.mean()),
+                  "top_mae": float(np.abs(err[top]).mean()), "top_bias": float(err[top].mean())}
+    return out
+
+
 def pick_values(spec_dict: dict, rescored: dict[int, dict[str, float]]) -> dict[str, float | None]:
     """What a user exports by `--best OBJECTIVE` from the IRT search (`confirm.choose`, after its confirmation):
     the pick's measured value per objective (the bench's re-scoring where the search left it estimated; None when
@@ -238,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                          "24, calibrate_every 2, calibrate_count 2 (the demo's before confirmations; other keys: the "
                          "objectives' defaults); OBJECTIVE.KEY=V sets one objective's (zoo_composed.confirm_count=2); "
                          "repeat for more")
+    ap.add_argument("--rescore-all", action="store_true",
+                    help="also score every estimated candidate of each IRT search in full (a full search's cost "
+                         "each, kept in its folder): the hypervolume of everything it produced, and its estimates' "
+                         "error and bias overall and on the best tenth")
     args = ap.parse_args(argv)
     zoo, out = Path(args.zoo).resolve(), Path(args.out).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -260,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"settings": vars(args), "runs": []}
     for s in settings:
-        hv_sum = [0.0, 0.0, 0.0]
+        hv_sum = [0.0, 0.0, 0.0, 0.0]  # re-scored front, full search, old front alone, all produced (--rescore-all)
         items_sum = [0, 0, 0]
         pick_ratios: list[float] = []  # a --best pick's measured value over the full search's best (maximised)
         for seed in seeds:
@@ -302,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                                                               "printed_error", "confirmed", "confirmed_mae")}
                                     for n, e in summ.items()}}
             pick_ratios += [v / full_best[n] for n, v in picked.items() if v is not None and full_best[n]]
+            if args.rescore_all:
+                names_all, truth = rescore_all(mine)
+                found = hv(np.array([[truth[c][n] for n in names_all] for c in sorted(truth)]))
+                entry["hv_produced"], entry["estimate_errors"] = found, estimate_errors(mine, truth)
+                hv_sum[3] += found
             results["runs"].append(entry)
             errs = "; ".join(f"{n}: calibration {e['measured_mae']:.3f} on {e['calibration_checks']}, printed "
                              f"{e['printed_error']:.3f}, confirmed {e['confirmed']}"
@@ -315,11 +381,19 @@ def main(argv: list[str] | None = None) -> int:
                   + (", picks left estimated" if final["picks_left_estimated"] else "") + "; --best picks "
                   + ", ".join(f"{n} {'?' if v is None else f'{v:.3f}'} (full search's best {full_best[n]:.3f})"
                               for n, v in picked.items()) + f"; {errs}", flush=True)
+            if args.rescore_all:
+                print(f"  everything it produced, measured: hypervolume {entry['hv_produced'] / f_hv:.3f}x the full "
+                      "search's (the re-scored front above: what it recognised); estimates from anchors "
+                      + "; ".join(f"{n}: {e['n']}, MAE {e['mae']:.3f}, bias {e['bias']:+.3f}, on the best tenth by "
+                                  f"measured value MAE {e['top_mae']:.3f}, bias {e['top_bias']:+.3f}"
+                                  for n, e in entry["estimate_errors"].items()), flush=True)
         print(f"{tag(s)} over seeds: hypervolume {hv_sum[0] / hv_sum[1]:.3f}x the full-fitness searches' (target "
               f">= 0.95; the old front's members alone {hv_sum[2] / hv_sum[1]:.3f}x), items {items_sum[2] / items_sum[1]:.3f}x (target <= 0.25), with the bench's re-scoring of the "
               f"front {items_sum[0] / items_sum[1]:.3f}x; the --best picks measured at "
               + (f"{np.mean(pick_ratios):.3f}x" if pick_ratios else "?")
-              + " the full-fitness search's best value (mean over seeds and objectives)\n", flush=True)
+              + " the full-fitness search's best value (mean over seeds and objectives)"
+              + (f"; everything the IRT searches produced, measured: {hv_sum[3] / hv_sum[1]:.3f}x"
+                 if args.rescore_all else "") + "\n", flush=True)
     (out / f"irt_search_quality-{args.space}.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
