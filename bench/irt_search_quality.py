@@ -204,7 +204,10 @@ def rescore_all(spec_dict: dict) -> tuple[list[str], dict[int, dict[str, float]]
     names = [o[0] for o in store.objectives(name)]
     done = store.candidates(name, status="done")
     cache = Path(spec_dict["store"]).parent / "rescored_all.json"
-    known = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
+    kept = json.loads(cache.read_text()) if cache.exists() else {}
+    # reused only for the same recipe under the same id (a search run again in the folder makes other candidates)
+    known = {r.id: kept[str(r.id)]["values"] for r in done
+             if str(r.id) in kept and kept[str(r.id)].get("recipe") == r.recipe_hash}
     todo = [r for r in done if r.estimated and r.id not in known]
     if todo:
         print(f"  {name}: scoring its {len(todo)} estimated candidates in full (--rescore-all)", flush=True)
@@ -217,7 +220,8 @@ def rescore_all(spec_dict: dict) -> tuple[list[str], dict[int, dict[str, float]]
             assert out.ok, out.reason
             known[out.cid] = dict(out.values)
         runtime.close()
-        cache.write_text(json.dumps(known))
+        hashes = {r.id: r.recipe_hash for r in done}
+        cache.write_text(json.dumps({str(c): {"recipe": hashes[c], "values": v} for c, v in sorted(known.items())}))
     truth = {r.id: known[r.id] if r.estimated else dict(r.values) for r in done}
     store.close()
     return names, truth
