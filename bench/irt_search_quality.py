@@ -159,13 +159,8 @@ def rescore_front(spec_dict: dict) -> tuple[np.ndarray, np.ndarray, int, int, di
     how many candidates it scored, and the re-scored values by candidate id. Candidates off the front still
     estimated are left out (their values are not known): what the two sets' front covers is a lower bound on the
     re-scored search's."""
-    from evomerge.search.jobs import make_runtime
-    from evomerge.search.spec import JobSpec
-    from evomerge.spaces.presets import build_space
-
     store = Store(Path(spec_dict["store"]), readonly=True)
     name = spec_dict["name"]
-    spec = JobSpec.from_dict(store.job(name)["spec"])
     front = set(store.front(name))
     done = store.candidates(name, status="done")
     rows = [r for r in done if r.id in front]
@@ -173,21 +168,35 @@ def rescore_front(spec_dict: dict) -> tuple[np.ndarray, np.ndarray, int, int, di
     values = {r.id: dict(r.values) for r in rows}
     others = np.array([[r.values[n] for n in names] for r in done if r.id not in front and not r.estimated])
     todo = [r for r in rows if r.estimated]
-    spent = 0
-    if todo:
-        space = build_space(spec.search_space, spec.models, spec.base)
-        runtime = make_runtime(spec)
-        for r in todo:
-            runtime.submit(r.id, space.decode(np.array(r.genome)))
-        for out in runtime.as_completed():
-            assert out.ok, out.reason
-            values[out.cid] = dict(out.values)
-            spent += sum(len(v) for v in out.items.values())
-        runtime.close()
+    scored = score_in_full(store, name, todo)
+    values.update({cid: v for cid, (v, _) in scored.items()})
+    spent = sum(n for _, n in scored.values())
     store.close()
     measured = np.array([[values[r.id][n] for n in names] for r in rows]).reshape(-1, len(names))
     rescored = {r.id: values[r.id] for r in todo}
     return measured, others.reshape(-1, len(names)), spent, len(todo), rescored
+
+
+def score_in_full(store: Store, name: str, rows: list) -> dict[int, tuple[dict[str, float], int]]:
+    """The job's candidates `rows` scored on every item here, on the job's own runtime: {id: (values, items
+    scored)}. A candidate that fails stops the bench (it was scored once already)."""
+    if not rows:
+        return {}
+    from evomerge.search.jobs import make_runtime
+    from evomerge.search.spec import JobSpec
+    from evomerge.spaces.presets import build_space
+
+    spec = JobSpec.from_dict(store.job(name)["spec"])
+    space = build_space(spec.search_space, spec.models, spec.base)
+    runtime = make_runtime(spec)
+    for r in rows:
+        runtime.submit(r.id, space.decode(np.array(r.genome)))
+    out = {}
+    for res in runtime.as_completed():
+        assert res.ok, res.reason
+        out[res.cid] = (dict(res.values), sum(len(v) for v in res.items.values()))
+    runtime.close()
+    return out
 
 
 def rescore_all(spec_dict: dict) -> tuple[list[str], dict[int, dict[str, float]]]:
@@ -195,10 +204,6 @@ def rescore_all(spec_dict: dict) -> tuple[list[str], dict[int, dict[str, float]]
     the rest scored in full here (a full-fitness search's cost per IRT search; kept in the run's folder as
     rescored_all.json and reused). What splits a hypervolume loss into candidates the search never produced and
     ones it produced but did not recognise on their estimates."""
-    from evomerge.search.jobs import make_runtime
-    from evomerge.search.spec import JobSpec
-    from evomerge.spaces.presets import build_space
-
     store = Store(Path(spec_dict["store"]), readonly=True)
     name = spec_dict["name"]
     names = [o[0] for o in store.objectives(name)]
@@ -211,15 +216,7 @@ def rescore_all(spec_dict: dict) -> tuple[list[str], dict[int, dict[str, float]]
     todo = [r for r in done if r.estimated and r.id not in known]
     if todo:
         print(f"  {name}: scoring its {len(todo)} estimated candidates in full (--rescore-all)", flush=True)
-        spec = JobSpec.from_dict(store.job(name)["spec"])
-        space = build_space(spec.search_space, spec.models, spec.base)
-        runtime = make_runtime(spec)
-        for r in todo:
-            runtime.submit(r.id, space.decode(np.array(r.genome)))
-        for out in runtime.as_completed():
-            assert out.ok, out.reason
-            known[out.cid] = dict(out.values)
-        runtime.close()
+        known.update({cid: v for cid, (v, _) in score_in_full(store, name, todo).items()})
         hashes = {r.id: r.recipe_hash for r in done}
         cache.write_text(json.dumps({str(c): {"recipe": hashes[c], "values": v} for c, v in sorted(known.items())}))
     truth = {r.id: known[r.id] if r.estimated else dict(r.values) for r in done}
