@@ -19,6 +19,10 @@ Tables (schema version in `meta`):
 - `scores`: extra evaluations on other splits (the report's test split) for candidates and parents.
 - `irt` (schema 2): per job, objective and generation, the IRT calibration fitted then (item parameters, anchors,
   estimator, cross-validated error) or the reason IRT could not help (then the objective was scored in full).
+- `retold` (schema 5): a told candidate measured later (IRT rechecks of the front's estimates, the picks'
+  confirmation): the generation before whose tell the driver was told its new losses, the objectives measured, the
+  losses before and after. `candidates.losses` holds the latest; the replay on resume tells `before` at the
+  candidate's own generation.
 - `estimates` (schema 2): per candidate and objective scored on anchors, the estimate, its uncertainty, the
   estimator, the anchors' plain mean and how many items were scored; for candidates scored in full while IRT was
   on (calibration), what the estimator would have said beside the measured value (the published error).
@@ -347,9 +351,21 @@ class Store:
     def finish(self, job: str, cid: int, status: str, values: dict[str, float] | None = None,
                losses: list[float] | None = None, items: dict[str, dict[str, float]] | None = None,
                reason: str | None = None, worker: str | None = None, eval_seconds: float | None = None,
-               estimated: bool = False, cached_from: int | None = None) -> None:
-        """Record a candidate's outcome (and its per-item results) in one transaction."""
+               estimated: bool = False, cached_from: int | None = None,
+               retold: tuple[int, list[str]] | None = None) -> None:
+        """Record a candidate's outcome (and its per-item results) in one transaction. `retold` (generation,
+        objectives measured): the candidate was told to the driver before, and this outcome replaces the losses it
+        was told; the `retold` row keeps both, written in the same transaction (a resume replays the old losses at
+        the candidate's own generation, the new ones before `generation` is told)."""
         with self.transaction():
+            if retold is not None:
+                old = self.db.execute("SELECT losses FROM candidates WHERE job=? AND id=?", (job, cid)).fetchone()
+                # measured again at the same generation (a resume after a crash before its estimate was marked
+                # measured): the losses told before stay the first measurement's `before`
+                self.db.execute("INSERT INTO retold VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job, candidate, generation) "
+                                "DO UPDATE SET objectives=excluded.objectives, after=excluded.after",
+                                (job, cid, int(retold[0]), json.dumps(list(retold[1])), old[0] if old else None,
+                                 None if losses is None else json.dumps(losses)))
             self.db.execute(
                 "UPDATE candidates SET status=?, \"values\"=?, losses=?, reason=?, worker=COALESCE(?, worker), "
                 "eval_seconds=?, estimated=?, cached_from=?, finished=? WHERE job=? AND id=?",
@@ -357,6 +373,16 @@ class Store:
                  reason, worker, eval_seconds, int(estimated), cached_from, time.time(), job, cid))
             for objective, vals in (items or {}).items():
                 self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)", (job, cid, objective, json.dumps(vals)))
+
+    def retold(self, job: str) -> list[dict[str, Any]]:
+        """The told candidates measured later (IRT: rechecks of the front, the picks' confirmation), oldest first:
+        candidate, generation (the first generation told after the measurement), objectives measured, before (the
+        losses told at the candidate's own generation, or at its previous retelling) and after (the measured
+        losses; None where the full scoring failed, which the driver is not told)."""
+        rows = self.db.execute("SELECT candidate, generation, objectives, before, after FROM retold WHERE job=? "
+                               "ORDER BY generation, candidate", (job,)).fetchall()
+        return [{"candidate": c, "generation": g, "objectives": json.loads(o), "before": _loads(b),
+                 "after": _loads(a)} for c, g, o, b, a in rows]
 
     def set_losses(self, job: str, cid: int, losses: list[float]) -> None:
         """The losses a driver was told for a failed candidate (decided when its batch is told, after it finished)."""

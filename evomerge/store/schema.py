@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Callable
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,7 +46,12 @@ CREATE TABLE IF NOT EXISTS writers (
     job TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, started REAL NOT NULL, heartbeat REAL NOT NULL,
     token TEXT NOT NULL);
 """
-SCHEMA += _IRT_SCHEMA + _WRITERS_SCHEMA
+_RETOLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS retold (
+    job TEXT NOT NULL, candidate INTEGER NOT NULL, generation INTEGER NOT NULL, objectives TEXT NOT NULL,
+    before TEXT, after TEXT, PRIMARY KEY (job, candidate, generation));
+"""
+SCHEMA += _IRT_SCHEMA + _WRITERS_SCHEMA + _RETOLD_SCHEMA
 
 
 def _add_irt_tables(db: sqlite3.Connection) -> None:
@@ -80,6 +85,11 @@ def _add_writers(db: sqlite3.Connection) -> None:
     db.execute(_WRITERS_SCHEMA.strip().rstrip(";"))
 
 
+def _add_retold(db: sqlite3.Connection) -> None:
+    """Schema 4 -> 5: the retold table (a told candidate measured later, `Store.retold`)."""
+    db.execute(_RETOLD_SCHEMA.strip().rstrip(";"))
+
+
 # version -> function upgrading a store of that version to version + 1
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_irt_tables, 2: _json_checkpoints,
-                                                               3: _add_writers}
+                                                               3: _add_writers, 4: _add_retold}
