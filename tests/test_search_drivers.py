@@ -191,3 +191,34 @@ def test_a_driver_given_what_points_mean_never_asks_one_twice_and_ends_with_an_e
         keys += [same(x) for x in X]
         plain.tell(X, np.stack([X[:, 0], 1 - X[:, 1]], axis=1))
     assert len(keys) > len(set(keys))
+
+
+@pytest.mark.parametrize("name", ["nsga2", "smsemoa"])
+def test_a_revised_elite_is_ranked_on_its_new_losses_at_the_next_survival(name):
+    """A point told a loss that dominates everything survives every later tell; revised to a loss worse than every
+    other, it is dropped at the next survival (the population keeps the others)."""
+    pop = 6
+    d = make_driver(name, N_VAR, 2, pop, seed=0)
+    X = d.ask()
+    F = 1.0 + losses(X, 2)
+    F[0] = [0.0, 0.0]  # told as dominating every other point
+    d.tell(X, F)
+    key = lambda x: tuple(np.round(x, 12))  # noqa: E731
+    for revised in (False, True):
+        e = make_driver(name, N_VAR, 2, pop, seed=0)
+        e.tell(e.ask(), F)
+        Y = e.ask()
+        if revised:
+            assert e.revise({key(X[0]): np.array([50.0, 50.0])}, key) == 1
+        e.tell(Y, 1.0 + losses(Y, 2))
+        kept = {key(x) for x in e.algo.pop.get("X")}
+        assert (key(X[0]) in kept) is not revised
+        assert len(kept) == pop
+
+
+@pytest.mark.parametrize("name", ["random", "cmaes"])
+def test_drivers_that_keep_no_told_points_have_nothing_to_revise(name):
+    d = make_driver(name, N_VAR, n_obj_for(name), 6, seed=0)
+    X = d.ask()
+    d.tell(X, losses(X, n_obj_for(name)))
+    assert d.revise({tuple(X[0]): np.zeros(n_obj_for(name))}, tuple) == 0

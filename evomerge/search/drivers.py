@@ -27,6 +27,10 @@ before the last ask is told; tells then come in ask order. `random` always can (
 the pymoo drivers can once their first population is told (each ask breeds offspring from the population as
 last told; a tell merges them in, whichever population they were bred from); `cmaes` never can (pycma's update
 assumes the points were sampled from the distribution it is updating).
+
+Revising (`revise`): a point told on an estimate and measured since (IRT rechecks, `search/irt_policy.py`) gets
+its measured losses where the driver still holds it (the pymoo drivers' surviving population); the replay
+revises at the same place, between the asks and the tell of the generation that measured it.
 """
 
 from __future__ import annotations
@@ -95,6 +99,13 @@ class Driver:
     def can_ask_ahead(self) -> bool:
         """Whether `ask()` may be called now although an earlier ask is not told yet."""
         return False
+
+    def revise(self, losses: dict[Hashable, np.ndarray], key: Callable[[np.ndarray], Hashable]) -> int:
+        """Points told before get new losses (`losses[key(x)]`: an estimate measured since): where the driver keeps
+        told points (a surviving population), they compete with those from now on. Returns how many it held. A
+        driver that keeps no told points (random search; CMA-ES, whose distribution moved once and for all) has
+        nothing to revise."""
+        return 0
 
     def parents(self) -> Lineage:
         """The parents of the next ask (random search: none)."""
@@ -244,6 +255,20 @@ class PymooDriver(Driver):
         self.algo.evaluator.eval(StaticProblem(self.problem, F=F), pop)
         self.algo.tell(infills=pop)
         self.generation += 1
+
+    def revise(self, losses: dict[Hashable, np.ndarray], key: Callable[[np.ndarray], Hashable]) -> int:
+        """The surviving population's members among `losses` take their new losses: the next survival ranks them
+        with those (an over-estimated elite would otherwise outlive every candidate it wrongly dominates)."""
+        pop = self.algo.pop
+        if pop is None or not losses:
+            return 0
+        held = 0
+        for ind in pop:
+            f = losses.get(key(np.asarray(ind.X, dtype=float)))
+            if f is not None:
+                ind.set("F", np.asarray(f, dtype=float))
+                held += 1
+        return held
 
     def can_ask_ahead(self) -> bool:
         # before its first tell, pymoo's ask() would hand out the initial sampling again

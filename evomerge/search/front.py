@@ -51,6 +51,14 @@ def hypervolume(F: np.ndarray, ref: np.ndarray) -> float:
     return float(HV(ref_point=np.asarray(ref, dtype=float))(F))
 
 
+def contributions(F: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Each row's exclusive hypervolume: what the front's volume loses without it (0 for a dominated row, and for
+    one of two equal rows). The row a front leans on most is the one whose error would cost most if it were wrong."""
+    F = np.asarray(F, dtype=float).reshape(-1, len(ref))
+    total = hypervolume(F, ref)
+    return np.array([total - hypervolume(np.delete(F, i, axis=0), ref) for i in range(len(F))], dtype=float)
+
+
 def knee_index(F: np.ndarray) -> int:
     """The front's knee: the row closest (Euclidean) to the ideal point once every objective is scaled to [0, 1]
     over these rows (losses: 0 is the best value seen, 1 the worst). Scaling makes objectives in different units
