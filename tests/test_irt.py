@@ -239,7 +239,8 @@ def test_irt_settings_parse():
 
 def test_search_scores_anchors_only_after_calibration_and_stores_estimates(tmp_path):
     log = io.StringIO()
-    result = run_job(quiz_job(tmp_path, irt={"confirm_count": 0}), **quiet(log))  # entrants: the next test
+    # entrants and rechecks: the next tests
+    result = run_job(quiz_job(tmp_path, irt={"confirm_count": 0, "recheck_every": 0}), **quiet(log))
     store = Store(result.store)
     rows = store.candidates("quiz")
     items = store.items_of("quiz", "quiz")
@@ -315,7 +316,7 @@ def test_calibration_candidates_are_chosen_among_the_candidates_that_will_be_eva
     from evomerge.search.irt_policy import IRTPolicy
     from evomerge.store import CandidateRow
 
-    result = run_job(quiz_job(tmp_path, irt={"confirm_count": 0}), **quiet())
+    result = run_job(quiz_job(tmp_path, irt={"confirm_count": 0, "recheck_every": 0}), **quiet())
     store = Store(result.store)
     done = [r for r in store.candidates("quiz") if r.status == "done"]
     g, next_id = 9, max(r.id for r in store.candidates("quiz")) + 1  # 9: a calibration generation (g0 2, every 2)
@@ -376,7 +377,7 @@ def test_a_confirmation_measures_only_the_objectives_whose_interval_overlaps_the
     """Two IRT objectives, confirm_count 2 on quiz and 0 on quiz2: confirmed candidates get quiz measured (every
     item) and keep quiz2's estimate (its anchors scored again, counted in quiz2's items)."""
     second = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2,
-              "confirm_count": 0}
+              "confirm_count": 0, "recheck_every": 0}
     result = run_job(quiz_job(tmp_path, irt={"confirm_count": 2}, second=second), **quiet())
     store = Store(result.store, readonly=True)
     rows = {r.id: r for r in store.candidates("quiz")}
@@ -405,6 +406,11 @@ def test_a_confirmation_measures_only_the_objectives_whose_interval_overlaps_the
     assert again and summary["items_scored"] == sum(len(quiz2[c]) for c in done) + 20 * len(picks2) + 20 * len(again)
 
 
+def _told(store: Store) -> int:
+    """The generations the quiz search told (its checkpoints)."""
+    return len(store.checkpoints("quiz"))
+
+
 def _searched_unconfirmed(folder: Path, log: io.StringIO, **options):
     """A quiz search run with no in-search confirmation and stopped before the picks' confirmation:
     (spec, store, search), for tests that call `confirm_front` themselves. Its estimates' sds are then shrunk
@@ -415,7 +421,7 @@ def _searched_unconfirmed(folder: Path, log: io.StringIO, **options):
     from evomerge.search.loop import Progress, Search
     from evomerge.search.spec import load_job
 
-    spec = load_job(quiz_job(folder, irt={"confirm_count": 0}, **options))
+    spec = load_job(quiz_job(folder, irt={"confirm_count": 0, "recheck_every": 0}, **options))
     store = Store(spec.store)
     store.create_job(spec.name, spec.to_dict(), spec.driver.seed)
     search = Search(spec, store, LocalRuntime(scorer_factory(spec), 1), Progress(log, live=False))
@@ -435,10 +441,10 @@ def test_picks_still_estimated_when_the_confirmation_rounds_run_out_are_named(tm
     estimated = {c: [n for n in objs if ests.get((c, n), {}).get("measured", 0) is None] for c, objs in chosen.items()}
     estimated = {c: objs for c, objs in estimated.items() if objs}
     assert estimated and unmeasured(search.recorder) == estimated  # without confirmations the picks are estimates
-    assert confirm_front(search.recorder, max_rounds=0) == []
+    assert confirm_front(search.recorder, _told(store), max_rounds=0) == []
     assert (f"warning: after 0 round(s) of confirmation the front's picks "
             + ", ".join(f"#{c} ({'/'.join(o)})" for c, o in estimated.items()) + " are still estimated") in log.getvalue()
-    scored = confirm_front(search.recorder)
+    scored = confirm_front(search.recorder, _told(store))
     assert scored and "warning" not in log.getvalue().split("after 0 round(s)")[1]  # measured once the rounds suffice
     store.close()
 
@@ -450,11 +456,11 @@ def test_the_front_s_picks_are_measured_on_the_objectives_that_make_them_picks(t
     from evomerge.search.confirm import confirm_front, picks, unmeasured
 
     second = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2,
-              "confirm_count": 0}
+              "confirm_count": 0, "recheck_every": 0}
     spec, store, search = _searched_unconfirmed(tmp_path, io.StringIO(), second=second)
     before = {(e["candidate"], e["objective"]): e for e in store.estimates("quiz")}
     assert unmeasured(search.recorder)  # something to confirm
-    scored = confirm_front(search.recorder)
+    scored = confirm_front(search.recorder, _told(store))
     assert unmeasured(search.recorder) == {}
     after = {(e["candidate"], e["objective"]): e for e in store.estimates("quiz")}
     items = {n: store.items_of("quiz", n) for n in ("quiz", "quiz2")}
@@ -615,14 +621,14 @@ def test_zoo_search_with_irt_fitness_estimates_and_resumes_identically(tmp_path,
 def test_the_printed_error_holds_when_the_search_drifts_away_from_its_seed_candidates(tmp_path, confirm):
     """The quiz with a third skill that only the search's later candidates have (`drift`): the seed candidates,
     on which the fits are chosen, barely show it. The error the search prints at its last fit is within 25% of the
-    error measured on every estimated candidate against full scoring; without the entrants' full scores in the
-    fits (confirm_count 0), the in-fit cross-validation (what used to be printed) is optimistic by more than that;
-    2 sd cover 90%."""
+    error measured on every estimated candidate against full scoring; without the entrants' and rechecks' full
+    scores in the fits (confirm_count and recheck_every 0), the in-fit cross-validation (what used to be printed)
+    is optimistic by more than that; 2 sd cover 90%."""
     from evomerge.search.loop import Progress
     from evomerge.search.spec import JobSpec
     from evomerge.spaces.presets import build_space
 
-    path = quiz_job(tmp_path, irt={"confirm_count": confirm}, drift=True)
+    path = quiz_job(tmp_path, irt={"confirm_count": confirm, "recheck_every": 2 if confirm else 0}, drift=True)
     spec = yaml.safe_load(path.read_text())
     spec["driver"].update(seed=2, budget={"evaluations": 120})
     path.write_text(yaml.safe_dump(spec))
@@ -693,3 +699,103 @@ def test_max_error_is_checked_and_anchor_counts_double_to_half_the_items():
             parse_objectives({"objectives": [{**base, "max_error": bad}]})
     with pytest.raises(FitnessConfigError, match="only apply with `estimator: irt`"):
         parse_objectives({"objectives": [{"task": "zoo_mix", "metric": "exact_match", "max_error": 0.03}]})
+
+
+def _recheck_store(tmp_path: Path):
+    """A store holding one job's candidates with hand-set losses (two objectives, both minimised here) and which of
+    them are still estimated, and an IRT policy over it with both objectives in force and `recheck_every: 2`."""
+    from evomerge.fitness.objectives import Objective
+    from evomerge.search.irt_policy import IRTPolicy
+    from evomerge.store import CandidateRow
+
+    store = Store(tmp_path / "s.sqlite")
+    store.create_job("j", {}, 0)
+    #        id: (generation, losses, estimated on)
+    table = {0: (0, [0.5, 0.5], []), 1: (1, [0.02, 0.95], ["a", "b"]), 2: (1, [0.1, 0.1], ["a"]),
+             3: (2, [0.05, 0.9], ["a", "b"]), 5: (1, [0.9, 0.0], ["b"]), 6: (1, [0.9, 0.0], ["b"])}
+    store.add_candidates("j", [CandidateRow(id=c, generation=g, idx=c, genome=[float(c)], recipe=str(c),
+                                            recipe_hash=str(c), origin="driver", status="pending")
+                               for c, (g, _, _) in table.items()])
+    for c, (g, losses, est) in table.items():
+        store.finish("j", c, "done", values={"a": -losses[0], "b": -losses[1]}, losses=losses, estimated=bool(est))
+        for n in est:
+            store.save_estimate("j", c, n, -losses["ab".index(n)], 0.05, "gpirt", 0.5, 20, 200, 0)
+    objs = [Objective(n, kind="task", task=n, direction="maximise", estimator="irt", recheck_every=2) for n in "ab"]
+    policy = IRTPolicy(store, "j", objs)
+    policy.current = {"a": object(), "b": object()}  # both in force
+    return store, policy
+
+
+def test_a_recheck_measures_the_told_estimate_the_front_leans_on_most(tmp_path):
+    """Per objective, the earlier generation's estimate with the largest exclusive hypervolume (reference [1, 1]):
+    on `a` #2 (0.64 of volume its own, worked out by hand), on `b` the equal pair #5/#6 (0.01 together, nothing
+    each alone; the lower id); #3 belongs to the generation being told. Once #2 is measured worse (retold at 2),
+    generation 2 chooses as before (what a resume after a crash there must do), generation 4 moves on: #3 (0.0225)."""
+    from evomerge.search.front import contributions
+
+    store, policy = _recheck_store(tmp_path)
+    rows = store.candidates("j", status="done")
+    ref = np.array([1.0, 1.0])
+    front = np.array([[0.02, 0.95], [0.05, 0.9], [0.1, 0.1], [0.9, 0.0]])
+    np.testing.assert_allclose(contributions(front, ref), [0.0015, 0.0025, 0.64, 0.01], atol=1e-12)
+    assert policy.rechecks(2, rows, ["a", "b"], ref) == {2: ["a"], 5: ["b"]}
+    assert policy.rechecks(3, rows, ["a", "b"], ref) == {}  # not due (every 2 generations)
+    store.finish("j", 2, "done", values={"a": -0.6, "b": -0.6}, losses=[0.6, 0.6], retold=(2, ["a"]))
+    store.set_measured("j", 2, "a", -0.6)
+    assert store.retold("j") == [{"candidate": 2, "generation": 2, "objectives": ["a"], "before": [0.1, 0.1],
+                                  "after": [0.6, 0.6]}]
+    store.finish("j", 2, "done", values={"a": -0.6, "b": -0.6}, losses=[0.6, 0.6], retold=(2, ["a"]))  # again
+    assert store.retold("j")[0]["before"] == [0.1, 0.1]  # what the driver was told first is kept
+    rows = store.candidates("j", status="done")
+    assert policy.rechecks(2, rows, ["a", "b"], ref) == {2: ["a"], 5: ["b"]}
+    assert policy.rechecks(4, rows, ["a", "b"], ref) == {3: ["a"], 5: ["b"]}
+    store.close()
+
+
+@pytest.mark.parametrize("mode", ["generational", "steady"])
+def test_a_search_interrupted_while_rechecking_resumes_to_the_same_archive(tmp_path, mode):
+    """Two IRT objectives rechecked every 2 generations (no entrants): killed at the start of the search's second
+    recheck, the resumed search replays the first one's retelling where it happened (between the asks and the
+    tell of its generation: without it the resumed driver breeds other candidates), and ends with the same archive
+    and `retold` table as the uninterrupted search."""
+    second = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2,
+              "confirm_count": 0}
+    irt_ = {"confirm_count": 0, "recheck_every": 2}
+    def job(folder: Path) -> Path:
+        path = quiz_job(folder, irt=irt_, second=second)
+        spec = yaml.safe_load(path.read_text())
+        spec["driver"]["mode"] = mode
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    QuizScorer.asked = []
+    try:
+        straight = run_job(job(tmp_path / "a"), **quiet())
+    finally:
+        asked, QuizScorer.asked = QuizScorer.asked, None
+    store = Store(straight.store, readonly=True)
+    told = len(store.checkpoints("quiz"))
+    rows = {r.id: r for r in store.candidates("quiz")}
+    retold = [t for t in store.retold("quiz") if t["generation"] < told]  # the picks' confirmation: at `told`
+    assert len(retold) >= 2 and all(t["after"] != t["before"] for t in retold)
+    for n in ("quiz", "quiz2"):  # the report counts them
+        assert straight.report["irt"][n]["rechecked"] == sum(n in t["objectives"] for t in retold)
+    recipe = rows[retold[1]["candidate"]].recipe
+    call = [k + 1 for k, (r, _) in enumerate(asked) if r == recipe][1]  # its first scoring after its anchors
+    path = job(tmp_path / "b")
+    QuizScorer.calls, QuizScorer.interrupt_at = 0, call
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_job(path, **quiet())
+    finally:
+        QuizScorer.interrupt_at = None
+    b = Store(tmp_path / "b" / "store.sqlite", readonly=True)
+    assert b.retold("quiz") == retold[:1] and len(b.checkpoints("quiz")) == retold[1]["generation"]
+    b.close()
+    resume_job(path, **quiet())
+    b = Store(tmp_path / "b" / "store.sqlite", readonly=True)
+    assert [r.identity() for r in rows.values()] == [r.identity() for r in b.candidates("quiz")]
+    assert [(r.losses, r.estimated) for r in rows.values()] == [(r.losses, r.estimated) for r in b.candidates("quiz")]
+    assert store.retold("quiz") == b.retold("quiz")
+    store.close()
+    b.close()

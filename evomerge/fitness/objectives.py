@@ -18,8 +18,9 @@ An objectives file:
         estimator: irt      # full (default) | irt: score new candidates on `anchors` items, estimate the rest
         anchors: 30         # IRT settings (see evomerge/search/irt_policy.py): anchors, anchor_method
                             # (irt | correct | random), seed_candidates, calibrate_every, calibrate_count,
-                            # confirm_count, irt_estimator (auto | pirt | gpirt | merge3 | mix | anchor), anchor_seed,
-                            # max_error (more anchors, then full scoring, while the printed error is above it)
+                            # confirm_count, recheck_every, irt_estimator (auto | pirt | gpirt | merge3 | mix |
+                            # anchor), anchor_seed, max_error (more anchors, then full scoring, while the printed
+                            # error is above it)
       - name: score         # a weighted sum of task objectives (mergekit-evolve's score): sum of weight x value
         sum: [{task: zoo_arith, weight: 0.7}, {task: zoo_cipher, weight: 0.3}]
         direction: maximise # default: the terms' common direction
@@ -47,7 +48,7 @@ _DIRECTIONS = {
 }
 _BUILTIN_DIRECTION = {"perplexity": "minimise", "params": "minimise", "layers": "minimise", "latency": "minimise"}
 _IRT_KEYS = {"estimator", "anchors", "anchor_method", "seed_candidates", "calibrate_every", "calibrate_count",
-             "confirm_count", "irt_estimator", "anchor_seed", "max_error"}
+             "confirm_count", "recheck_every", "irt_estimator", "anchor_seed", "max_error"}
 _PROMPT_KEYS = {"num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "system_instruction", "gen_kwargs"}
 _TASK_KEYS = {"name", "task", "metric", "direction", "split", "limit"} | _IRT_KEYS | _PROMPT_KEYS
 ESTIMATOR_CHOICES = ("full", "irt")
@@ -125,6 +126,8 @@ class Objective:
     calibrate_count: int = 2  # ... from this many candidates per period also scored in full
     confirm_count: int = 1  # per generation, up to this many estimated candidates whose interval on this objective
     # overlaps the front have it scored in full before the driver is told (evomerge/search/irt_policy.py `entrants`)
+    recheck_every: int = 2  # every this many generations, the estimate of an earlier generation the front leans on
+    # most is scored in full and the driver told anew (`rechecks`); 0: never
     irt_estimator: str = "auto"  # auto: the least cross-validated error among pirt, gpirt, merge3
     anchor_seed: int = 0
     max_error: float | None = None  # a fit whose printed error is above it doubles its anchors (up to half the
@@ -357,7 +360,7 @@ def _parse_irt(raw: dict, where: str, limit: int | None) -> dict[str, Any]:
                                  "(full scores every item; irt scores anchors and estimates the rest)")
     kw["estimator"] = est
     lows = {"anchors": 1, "seed_candidates": MIN_SEED_CANDIDATES, "calibrate_every": 1, "calibrate_count": 0,
-            "confirm_count": 0, "anchor_seed": 0}
+            "confirm_count": 0, "recheck_every": 0, "anchor_seed": 0}
     for key, low in lows.items():
         if key in raw:
             v = raw[key]

@@ -99,11 +99,12 @@ def unmeasured(recorder: "Recorder") -> dict[int, list[str]]:
     return {cid: objs for cid, objs in todo.items() if objs}
 
 
-def confirm_front(recorder: "Recorder", max_rounds: int = 10) -> list[int]:
+def confirm_front(recorder: "Recorder", told: int, max_rounds: int = 10) -> list[int]:
     """Score the picks' estimated objectives in full (`unmeasured`) until every pick is measured on the objectives
     that make it one; returns the ids scored. Outcomes are recorded as the search records them
     (`Recorder.measure`: the measured objectives beside their estimates, the others scored on their anchors again
-    and left estimated), and copied to the cached candidates that repeat their recipe."""
+    and left estimated; retold at `told`, the generations told, so a resumed search tells the driver their
+    measured losses before its next tell), and copied to the cached candidates that repeat their recipe."""
     ctx, store, job = recorder.ctx, recorder.store, recorder.job
     scored: list[int] = []
     rounds = 0
@@ -117,7 +118,7 @@ def confirm_front(recorder: "Recorder", max_rounds: int = 10) -> list[int]:
                               f"worse end of its {CAUTION_SDS:g}-sd interval): {len(todo)} estimated candidate(s) "
                               "scored on every fitness item of the objectives that make them picks")
         # a failure in full scoring is recorded so, and the candidate leaves the front
-        scored += recorder.measure(todo)
+        scored += recorder.measure(todo, told)
     store.set_front(job, recorder.front_ids())
     if rounds > 1:
         ctx.progress.line(f"confirmed {len(scored)} candidate(s) in {rounds} rounds (each round's full scores moved "
@@ -127,5 +128,5 @@ def confirm_front(recorder: "Recorder", max_rounds: int = 10) -> list[int]:
         ctx.progress.line(f"warning: after {max_rounds} round(s) of confirmation the front's picks "
                           + ", ".join(f"#{c} ({'/'.join(objs)})" for c, objs in left.items()) + " are still "
                           "estimated (each round's measured values moved the front to new estimates); their values "
-                          "are marked ~, and `evomerge resume` with a larger budget scores more candidates in full")
+                          f"are marked ~, and `evomerge resume` runs up to {max_rounds} more rounds")
     return sorted(set(scored))

@@ -48,8 +48,9 @@ class GenerationalLoop:
         return self.state
 
     def step(self, state: LoopState) -> LoopState | None:
-        """One generation: ask, decode, evaluate (cache first), confirm (IRT), tell, checkpoint. None: the driver
-        asked nothing (`driver.duplicates: skip` and every recipe its operators reach was asked): the search ends."""
+        """One generation: ask, decode, evaluate (cache first), confirm and recheck (IRT), tell, checkpoint. None: the
+        driver asked nothing (`driver.duplicates: skip` and every recipe its operators reach was asked): the search
+        ends."""
         rec, started, g = self.recorder, time.monotonic(), state.generation
         batch, recipes = rec.ask(self.driver, g, state.next_id)
         if not batch.rows:
@@ -63,6 +64,7 @@ class GenerationalLoop:
             rec.settle(out)
             rec.tally(state.failures, batch)
         rec.confirm_entrants(batch)  # IRT: estimates that could change the front are measured first
+        rec.recheck(batch, self.driver)  # IRT: told estimates the front leans on, measured and told anew
         self.driver.tell(batch.X, rec.told_losses(batch))
         new = LoopState(generation=g + 1, next_id=state.next_id + len(batch.rows),
                         evaluations=state.evaluations + len(batch.rows), failures=state.failures.copy(),

@@ -316,12 +316,13 @@ def _search_and_report(spec: JobSpec, store: Store, runtime: Runtime, out: TextI
     out = out or sys.stdout
     search = Search(spec, store, runtime, progress)
     with progress.active():  # one live display through the search, the confirmation and the report's scoring
-        search.run()
+        state = search.run()
         measured = runtime_summary(spec, runtime)  # the search's own window, before the report scores anything
         try:
             if search.recorder.irt:
                 progress.phase("confirming the front's picks")
-            confirmed = confirm_front(search.recorder)  # IRT: the front's estimated picks scored in full (else no-op)
+            # IRT: the front's estimated picks scored in full (else a no-op)
+            confirmed = confirm_front(search.recorder, state.generation)
             progress.phase(f"scoring the front and the parents on the {spec.report_split} split")
             report = build_report(search.ctx, runtime=measured)
         except InternalError as e:  # a bug while confirming or scoring the report split: the job says so, resumable

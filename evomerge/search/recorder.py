@@ -17,6 +17,7 @@ from evomerge.errors import InternalError
 from evomerge.search.front import add_to_front, hypervolume, pareto_mask
 from evomerge.search.problem import recipe_hash, recipe_text
 from evomerge.search.progress import Best, Status
+from evomerge.search.resume import retell
 from evomerge.search.state import Batch, FailureCount, LoopState, Verdict
 from evomerge.store import CandidateRow
 
@@ -131,24 +132,26 @@ class Recorder:
             self.ctx.progress.status(self.status())  # the repeats are finished too
         return batch
 
-    def cached(self, cid: int, hit: CandidateRow | None, results: dict[int, dict | None] | None = None) -> None:
-        """Answer candidate `cid` from the evaluated candidate `hit` (same recipe)."""
+    def cached(self, cid: int, hit: CandidateRow | None, results: dict[int, dict | None] | None = None,
+               retold: tuple[int, list[str]] | None = None) -> None:
+        """Answer candidate `cid` from the evaluated candidate `hit` (same recipe); `retold`: as `Store.finish`'s."""
         assert hit is not None
         self.store.finish(self.job, cid, "cached", values=hit.values, losses=hit.losses, reason=hit.reason,
-                          cached_from=hit.id, estimated=hit.estimated, eval_seconds=0.0)
+                          cached_from=hit.id, estimated=hit.estimated, eval_seconds=0.0, retold=retold)
         if results is not None:
             results[cid] = hit.values
 
-    def record(self, out: "Outcome", estimated: bool | None = None) -> None:
+    def record(self, out: "Outcome", estimated: bool | None = None,
+               retold: tuple[int, list[str]] | None = None) -> None:
         """Store an outcome: values and losses, or the failure reason; an internal error, once recorded as a
-        failure (a resume retries it), stops the job."""
+        failure (a resume retries it), stops the job. `retold`: as `Store.finish`'s (a told candidate measured)."""
         if out.ok:
             self.store.finish(self.job, out.cid, "done", values=out.values, losses=self.problem.losses(out.values),
                               items=out.items, worker=out.worker, eval_seconds=out.seconds,
-                              estimated=out.estimated if estimated is None else estimated)
+                              estimated=out.estimated if estimated is None else estimated, retold=retold)
         else:
             self.store.finish(self.job, out.cid, "failed", reason=out.reason,  # losses: when told (told_losses)
-                              worker=out.worker, eval_seconds=out.seconds)
+                              worker=out.worker, eval_seconds=out.seconds, retold=retold)
         if out.ok:
             self._landed(out.values, out.estimated if estimated is None else estimated, again=estimated is not None)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in (out.values or {}).items()) or f"FAILED: {out.reason}"
@@ -177,13 +180,40 @@ class Recorder:
         self.ctx.progress.line(f"generation {batch.generation}: " + ", ".join(
             f"#{cid} {'/'.join(objs)}" for cid, objs in todo.items()) + " scored on every item before the driver "
             "is told (the estimate's interval overlaps the front)")
-        return self.measure(todo, batch.results)
+        return self.measure(todo, batch.generation, batch.results)
 
-    def measure(self, todo: dict[int, list[str]], results: dict[int, dict | None] | None = None) -> list[int]:
+    def recheck(self, batch: Batch, driver: "Driver") -> list[int]:
+        """IRT, before a complete batch is told (after `confirm_entrants`): score in full the told estimates the
+        front leans on most (`IRTPolicy.rechecks`), then tell the driver the new losses of every candidate measured
+        since it was told (`retell`). Returns the ids scored."""
+        scored: list[int] = []
+        if self.irt is not None and self.irt.rechecking(batch.generation) and self.hv_ref is not None:
+            names = [o.name for o in self.ctx.objectives.objectives]
+            rows = [r for r in self.store.candidates(self.job, status="done") if r.generation <= batch.generation]
+            todo = self.irt.rechecks(batch.generation, rows, names, np.array(self.hv_ref, dtype=float))
+            if todo:
+                self.ctx.progress.line(f"generation {batch.generation}: " + ", ".join(
+                    f"#{cid} {'/'.join(objs)}" for cid, objs in todo.items()) + " (told on estimates, the front "
+                    "leaning on them most) scored on every item; the driver is told the measured values")
+                scored = self.measure(todo, batch.generation)
+        self.retell(driver, batch.generation)
+        return scored
+
+    def retell(self, driver: "Driver", generation: int) -> int:
+        """Tell `driver` the measured losses of the candidates retold before `generation` is told (the `retold`
+        rows of that generation: rechecks, and a finished search's confirmed picks when it is resumed); the replay
+        on resume calls this at the same place. Returns how many of them the driver still held."""
+        rows = [t for t in self.store.retold(self.job) if t["generation"] == generation]
+        return retell(self.store, self.job, self.problem, driver, rows)
+
+    def measure(self, todo: dict[int, list[str]], told: int,
+                results: dict[int, dict | None] | None = None) -> list[int]:
         """Score the estimated objectives `todo[cid]` of done candidates on every item (their other estimated
         objectives on their anchors again, and kept as estimated); record the measured values beside the estimates
         and copy them to the candidates that repeat their recipes (in `results` too, where those are). Objectives
-        already measured are left out, so a resumed confirmation does not score them twice. Returns the ids
+        already measured are left out, so a resumed confirmation does not score them twice. `told`: the
+        generations told so far; a candidate of an earlier one was told its estimate, and is recorded as retold
+        at `told` (`Store.retold`: the replay tells the estimate at its own generation). Returns the ids
         scored."""
         still_open = self.store.open_estimates(self.job)
         jobs: dict[int, tuple[CandidateRow, list[str], bool]] = {}
@@ -202,17 +232,19 @@ class Recorder:
             still = out.ok and partial  # objectives left estimated: the candidate stays estimated
             if out.ok:  # the measured objectives from this scoring, the rest as they were told
                 out = replace(out, values={**row.values, **{n: out.values[n] for n in objs}}, estimated=still)
-            self.record(out, estimated=still)  # measured in full it may fail: recorded so, told as a failure
+            retold = (told, objs) if row.generation < told else None
+            self.record(out, estimated=still, retold=retold)  # measured in full it may fail: recorded so
             if results is not None:
                 results[out.cid] = out.values if out.ok else None
             if out.ok:
                 for n in objs:
                     self.store.set_measured(self.job, out.cid, n, out.values[n])
-            repeats = [c.id for c in copies if c.cached_from == out.cid]
+            repeats = [c for c in copies if c.cached_from == out.cid]
             if repeats:
                 first = self.store.candidate(self.job, out.cid)
-                for cid in repeats:
-                    self.cached(cid, first, results if results is not None and cid in results else None)
+                for c in repeats:
+                    self.cached(c.id, first, results if results is not None and c.id in results else None,
+                                retold=(told, objs) if c.generation < told else None)
         return sorted(jobs)
 
     def tally(self, counter: FailureCount, batch: Batch) -> bool:

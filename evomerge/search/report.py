@@ -351,9 +351,12 @@ def irt_html(report: dict[str, Any]) -> str:
             text += "No estimate was checked against full scoring. "
         if e.get("confirmed") and e.get("confirmed_mae") is not None:
             text += (f"{e['confirmed']} estimated candidate(s) were then scored on every item, because their "
-                     "interval overlapped the front before the driver was told of them, or as the front's picks "
-                     f"({e.get('confirmed_items', '?')} item scorings); off by {e['confirmed_mae']:.3f} on average (chosen "
-                     "for high estimates, they show the winner's curse that measuring them removes). ")
+                     "interval overlapped the front before the driver was told of them, "
+                     + (f"because the front leant on them most once told ({e['rechecked']}, the driver told anew), "
+                        if e.get("rechecked") else "")
+                     + f"or as the front's picks ({e.get('confirmed_items', '?')} item scorings); off by "
+                     f"{e['confirmed_mae']:.3f} on average (chosen for high estimates, they show the winner's curse "
+                     "that measuring them removes). ")
         if e["items_fraction"] is not None:
             text += (f"In all, {e['items_scored']} of {e['items_full']} item scorings were run "
                      f"({100 * e['items_fraction']:.0f}% of full scoring). ")

@@ -7,7 +7,9 @@ ask/tell interleaving of either loop (the steady one asks ahead) is data. The fr
 batch; each ask must give exactly the genomes stored for that generation (bit for bit, as JSON floats round-trip),
 else the job is refused: the driver would continue another trajectory than the one the archive holds (an
 optimiser library of another version, say). Each told batch is told the losses stored with its candidates, which
-are what the driver saw. Batches asked beyond the last tell (steady mode) come back with their points, for the
+are what the driver saw (for a candidate measured after it was told, the `retold` table's losses it was told then;
+the measured ones are told, as the search told them, between the asks and the tell of the generation that
+measured it). Batches asked beyond the last tell (steady mode) come back with their points, for the
 loop to evaluate what is unfinished of them.
 
 Stores written before schema 3 held a pickled checkpoint. The upgrade drops those blobs unread; such a job's
@@ -24,7 +26,7 @@ import numpy as np
 
 from evomerge.search.drivers import Driver, make_driver
 from evomerge.search.state import FailureCount, LoopState
-from evomerge.store import StoreError
+from evomerge.store import Store, StoreError
 
 if TYPE_CHECKING:
     from evomerge.search.context import SearchContext
@@ -55,12 +57,26 @@ def replay(ctx: "SearchContext", problem: "Problem", state: LoopState) -> tuple[
         raise StoreError(f"{ctx.store.path}: job '{ctx.job}': {len(schedule)} checkpoints for {state.generation} "
                          "generations told; the store was changed by hand: start the job again under another name")
     asked: dict[int, np.ndarray] = {}  # asked, not told yet
+    retold = ctx.store.retold(ctx.job)
+    first_told = {}  # candidate -> the losses told at its own generation (the first retelling's `before`)
+    for t in retold:
+        first_told.setdefault(t["candidate"], t["before"])
     for told, n in enumerate(schedule):
         while told + len(asked) < n:  # the asks made before batch `told` was told
             g = told + len(asked)
             asked[g] = _ask_as_stored(ctx, problem, driver, g)
-        driver.tell(asked.pop(told), _stored_losses(ctx, told))
+        retell(ctx.store, ctx.job, problem, driver, [t for t in retold if t["generation"] == told])
+        driver.tell(asked.pop(told), _stored_losses(ctx, told, first_told))
     return driver, sorted(asked.items())
+
+
+def retell(store: "Store", job: str, problem: "Problem", driver: Driver, rows: list[dict]) -> int:
+    """Tell `driver` the measured losses of the `retold` rows (those of one generation, before its tell: the
+    search's `Recorder.retell` and the replay here call it at the same place). Returns how many of them the driver
+    still held."""
+    losses = {tuple(store.candidate(job, t["candidate"]).genome): np.array(t["after"], dtype=float)
+              for t in rows if t["after"] is not None}
+    return driver.revise(losses, lambda x: tuple(problem.stored_genome(x))) if losses else 0
 
 
 def _ask_as_stored(ctx: "SearchContext", problem: "Problem", driver: Driver, g: int) -> np.ndarray:
@@ -77,12 +93,14 @@ def _ask_as_stored(ctx: "SearchContext", problem: "Problem", driver: Driver, g: 
     return X
 
 
-def _stored_losses(ctx: "SearchContext", g: int) -> np.ndarray:
+def _stored_losses(ctx: "SearchContext", g: int, first_told: dict[int, list[float] | None]) -> np.ndarray:
+    """The losses generation `g` was told: its candidates', the retold ones' as they were then (`first_told`)."""
     rows = ctx.store.candidates(ctx.job, generation=g)
-    if any(r.losses is None for r in rows):
+    losses = [first_told[r.id] if r.id in first_told else r.losses for r in rows]
+    if any(v is None for v in losses):
         raise StoreError(f"{ctx.store.path}: job '{ctx.job}': generation {g} was told but some of its candidates "
                          "hold no losses; start the job again under another name")
-    return np.array([r.losses for r in rows], dtype=float)
+    return np.array(losses, dtype=float)
 
 
 def _checkpoints(ctx: "SearchContext") -> list[LoopState]:

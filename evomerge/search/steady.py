@@ -113,6 +113,7 @@ class SteadyLoop:
     def _tell(self, batch: Batch) -> None:
         rec, state = self.recorder, self.state
         rec.confirm_entrants(batch)  # IRT (lag 0: nothing else is in flight)
+        rec.recheck(batch, self.driver)
         self.driver.tell(batch.X, rec.told_losses(batch))
         assert batch.counter is not None  # a complete oldest batch has been walked
         now = time.monotonic()
