@@ -57,14 +57,15 @@ from evomerge.service.demo import demo_spec  # noqa: E402
 from evomerge.store import Store  # noqa: E402
 
 IRT_KEYS = ("estimator", "anchors", "seed_candidates", "calibrate_every", "calibrate_count", "confirm_count",
-            "max_error", "irt_estimator", "anchor_method")
+            "recheck_every", "max_error", "irt_estimator", "anchor_method")
 
 
 def _value(key: str, text: str) -> int | float | str:
-    """An `--irt` value as the objective's key takes it: an error (float), a name (str), else a count (int)."""
+    """An `--irt` value as the objective's key takes it: an error (float), a name (str), else a count (int).
+    `evaluations` is the IRT search's own candidate budget (default `--evaluations`, the full search's)."""
     key = key.split(".", 1)[-1]  # OBJECTIVE.KEY: one objective's setting
-    if key not in IRT_KEYS:
-        raise SystemExit(f"--irt: unknown key '{key}' (one of {', '.join(IRT_KEYS)})")
+    if key not in IRT_KEYS + ("evaluations",):
+        raise SystemExit(f"--irt: unknown key '{key}' (one of {', '.join(IRT_KEYS)}, or evaluations)")
     if key in ("estimator", "irt_estimator", "anchor_method"):
         return text
     try:
@@ -312,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         specs[seed, "full"] = job(zoo, out, f"{args.space}-full-{seed}", args.space, seed, args.evaluations, None)
         for s in settings:
+            own = {k: v for k, v in s.items() if k != "evaluations"}
             specs[seed, tag(s)] = job(zoo, out, f"{args.space}-irt-{tag(s)}-{seed}", args.space, seed,
-                                      args.evaluations, s)
+                                      int(s.get("evaluations", args.evaluations)), own)
     for spec in specs.values():  # a stored search of the other setting is run again (`finished`)
         spec["driver"]["duplicates"] = args.duplicates
     print(f"{len(specs)} searches ({args.space}, {args.evaluations} evaluations, seeds {seeds}); "
