@@ -753,11 +753,26 @@ def test_a_recheck_measures_the_told_estimate_the_front_leans_on_most(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["generational", "steady"])
-def test_a_search_interrupted_while_rechecking_resumes_to_the_same_archive(tmp_path, mode):
+def test_a_search_interrupted_while_rechecking_resumes_to_the_same_archive(tmp_path, mode, monkeypatch):
     """Two IRT objectives rechecked every 2 generations (no entrants): killed at the start of the search's second
     recheck, the resumed search replays the first one's retelling where it happened (between the asks and the
     tell of its generation: without it the resumed driver breeds other candidates), and ends with the same archive
-    and `retold` table as the uninterrupted search."""
+    and `retold` table as the uninterrupted search. The resumed driver is told, tell by tell and revision by
+    revision, the losses the uninterrupted one was (a rechecked candidate's estimate at its own generation, not
+    its measured losses, which the store holds now)."""
+    from evomerge.search.drivers import PymooDriver
+    calls: dict[int, list] = {}  # driver -> its tells and revisions, in order (the real driver does the work)
+    tell, revise = PymooDriver.tell, PymooDriver.revise
+    def told(self, X, F):
+        calls.setdefault(id(self), []).append(("tell", np.asarray(F, dtype=float).round(12).tolist()))
+        return tell(self, X, F)
+    def revised(self, losses, key):
+        held = revise(self, losses, key)
+        calls.setdefault(id(self), []).append(("revise", sorted((k, np.asarray(v).tolist()) for k, v in losses.items()),
+                                               held))
+        return held
+    monkeypatch.setattr(PymooDriver, "tell", told)
+    monkeypatch.setattr(PymooDriver, "revise", revised)
     second = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2,
               "confirm_count": 0}
     irt_ = {"confirm_count": 0, "recheck_every": 2}
@@ -773,6 +788,8 @@ def test_a_search_interrupted_while_rechecking_resumes_to_the_same_archive(tmp_p
         straight = run_job(job(tmp_path / "a"), **quiet())
     finally:
         asked, QuizScorer.asked = QuizScorer.asked, None
+    (history,) = calls.values()
+    calls.clear()
     store = Store(straight.store, readonly=True)
     told = len(store.checkpoints("quiz"))
     rows = {r.id: r for r in store.candidates("quiz")}
@@ -792,7 +809,11 @@ def test_a_search_interrupted_while_rechecking_resumes_to_the_same_archive(tmp_p
     b = Store(tmp_path / "b" / "store.sqlite", readonly=True)
     assert b.retold("quiz") == retold[:1] and len(b.checkpoints("quiz")) == retold[1]["generation"]
     b.close()
+    calls.clear()
     resume_job(path, **quiet())
+    (resumed,) = calls.values()
+    assert sum(c[0] == "revise" and c[2] > 0 for c in history) >= 2  # both rechecks revised points the driver held
+    assert resumed == history
     b = Store(tmp_path / "b" / "store.sqlite", readonly=True)
     assert [r.identity() for r in rows.values()] == [r.identity() for r in b.candidates("quiz")]
     assert [(r.losses, r.estimated) for r in rows.values()] == [(r.losses, r.estimated) for r in b.candidates("quiz")]
