@@ -96,6 +96,7 @@ class QuizScorer:
 
     calls = 0
     interrupt_at: int | None = None
+    fail_at: int | None = None  # the call that fails as a candidate does (CandidateFailed)
     asked: list[tuple[str, bool]] | None = None  # a list: every evaluate call, (the recipe as stored, scored in full)
 
     def __init__(self, options: dict, split: str | None = None):
@@ -133,6 +134,10 @@ class QuizScorer:
             QuizScorer.asked.append((recipe_text(recipe), not (items and "quiz" in items)))
         if QuizScorer.interrupt_at is not None and QuizScorer.calls == QuizScorer.interrupt_at:
             raise KeyboardInterrupt
+        if QuizScorer.fail_at is not None and QuizScorer.calls == QuizScorer.fail_at:
+            from evomerge.fitness.objectives import CandidateFailed
+
+            raise CandidateFailed("quiz: the worker ran out of memory on the full item set")
         y = self.answers(recipe)
         keep = [self.ids.index(i) for i in items["quiz"]] if items and "quiz" in items else list(range(ITEMS))
         xs = toy.numbers(recipe)

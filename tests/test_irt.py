@@ -820,3 +820,46 @@ def test_a_search_interrupted_while_rechecking_resumes_to_the_same_archive(tmp_p
     assert store.retold("quiz") == b.retold("quiz")
     store.close()
     b.close()
+
+
+def test_a_recheck_that_fails_is_recorded_so_and_the_driver_is_told_the_failure(tmp_path, monkeypatch):
+    """A told estimate whose full scoring fails (the worker runs out of memory on the full item set): the candidate
+    is recorded failed with the reason, the search goes on, and the driver, which holds it at its estimate, is told
+    a failure's losses instead (worse than every loss told before), so the estimate no longer stands among the
+    survivors; the `retold` row keeps the estimate and the failure's losses."""
+    from evomerge.search.drivers import PymooDriver
+    revisions: list[dict] = []
+    revise = PymooDriver.revise
+    def revised(self, losses, key):
+        revisions.append({k: np.asarray(v).tolist() for k, v in losses.items()})
+        return revise(self, losses, key)
+    monkeypatch.setattr(PymooDriver, "revise", revised)
+    irt_ = {"confirm_count": 0, "recheck_every": 2}
+    QuizScorer.asked = []
+    try:
+        straight = run_job(quiz_job(tmp_path / "a", irt=irt_), **quiet())
+    finally:
+        asked, QuizScorer.asked = QuizScorer.asked, None
+    a = Store(straight.store, readonly=True)
+    first = a.retold("quiz")[0]
+    row = a.candidate("quiz", first["candidate"])
+    call = [k + 1 for k, (r, _) in enumerate(asked) if r == row.recipe][1]  # its full scoring, the recheck
+    revisions.clear()
+    QuizScorer.calls, QuizScorer.fail_at = 0, call
+    try:
+        result = run_job(quiz_job(tmp_path / "b", irt=irt_), **quiet())
+    finally:
+        QuizScorer.fail_at = None
+    b = Store(result.store, readonly=True)
+    assert b.job("quiz")["status"] == "done"
+    failed = b.candidate("quiz", first["candidate"])
+    assert failed.status == "failed" and "out of memory" in failed.reason
+    t = next(t for t in b.retold("quiz") if t["candidate"] == first["candidate"])
+    assert t["generation"] == first["generation"] and t["before"] == first["before"]
+    told = [r.losses for r in b.candidates("quiz") if r.generation < t["generation"] and r.status == "done"]
+    assert all(f > max(col) for f, col in zip(t["after"], zip(*told + [t["before"]])))  # worse than every told loss
+    assert failed.losses == t["after"]
+    assert any(d.get(tuple(row.genome)) == t["after"] for d in revisions)  # the driver was told the failure, not left at the estimate
+    assert failed.id not in b.front("quiz")
+    a.close()
+    b.close()

@@ -142,15 +142,16 @@ class Recorder:
             results[cid] = hit.values
 
     def record(self, out: "Outcome", estimated: bool | None = None,
-               retold: tuple[int, list[str]] | None = None) -> None:
+               retold: tuple[int, list[str]] | None = None, failed_losses: list[float] | None = None) -> None:
         """Store an outcome: values and losses, or the failure reason; an internal error, once recorded as a
-        failure (a resume retries it), stops the job. `retold`: as `Store.finish`'s (a told candidate measured)."""
+        failure (a resume retries it), stops the job. `retold`: as `Store.finish`'s (a told candidate measured);
+        `failed_losses`: what the driver is told for it if it failed (else decided when its batch is told)."""
         if out.ok:
             self.store.finish(self.job, out.cid, "done", values=out.values, losses=self.problem.losses(out.values),
                               items=out.items, worker=out.worker, eval_seconds=out.seconds,
                               estimated=out.estimated if estimated is None else estimated, retold=retold)
         else:
-            self.store.finish(self.job, out.cid, "failed", reason=out.reason,  # losses: when told (told_losses)
+            self.store.finish(self.job, out.cid, "failed", reason=out.reason, losses=failed_losses,
                               worker=out.worker, eval_seconds=out.seconds, retold=retold)
         if out.ok:
             self._landed(out.values, out.estimated if estimated is None else estimated, again=estimated is not None)
@@ -233,7 +234,9 @@ class Recorder:
             if out.ok:  # the measured objectives from this scoring, the rest as they were told
                 out = replace(out, values={**row.values, **{n: out.values[n] for n in objs}}, estimated=still)
             retold = (told, objs) if row.generation < told else None
-            self.record(out, estimated=still, retold=retold)  # measured in full it may fail: recorded so
+            # measured in full it may fail: recorded so; a told one is told the failure (it leaves the population)
+            self.record(out, estimated=still, retold=retold,
+                        failed_losses=self._told_failure(told) if retold and not out.ok else None)
             if results is not None:
                 results[out.cid] = out.values if out.ok else None
             if out.ok:
@@ -246,6 +249,17 @@ class Recorder:
                     self.cached(c.id, first, results if results is not None and c.id in results else None,
                                 retold=(told, objs) if c.generation < told else None)
         return sorted(jobs)
+
+    def _told_failure(self, told: int) -> list[float]:
+        """The losses a driver is told for a told candidate whose full scoring failed: worse than every loss told
+        in generations before `told` (as they were told: a retold candidate's first losses), so the same whatever
+        else has been measured since, on a resume too."""
+        first: dict[int, list[float] | None] = {}
+        for t in self.store.retold(self.job):
+            first.setdefault(t["candidate"], t["before"])
+        seen = [first.get(r.id, r.losses) for r in self.store.candidates(self.job)
+                if r.generation < told and (r.status == "done" or r.id in first)]
+        return self.problem.failure_losses([v for v in seen if v is not None])
 
     def tally(self, counter: FailureCount, batch: Batch) -> bool:
         """Walk the failure counter over the batch's rows in id order, as far as their outcomes are in (cached
@@ -278,6 +292,7 @@ class Recorder:
                     out[i] = penalty
                     self.store.set_losses(self.job, r.id, penalty)
         return np.array(out, dtype=float)
+
     def ref_point(self, state: LoopState, batch: Batch) -> list[float] | None:
         """The hypervolume reference: the worst losses of generation 0's evaluated candidates."""
         if state.ref_point is not None or batch.generation != 0:

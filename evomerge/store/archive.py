@@ -378,7 +378,7 @@ class Store:
         """The told candidates measured later (IRT: rechecks of the front, the picks' confirmation), oldest first:
         candidate, generation (the first generation told after the measurement), objectives measured, before (the
         losses told at the candidate's own generation, or at its previous retelling) and after (the measured
-        losses; None where the full scoring failed, which the driver is not told)."""
+        losses; where the full scoring failed, a failure's losses, worse than every loss told before)."""
         rows = self.db.execute("SELECT candidate, generation, objectives, before, after FROM retold WHERE job=? "
                                "ORDER BY generation, candidate", (job,)).fetchall()
         return [{"candidate": c, "generation": g, "objectives": json.loads(o), "before": _loads(b),
