@@ -198,11 +198,9 @@ def test_a_revised_elite_is_ranked_on_its_new_losses_at_the_next_survival(name):
     """A point told a loss that dominates everything survives every later tell; revised to a loss worse than every
     other, it is dropped at the next survival (the population keeps the others)."""
     pop = 6
-    d = make_driver(name, N_VAR, 2, pop, seed=0)
-    X = d.ask()
+    X = make_driver(name, N_VAR, 2, pop, seed=0).ask()  # what each driver below asks first (the same seed)
     F = 1.0 + losses(X, 2)
     F[0] = [0.0, 0.0]  # told as dominating every other point
-    d.tell(X, F)
     key = lambda x: tuple(np.round(x, 12))  # noqa: E731
     for revised in (False, True):
         e = make_driver(name, N_VAR, 2, pop, seed=0)
