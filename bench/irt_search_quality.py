@@ -57,7 +57,7 @@ from evomerge.service.demo import demo_spec  # noqa: E402
 from evomerge.store import Store  # noqa: E402
 
 IRT_KEYS = ("estimator", "anchors", "seed_candidates", "calibrate_every", "calibrate_count", "confirm_count",
-            "recheck_every", "max_error", "irt_estimator", "anchor_method")
+            "recheck_every", "reestimate", "max_error", "irt_estimator", "anchor_method")
 
 
 def _value(key: str, text: str) -> int | float | str:

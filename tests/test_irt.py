@@ -218,6 +218,9 @@ def test_bad_input_says_what_to_do():
     ({"estimator": "irt", "anchor_method": "kmeans"}, r"anchor_method: 'kmeans' is not one of irt, correct, random"),
     ({"estimator": "irt", "anchors": 0}, r"anchors: expected a whole number >= 1"),
     ({"estimator": "irt", "confirm_count": -1}, r"confirm_count: expected a whole number >= 0, got -1"),
+    ({"estimator": "irt", "recheck_every": -2}, r"recheck_every: expected a whole number >= 0, got -2"),
+    ({"estimator": "irt", "reestimate": "yes"}, r"reestimate: expected true or false .*got 'yes'"),
+    ({"reestimate": False}, r"reestimate only apply with `estimator: irt`"),
 ])
 def test_bad_irt_settings_name_file_field_and_fix(extra, message):
     with pytest.raises(FitnessConfigError, match=message) as e:
@@ -232,7 +235,11 @@ def test_irt_settings_parse():
     o, full = s.objectives
     assert (o.estimator, o.anchors, o.anchor_method, o.calibrate_every, o.seed_candidates, o.confirm_count) == \
         ("irt", 25, "random", 3, 16, 2)
+    assert (o.recheck_every, o.reestimate) == (2, True)  # the defaults
     assert full.estimator == "full"
+    off = parse_objectives({"objectives": [{"task": "zoo_mix", "estimator": "irt", "recheck_every": 0,
+                                            "reestimate": False}]}).objectives[0]
+    assert (off.recheck_every, off.reestimate) == (0, False)
 
 
 # ------------------------------------------------------------------------------------------------ the search
@@ -793,7 +800,8 @@ def test_a_search_interrupted_while_rechecking_resumes_to_the_same_archive(tmp_p
     store = Store(straight.store, readonly=True)
     told = len(store.checkpoints("quiz"))
     rows = {r.id: r for r in store.candidates("quiz")}
-    retold = [t for t in store.retold("quiz") if t["generation"] < told]  # the picks' confirmation: at `told`
+    # measured (rechecks; the picks' confirmation is at `told`), not only re-estimated
+    retold = [t for t in store.retold("quiz") if t["generation"] < told and t["objectives"]]
     assert len(retold) >= 2 and all(t["after"] != t["before"] for t in retold)
     for n in ("quiz", "quiz2"):  # the report counts them
         assert straight.report["irt"][n]["rechecked"] == sum(n in t["objectives"] for t in retold)
@@ -807,7 +815,11 @@ def test_a_search_interrupted_while_rechecking_resumes_to_the_same_archive(tmp_p
     finally:
         QuizScorer.interrupt_at = None
     b = Store(tmp_path / "b" / "store.sqlite", readonly=True)
-    assert b.retold("quiz") == retold[:1] and len(b.checkpoints("quiz")) == retold[1]["generation"]
+    g1 = retold[1]["generation"]  # killed there: its re-estimates written, its recheck not
+    assert [t for t in b.retold("quiz") if t["objectives"]] == retold[:1] and len(b.checkpoints("quiz")) == g1
+    assert [t for t in b.retold("quiz") if t["generation"] < g1] == \
+        [t for t in store.retold("quiz") if t["generation"] < g1]
+    assert any(t["generation"] == g1 for t in b.retold("quiz"))  # the killed generation had re-estimated
     b.close()
     calls.clear()
     resume_job(path, **quiet())
@@ -863,3 +875,55 @@ def test_a_recheck_that_fails_is_recorded_so_and_the_driver_is_told_the_failure(
     assert failed.id not in b.front("quiz")
     a.close()
     b.close()
+
+
+def test_told_estimates_are_estimated_again_from_the_candidates_measured_since(tmp_path):
+    """Every generation, before the tell, a told estimate is made again under the fit it was scored with, its
+    neighbour correction rebuilt from every candidate scored on every item before that generation; a move of more
+    than REESTIMATE_MIN_MOVE is stored (a `retold` row without objectives) and told. Checked against the formula
+    computed here from the store: the estimator's own estimate on the candidate's anchor answers, plus
+    sum_j w_j r_j / (prior + sum_j w_j) over the measured candidates. With `reestimate: false`, none."""
+    from evomerge.search.irt_policy import REESTIMATE_MIN_MOVE
+
+    def job(folder: Path, **irt_) -> Path:  # the drifting quiz: later candidates unlike the fitted ones
+        path = quiz_job(folder, irt=irt_, drift=True)
+        spec = yaml.safe_load(path.read_text())
+        spec["driver"].update(seed=2, budget={"evaluations": 120})
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    result = run_job(job(tmp_path / "on"), **quiet())
+    store = Store(result.store, readonly=True)
+    again = [t for t in store.retold("quiz") if not t["objectives"]]
+    assert len(again) >= 5
+    rows = {r.id: r for r in store.candidates("quiz")}
+    ests = {e["candidate"]: e for e in store.estimates("quiz") if e["objective"] == "quiz"}
+    items = store.items_of("quiz", "quiz")
+    measured_at = {}  # candidate -> the generation its every item arrived (entrants, calibration: its own)
+    for r in rows.values():
+        if len(items.get(r.id, {})) == ITEMS and r.status == "done":
+            measured_at[r.id] = r.generation
+    for t in store.retold("quiz"):
+        if t["objectives"]:
+            measured_at[t["candidate"]] = t["generation"]
+    shifts = []
+    for t in again[:: max(1, len(again) // 8)]:
+        c, g = t["candidate"], t["generation"]
+        data = store.irt("quiz", "quiz", ests[c]["fit_generation"])[0]
+        cal = irt.Calibration.from_dict(data["calibration"])
+        anchors = [data["item_ids"][i] for i in cal.anchors.items]
+        on = sorted(m for m, at in measured_at.items() if at < g and rows[m].generation < g)
+        A = np.array([[items[m][i] for i in anchors] for m in on])
+        R = np.array([np.mean(list(items[m].values())) - cal.estimate(a).value for m, a in zip(on, A)])
+        nb = irt.neighbours(A, R)
+        y = np.array([items[c][i] for i in anchors])
+        expected = float(np.clip(cal.estimate(y).value + nb.shift(y), 0, 1))
+        assert t["after"][0] == pytest.approx(-expected, abs=1e-9)
+        assert abs(t["after"][0] - t["before"][0]) > REESTIMATE_MIN_MOVE
+        shifts.append(nb.shift(y))
+    assert any(abs(v) > REESTIMATE_MIN_MOVE for v in shifts)  # corrections rebuilt, not only switched off
+    store.close()
+    off = run_job(job(tmp_path / "off", reestimate=False), **quiet())
+    store = Store(off.store, readonly=True)
+    assert [t for t in store.retold("quiz") if not t["objectives"]] == []
+    store.close()

@@ -18,9 +18,9 @@ An objectives file:
         estimator: irt      # full (default) | irt: score new candidates on `anchors` items, estimate the rest
         anchors: 30         # IRT settings (see evomerge/search/irt_policy.py): anchors, anchor_method
                             # (irt | correct | random), seed_candidates, calibrate_every, calibrate_count,
-                            # confirm_count, recheck_every, irt_estimator (auto | pirt | gpirt | merge3 | mix |
-                            # anchor), anchor_seed, max_error (more anchors, then full scoring, while the printed
-                            # error is above it)
+                            # confirm_count, recheck_every, reestimate, irt_estimator (auto | pirt | gpirt |
+                            # merge3 | mix | anchor), anchor_seed, max_error (more anchors, then full scoring,
+                            # while the printed error is above it)
       - name: score         # a weighted sum of task objectives (mergekit-evolve's score): sum of weight x value
         sum: [{task: zoo_arith, weight: 0.7}, {task: zoo_cipher, weight: 0.3}]
         direction: maximise # default: the terms' common direction
@@ -48,7 +48,7 @@ _DIRECTIONS = {
 }
 _BUILTIN_DIRECTION = {"perplexity": "minimise", "params": "minimise", "layers": "minimise", "latency": "minimise"}
 _IRT_KEYS = {"estimator", "anchors", "anchor_method", "seed_candidates", "calibrate_every", "calibrate_count",
-             "confirm_count", "recheck_every", "irt_estimator", "anchor_seed", "max_error"}
+             "confirm_count", "recheck_every", "reestimate", "irt_estimator", "anchor_seed", "max_error"}
 _PROMPT_KEYS = {"num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "system_instruction", "gen_kwargs"}
 _TASK_KEYS = {"name", "task", "metric", "direction", "split", "limit"} | _IRT_KEYS | _PROMPT_KEYS
 ESTIMATOR_CHOICES = ("full", "irt")
@@ -128,6 +128,8 @@ class Objective:
     # overlaps the front have it scored in full before the driver is told (evomerge/search/irt_policy.py `entrants`)
     recheck_every: int = 2  # every this many generations, the estimate of an earlier generation the front leans on
     # most is scored in full and the driver told anew (`rechecks`); 0: never
+    reestimate: bool = True  # every generation, told estimates are estimated again with what has been measured
+    # since (`reestimates`: no item scored) and the driver told the new values
     irt_estimator: str = "auto"  # auto: the least cross-validated error among pirt, gpirt, merge3
     anchor_seed: int = 0
     max_error: float | None = None  # a fit whose printed error is above it doubles its anchors (up to half the
@@ -369,6 +371,12 @@ def _parse_irt(raw: dict, where: str, limit: int | None) -> dict[str, Any]:
                         "(the parents count): raise it, or use `estimator: full`" if key == "seed_candidates" else "")
                 raise FitnessConfigError(f"{where}.{key}: expected a whole number >= {low}, got {v!r}{hint}")
             kw[key] = v
+    if "reestimate" in raw:
+        v = raw["reestimate"]
+        if not isinstance(v, bool) and v not in (0, 1):
+            raise FitnessConfigError(f"{where}.reestimate: expected true or false (estimate told candidates again "
+                                     f"as measured candidates accrue), got {v!r}")
+        kw["reestimate"] = bool(v)
     if "max_error" in raw:
         v = raw["max_error"]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:

@@ -15,6 +15,7 @@ import numpy as np
 
 from evomerge.errors import InternalError
 from evomerge.search.front import add_to_front, hypervolume, pareto_mask
+from evomerge.search.irt_policy import moves
 from evomerge.search.problem import recipe_hash, recipe_text
 from evomerge.search.progress import Best, Status
 from evomerge.search.resume import retell
@@ -169,8 +170,15 @@ class Recorder:
             return []
         names = [o.name for o in self.ctx.objectives.objectives]
         mine = self.store.candidates(self.job, generation=batch.generation)
-        earlier = [r.losses for r in self.store.candidates(self.job, status="done")
-                   if r.generation < batch.generation and r.losses is not None]
+        # earlier candidates as they stood before this generation re-estimated or measured any (a resume after a
+        # crash in its rechecks chooses what the uninterrupted search did)
+        before: dict[int, list[float] | None] = {}
+        for t in self.store.retold(self.job):
+            if t["generation"] >= batch.generation:
+                before.setdefault(t["candidate"], t["before"])
+        earlier = [before.get(r.id, r.losses) for r in self.store.candidates(self.job)
+                   if r.generation < batch.generation and (r.status == "done" or r.id in before)]
+        earlier = [v for v in earlier if v is not None]
         measured = [r.losses for r in mine if r.status == "done" and r.id not in self.irt.anchored]
         F = np.array(earlier + measured, dtype=float).reshape(-1, len(names))
         chosen = self.irt.entrants([r for r in mine if r.status == "done"], F[pareto_mask(F)] if len(F) else F,
@@ -184,25 +192,63 @@ class Recorder:
         return self.measure(todo, batch.generation, batch.results)
 
     def recheck(self, batch: Batch, driver: "Driver") -> list[int]:
-        """IRT, before a complete batch is told (after `confirm_entrants`): score in full the told estimates the
-        front leans on most (`IRTPolicy.rechecks`), then tell the driver the new losses of every candidate measured
+        """IRT, before a complete batch is told (after `confirm_entrants`): estimate the told estimates again with
+        what has been measured since (`reestimate`), score in full the ones the front leans on most
+        (`IRTPolicy.rechecks`), then tell the driver the new losses of every candidate re-estimated or measured
         since it was told (`retell`). Returns the ids scored."""
         scored: list[int] = []
-        if self.irt is not None and self.irt.rechecking(batch.generation) and self.hv_ref is not None:
+        g = batch.generation
+        reestimated = self.reestimate(g) if self.irt is not None else {}
+        if self.irt is not None and self.irt.rechecking(g) and self.hv_ref is not None:
             names = [o.name for o in self.ctx.objectives.objectives]
-            rows = [r for r in self.store.candidates(self.job, status="done") if r.generation <= batch.generation]
-            todo = self.irt.rechecks(batch.generation, rows, names, np.array(self.hv_ref, dtype=float))
+            at_g = {t["candidate"] for t in self.store.retold(self.job) if t["generation"] == g and t["objectives"]}
+            rows = [r for r in self.store.candidates(self.job)
+                    if r.generation <= g and (r.status == "done" or r.id in at_g)]
+            todo = self.irt.rechecks(g, rows, names, np.array(self.hv_ref, dtype=float), reestimated,
+                                     self.problem.losses)
             if todo:
                 self.ctx.progress.line(f"generation {batch.generation}: " + ", ".join(
                     f"#{cid} {'/'.join(objs)}" for cid, objs in todo.items()) + " (told on estimates, the front "
                     "leaning on them most) scored on every item; the driver is told the measured values")
-                scored = self.measure(todo, batch.generation)
-        self.retell(driver, batch.generation)
+                scored = self.measure(todo, g)
+        self.retell(driver, g)
         return scored
 
+    def reestimate(self, generation: int) -> dict[int, dict[str, float]]:
+        """Before `generation` is told: the told estimates made again (`IRTPolicy.reestimates`); those still
+        estimated whose values moved are stored so (and their cached repeats), with a `retold` row each, which
+        `retell` tells the driver. Returns the re-estimated values (moved or not, measured since or not: what
+        `rechecks` chooses on)."""
+        values = self.irt.reestimates(generation)
+        if not values:
+            return values
+        still = self.store.open_estimates(self.job)
+        rows = {r.id: r for r in self.store.candidates(self.job) if r.id in values or r.cached_from in values}
+        moved: list[tuple[int, str, float, float]] = []
+        for cid, new in values.items():
+            row = rows.get(cid)
+            new = {n: v for n, v in new.items() if n in still.get(cid, [])}
+            if row is None or row.values is None or not new:
+                continue
+            vals = {**row.values, **new}
+            losses = self.problem.losses(vals)
+            if row.losses is None or not moves(losses, row.losses):
+                continue
+            shift = {n: v - row.values[n] for n, v in new.items()}
+            for r in [row] + [c for c in rows.values() if c.cached_from == cid and c.generation < generation]:
+                self.store.reestimate(self.job, r.id, vals, losses, generation)
+            n = max(shift, key=lambda k: abs(shift[k]))
+            moved.append((cid, n, row.values[n], new[n]))
+        if moved:
+            cid, n, old, new_v = max(moved, key=lambda m: abs(m[3] - m[2]))
+            self.ctx.progress.line(f"generation {generation}: {len(moved)} told estimate(s) estimated again with the "
+                                   f"candidates measured since (the largest move: #{cid} {n} {old:.4g} -> "
+                                   f"{new_v:.4g}); the driver is told the new values")
+        return values
+
     def retell(self, driver: "Driver", generation: int) -> int:
-        """Tell `driver` the measured losses of the candidates retold before `generation` is told (the `retold`
-        rows of that generation: rechecks, and a finished search's confirmed picks when it is resumed); the replay
+        """Tell `driver` the new losses of the candidates retold before `generation` is told (the `retold` rows of
+        that generation: re-estimates, rechecks, and a finished search's confirmed picks when it is resumed); the replay
         on resume calls this at the same place. Returns how many of them the driver still held."""
         rows = [t for t in self.store.retold(self.job) if t["generation"] == generation]
         return retell(self.store, self.job, self.problem, driver, rows)

@@ -71,7 +71,7 @@ def replay(ctx: "SearchContext", problem: "Problem", state: LoopState) -> tuple[
 
 
 def retell(store: "Store", job: str, problem: "Problem", driver: Driver, rows: list[dict]) -> int:
-    """Tell `driver` the measured losses of the `retold` rows (those of one generation, before its tell: the
+    """Tell `driver` the new losses of the `retold` rows (those of one generation, before its tell: the
     search's `Recorder.retell` and the replay here call it at the same place). Returns how many of them the driver
     still held."""
     losses = {tuple(store.candidate(job, t["candidate"]).genome): np.array(t["after"], dtype=float)

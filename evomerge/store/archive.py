@@ -359,13 +359,7 @@ class Store:
         the candidate's own generation, the new ones before `generation` is told)."""
         with self.transaction():
             if retold is not None:
-                old = self.db.execute("SELECT losses FROM candidates WHERE job=? AND id=?", (job, cid)).fetchone()
-                # measured again at the same generation (a resume after a crash before its estimate was marked
-                # measured): the losses told before stay the first measurement's `before`
-                self.db.execute("INSERT INTO retold VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job, candidate, generation) "
-                                "DO UPDATE SET objectives=excluded.objectives, after=excluded.after",
-                                (job, cid, int(retold[0]), json.dumps(list(retold[1])), old[0] if old else None,
-                                 None if losses is None else json.dumps(losses)))
+                self._retold(job, cid, retold[0], list(retold[1]), losses)
             self.db.execute(
                 "UPDATE candidates SET status=?, \"values\"=?, losses=?, reason=?, worker=COALESCE(?, worker), "
                 "eval_seconds=?, estimated=?, cached_from=?, finished=? WHERE job=? AND id=?",
@@ -373,6 +367,28 @@ class Store:
                  reason, worker, eval_seconds, int(estimated), cached_from, time.time(), job, cid))
             for objective, vals in (items or {}).items():
                 self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)", (job, cid, objective, json.dumps(vals)))
+
+    def _retold(self, job: str, cid: int, generation: int, objectives: list[str], losses: list[float] | None) -> None:
+        """The `retold` row of `cid` at `generation` (inside a transaction, before its losses change). Retold twice
+        at one generation (re-estimated, then measured; or measured again on a resume after a crash before its
+        estimate was marked measured): the losses told before stay the first `before`, the objectives measured
+        are the union."""
+        old = self.db.execute("SELECT losses FROM candidates WHERE job=? AND id=?", (job, cid)).fetchone()
+        had = self.db.execute("SELECT objectives FROM retold WHERE job=? AND candidate=? AND generation=?",
+                              (job, cid, int(generation))).fetchone()
+        objs = sorted(set(objectives) | set(json.loads(had[0]) if had else []))
+        self.db.execute("INSERT INTO retold VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job, candidate, generation) "
+                        "DO UPDATE SET objectives=excluded.objectives, after=excluded.after",
+                        (job, cid, int(generation), json.dumps(objs), old[0] if old else None,
+                         None if losses is None else json.dumps(losses)))
+
+    def reestimate(self, job: str, cid: int, values: dict[str, float], losses: list[float], generation: int) -> None:
+        """A told candidate's estimates made again (IRT `reestimates`): its values and losses replaced, and a
+        `retold` row at `generation` (no objective measured) in the same transaction."""
+        with self.transaction():
+            self._retold(job, cid, generation, [], losses)
+            self.db.execute("UPDATE candidates SET \"values\"=?, losses=? WHERE job=? AND id=?",
+                            (json.dumps(values), json.dumps(losses), job, cid))
 
     def retold(self, job: str) -> list[dict[str, Any]]:
         """The told candidates measured later (IRT: rechecks of the front, the picks' confirmation), oldest first:
