@@ -297,8 +297,8 @@ class IRTPolicy:
             r = rows.get(c)
             if r is None or r.generation >= generation or since.get((c, n), generation) < generation:
                 continue
-            if e["measured"] is not None and (c, n) not in since:  # scored in full when it was made (calibration)
-                continue
+            if e["measured"] is not None and (c, n) not in since:  # scored in full in its own generation
+                continue  # (calibration, entrants)
             by_fit.setdefault((n, e["fit_generation"]), []).append(c)
         for o in objs:
             fits = sorted(f for n, f in by_fit if n == o.name)

@@ -198,7 +198,7 @@ class Recorder:
         since it was told (`retell`). Returns the ids scored."""
         scored: list[int] = []
         g = batch.generation
-        reestimated = self.reestimate(g) if self.irt is not None else {}
+        reestimated = self.reestimate(g, batch.results) if self.irt is not None else {}
         if self.irt is not None and self.irt.rechecking(g) and self.hv_ref is not None:
             names = [o.name for o in self.ctx.objectives.objectives]
             at_g = {t["candidate"] for t in self.store.retold(self.job) if t["generation"] == g and t["objectives"]}
@@ -210,15 +210,15 @@ class Recorder:
                 self.ctx.progress.line(f"generation {batch.generation}: " + ", ".join(
                     f"#{cid} {'/'.join(objs)}" for cid, objs in todo.items()) + " (told on estimates, the front "
                     "leaning on them most) scored on every item; the driver is told the measured values")
-                scored = self.measure(todo, g)
+                scored = self.measure(todo, g, batch.results)  # this generation's repeats: told the measured
         self.retell(driver, g)
         return scored
 
-    def reestimate(self, generation: int) -> dict[int, dict[str, float]]:
+    def reestimate(self, generation: int, results: dict[int, dict | None] | None = None) -> dict[int, dict[str, float]]:
         """Before `generation` is told: the told estimates made again (`IRTPolicy.reestimates`); those still
-        estimated whose values moved are stored so (and their cached repeats), with a `retold` row each, which
-        `retell` tells the driver. Returns the re-estimated values (moved or not, measured since or not: what
-        `rechecks` chooses on)."""
+        estimated whose values moved are stored so, with a `retold` row each, which `retell` tells the driver, and
+        so are their cached repeats (this generation's in `results` too: told the new values with the batch).
+        Returns the re-estimated values (moved or not, measured since or not: what `rechecks` chooses on)."""
         values = self.irt.reestimates(generation)
         if not values:
             return values
@@ -235,8 +235,14 @@ class Recorder:
             if row.losses is None or not moves(losses, row.losses):
                 continue
             shift = {n: v - row.values[n] for n, v in new.items()}
-            for r in [row] + [c for c in rows.values() if c.cached_from == cid and c.generation < generation]:
+            copies = [c for c in rows.values() if c.cached_from == cid]
+            for r in [row] + [c for c in copies if c.generation < generation]:
                 self.store.reestimate(self.job, r.id, vals, losses, generation)
+            now = [c for c in copies if c.generation == generation]
+            if now:
+                first = self.store.candidate(self.job, cid)
+                for c in now:
+                    self.cached(c.id, first, results if results is not None and c.id in results else None)
             n = max(shift, key=lambda k: abs(shift[k]))
             moved.append((cid, n, row.values[n], new[n]))
         if moved:
@@ -283,7 +289,7 @@ class Recorder:
             # measured in full it may fail: recorded so; a told one is told the failure (it leaves the population)
             self.record(out, estimated=still, retold=retold,
                         failed_losses=self._told_failure(told) if retold and not out.ok else None)
-            if results is not None:
+            if results is not None and out.cid in results:  # a candidate of the batch being told
                 results[out.cid] = out.values if out.ok else None
             if out.ok:
                 for n in objs:
