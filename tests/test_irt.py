@@ -235,7 +235,7 @@ def test_irt_settings_parse():
     o, full = s.objectives
     assert (o.estimator, o.anchors, o.anchor_method, o.calibrate_every, o.seed_candidates, o.confirm_count) == \
         ("irt", 25, "random", 3, 16, 2)
-    assert (o.recheck_every, o.reestimate) == (2, True)  # the defaults
+    assert (o.recheck_every, o.reestimate) == (2, False)  # the defaults
     assert full.estimator == "full"
     off = parse_objectives({"objectives": [{"task": "zoo_mix", "estimator": "irt", "recheck_every": 0,
                                             "reestimate": False}]}).objectives[0]
@@ -782,7 +782,7 @@ def test_a_search_interrupted_while_rechecking_resumes_to_the_same_archive(tmp_p
     monkeypatch.setattr(PymooDriver, "revise", revised)
     second = {"estimator": "irt", "anchors": 20, "seed_candidates": 12, "calibrate_every": 2, "calibrate_count": 2,
               "confirm_count": 0}
-    irt_ = {"confirm_count": 0, "recheck_every": 2}
+    irt_ = {"confirm_count": 0, "recheck_every": 2, "reestimate": True}
     def job(folder: Path) -> Path:
         path = quiz_job(folder, irt=irt_, second=second)
         spec = yaml.safe_load(path.read_text())
@@ -892,7 +892,7 @@ def test_told_estimates_are_estimated_again_from_the_candidates_measured_since(t
         path.write_text(yaml.safe_dump(spec))
         return path
 
-    result = run_job(job(tmp_path / "on"), **quiet())
+    result = run_job(job(tmp_path / "on", reestimate=True), **quiet())
     store = Store(result.store, readonly=True)
     again = [t for t in store.retold("quiz") if not t["objectives"]]
     assert len(again) >= 5

@@ -128,8 +128,9 @@ class Objective:
     # overlaps the front have it scored in full before the driver is told (evomerge/search/irt_policy.py `entrants`)
     recheck_every: int = 2  # every this many generations, the estimate of an earlier generation the front leans on
     # most is scored in full and the driver told anew (`rechecks`); 0: never
-    reestimate: bool = True  # every generation, told estimates are estimated again with what has been measured
-    # since (`reestimates`: no item scored) and the driver told the new values
+    reestimate: bool = False  # every generation, told estimates are estimated again with what has been measured
+    # since (`reestimates`: no item scored) and the driver told the new values; off by default: its gain in the
+    # bench is within noise (README, "Re-estimates")
     irt_estimator: str = "auto"  # auto: the least cross-validated error among pirt, gpirt, merge3
     anchor_seed: int = 0
     max_error: float | None = None  # a fit whose printed error is above it doubles its anchors (up to half the
