@@ -60,6 +60,7 @@ class IRTPolicy:
         self.current: dict[str, _InForce | None] = {}
         self.neighbours: dict[str, irt.Neighbours] = {}  # objective -> this generation's correction
         self._raw: dict[tuple[str, int, int], float] = {}  # (objective, fit generation, candidate) -> estimate
+        self._fits: dict[tuple[str, int], tuple[irt.Calibration, list[str]] | None] = {}  # `_stored_fit`'s
         self._said: set[str] = set()
 
     @classmethod
@@ -89,9 +90,11 @@ class IRTPolicy:
         """The item subset to score this candidate on (None: every item)."""
         return self.anchored.get(cid)
 
-    def _full_rows(self, o: "Objective", before: int) -> tuple[list["CandidateRow"], list[dict[str, float]]]:
-        """Candidates of generations < `before` scored on every item of `o` (in id order), with those items."""
-        items = self.store.items_of(self.job, o.name)
+    def _full_rows(self, o: "Objective", before: int, items: dict[int, dict[str, float]] | None = None
+                   ) -> tuple[list["CandidateRow"], list[dict[str, float]]]:
+        """Candidates of generations < `before` scored on every item of `o` (in id order), with those items
+        (`items`: `o`'s per-item results, read from the store where not given)."""
+        items = self.store.items_of(self.job, o.name) if items is None else items
         total = max((len(v) for v in items.values()), default=0)
         rows, its = [], []
         for r in self.store.candidates(self.job, status="done"):
@@ -304,15 +307,14 @@ class IRTPolicy:
             fits = sorted(f for n, f in by_fit if n == o.name)
             if not fits:
                 continue
-            full, its = self._full_rows(o, generation)
-            kept = [(r, it) for r, it in zip(full, its) if since.get((r.id, o.name), -1) < generation]
             items = self.store.items_of(self.job, o.name)
+            full, its = self._full_rows(o, generation, items)
+            kept = [(r, it) for r, it in zip(full, its) if since.get((r.id, o.name), -1) < generation]
             for f in fits:
-                stored = self.store.irt(self.job, o.name, f)
-                if stored is None or stored[0] is None:
+                fit = self._stored_fit(o.name, f)
+                if fit is None:
                     continue
-                cal = irt.Calibration.from_dict(stored[0]["calibration"])
-                ids = stored[0]["item_ids"]
+                cal, ids = fit
                 anchor_ids = [ids[i] for i in cal.anchors.items]
                 answers, residuals = [], []
                 for r, it in kept:
@@ -328,6 +330,16 @@ class IRTPolicy:
                     raw = self._raw_estimate(o.name, f, c, cal, y)
                     out.setdefault(c, {})[o.name] = float(np.clip(raw + nb.shift(y), 0.0, 1.0))
         return dict(sorted(out.items()))
+
+    def _stored_fit(self, objective: str, fit: int) -> tuple[irt.Calibration, list[str]] | None:
+        """The calibration and item ids of `objective`'s fit made at generation `fit`, as stored (None: no model
+        was fitted then); read once (a stored fit never changes)."""
+        key = (objective, fit)
+        if key not in self._fits:
+            stored = self.store.irt(self.job, objective, fit)
+            self._fits[key] = (None if stored is None or stored[0] is None else
+                               (irt.Calibration.from_dict(stored[0]["calibration"]), stored[0]["item_ids"]))
+        return self._fits[key]
 
     def _raw_estimate(self, objective: str, fit: int, cid: int, cal: irt.Calibration, y: np.ndarray) -> float:
         key = (objective, fit, cid)

@@ -172,13 +172,7 @@ class Recorder:
         mine = self.store.candidates(self.job, generation=batch.generation)
         # earlier candidates as they stood before this generation re-estimated or measured any (a resume after a
         # crash in its rechecks chooses what the uninterrupted search did)
-        before: dict[int, list[float] | None] = {}
-        for t in self.store.retold(self.job):
-            if t["generation"] >= batch.generation:
-                before.setdefault(t["candidate"], t["before"])
-        earlier = [before.get(r.id, r.losses) for r in self.store.candidates(self.job)
-                   if r.generation < batch.generation and (r.status == "done" or r.id in before)]
-        earlier = [v for v in earlier if v is not None]
+        earlier = self._as_told(batch.generation, since=batch.generation)
         measured = [r.losses for r in mine if r.status == "done" and r.id not in self.irt.anchored]
         F = np.array(earlier + measured, dtype=float).reshape(-1, len(names))
         chosen = self.irt.entrants([r for r in mine if r.status == "done"], F[pareto_mask(F)] if len(F) else F,
@@ -306,12 +300,15 @@ class Recorder:
         """The losses a driver is told for a told candidate whose full scoring failed: worse than every loss told
         in generations before `told` (as they were told: a retold candidate's first losses), so the same whatever
         else has been measured since, on a resume too."""
-        first: dict[int, list[float] | None] = {}
-        for t in self.store.retold(self.job):
-            first.setdefault(t["candidate"], t["before"])
-        seen = [first.get(r.id, r.losses) for r in self.store.candidates(self.job)
-                if r.generation < told and (r.status == "done" or r.id in first)]
-        return self.problem.failure_losses([v for v in seen if v is not None])
+        return self.problem.failure_losses(self._as_told(told, since=0))
+
+    def _as_told(self, generation: int, since: int) -> list[list[float]]:
+        """The losses of the candidates of generations before `generation` as the driver held them before the
+        retellings of generation `since` (`Store.told_before`); a failure's told losses included."""
+        before = self.store.told_before(self.job, since)
+        seen = [before.get(r.id, r.losses) for r in self.store.candidates(self.job)
+                if r.generation < generation and (r.status == "done" or r.id in before)]
+        return [v for v in seen if v is not None]
 
     def tally(self, counter: FailureCount, batch: Batch) -> bool:
         """Walk the failure counter over the batch's rows in id order, as far as their outcomes are in (cached

@@ -58,9 +58,7 @@ def replay(ctx: "SearchContext", problem: "Problem", state: LoopState) -> tuple[
                          "generations told; the store was changed by hand: start the job again under another name")
     asked: dict[int, np.ndarray] = {}  # asked, not told yet
     retold = ctx.store.retold(ctx.job)
-    first_told = {}  # candidate -> the losses told at its own generation (the first retelling's `before`)
-    for t in retold:
-        first_told.setdefault(t["candidate"], t["before"])
+    first_told = ctx.store.told_before(ctx.job)  # candidate -> the losses told at its own generation
     for told, n in enumerate(schedule):
         while told + len(asked) < n:  # the asks made before batch `told` was told
             g = told + len(asked)

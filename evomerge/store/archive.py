@@ -400,6 +400,17 @@ class Store:
         return [{"candidate": c, "generation": g, "objectives": json.loads(o), "before": _loads(b),
                  "after": _loads(a)} for c, g, o, b, a in rows]
 
+    def told_before(self, job: str, generation: int = 0) -> dict[int, list[float] | None]:
+        """The losses the driver held, before generation `generation`'s retellings, for each candidate retold at or
+        after it (the `before` of its first such retelling). With 0: the losses told at each retold candidate's own
+        generation. A resume, a failure's losses and the entrants' front read the search as it was told from this,
+        whatever has been measured since."""
+        first: dict[int, list[float] | None] = {}
+        for t in self.retold(job):
+            if t["generation"] >= generation:
+                first.setdefault(t["candidate"], t["before"])
+        return first
+
     def set_losses(self, job: str, cid: int, losses: list[float]) -> None:
         """The losses a driver was told for a failed candidate (decided when its batch is told, after it finished)."""
         self.db.execute("UPDATE candidates SET losses=? WHERE job=? AND id=?", (json.dumps(losses), job, cid))
