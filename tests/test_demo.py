@@ -19,6 +19,21 @@ def test_the_demo_never_deletes_a_folder_it_did_not_write(zoo_dir, tmp_path, cap
     assert "is not a demo output folder" in capsys.readouterr().err
 
 
+def test_the_demo_scores_with_irt_or_in_full_and_takes_the_seed(tmp_path):
+    """`--fitness full` (bench/demo_margin.py's reference) is the same search with every candidate scored on every
+    item; `--seed` reaches the driver."""
+    from evomerge.fitness.objectives import parse_objectives
+    from evomerge.service.demo import TASKS, demo_spec
+
+    irt = demo_spec(tmp_path / "zoo", tmp_path / "out", 2, 240)
+    full = demo_spec(tmp_path / "zoo", tmp_path / "out", 2, 240, seed=3, fitness="full")
+    assert [o.estimator for o in parse_objectives(irt["objectives"], base_dir=TASKS).objectives] == ["irt", "irt"]
+    assert [o.estimator for o in parse_objectives(full["objectives"], base_dir=TASKS).objectives] == ["full", "full"]
+    assert (irt["driver"]["seed"], full["driver"]["seed"]) == (0, 3)
+    assert {k: v for k, v in irt.items() if k not in ("objectives", "driver")} == \
+        {k: v for k, v in full.items() if k not in ("objectives", "driver")}
+
+
 @pytest.mark.slow
 def test_the_demo_finds_exports_and_verifies_a_merge_that_beats_its_parents(zoo_dir, tmp_path, capsys):
     from evomerge.service.demo import main

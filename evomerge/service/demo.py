@@ -37,13 +37,15 @@ PATH_TARGET = "zoo_composed"  # the data-flow stage's objective
 MARKER = "# written by `make demo` (evomerge/service/demo.py)"
 
 
-def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int) -> dict:
+def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int, seed: int = 0, fitness: str = "irt") -> dict:
+    """The demo's search job. `fitness`: `irt` (the demo: IRT-reduced objectives) or `full` (every candidate on
+    every item: the reference bench/demo_margin.py measures the IRT search's export against)."""
     # 24 seed candidates: two generations. With one (12, calibrate_count 1: cheaper on 280-candidate searches,
     # bench/irt_search_quality.py) a 72-candidate demo's first fits were poor and the exported pick stayed an estimate.
     # 240 candidates (the default --evaluations): at 72, 4 calibration candidates per objective measured zoo_composed's
     # estimates 0.096 off (fitted on seed candidates, read on candidates unlike them); at 240, 18 measured 0.028
     irt = {"estimator": "irt", "anchors": 30, "seed_candidates": 24, "calibrate_every": 2, "calibrate_count": 2,
-           "confirm_count": 1}
+           "confirm_count": 1} if fitness == "irt" else {}
     return {
         "name": "demo",
         "models": {"base": str(zoo / "llama/base"),
@@ -68,7 +70,7 @@ def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int) -> dict:
         # 2-core machine: the IRT fits take most of it), and its IRT front held near-copies of an over-estimate,
         # each confirmed on its own where a repeat takes its first's measured value: +4.0 points on test instead of
         # +6.4 (2026-12-03, seed 0). bench/irt_search_quality.py compares both settings over seeds.
-        "driver": {"algorithm": "nsga2", "population": 12, "budget": {"evaluations": evaluations}, "seed": 0,
+        "driver": {"algorithm": "nsga2", "population": 12, "budget": {"evaluations": evaluations}, "seed": seed,
                    "max_failures_in_a_row": 12, "duplicates": "cache"},
         "runtime": {"kind": "ray", "workers": workers, "threads": 1, "device": "cpu", "backend": "hf",
                     "batch_size": 64},
@@ -144,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                     "zoo with two workers)")
     ap.add_argument("--path-evaluations", type=int, default=160,
                     help="budget of the data-flow stage (0: skip it)")
+    ap.add_argument("--seed", type=int, default=0, help="the search's seed (default 0; the exported merge and its "
+                    "margin vary with it: bench/demo_margin.py runs several)")
+    ap.add_argument("--fitness", choices=("irt", "full"), default="irt",
+                    help="irt (default): IRT-reduced objectives, 30 anchor items per task after calibration; full: "
+                    "every candidate on every item, the reference an IRT search is measured against")
     args = ap.parse_args(argv)
 
     from evomerge.compat.quiet import quiet_third_party
@@ -167,10 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     job_path.write_text(MARKER + "\n"
-                        + yaml.safe_dump(demo_spec(zoo, out, args.workers, args.evaluations), sort_keys=False))
+                        + yaml.safe_dump(demo_spec(zoo, out, args.workers, args.evaluations, args.seed, args.fitness),
+                                         sort_keys=False))
+    scoring = ("IRT-reduced (30 anchors per task after calibration)" if args.fitness == "irt"
+               else "scored in full (every item)")
     print(f"\nSearch: {job_path}\n  PS-then-DFS hybrid over the zoo's arithmetic and cipher experts; objectives "
-          f"{TARGET} (target) and zoo_composed, IRT-reduced (30 anchors per task after calibration); "
-          f"{args.workers} Ray workers on 127.0.0.1; {args.evaluations} candidates.\n", flush=True)
+          f"{TARGET} (target) and zoo_composed, {scoring}; {args.workers} Ray workers on 127.0.0.1; "
+          f"{args.evaluations} candidates, seed {args.seed}.\n", flush=True)
     t0 = time.perf_counter()
     with search_env():
         result = run_job(job_path)
@@ -195,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     verdict = (f"beats every parent, by {gain:.1f} points over the best one" if gain > 0
                else f"does NOT beat the best parent ({gain:.1f} points)")
     print(f"\nThe merged model {verdict}.")
+    # what bench/demo_margin.py reads (the printed lines are for people)
+    (out / "demo.json").write_text(json.dumps({
+        "seed": args.seed, "fitness": args.fitness, "evaluations": args.evaluations, "search_seconds": search_s,
+        "selected": selected.row.id, "merged_test": merged, "parents_test": parents, "gain_points": gain,
+        "irt": result.report.get("irt") and {n: {k: v for k, v in d.items() if k != "fits"}
+                                             for n, d in result.report["irt"].items()},
+        "summary": result.report["summary"]}, indent=1))
     path_gain = run_paths(zoo, out / "paths", args.path_evaluations) if args.path_evaluations else None
     print(f"\nWhere everything is (search {search_s:.0f} s, demo {time.perf_counter() - t_start:.0f} s in all):")
     print(f"  report      {result.html_path}")
