@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo's search on one CUDA GPU, in-process (no Ray): PS-then-DFS hybrid, IRT-reduced fitness, then the
+# The demo's search on one CUDA GPU, in-process (no Ray): its TIES space, IRT-reduced fitness, then the
 # best merge for zoo_mix exported on the GPU and scored on the test split. Needs a built zoo (.cache/zoo) and a
 # CUDA torch with evomerge's dependencies importable (PYTHONPATH=. works from a checkout).
 #   bash bench/gpu_search.sh [OUT]        (default OUT: /tmp/gpu)

@@ -34,6 +34,17 @@ def test_the_demo_scores_with_irt_or_in_full_and_takes_the_seed(tmp_path):
         {k: v for k, v in full.items() if k not in ("objectives", "driver")}
 
 
+def test_the_demo_searches_the_sakana_ps_preset():
+    """The demo's space is the shipped `sakana_ps` preset written out (its job.yaml shows the genes): the README's
+    margins for the demo are that preset's."""
+    from evomerge.service.demo import SEARCH_SPACE, demo_spec
+    from evomerge.spaces.presets import load_space_config
+
+    preset = load_space_config("sakana_ps")
+    assert preset.pop("seed") == 0  # the recipe seed a space without one gets
+    assert demo_spec(Path("zoo"), Path("out"), 2, 240)["search_space"] == SEARCH_SPACE == preset
+
+
 @pytest.mark.slow
 def test_the_demo_finds_exports_and_verifies_a_merge_that_beats_its_parents(zoo_dir, tmp_path, capsys):
     from evomerge.service.demo import main
@@ -44,7 +55,10 @@ def test_the_demo_finds_exports_and_verifies_a_merge_that_beats_its_parents(zoo_
     printed = capsys.readouterr().out
     assert rc == 0, printed[-3000:]  # 0 only when the exported merge and path beat every parent (test split)
     merged = re.search(r"The merged model beats every parent, by ([0-9.]+) points", printed)
-    assert merged and float(merged.group(1)) >= 5.0, printed[-3000:]
+    # the target is 10 points (bench/demo_margin.py, seeds 0-2, 2026-12-06: +13.8, +13.2, +10.2); the pick and its
+    # margin move with the machine's floating point, so seed 0 is held to 8 here, above what the hybrid space the
+    # demo searched before reached on any machine at seed 0 (+8.4 at most)
+    assert merged and float(merged.group(1)) >= 8.0, printed[-3000:]
     # stage 5: a data-flow search on the depth family finds a real path (longer than either parent: not a parent's
     # own layers), exports it as a standard checkpoint, and the checkpoint beats every parent on zoo_composed
     path = re.search(r"The path beats every parent, by ([0-9.]+) points", printed)
@@ -59,7 +73,7 @@ def test_the_demo_finds_exports_and_verifies_a_merge_that_beats_its_parents(zoo_
     assert any(r.estimated for r in rows) and store.irt_history("demo")
     # the exported recipe and checkpoint
     recipe = yaml.safe_load((out / "best-recipe.yaml").read_text())
-    assert "merge_method" in recipe or "dataflow" in recipe
+    assert recipe["merge_method"] == "ties" and len(recipe["models"]) == 2, recipe  # mergekit YAML, the TIES space
     assert (out / "best-model" / "config.json").is_file() and list((out / "best-model").glob("*.safetensors"))
     assert (out / "report" / "report.html").is_file()
     assert Path(out / "job.yaml").is_file()

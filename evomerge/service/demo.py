@@ -1,14 +1,13 @@
 """`make demo`: the search a newcomer runs first, end to end on the tiny zoo.
 
 1. builds the zoo if it is missing (cached per model);
-2. runs a two-objective search (zoo_mix, the target, against zoo_composed) over a PS-then-DFS hybrid space
-   (a task-arithmetic merge of the arithmetic and cipher experts, then a layer path through the merge and the
-   parents) on a private local Ray with two workers, with IRT-reduced fitness: after a calibration phase each
-   new candidate is scored on 30 anchor items per task and the rest is estimated;
+2. runs a two-objective search (zoo_mix, the target, against zoo_composed) over TIES merges of the arithmetic
+   and cipher experts (a weight and a density gene per expert: the `sakana_ps` preset) on a private local Ray
+   with two workers, with IRT-reduced fitness: after a calibration phase each new candidate is scored on 30
+   anchor items per task and the rest is estimated;
 3. prints the Pareto front beside the parents (test split) and writes the HTML + JSON report;
-4. exports the best recipe for the target task as mergekit YAML (or our recipe YAML, saying why, when the
-   path is not expressible in mergekit) and as a merged checkpoint, then scores that checkpoint, loaded fresh
-   from disk, on the test split beside the parents;
+4. exports the best recipe for the target task as mergekit YAML and as a merged checkpoint, then scores that
+   checkpoint, loaded fresh from disk, on the test split beside the parents;
 5. layer paths: a data-flow search on the zoo's depth family (a reader whose first layers turn the cipher into
    the base's embeddings, and an arithmetic expert) for zoo_composed, arithmetic asked in the cipher, which no
    parent and no weight merge solves; it exports the best path as a standard checkpoint and scores it the same
@@ -37,6 +36,21 @@ PATH_TARGET = "zoo_composed"  # the data-flow stage's objective
 MARKER = "# written by `make demo` (evomerge/service/demo.py)"
 
 
+# The search space: TIES weights and densities per expert, the `sakana_ps` preset written out (job.yaml shows the
+# genes). Until 2026-12-06 the demo searched a PS-then-DFS hybrid (task arithmetic, then a layer path through the
+# merge and the parents: bench/irt_search_quality.py's `hybrid`, HYBRID_SPACE below). On the 4-layer llama family
+# no layer path adds anything (see "The depth family"), and the joint genome spent most of the budget on paths:
+# its exported picks beat the best parent by +5.5 points on test over seeds 0-2 with IRT (+5.6 scored in full),
+# this space's by +12.4 (+12.1 in full; bench/demo_margin.py, 2026-12-06). Layer paths are the demo's last stage,
+# on the depth family built for them.
+SEARCH_SPACE = {"kind": "ps", "method": "ties", "weight_bounds": [0.0, 1.0], "density_bounds": [0.1, 1.0],
+                "parameters": {"normalize": False, "lambda": 1.0}}
+HYBRID_SPACE = {"kind": "hybrid",
+                "ps": {"method": "task_arithmetic", "weight_bounds": [0.0, 1.0], "parameters": {"normalize": False}},
+                "dfs": {"repeats": 1, "min_layers": 2, "max_layers": 8, "embed": "merge", "head": "merge",
+                        "scales": "none"}}
+
+
 def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int, seed: int = 0, fitness: str = "irt") -> dict:
     """The demo's search job. `fitness`: `irt` (the demo: IRT-reduced objectives) or `full` (every candidate on
     every item: the reference bench/demo_margin.py measures the IRT search's export against)."""
@@ -50,12 +64,7 @@ def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int, seed: int = 
         "name": "demo",
         "models": {"base": str(zoo / "llama/base"),
                    "sources": {"arith": str(zoo / "llama/arith"), "cipher": str(zoo / "llama/cipher")}},
-        "search_space": {
-            "kind": "hybrid",
-            "ps": {"method": "task_arithmetic", "weight_bounds": [0.0, 1.0], "parameters": {"normalize": False}},
-            "dfs": {"repeats": 1, "min_layers": 2, "max_layers": 8, "embed": "merge", "head": "merge",
-                    "scales": "none"},
-        },
+        "search_space": dict(SEARCH_SPACE),
         "objectives": {
             "include": [str(TASKS)],
             "split": "fitness",
@@ -65,11 +74,10 @@ def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int, seed: int = 
             ],
         },
         "report_split": "test",
-        # duplicates: cache (not the default, skip): the demo's 240 asks evaluate about 160 distinct merges, the rest
-        # repeats answered from the archive. With skip all 240 are new (the search as long, 250 s against 257 s on a
-        # 2-core machine: the IRT fits take most of it), and its IRT front held near-copies of an over-estimate,
-        # each confirmed on its own where a repeat takes its first's measured value: +4.0 points on test instead of
-        # +6.4 (2026-12-03, seed 0). bench/irt_search_quality.py compares both settings over seeds.
+        # duplicates: cache (not the default, skip): a repeat takes its first's measured value. On the hybrid space
+        # (HYBRID_SPACE) a third of the asks were repeats, and with skip its IRT front held near-copies of an
+        # over-estimate, each confirmed on its own: +4.0 points on test instead of +6.4 (2026-12-03, seed 0). TIES
+        # genes rarely repeat at six decimals (0 of 240 asks, 2026-12-06); the setting stays for the odd repeat.
         "driver": {"algorithm": "nsga2", "population": 12, "budget": {"evaluations": evaluations}, "seed": seed,
                    "max_failures_in_a_row": 12, "duplicates": "cache"},
         "runtime": {"kind": "ray", "workers": workers, "threads": 1, "device": "cpu", "backend": "hf",
@@ -178,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                                          sort_keys=False))
     scoring = ("IRT-reduced (30 anchors per task after calibration)" if args.fitness == "irt"
                else "scored in full (every item)")
-    print(f"\nSearch: {job_path}\n  PS-then-DFS hybrid over the zoo's arithmetic and cipher experts; objectives "
+    print(f"\nSearch: {job_path}\n  TIES merges of the zoo's arithmetic and cipher experts (a weight and a density "
+          f"per expert); objectives "
           f"{TARGET} (target) and zoo_composed, {scoring}; {args.workers} Ray workers on 127.0.0.1; "
           f"{args.evaluations} candidates, seed {args.seed}.\n", flush=True)
     t0 = time.perf_counter()
