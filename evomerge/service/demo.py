@@ -204,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 
         merged = score_folder(model_out)
     parents = {p["name"]: (p.get("test") or {}).get(TARGET) for p in result.report["parents"]}
-    print(f"\nThe best candidate for {TARGET} (#{selected.row.id}), exported and loaded fresh from disk, on the "
-          f"test split ({TARGET}: half arithmetic, half cipher items):")
+    print(f"\nThe best candidate for {TARGET} (#{selected.row.id}; chosen on the fitness split, where an estimate "
+          f"(~) counts at the worse end of its 2-sd interval), exported and loaded fresh from disk, on the test split "
+          f"({TARGET}: half arithmetic, half cipher items):")
     for name, value in parents.items():
         print(f"  parent {name:<10} {value:.1%}" if value is not None else f"  parent {name:<10} (failed)")
     print(f"  merged            {merged:.1%}")
