@@ -13,7 +13,7 @@ full`), and prints per seed and over seeds:
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/demo_margin.py --zoo .cache/zoo --out out/bench_demo [--seeds 0,1,2]
 
-Runs one demo at a time (each uses both Ray workers; about 1-2.5 minutes each on a 2-core machine); a seed and mode
+Runs one demo at a time (each uses both Ray workers; about 2-3.5 minutes each on a 2-core machine); a seed and mode
 whose `demo.json` exists under OUT is not run again (delete OUT to start over). The test split has 500 items: one
 margin carries about 2 points of noise from it alone, and seeds move the margin by more: read the means.
 """
