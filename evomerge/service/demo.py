@@ -20,6 +20,7 @@ Everything lands in OUT (default out/demo); the job spec is written there too, s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -64,7 +65,7 @@ def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int, seed: int = 
         "name": "demo",
         "models": {"base": str(zoo / "llama/base"),
                    "sources": {"arith": str(zoo / "llama/arith"), "cipher": str(zoo / "llama/cipher")}},
-        "search_space": dict(SEARCH_SPACE),
+        "search_space": copy.deepcopy(SEARCH_SPACE),
         "objectives": {
             "include": [str(TASKS)],
             "split": "fitness",
