@@ -34,15 +34,20 @@ def test_the_demo_scores_with_irt_or_in_full_and_takes_the_seed(tmp_path):
         {k: v for k, v in full.items() if k not in ("objectives", "driver")}
 
 
-def test_the_demo_searches_the_sakana_ps_preset():
-    """The demo's space is the shipped `sakana_ps` preset written out (its job.yaml shows the genes): the README's
-    margins for the demo are that preset's."""
-    from evomerge.service.demo import SEARCH_SPACE, demo_spec
-    from evomerge.spaces.presets import load_space_config
+def test_the_demo_searches_ties_weights_and_densities_per_expert(zoo_dir, tmp_path):
+    """The space the README's demo margins were measured on: TIES, a weight and a density gene per expert (the
+    `sakana_ps` preset, loaded into the job), decoding to a two-model mergekit recipe."""
+    import numpy as np
 
-    preset = load_space_config("sakana_ps")
-    assert preset.pop("seed") == 0  # the recipe seed a space without one gets
-    assert demo_spec(Path("zoo"), Path("out"), 2, 240)["search_space"] == SEARCH_SPACE == preset
+    from evomerge.spaces.presets import build_space
+    from evomerge.service.demo import demo_spec
+
+    spec = demo_spec(zoo_dir, tmp_path, 2, 240)
+    models = {"base": zoo_dir / "llama/base", "arith": zoo_dir / "llama/arith", "cipher": zoo_dir / "llama/cipher"}
+    space = build_space(spec["search_space"], models, "base")
+    assert sorted(space.gene_names) == ["density.arith", "density.cipher", "weight.arith", "weight.cipher"]
+    recipe = space.decode(np.full(len(space.gene_names), 0.5))
+    assert recipe.merge_method == "ties" and len(recipe.models) == 2, recipe
 
 
 @pytest.mark.slow

@@ -20,7 +20,6 @@ Everything lands in OUT (default out/demo); the job spec is written there too, s
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from evomerge.config import EXAMPLES
+from evomerge.spaces.presets import load_space_config
 
 TASKS = EXAMPLES / "fitness"  # the example tasks, package data
 TARGET = "zoo_mix"
@@ -37,19 +37,14 @@ PATH_TARGET = "zoo_composed"  # the data-flow stage's objective
 MARKER = "# written by `make demo` (evomerge/service/demo.py)"
 
 
-# The search space: TIES weights and densities per expert, the `sakana_ps` preset written out (job.yaml shows the
-# genes). Until 2026-12-06 the demo searched a PS-then-DFS hybrid (task arithmetic, then a layer path through the
-# merge and the parents: bench/irt_search_quality.py's `hybrid`, HYBRID_SPACE below). On the 4-layer llama family
-# no layer path adds anything (see "The depth family"), and the joint genome spent most of the budget on paths:
-# its exported picks beat the best parent by +5.5 points on test over seeds 0-2 with IRT (+5.6 scored in full),
-# this space's by +12.4 (+12.1 in full; bench/demo_margin.py, 2026-12-06). Layer paths are the demo's last stage,
-# on the depth family built for them.
-SEARCH_SPACE = {"kind": "ps", "method": "ties", "weight_bounds": [0.0, 1.0], "density_bounds": [0.1, 1.0],
-                "parameters": {"normalize": False, "lambda": 1.0}}
-HYBRID_SPACE = {"kind": "hybrid",
-                "ps": {"method": "task_arithmetic", "weight_bounds": [0.0, 1.0], "parameters": {"normalize": False}},
-                "dfs": {"repeats": 1, "min_layers": 2, "max_layers": 8, "embed": "merge", "head": "merge",
-                        "scales": "none"}}
+# The search space: the `sakana_ps` preset (TIES, a weight and a density gene per expert), loaded into job.yaml so
+# the genes show there. Until 2026-12-06 the demo searched a PS-then-DFS hybrid (task arithmetic, then a layer path
+# through the merge and the parents: HYBRID_SPACE in bench/irt_search_quality.py, its `--space hybrid`). On the
+# 4-layer llama family no layer path adds anything (see "The depth family"), and the joint genome spent most of the
+# budget on paths: its exported picks beat the best parent by +5.5 points on test over seeds 0-2 with IRT (+5.6
+# scored in full), this space's by +12.4 (+12.1 in full; bench/demo_margin.py, 2026-12-06). Layer paths are the
+# demo's last stage, on the depth family built for them.
+SPACE_PRESET = "sakana_ps"
 
 
 def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int, seed: int = 0, fitness: str = "irt") -> dict:
@@ -65,7 +60,7 @@ def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int, seed: int = 
         "name": "demo",
         "models": {"base": str(zoo / "llama/base"),
                    "sources": {"arith": str(zoo / "llama/arith"), "cipher": str(zoo / "llama/cipher")}},
-        "search_space": copy.deepcopy(SEARCH_SPACE),
+        "search_space": load_space_config(SPACE_PRESET),
         "objectives": {
             "include": [str(TASKS)],
             "split": "fitness",
@@ -76,9 +71,10 @@ def demo_spec(zoo: Path, out: Path, workers: int, evaluations: int, seed: int = 
         },
         "report_split": "test",
         # duplicates: cache (not the default, skip): a repeat takes its first's measured value. On the hybrid space
-        # (HYBRID_SPACE) a third of the asks were repeats, and with skip its IRT front held near-copies of an
-        # over-estimate, each confirmed on its own: +4.0 points on test instead of +6.4 (2026-12-03, seed 0). TIES
-        # genes rarely repeat at six decimals (0 of 240 asks, 2026-12-06); the setting stays for the odd repeat.
+        # (bench/irt_search_quality.py's HYBRID_SPACE) a third of the asks were repeats, and with skip its IRT front
+        # held near-copies of an over-estimate, each confirmed on its own: +4.0 points on test instead of +6.4
+        # (2026-12-03, seed 0). TIES genes rarely repeat at six decimals (0 of 240 asks, 2026-12-06); the setting
+        # stays for the odd repeat.
         "driver": {"algorithm": "nsga2", "population": 12, "budget": {"evaluations": evaluations}, "seed": seed,
                    "max_failures_in_a_row": 12, "duplicates": "cache"},
         "runtime": {"kind": "ray", "workers": workers, "threads": 1, "device": "cpu", "backend": "hf",
